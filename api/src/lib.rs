@@ -1,0 +1,17 @@
+//! Contracts shared by every Mizzen component.
+//!
+//! - [`spiffe`]: [`SpiffeId`] and [`TrustDomain`], validated on construction
+//!   against the SPIFFE ID specification, and the Kubernetes workload form
+//!   `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+//! - [`policy`]: the `security.mizzen.dev/v1` custom resources
+//!   [`AuthorizationPolicy`] and [`PeerAuthentication`], field-compatible with
+//!   Istio's `security.istio.io/v1` so that existing policy YAML works after
+//!   changing `apiVersion`.
+//!
+//! This crate holds data types and their validation only: no I/O, no clients.
+
+pub mod policy;
+pub mod spiffe;
+
+pub use policy::{AuthorizationPolicy, PeerAuthentication};
+pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};

@@ -1,0 +1,305 @@
+#!/usr/bin/env bash
+# A real Kubernetes control plane on loopback, for Mizzen's tests and local demo.
+#
+#   scripts/kube.sh install      build pinned kube-apiserver, kube-controller-manager,
+#                                kube-scheduler, kubectl and etcd from published Go modules
+#                                (cached in $MIZZEN_CACHE, a no-op when present)
+#   scripts/kube.sh start DIR    start etcd + the control plane, write DIR/kubeconfig
+#   scripts/kube.sh stop DIR     stop everything started in DIR
+#   scripts/kube.sh bin          print the directory holding the binaries
+#
+# Nothing is downloaded but Go modules through the Go module proxy.
+set -euo pipefail
+
+K8S_VERSION="${MIZZEN_K8S_VERSION:-v1.33.13}"
+ETCD_VERSION="${MIZZEN_ETCD_VERSION:-v3.5.21}"
+CACHE="${MIZZEN_CACHE:-$HOME/.cache/mizzen}"
+K8S_DIR="$CACHE/k8s/$K8S_VERSION"
+ETCD_DIR="$CACHE/etcd/$ETCD_VERSION"
+BIN_DIR="$CACHE/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION"
+K8S_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+
+log() { printf '[kube.sh] %s\n' "$*" >&2; }
+die() { printf '[kube.sh] error: %s\n' "$*" >&2; exit 1; }
+
+need() {
+  command -v "$1" >/dev/null 2>&1 || die "$1 is required: $2"
+}
+
+installed() {
+  for b in "${K8S_CMDS[@]}" etcd; do
+    [ -x "$BIN_DIR/$b" ] || return 1
+  done
+}
+
+# Go module proxy versions: k8s.io/kubernetes v1.X.Y publishes staging modules as v0.X.Y.
+staging_version() { echo "v0.${K8S_VERSION#v1.}"; }
+
+build_k8s() {
+  local w="$K8S_DIR/wrapper" sv
+  sv=$(staging_version)
+  mkdir -p "$w" "$K8S_DIR/bin"
+  log "building Kubernetes $K8S_VERSION (staging modules $sv) in $w"
+  # The upstream go.mod replaces every staging module with ./staging/...; a module
+  # zip has no ./staging, so replace each with its published version instead.
+  local upstream
+  upstream=$(cd "$w" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)",*/\1/p')
+  [ -f "$upstream" ] || die "could not download k8s.io/kubernetes@$K8S_VERSION through the Go module proxy"
+  {
+    echo "module local/mizzen-k8sbin"
+    echo
+    grep -E '^go [0-9]' "$upstream"
+    grep -E '^godebug ' "$upstream" || true
+    echo
+    echo "require k8s.io/kubernetes $K8S_VERSION"
+    echo
+    echo "replace ("
+    sed -n 's#^\s*\(k8s.io/[a-z0-9-]*\) => ./staging/src/.*#\t\1 => \1 '"$sv"'#p' "$upstream"
+    echo ")"
+  } > "$w/go.mod"
+  {
+    echo "//go:build tools"
+    echo
+    echo "package tools"
+    echo
+    echo "import ("
+    for c in "${K8S_CMDS[@]}"; do echo "	_ \"k8s.io/kubernetes/cmd/$c\""; done
+    echo ")"
+  } > "$w/tools.go"
+  (cd "$w" && go mod tidy)
+  local minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+  local ld="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION"
+  ld+=" -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
+  ld+=" -X k8s.io/component-base/version.gitTreeState=clean"
+  ld+=" -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
+  ld+=" -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+  for c in "${K8S_CMDS[@]}"; do
+    if [ ! -x "$K8S_DIR/bin/$c" ]; then
+      log "go build $c"
+      (cd "$w" && CGO_ENABLED=0 go build -trimpath -ldflags "$ld" -o "$K8S_DIR/bin/$c.tmp" "k8s.io/kubernetes/cmd/$c")
+      mv "$K8S_DIR/bin/$c.tmp" "$K8S_DIR/bin/$c"
+    fi
+  done
+}
+
+build_etcd() {
+  local w="$ETCD_DIR/wrapper"
+  mkdir -p "$w" "$ETCD_DIR/bin"
+  [ -x "$ETCD_DIR/bin/etcd" ] && return 0
+  log "building etcd $ETCD_VERSION in $w"
+  # etcd's own go.mod has replace directives, which Go ignores in a dependency:
+  # a separate wrapper keeps its gRPC version apart from Kubernetes'.
+  cat > "$w/go.mod" <<GOMOD
+module local/mizzen-etcdbin
+
+go 1.23
+
+require go.etcd.io/etcd/server/v3 $ETCD_VERSION
+GOMOD
+  printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' > "$w/tools.go"
+  (cd "$w" && go mod tidy)
+  (cd "$w" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$ETCD_DIR/bin/etcd.tmp" go.etcd.io/etcd/server/v3)
+  mv "$ETCD_DIR/bin/etcd.tmp" "$ETCD_DIR/bin/etcd"
+}
+
+cmd_install() {
+  if installed; then
+    log "Kubernetes $K8S_VERSION and etcd $ETCD_VERSION already installed in $BIN_DIR"
+    return 0
+  fi
+  need go "install Go >= 1.24 (https://go.dev/doc/install); the Go module proxy must be reachable"
+  local t0=$SECONDS
+  build_etcd
+  build_k8s
+  mkdir -p "$BIN_DIR"
+  for c in "${K8S_CMDS[@]}"; do ln -sf "$K8S_DIR/bin/$c" "$BIN_DIR/$c"; done
+  ln -sf "$ETCD_DIR/bin/etcd" "$BIN_DIR/etcd"
+  installed || die "install finished but binaries are missing from $BIN_DIR"
+  log "installed in $BIN_DIR in $((SECONDS - t0)) s"
+}
+
+# ---------------------------------------------------------------- start/stop
+
+used_ports=" "
+free_port() {
+  local p i
+  for i in $(seq 1 200); do
+    p=$(( (RANDOM * 32768 + RANDOM) % 25000 + 30000 ))
+    case "$used_ports" in *" $p "*) continue ;; esac
+    if [ -z "$(ss -Htan "( sport = :$p or dport = :$p )" 2>/dev/null)" ]; then
+      used_ports+="$p "
+      echo "$p"
+      return 0
+    fi
+  done
+  die "no free TCP port found on 127.0.0.1"
+}
+
+# gen_cert NAME SUBJECT EXTENSIONS: an ECDSA P-256 key and a certificate signed by the test CA.
+gen_cert() {
+  local pki=$1 name=$2 subj=$3 ext=$4
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$pki/$name.key" -subj "$subj" -out "$pki/$name.csr" 2>/dev/null
+  printf '%b\n' "$ext" > "$pki/$name.ext"
+  openssl x509 -req -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
+    -CAcreateserial -days 365 -sha256 -extfile "$pki/$name.ext" -out "$pki/$name.crt" 2>/dev/null
+  rm -f "$pki/$name.csr" "$pki/$name.ext"
+}
+
+gen_pki() {
+  local pki=$1
+  mkdir -p "$pki"
+  openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$pki/ca.key" -out "$pki/ca.crt" -days 3650 -sha256 -subj "/CN=mizzen-test-cluster-ca" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+  gen_cert "$pki" apiserver "/CN=kube-apiserver" \
+    "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth"
+  gen_cert "$pki" admin "/O=system:masters/CN=mizzen-test-admin" \
+    "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth"
+  openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+  chmod 600 "$pki"/*.key
+}
+
+write_kubeconfig() {
+  local dir=$1 port=$2 pki=$1/pki
+  cat > "$dir/kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: mizzen-test
+  cluster:
+    server: https://127.0.0.1:$port
+    certificate-authority-data: $(base64 -w0 < "$pki/ca.crt")
+users:
+- name: mizzen-test-admin
+  user:
+    client-certificate-data: $(base64 -w0 < "$pki/admin.crt")
+    client-key-data: $(base64 -w0 < "$pki/admin.key")
+contexts:
+- name: mizzen-test
+  context:
+    cluster: mizzen-test
+    user: mizzen-test-admin
+current-context: mizzen-test
+KC
+  chmod 600 "$dir/kubeconfig"
+}
+
+# spawn DIR NAME BINARY ARGS...: start a daemon in its own session, logging to DIR/logs/NAME.log.
+spawn() {
+  local dir=$1 name=$2; shift 2
+  setsid "$@" > "$dir/logs/$name.log" 2>&1 < /dev/null &
+  echo $! > "$dir/pids/$name"
+}
+
+alive() { local pid; pid=$(cat "$1/pids/$2" 2>/dev/null) && kill -0 "$pid" 2>/dev/null; }
+
+# wait_until DIR WHAT SECONDS CMD...: poll CMD, failing early if a daemon died.
+wait_until() {
+  local dir=$1 what=$2 secs=$3 n; shift 3
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    for n in "$dir"/pids/*; do
+      alive "$dir" "$(basename "$n")" || {
+        tail -n 30 "$dir/logs/$(basename "$n").log" >&2 || true
+        die "$(basename "$n") exited while waiting for $what (log: $dir/logs/$(basename "$n").log)"
+      }
+    done
+    [ $SECONDS -lt $deadline ] || die "timed out after ${secs}s waiting for $what (logs in $dir/logs)"
+    sleep 0.3
+  done
+}
+
+cmd_start() {
+  local dir=${1:?usage: kube.sh start DIR}
+  installed || die "the control plane is not installed: run scripts/kube.sh install first"
+  need openssl "apt-get install openssl"
+  need ss "apt-get install iproute2"
+  need curl "apt-get install curl"
+  mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd)
+  local n
+  for n in etcd kube-apiserver kube-controller-manager kube-scheduler; do
+    alive "$dir" "$n" && die "$n is already running for $dir: run scripts/kube.sh stop $dir first"
+  done
+  rm -rf "$dir/pids" "$dir/etcd" "$dir/pki"
+  mkdir -p "$dir/logs" "$dir/pids"
+  local t0=$SECONDS pki=$dir/pki
+  gen_pki "$pki"
+  local etcd_port peer_port api_port kcm_port sched_port
+  etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
+  kcm_port=$(free_port); sched_port=$(free_port)
+
+  spawn "$dir" etcd "$BIN_DIR/etcd" --name=mizzen-test --data-dir="$dir/etcd" \
+    --listen-client-urls="http://127.0.0.1:$etcd_port" --advertise-client-urls="http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls="http://127.0.0.1:$peer_port" --initial-advertise-peer-urls="http://127.0.0.1:$peer_port" \
+    --initial-cluster="mizzen-test=http://127.0.0.1:$peer_port" --unsafe-no-fsync --log-level=warn
+  wait_until "$dir" etcd 30 curl -sf "http://127.0.0.1:$etcd_port/health"
+
+  local issuer=https://kubernetes.default.svc.cluster.local
+  spawn "$dir" kube-apiserver "$BIN_DIR/kube-apiserver" \
+    --etcd-servers="http://127.0.0.1:$etcd_port" \
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" \
+    --cert-dir="$pki" --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
+    --client-ca-file="$pki/ca.crt" \
+    --service-account-issuer="$issuer" --api-audiences="$issuer" \
+    --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
+    --service-cluster-ip-range=10.0.0.0/24 \
+    --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
+    --allow-privileged=true --profiling=false --v=1
+  write_kubeconfig "$dir" "$api_port"
+  wait_until "$dir" kube-apiserver 90 curl -sf --cacert "$pki/ca.crt" --cert "$pki/admin.crt" \
+    --key "$pki/admin.key" "https://127.0.0.1:$api_port/readyz"
+
+  spawn "$dir" kube-controller-manager "$BIN_DIR/kube-controller-manager" \
+    --kubeconfig="$dir/kubeconfig" --authentication-kubeconfig="$dir/kubeconfig" \
+    --authorization-kubeconfig="$dir/kubeconfig" \
+    --bind-address=127.0.0.1 --secure-port="$kcm_port" --leader-elect=false \
+    --root-ca-file="$pki/ca.crt" --service-account-private-key-file="$pki/sa.key" \
+    --service-cluster-ip-range=10.0.0.0/24 --cluster-name=mizzen-test \
+    --cluster-signing-cert-file="$pki/ca.crt" --cluster-signing-key-file="$pki/ca.key" \
+    --profiling=false --v=1
+  spawn "$dir" kube-scheduler "$BIN_DIR/kube-scheduler" \
+    --kubeconfig="$dir/kubeconfig" --authentication-kubeconfig="$dir/kubeconfig" \
+    --authorization-kubeconfig="$dir/kubeconfig" \
+    --bind-address=127.0.0.1 --secure-port="$sched_port" --leader-elect=false --profiling=false --v=1
+
+  # The controller manager is working once it has made the default ServiceAccount.
+  wait_until "$dir" "the default ServiceAccount" 60 \
+    "$BIN_DIR/kubectl" --kubeconfig="$dir/kubeconfig" get serviceaccount default -n default
+  wait_until "$dir" kube-scheduler 30 curl -skf "https://127.0.0.1:$sched_port/healthz"
+
+  cat > "$dir/env" <<ENV
+KUBECONFIG=$dir/kubeconfig
+MIZZEN_KUBE_BIN=$BIN_DIR
+MIZZEN_API_PORT=$api_port
+MIZZEN_ETCD_PORT=$etcd_port
+ENV
+  log "control plane $K8S_VERSION up in $((SECONDS - t0)) s: export KUBECONFIG=$dir/kubeconfig"
+}
+
+cmd_stop() {
+  local dir=${1:?usage: kube.sh stop DIR} n pid i
+  [ -d "$dir/pids" ] || { log "nothing running in $dir"; return 0; }
+  dir=$(cd "$dir" && pwd)
+  for n in kube-scheduler kube-controller-manager kube-apiserver etcd; do
+    pid=$(cat "$dir/pids/$n" 2>/dev/null) || continue
+    # Only signal the process we started: its command line names DIR.
+    if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF "$dir"; then
+      kill -TERM "$pid" 2>/dev/null || true
+      for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$dir/pids/$n"
+  done
+  log "stopped the control plane in $dir"
+}
+
+case "${1:-}" in
+  install) cmd_install ;;
+  start) shift; cmd_start "$@" ;;
+  stop) shift; cmd_stop "$@" ;;
+  bin) echo "$BIN_DIR" ;;
+  *) die "usage: $0 install|start DIR|stop DIR|bin" ;;
+esac
