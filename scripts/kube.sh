@@ -279,20 +279,33 @@ ENV
   log "control plane $K8S_VERSION up in $((SECONDS - t0)) s: export KUBECONFIG=$dir/kubeconfig"
 }
 
-cmd_stop() {
-  local dir=${1:?usage: kube.sh stop DIR} n pid i
-  [ -d "$dir/pids" ] || { log "nothing running in $dir"; return 0; }
-  dir=$(cd "$dir" && pwd)
-  for n in kube-scheduler kube-controller-manager kube-apiserver etcd; do
+# stop_group DIR NAME...: SIGTERM these daemons together, wait, then SIGKILL stragglers.
+stop_group() {
+  local dir=$1 n pid i; shift
+  local pids=()
+  for n in "$@"; do
     pid=$(cat "$dir/pids/$n" 2>/dev/null) || continue
+    rm -f "$dir/pids/$n"
     # Only signal the process we started: its command line names DIR.
     if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF "$dir"; then
       kill -TERM "$pid" 2>/dev/null || true
-      for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-      kill -KILL "$pid" 2>/dev/null || true
+      pids+=("$pid")
     fi
-    rm -f "$dir/pids/$n"
   done
+  for pid in "${pids[@]}"; do
+    for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+}
+
+cmd_stop() {
+  local dir=${1:?usage: kube.sh stop DIR}
+  [ -d "$dir/pids" ] || { log "nothing running in $dir"; return 0; }
+  dir=$(cd "$dir" && pwd)
+  # Clients of the API server first, the API server, then its storage.
+  stop_group "$dir" kube-scheduler kube-controller-manager
+  stop_group "$dir" kube-apiserver
+  stop_group "$dir" etcd
   log "stopped the control plane in $dir"
 }
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs the system tools Mizzen's tests and local runs need, when missing.
+# Idempotent: does nothing when everything is present.
+set -euo pipefail
+
+log() { printf '[deps.sh] %s\n' "$*" >&2; }
+die() { printf '[deps.sh] error: %s\n' "$*" >&2; exit 1; }
+
+# command -> Debian package
+declare -A PKG=(
+  [ip]=iproute2 [ss]=iproute2
+  [iptables]=iptables [iptables-restore]=iptables [ip6tables]=iptables
+  [setpriv]=util-linux [setsid]=util-linux [nsenter]=util-linux
+  [openssl]=openssl [curl]=curl [tac]=coreutils [base64]=coreutils
+)
+
+missing=()
+for cmd in "${!PKG[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${PKG[$cmd]}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+  log "installing ${missing[*]}"
+  if [ "$(id -u)" != 0 ]; then
+    die "missing ${missing[*]}; install them as root: apt-get update && apt-get install -y ${missing[*]}"
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+command -v go >/dev/null 2>&1 || die "Go >= 1.24 is needed to build the test control plane (https://go.dev/doc/install)"
+command -v cargo >/dev/null 2>&1 || die "Rust (cargo) is needed: https://rustup.rs"
+[ "$(id -u)" = 0 ] || log "warning: not root; network-namespace tests will fail (they need CAP_NET_ADMIN)"
+log "system dependencies present"
