@@ -12,6 +12,7 @@ declare -A PKG=(
   [iptables]=iptables [iptables-restore]=iptables [ip6tables]=iptables
   [setpriv]=util-linux [setsid]=util-linux [nsenter]=util-linux
   [openssl]=openssl [curl]=curl [tac]=coreutils [base64]=coreutils
+  [protoc]=protobuf-compiler
 )
 
 missing=()

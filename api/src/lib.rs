@@ -8,9 +8,13 @@
 //!   Istio's `security.istio.io/v1` so that existing policy YAML works after
 //!   changing `apiVersion`.
 //!
+//! - [`proto`]: gRPC contracts: Istio's `IstioCertificateService`, which
+//!   Mizzen's CA serves.
+//!
 //! This crate holds data types and their validation only: no I/O, no clients.
 
 pub mod policy;
+pub mod proto;
 pub mod spiffe;
 
 pub use policy::{AuthorizationPolicy, PeerAuthentication};

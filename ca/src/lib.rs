@@ -1,0 +1,2 @@
+//! Mizzen's certificate authority.
+pub mod csr;
