@@ -19,6 +19,8 @@ missing=()
 for cmd in "${!PKG[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${PKG[$cmd]}")
 done
+# protoc's well-known types (google/protobuf/struct.proto)
+[ -f /usr/include/google/protobuf/struct.proto ] || missing+=(libprotobuf-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   log "installing ${missing[*]}"
