@@ -1,2 +1,3 @@
 //! Mizzen's certificate authority.
+pub mod authority;
 pub mod csr;
