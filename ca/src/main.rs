@@ -1,16 +1,178 @@
-//! Mizzen's certificate authority, issuing SPIFFE X.509-SVIDs to workloads.
-//!
-//! Not built yet: see issue 3. Only the command-line surface exists, so that
-//! packaging and manifests can refer to the binary.
+//! `mizzen-ca`: parse configuration, load the signing bundle, serve.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
 use clap::Parser;
+use mizzen_api::proto::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use mizzen_ca::auth::{Authenticator, Policy};
+use mizzen_ca::config::Config;
+use mizzen_ca::metrics::Metrics;
+use mizzen_ca::service::{CaService, Ttls};
+use mizzen_ca::{serving, store};
+use tracing::{error, info, warn};
 
-/// Mizzen's certificate authority, issuing SPIFFE X.509-SVIDs to workloads.
-#[derive(Debug, Parser)]
-#[command(name = "mizzen-ca", version, about, long_about = None)]
-struct Args {}
+/// Largest CreateCertificate request accepted (a CSR is a few KiB).
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
-fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    anyhow::bail!("mizzen-ca is not implemented yet (tracked in issue 3)")
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[derive(Clone)]
+struct Admin {
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+}
+
+async fn readyz(State(a): State<Admin>) -> (StatusCode, &'static str) {
+    if a.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics_handler(State(a): State<Admin>) -> ([(&'static str, &'static str); 1], String) {
+    (
+        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        a.metrics.encode(),
+    )
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+    }
+}
+
+/// Publishes the signing chain's expiry and warns, hourly, when it is near.
+async fn watch_expiry(not_after: SystemTime, window: Duration, metrics: Arc<Metrics>) {
+    let unix = not_after.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    metrics.signing_expiry_timestamp.set(unix as i64);
+    loop {
+        let left = not_after.duration_since(SystemTime::now()).unwrap_or_default();
+        if left < window {
+            metrics.signing_expiring.set(1);
+            warn!(
+                expires_in_hours = left.as_secs() / 3600,
+                "the CA's signing certificate expires soon: plug in a new CA (Secret cacerts) before it does"
+            );
+        } else {
+            metrics.signing_expiring.set(0);
+        }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    if let Err(e) = config.validate() {
+        eprintln!("mizzen-ca: {e}");
+        std::process::exit(2);
+    }
+    init_tracing(&config.log_format);
+    info!(config = ?config, "starting mizzen-ca {}", env!("CARGO_PKG_VERSION"));
+
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_handler))
+        .with_state(Admin { metrics: metrics.clone(), ready: ready.clone() });
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_addr)
+        .await
+        .with_context(|| format!("bind admin address {}", config.admin_addr))?;
+    info!(addr = %config.admin_addr, "admin server listening");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(admin_listener, admin).await {
+            error!(error = %e, "admin server failed");
+        }
+    });
+
+    let client = kube::Client::try_default()
+        .await
+        .context("connect to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+    let (authority, source) = store::load_bundle(
+        &client,
+        &config.namespace,
+        &config.plugin_secret,
+        &config.ca_secret,
+        &config.trust_domain,
+        config.root_ttl,
+    )
+    .await?;
+    let authority = Arc::new(authority);
+    info!(?source, signing_not_after = ?authority.signing_not_after(), "signing bundle loaded");
+    tokio::spawn(watch_expiry(authority.signing_not_after(), config.expiry_warning, metrics.clone()));
+    {
+        let (client, root, metrics) = (client.clone(), authority.root_pem().to_owned(), metrics.clone());
+        tokio::spawn(async move {
+            if let Err(e) = store::publish_roots(client, root, metrics).await {
+                error!(error = %e, "trust bundle publisher stopped");
+            }
+        });
+    }
+
+    let names = serving::ServingNames {
+        dns: config.serving_dns.clone(),
+        ips: config.serving_ips.clone(),
+        ttl: Duration::from_secs(7 * 86_400),
+    };
+    let resolver = serving::Resolver::new(&authority, &names).context("issue the serving certificate")?;
+    tokio::spawn(resolver.clone().renew_forever(authority.clone(), names));
+    let tls = Arc::new(serving::server_config(resolver)?);
+    let listener = tokio::net::TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("bind gRPC address {}", config.grpc_addr))?;
+
+    let service = CaService {
+        authority,
+        authenticator: Arc::new(Authenticator::new(client, config.audience.clone(), config.token_review_cache_ttl)),
+        policy: Policy {
+            trust_domain: config.trust_domain.clone(),
+            trusted_agents: config.trusted_agents.clone(),
+            allow_direct: config.allow_direct_workload_calls,
+        },
+        ttls: Ttls { default: config.default_ttl, max: config.max_ttl },
+        metrics,
+    };
+    let grpc = IstioCertificateServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
+    info!(addr = %config.grpc_addr, "gRPC server listening");
+    ready.store(true, Ordering::Relaxed);
+    tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(30))
+        .concurrency_limit_per_connection(256)
+        .add_service(grpc)
+        .serve_with_incoming_shutdown(serving::incoming(listener, tls), async {
+            shutdown_signal().await;
+            ready.store(false, Ordering::Relaxed);
+        })
+        .await
+        .context("gRPC server")?;
+    info!("stopped");
+    Ok(())
 }
