@@ -13,6 +13,9 @@ for d in "${TMPDIR:-/tmp}"/mizzen-cluster-*; do
   if [ -d "$d" ] && ! ls "$d/pids/"* >/dev/null 2>&1; then rm -rf "$d"; fi
 done
 
+# End-to-end tests run the components' real binaries.
+cargo build --workspace --bins --locked
+
 rc=0
 cargo test --workspace --locked "$@" || rc=$?
 

@@ -40,6 +40,10 @@ pub struct Config {
     #[arg(long, default_value = "cacerts")]
     pub plugin_secret: String,
 
+    /// ConfigMap the trust bundle is published as, in every namespace.
+    #[arg(long, default_value = "mizzen-root-ca")]
+    pub root_configmap: String,
+
     /// Audience workload and agent tokens must carry.
     #[arg(long, env = "MIZZEN_CA_AUDIENCE", default_value = "mizzen-ca")]
     pub audience: String,

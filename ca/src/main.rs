@@ -130,8 +130,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(watch_expiry(authority.signing_not_after(), config.expiry_warning, metrics.clone()));
     {
         let (client, root, metrics) = (client.clone(), authority.root_pem().to_owned(), metrics.clone());
+        let name = config.root_configmap.clone();
         tokio::spawn(async move {
-            if let Err(e) = store::publish_roots(client, root, metrics).await {
+            if let Err(e) = store::publish_roots(client, name, root, metrics).await {
                 error!(error = %e, "trust bundle publisher stopped");
             }
         });

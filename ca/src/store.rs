@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use crate::authority::{Authority, Bundle};
 use crate::metrics::Metrics;
 
-/// The ConfigMap holding the trust bundle, in every namespace.
+/// The ConfigMap holding the trust bundle, in every namespace (the default name).
 pub const ROOT_CONFIGMAP: &str = "mizzen-root-ca";
 /// Its key.
 pub const ROOT_CONFIGMAP_KEY: &str = "root-cert.pem";
@@ -108,12 +108,12 @@ pub async fn load_bundle(
     Ok((authority, Source::SelfSigned { created_now }))
 }
 
-async fn publish(client: &kube::Client, namespace: &str, root_pem: &str, metrics: &Metrics) {
+async fn publish(client: &kube::Client, name: &str, namespace: &str, root_pem: &str, metrics: &Metrics) {
     let cm = serde_json::json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": ROOT_CONFIGMAP,
+            "name": name,
             "namespace": namespace,
             "labels": {"app.kubernetes.io/part-of": "mizzen"},
         },
@@ -121,7 +121,7 @@ async fn publish(client: &kube::Client, namespace: &str, root_pem: &str, metrics
     });
     let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
     match api
-        .patch(ROOT_CONFIGMAP, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&cm))
+        .patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&cm))
         .await
     {
         Ok(_) => {
@@ -137,9 +137,15 @@ async fn publish(client: &kube::Client, namespace: &str, root_pem: &str, metrics
 
 /// Keeps `mizzen-root-ca` present and current in every namespace: writes it
 /// when a namespace appears, and again when someone deletes or edits it.
-pub async fn publish_roots(client: kube::Client, root_pem: String, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+pub async fn publish_roots(
+    client: kube::Client,
+    name: String,
+    root_pem: String,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
     let namespaces = {
         let client = client.clone();
+        let name = name.clone();
         let root_pem = root_pem.clone();
         let metrics = metrics.clone();
         async move {
@@ -151,8 +157,8 @@ pub async fn publish_roots(client: kube::Client, root_pem: String, metrics: Arc<
                 match ev {
                     Ok(ns) => {
                         let terminating = ns.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Terminating");
-                        if let (Some(name), false) = (ns.metadata.name.as_deref(), terminating) {
-                            publish(&client, name, &root_pem, &metrics).await;
+                        if let (Some(ns_name), false) = (ns.metadata.name.as_deref(), terminating) {
+                            publish(&client, &name, ns_name, &root_pem, &metrics).await;
                         }
                     }
                     Err(e) => warn!(error = %e, "namespace watch failed; retrying"),
@@ -161,7 +167,7 @@ pub async fn publish_roots(client: kube::Client, root_pem: String, metrics: Arc<
         }
     };
     let configmaps = async move {
-        let config = watcher::Config::default().fields(&format!("metadata.name={ROOT_CONFIGMAP}"));
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let mut events = watcher(Api::<ConfigMap>::all(client.clone()), config).default_backoff().boxed();
         while let Some(ev) = events.next().await {
             let (cm, deleted) = match ev {
@@ -177,7 +183,7 @@ pub async fn publish_roots(client: kube::Client, root_pem: String, metrics: Arc<
             if deleted || current.map(String::as_str) != Some(root_pem.as_str()) {
                 if let Some(ns) = cm.metadata.namespace.as_deref() {
                     info!(namespace = %ns, deleted, "restoring the trust bundle ConfigMap");
-                    publish(&client, ns, &root_pem, &metrics).await;
+                    publish(&client, &name, ns, &root_pem, &metrics).await;
                 }
             }
         }

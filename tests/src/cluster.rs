@@ -165,6 +165,48 @@ impl Cluster {
         Ok(name)
     }
 
+    /// Writes a kubeconfig that authenticates as ServiceAccount
+    /// `namespace/name` with a fresh one-hour token, so a component under
+    /// test runs with exactly the RBAC its manifests grant. Returns its path.
+    pub async fn kubeconfig_for_service_account(
+        &self,
+        client: &kube::Client,
+        namespace: &str,
+        name: &str,
+    ) -> anyhow::Result<PathBuf> {
+        use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+        let token = Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+            .create_token_request(
+                name,
+                &PostParams::default(),
+                &TokenRequest {
+                    spec: TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() },
+                    ..Default::default()
+                },
+            )
+            .await
+            .with_context(|| format!("token for ServiceAccount {namespace}/{name}"))?
+            .status
+            .context("token request without status")?
+            .token;
+        let admin = Kubeconfig::read_from(&self.kubeconfig)?;
+        let cluster = admin.clusters.first().and_then(|c| c.cluster.clone()).context("kubeconfig has a cluster")?;
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "test", "cluster": {
+                "server": cluster.server,
+                "certificate-authority-data": cluster.certificate_authority_data,
+            }}],
+            "users": [{"name": name, "user": {"token": token}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": name}}],
+            "current-context": "test",
+        });
+        let path = self.dir.join(format!("kubeconfig-{namespace}-{name}-{}", UNIQUE.fetch_add(1, Ordering::Relaxed)));
+        std::fs::write(&path, serde_json::to_vec(&config)?)?;
+        Ok(path)
+    }
+
     /// Registers a Node named `name` that reports Ready with room for pods,
     /// so the scheduler binds pods to it. Nothing runs pods on it; callers
     /// that need pods to run play the kubelet themselves.

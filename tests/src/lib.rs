@@ -16,4 +16,29 @@ pub mod wait;
 
 pub use cluster::{Cluster, Kubectl};
 pub use netns::NetnsPod;
-pub use wait::eventually;
+pub use wait::{eventually, eventually_some};
+
+/// A binary built from this workspace (`mizzen-ca`, `mizzen-agent`, ...),
+/// next to the running test's own target directory. `scripts/test.sh`
+/// builds them before the tests run; with plain `cargo test`, run
+/// `cargo build --workspace --bins` first.
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --workspace --bins` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
