@@ -317,15 +317,24 @@ spec:
         let ap: AuthorizationPolicy = serde_yaml::from_str(yaml).expect("parses");
         assert_eq!(ap.spec.action, Some(Action::Allow));
         let sel = ap.spec.selector.as_ref().expect("selector");
-        assert_eq!(sel.match_labels.get("app").map(String::as_str), Some("httpbin"));
+        assert_eq!(
+            sel.match_labels.get("app").map(String::as_str),
+            Some("httpbin")
+        );
         let rule = &ap.spec.rules[0];
-        assert_eq!(rule.from[0].source.principals, ["cluster.local/ns/default/sa/sleep"]);
+        assert_eq!(
+            rule.from[0].source.principals,
+            ["cluster.local/ns/default/sa/sleep"]
+        );
         assert_eq!(rule.from[1].source.not_ip_blocks, ["10.0.0.0/8"]);
         assert_eq!(rule.to[1].operation.not_ports, ["9090"]);
         assert_eq!(rule.when[0].not_values, ["bad"]);
         // and it serialises back to the same field names
         let back = serde_json::to_value(&ap).expect("serialise");
-        assert_eq!(back["spec"]["rules"][0]["from"][1]["source"]["notIpBlocks"][0], "10.0.0.0/8");
+        assert_eq!(
+            back["spec"]["rules"][0]["from"][1]["source"]["notIpBlocks"][0],
+            "10.0.0.0/8"
+        );
     }
 
     #[test]
@@ -347,7 +356,10 @@ spec:
       mode: DISABLE
 "#;
         let pa: PeerAuthentication = serde_yaml::from_str(yaml).expect("parses");
-        assert_eq!(pa.spec.mtls.as_ref().map(|m| m.mode), Some(MtlsMode::Strict));
+        assert_eq!(
+            pa.spec.mtls.as_ref().map(|m| m.mode),
+            Some(MtlsMode::Strict)
+        );
         assert_eq!(pa.spec.port_level_mtls["8080"].mode, MtlsMode::Disable);
     }
 
@@ -360,7 +372,10 @@ spec:
     #[test]
     fn crds_have_group_and_names() {
         let crds = crds();
-        let names: Vec<_> = crds.iter().filter_map(|c| c.metadata.name.clone()).collect();
+        let names: Vec<_> = crds
+            .iter()
+            .filter_map(|c| c.metadata.name.clone())
+            .collect();
         assert_eq!(
             names,
             [

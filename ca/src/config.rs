@@ -7,7 +7,8 @@ use clap::Parser;
 use mizzen_api::TrustDomain;
 
 fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s, 24h or 90d: {e}"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 30s, 24h or 90d: {e}"))
 }
 
 /// Mizzen's certificate authority: issues SPIFFE X.509-SVIDs to workloads
@@ -49,7 +50,11 @@ pub struct Config {
     pub audience: String,
 
     /// ServiceAccounts (namespace/name) trusted to call on behalf of workloads.
-    #[arg(long = "trusted-agent", default_value = "mizzen-system/mizzen-agent", value_delimiter = ',')]
+    #[arg(
+        long = "trusted-agent",
+        default_value = "mizzen-system/mizzen-agent",
+        value_delimiter = ','
+    )]
     pub trusted_agents: Vec<String>,
 
     /// Accept workloads calling with only their own token (as Istio's agent does).
@@ -85,7 +90,11 @@ pub struct Config {
     pub serving_dns: Vec<String>,
 
     /// IP addresses in the CA's serving certificate.
-    #[arg(long = "serving-ip", value_delimiter = ',', default_value = "127.0.0.1")]
+    #[arg(
+        long = "serving-ip",
+        value_delimiter = ',',
+        default_value = "127.0.0.1"
+    )]
     pub serving_ips: Vec<IpAddr>,
 
     /// Log format: text or json. Levels come from RUST_LOG (default info).
@@ -100,15 +109,23 @@ impl Config {
             return Err("--default-ttl and --max-ttl must be positive".into());
         }
         if self.default_ttl > self.max_ttl {
-            return Err(format!("--default-ttl={:?} is not valid: it exceeds --max-ttl={:?}", self.default_ttl, self.max_ttl));
+            return Err(format!(
+                "--default-ttl={:?} is not valid: it exceeds --max-ttl={:?}",
+                self.default_ttl, self.max_ttl
+            ));
         }
         for a in &self.trusted_agents {
             if a.split('/').count() != 2 || a.starts_with('/') || a.ends_with('/') {
-                return Err(format!("--trusted-agent={a:?} is not valid: use namespace/serviceaccount"));
+                return Err(format!(
+                    "--trusted-agent={a:?} is not valid: use namespace/serviceaccount"
+                ));
             }
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
-            return Err(format!("--log-format={:?} is not valid: use text or json", self.log_format));
+            return Err(format!(
+                "--log-format={:?} is not valid: use text or json",
+                self.log_format
+            ));
         }
         Ok(())
     }

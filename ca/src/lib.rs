@@ -14,6 +14,6 @@ pub mod authority;
 pub mod config;
 pub mod csr;
 pub mod metrics;
-pub mod serving;
 pub mod service;
+pub mod serving;
 pub mod store;

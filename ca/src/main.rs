@@ -48,7 +48,10 @@ async fn readyz(State(a): State<Admin>) -> (StatusCode, &'static str) {
 
 async fn metrics_handler(State(a): State<Admin>) -> ([(&'static str, &'static str); 1], String) {
     (
-        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         a.metrics.encode(),
     )
 }
@@ -69,10 +72,15 @@ async fn shutdown_signal() {
 
 /// Publishes the signing chain's expiry and warns, hourly, when it is near.
 async fn watch_expiry(not_after: SystemTime, window: Duration, metrics: Arc<Metrics>) {
-    let unix = not_after.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let unix = not_after
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     metrics.signing_expiry_timestamp.set(unix as i64);
     loop {
-        let left = not_after.duration_since(SystemTime::now()).unwrap_or_default();
+        let left = not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
         if left < window {
             metrics.signing_expiring.set(1);
             warn!(
@@ -102,7 +110,10 @@ async fn main() -> anyhow::Result<()> {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
-        .with_state(Admin { metrics: metrics.clone(), ready: ready.clone() });
+        .with_state(Admin {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        });
     let admin_listener = tokio::net::TcpListener::bind(config.admin_addr)
         .await
         .with_context(|| format!("bind admin address {}", config.admin_addr))?;
@@ -127,9 +138,17 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let authority = Arc::new(authority);
     info!(?source, signing_not_after = ?authority.signing_not_after(), "signing bundle loaded");
-    tokio::spawn(watch_expiry(authority.signing_not_after(), config.expiry_warning, metrics.clone()));
+    tokio::spawn(watch_expiry(
+        authority.signing_not_after(),
+        config.expiry_warning,
+        metrics.clone(),
+    ));
     {
-        let (client, root, metrics) = (client.clone(), authority.root_pem().to_owned(), metrics.clone());
+        let (client, root, metrics) = (
+            client.clone(),
+            authority.root_pem().to_owned(),
+            metrics.clone(),
+        );
         let name = config.root_configmap.clone();
         tokio::spawn(async move {
             if let Err(e) = store::publish_roots(client, name, root, metrics).await {
@@ -143,7 +162,8 @@ async fn main() -> anyhow::Result<()> {
         ips: config.serving_ips.clone(),
         ttl: Duration::from_secs(7 * 86_400),
     };
-    let resolver = serving::Resolver::new(&authority, &names).context("issue the serving certificate")?;
+    let resolver =
+        serving::Resolver::new(&authority, &names).context("issue the serving certificate")?;
     tokio::spawn(resolver.clone().renew_forever(authority.clone(), names));
     let tls = Arc::new(serving::server_config(resolver)?);
     let listener = tokio::net::TcpListener::bind(config.grpc_addr)
@@ -152,16 +172,24 @@ async fn main() -> anyhow::Result<()> {
 
     let service = CaService {
         authority,
-        authenticator: Arc::new(Authenticator::new(client, config.audience.clone(), config.token_review_cache_ttl)),
+        authenticator: Arc::new(Authenticator::new(
+            client,
+            config.audience.clone(),
+            config.token_review_cache_ttl,
+        )),
         policy: Policy {
             trust_domain: config.trust_domain.clone(),
             trusted_agents: config.trusted_agents.clone(),
             allow_direct: config.allow_direct_workload_calls,
         },
-        ttls: Ttls { default: config.default_ttl, max: config.max_ttl },
+        ttls: Ttls {
+            default: config.default_ttl,
+            max: config.max_ttl,
+        },
         metrics,
     };
-    let grpc = IstioCertificateServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let grpc =
+        IstioCertificateServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     info!(addr = %config.grpc_addr, "gRPC server listening");
     ready.store(true, Ordering::Relaxed);
     tonic::transport::Server::builder()

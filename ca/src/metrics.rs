@@ -27,7 +27,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("mizzen_ca");
         let issued = Counter::default();
-        registry.register("certificates_issued", "Workload certificates issued", issued.clone());
+        registry.register(
+            "certificates_issued",
+            "Workload certificates issued",
+            issued.clone(),
+        );
         let rejected = Family::<Labels, Counter>::default();
         registry.register(
             "requests_rejected",
@@ -41,7 +45,11 @@ impl Metrics {
             token_review_seconds.clone(),
         );
         let signing_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 14));
-        registry.register("signing_duration_seconds", "Time to check a CSR and sign it", signing_seconds.clone());
+        registry.register(
+            "signing_duration_seconds",
+            "Time to check a CSR and sign it",
+            signing_seconds.clone(),
+        );
         let signing_expiry_timestamp = Gauge::default();
         registry.register(
             "signing_cert_expiry_timestamp_seconds",

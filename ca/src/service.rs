@@ -63,7 +63,9 @@ impl CaService {
     async fn review(&self, token: &str) -> Result<auth::Reviewed, AuthError> {
         let start = Instant::now();
         let r = self.authenticator.review(token).await;
-        self.metrics.token_review_seconds.observe(start.elapsed().as_secs_f64());
+        self.metrics
+            .token_review_seconds
+            .observe(start.elapsed().as_secs_f64());
         r
     }
 
@@ -74,7 +76,10 @@ impl CaService {
     }
 }
 
-fn metadata_str<'a>(req: &'a Request<IstioCertificateRequest>, key: &str) -> Result<Option<&'a str>, ()> {
+fn metadata_str<'a>(
+    req: &'a Request<IstioCertificateRequest>,
+    key: &str,
+) -> Result<Option<&'a str>, ()> {
     match req.metadata().get(key) {
         None => Ok(None),
         Some(v) => v.to_str().map(Some).map_err(|_| ()),
@@ -87,11 +92,23 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
-        let workload_header = metadata_str(&request, "authorization")
-            .map_err(|_| self.reject("token_malformed", Status::unauthenticated("authorization is not ASCII"), &peer))?;
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let workload_header = metadata_str(&request, "authorization").map_err(|_| {
+            self.reject(
+                "token_malformed",
+                Status::unauthenticated("authorization is not ASCII"),
+                &peer,
+            )
+        })?;
         let agent_header = metadata_str(&request, AGENT_AUTHORIZATION).map_err(|_| {
-            self.reject("token_malformed", Status::unauthenticated("agent authorization is not ASCII"), &peer)
+            self.reject(
+                "token_malformed",
+                Status::unauthenticated("agent authorization is not ASCII"),
+                &peer,
+            )
         })?;
         let workload_token = auth::bearer("authorization", workload_header)
             .map_err(|e| self.reject(e.label(), auth_status(&e), &peer))?;
@@ -107,25 +124,37 @@ impl IstioCertificateService for CaService {
             }
             None => (self.review(&workload_token).await, None),
         };
-        let agent = agent
-            .transpose()
-            .map_err(|e| self.reject(e.label(), auth_status(&e), &format!("{peer} (agent token)")))?;
+        let agent = agent.transpose().map_err(|e| {
+            self.reject(e.label(), auth_status(&e), &format!("{peer} (agent token)"))
+        })?;
         let workload = workload.map_err(|e| self.reject(e.label(), auth_status(&e), &peer))?;
         let caller = match &agent {
-            Some(a) => format!("agent {} on {}", a.name(), a.node_name.as_deref().unwrap_or("?")),
+            Some(a) => format!(
+                "agent {} on {}",
+                a.name(),
+                a.node_name.as_deref().unwrap_or("?")
+            ),
             None => format!("workload {} at {peer}", workload.name()),
         };
-        let id = auth::authorize(&workload, agent.as_ref(), &self.policy)
-            .map_err(|e| self.reject(e.label(), Status::permission_denied(e.to_string()), &caller))?;
+        let id = auth::authorize(&workload, agent.as_ref(), &self.policy).map_err(|e| {
+            self.reject(e.label(), Status::permission_denied(e.to_string()), &caller)
+        })?;
 
         let start = Instant::now();
         let req = request.into_inner();
-        let signing = csr::check(&req.csr, &id).map_err(|e| self.reject(e.label(), csr_status(&e), &caller))?;
+        let signing = csr::check(&req.csr, &id)
+            .map_err(|e| self.reject(e.label(), csr_status(&e), &caller))?;
         let ttl = self.ttls.for_request(req.validity_duration);
         let issued = self.authority.sign(&signing, ttl).map_err(|e| {
-            self.reject("signing_failed", Status::internal(format!("cannot sign: {e}")), &caller)
+            self.reject(
+                "signing_failed",
+                Status::internal(format!("cannot sign: {e}")),
+                &caller,
+            )
         })?;
-        self.metrics.signing_seconds.observe(start.elapsed().as_secs_f64());
+        self.metrics
+            .signing_seconds
+            .observe(start.elapsed().as_secs_f64());
         self.metrics.issued.inc();
         let not_after = issued
             .not_after
@@ -142,7 +171,9 @@ impl IstioCertificateService for CaService {
             %caller,
             "issued certificate"
         );
-        Ok(Response::new(IstioCertificateResponse { cert_chain: issued.chain }))
+        Ok(Response::new(IstioCertificateResponse {
+            cert_chain: issued.chain,
+        }))
     }
 }
 
@@ -152,7 +183,10 @@ mod tests {
 
     #[test]
     fn ttl_defaults_and_clamps() {
-        let t = Ttls { default: Duration::from_secs(86_400), max: Duration::from_secs(2 * 86_400) };
+        let t = Ttls {
+            default: Duration::from_secs(86_400),
+            max: Duration::from_secs(2 * 86_400),
+        };
         assert_eq!(t.for_request(0), Duration::from_secs(86_400));
         assert_eq!(t.for_request(-5), Duration::from_secs(86_400));
         assert_eq!(t.for_request(30), Duration::from_secs(30));

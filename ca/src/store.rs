@@ -37,7 +37,8 @@ fn secret_to_bundle(secret: &Secret, what: &str) -> anyhow::Result<Bundle> {
         let v = data
             .get(key)
             .with_context(|| format!("{what} has no key {key:?}: it needs ca-cert.pem, ca-key.pem, cert-chain.pem and root-cert.pem"))?;
-        String::from_utf8(v.0.clone()).with_context(|| format!("{what} key {key:?} is not UTF-8 PEM"))
+        String::from_utf8(v.0.clone())
+            .with_context(|| format!("{what} key {key:?} is not UTF-8 PEM"))
     };
     Ok(Bundle {
         ca_cert: get("ca-cert.pem")?,
@@ -60,7 +61,10 @@ fn bundle_to_secret(name: &str, namespace: &str, b: &Bundle) -> Secret {
     let mut s = Secret::default();
     s.metadata.name = Some(name.to_owned());
     s.metadata.namespace = Some(namespace.to_owned());
-    s.metadata.labels = Some(BTreeMap::from([("app.kubernetes.io/part-of".into(), "mizzen".into())]));
+    s.metadata.labels = Some(BTreeMap::from([(
+        "app.kubernetes.io/part-of".into(),
+        "mizzen".into(),
+    )]));
     s.type_ = Some("Opaque".into());
     s.data = Some(data);
     s
@@ -85,30 +89,54 @@ pub async fn load_bundle(
     {
         let what = format!("Secret {namespace}/{plugin_secret}");
         let bundle = secret_to_bundle(&s, &what)?;
-        let authority = Authority::from_bundle(&bundle, td).with_context(|| format!("{what} is not a usable CA"))?;
+        let authority = Authority::from_bundle(&bundle, td)
+            .with_context(|| format!("{what} is not a usable CA"))?;
         return Ok((authority, Source::PluggedIn));
     }
     let what = format!("Secret {namespace}/{own_secret}");
-    let (secret, created_now) = match secrets.get_opt(own_secret).await.with_context(|| format!("read {what}"))? {
+    let (secret, created_now) = match secrets
+        .get_opt(own_secret)
+        .await
+        .with_context(|| format!("read {what}"))?
+    {
         Some(s) => (s, false),
         None => {
             let bundle = Authority::generate(td, root_ttl).context("generate a root CA")?;
-            match secrets.create(&PostParams::default(), &bundle_to_secret(own_secret, namespace, &bundle)).await {
+            match secrets
+                .create(
+                    &PostParams::default(),
+                    &bundle_to_secret(own_secret, namespace, &bundle),
+                )
+                .await
+            {
                 Ok(s) => (s, true),
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     info!(secret = %what, "another replica created the root first; using it");
-                    (secrets.get(own_secret).await.with_context(|| format!("read {what}"))?, false)
+                    (
+                        secrets
+                            .get(own_secret)
+                            .await
+                            .with_context(|| format!("read {what}"))?,
+                        false,
+                    )
                 }
                 Err(e) => return Err(e).with_context(|| format!("create {what}")),
             }
         }
     };
     let bundle = secret_to_bundle(&secret, &what)?;
-    let authority = Authority::from_bundle(&bundle, td).with_context(|| format!("{what} is not a usable CA"))?;
+    let authority = Authority::from_bundle(&bundle, td)
+        .with_context(|| format!("{what} is not a usable CA"))?;
     Ok((authority, Source::SelfSigned { created_now }))
 }
 
-async fn publish(client: &kube::Client, name: &str, namespace: &str, root_pem: &str, metrics: &Metrics) {
+async fn publish(
+    client: &kube::Client,
+    name: &str,
+    namespace: &str,
+    root_pem: &str,
+    metrics: &Metrics,
+) {
     let cm = serde_json::json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -121,7 +149,11 @@ async fn publish(client: &kube::Client, name: &str, namespace: &str, root_pem: &
     });
     let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
     match api
-        .patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&cm))
+        .patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&cm),
+        )
         .await
     {
         Ok(_) => {
@@ -149,14 +181,18 @@ pub async fn publish_roots(
         let root_pem = root_pem.clone();
         let metrics = metrics.clone();
         async move {
-            let mut events = watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default())
-                .default_backoff()
-                .applied_objects()
-                .boxed();
+            let mut events = watcher(
+                Api::<Namespace>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff()
+            .applied_objects()
+            .boxed();
             while let Some(ev) = events.next().await {
                 match ev {
                     Ok(ns) => {
-                        let terminating = ns.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Terminating");
+                        let terminating = ns.status.as_ref().and_then(|s| s.phase.as_deref())
+                            == Some("Terminating");
                         if let (Some(ns_name), false) = (ns.metadata.name.as_deref(), terminating) {
                             publish(&client, &name, ns_name, &root_pem, &metrics).await;
                         }
@@ -168,7 +204,9 @@ pub async fn publish_roots(
     };
     let configmaps = async move {
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let mut events = watcher(Api::<ConfigMap>::all(client.clone()), config).default_backoff().boxed();
+        let mut events = watcher(Api::<ConfigMap>::all(client.clone()), config)
+            .default_backoff()
+            .boxed();
         while let Some(ev) = events.next().await {
             let (cm, deleted) = match ev {
                 Ok(watcher::Event::Apply(cm)) | Ok(watcher::Event::InitApply(cm)) => (cm, false),
@@ -180,11 +218,11 @@ pub async fn publish_roots(
                 }
             };
             let current = cm.data.as_ref().and_then(|d| d.get(ROOT_CONFIGMAP_KEY));
-            if deleted || current.map(String::as_str) != Some(root_pem.as_str()) {
-                if let Some(ns) = cm.metadata.namespace.as_deref() {
-                    info!(namespace = %ns, deleted, "restoring the trust bundle ConfigMap");
-                    publish(&client, &name, ns, &root_pem, &metrics).await;
-                }
+            if (deleted || current.map(String::as_str) != Some(root_pem.as_str()))
+                && let Some(ns) = cm.metadata.namespace.as_deref()
+            {
+                info!(namespace = %ns, deleted, "restoring the trust bundle ConfigMap");
+                publish(&client, &name, ns, &root_pem, &metrics).await;
             }
         }
     };

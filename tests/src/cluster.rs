@@ -157,10 +157,14 @@ impl Cluster {
             .await
             .with_context(|| format!("create namespace {name}"))?;
         let sas = Api::<ServiceAccount>::namespaced(client.clone(), &name);
-        eventually(Duration::from_secs(30), "the namespace's default ServiceAccount", || {
-            let sas = sas.clone();
-            async move { Ok(sas.get_opt("default").await?.is_some()) }
-        })
+        eventually(
+            Duration::from_secs(30),
+            "the namespace's default ServiceAccount",
+            || {
+                let sas = sas.clone();
+                async move { Ok(sas.get_opt("default").await?.is_some()) }
+            },
+        )
         .await?;
         Ok(name)
     }
@@ -180,7 +184,10 @@ impl Cluster {
                 name,
                 &PostParams::default(),
                 &TokenRequest {
-                    spec: TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() },
+                    spec: TokenRequestSpec {
+                        expiration_seconds: Some(3600),
+                        ..Default::default()
+                    },
                     ..Default::default()
                 },
             )
@@ -190,7 +197,11 @@ impl Cluster {
             .context("token request without status")?
             .token;
         let admin = Kubeconfig::read_from(&self.kubeconfig)?;
-        let cluster = admin.clusters.first().and_then(|c| c.cluster.clone()).context("kubeconfig has a cluster")?;
+        let cluster = admin
+            .clusters
+            .first()
+            .and_then(|c| c.cluster.clone())
+            .context("kubeconfig has a cluster")?;
         let config = serde_json::json!({
             "apiVersion": "v1",
             "kind": "Config",
@@ -202,7 +213,10 @@ impl Cluster {
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": name}}],
             "current-context": "test",
         });
-        let path = self.dir.join(format!("kubeconfig-{namespace}-{name}-{}", UNIQUE.fetch_add(1, Ordering::Relaxed)));
+        let path = self.dir.join(format!(
+            "kubeconfig-{namespace}-{name}-{}",
+            UNIQUE.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::write(&path, serde_json::to_vec(&config)?)?;
         Ok(path)
     }
@@ -331,7 +345,11 @@ impl Kubectl {
     /// Runs kubectl and returns its exit status, standard output and error.
     pub async fn output(mut self) -> anyhow::Result<(std::process::ExitStatus, String, String)> {
         self.cmd
-            .stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if self.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);

@@ -24,7 +24,9 @@ fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = StdCommand::new(program)
         .args(args)
         .output()
-        .with_context(|| format!("cannot run {program}: install it (apt-get install iproute2 util-linux)"))?;
+        .with_context(|| {
+            format!("cannot run {program}: install it (apt-get install iproute2 util-linux)")
+        })?;
     if !out.status.success() {
         bail!(
             "`{program} {}` failed ({}): {}",
@@ -52,7 +54,10 @@ static POD_SEQ: AtomicU32 = AtomicU32::new(0);
 fn create_bridge() -> anyhow::Result<Bridge> {
     let uid = run("id", &["-u"])?;
     if uid.trim() != "0" {
-        bail!("network-namespace pods need root (running as uid {}); run the tests as root", uid.trim());
+        bail!(
+            "network-namespace pods need root (running as uid {}); run the tests as root",
+            uid.trim()
+        );
     }
     let pid = std::process::id();
     let name = format!("mzbr{pid:x}");
@@ -114,7 +119,13 @@ impl NetnsPod {
         let seq = POD_SEQ.fetch_add(1, Ordering::Relaxed);
         let label: String = label
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
             .take(40)
             .collect();
         let netns = format!("mizzen-{pid}-{seq}-{label}");
@@ -125,7 +136,12 @@ impl NetnsPod {
         reaper::at_exit(&cleanup_command(&pod.netns));
         let ns = pod.netns.as_str();
         run("ip", &["netns", "add", ns])?;
-        run("ip", &["link", "add", &host_if, "type", "veth", "peer", "name", &tmp_if])?;
+        run(
+            "ip",
+            &[
+                "link", "add", &host_if, "type", "veth", "peer", "name", &tmp_if,
+            ],
+        )?;
         run("ip", &["link", "set", &host_if, "master", &br.name, "up"])?;
         run("ip", &["link", "set", &tmp_if, "netns", ns])?;
         let in_ns = |args: &[&str]| -> anyhow::Result<String> {
@@ -162,7 +178,9 @@ impl NetnsPod {
     /// handle is dropped.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new("ip");
-        cmd.args(["netns", "exec", &self.netns]).arg(program).kill_on_drop(true);
+        cmd.args(["netns", "exec", &self.netns])
+            .arg(program)
+            .kill_on_drop(true);
         cmd
     }
 
@@ -195,6 +213,9 @@ fn cleanup_command(netns: &str) -> String {
 impl Drop for NetnsPod {
     fn drop(&mut self) {
         // Deleting the namespace also deletes its veth and the bridge-side peer.
-        let _ = StdCommand::new("sh").arg("-c").arg(cleanup_command(&self.netns)).status();
+        let _ = StdCommand::new("sh")
+            .arg("-c")
+            .arg(cleanup_command(&self.netns))
+            .status();
     }
 }

@@ -46,7 +46,12 @@ impl CaProcess {
             .stderr(out)
             .kill_on_drop(true)
             .spawn()?;
-        let mut ca = CaProcess { child, grpc, admin, log };
+        let mut ca = CaProcess {
+            child,
+            grpc,
+            admin,
+            log,
+        };
         let url = format!("http://127.0.0.1:{admin}/readyz");
         // Ok(Some(Err)) stops waiting at once: the process is gone.
         let result = eventually_some(TIMEOUT, "mizzen-ca to be ready", || {
@@ -56,19 +61,28 @@ impl CaProcess {
                 if let Some(status) = exited {
                     return Ok(Some(Err(anyhow::anyhow!("mizzen-ca exited: {status}"))));
                 }
-                let ready = http_get(&url).await.map(|(code, _)| code == 200).unwrap_or(false);
+                let ready = http_get(&url)
+                    .await
+                    .map(|(code, _)| code == 200)
+                    .unwrap_or(false);
                 Ok(ready.then_some(Ok(())))
             }
         })
         .await
         .and_then(|r| r);
         if let Err(e) = result {
-            bail!("{e:#}\n--- mizzen-ca log ---\n{}", std::fs::read_to_string(&ca.log).unwrap_or_default());
+            bail!(
+                "{e:#}\n--- mizzen-ca log ---\n{}",
+                std::fs::read_to_string(&ca.log).unwrap_or_default()
+            );
         }
         Ok(ca)
     }
 
-    async fn client(&self, root_pem: &str) -> anyhow::Result<IstioCertificateServiceClient<Channel>> {
+    async fn client(
+        &self,
+        root_pem: &str,
+    ) -> anyhow::Result<IstioCertificateServiceClient<Channel>> {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(root_pem))
             .domain_name("mizzen-ca.mizzen-system.svc");
@@ -81,7 +95,11 @@ impl CaProcess {
     }
 
     async fn metrics(&self) -> anyhow::Result<String> {
-        Ok(http_get(&format!("http://127.0.0.1:{}/metrics", self.admin)).await?.1)
+        Ok(
+            http_get(&format!("http://127.0.0.1:{}/metrics", self.admin))
+                .await?
+                .1,
+        )
     }
 }
 
@@ -91,11 +109,19 @@ async fn http_get(url: &str) -> anyhow::Result<(u16, String)> {
     let rest = url.strip_prefix("http://").context("http URL")?;
     let (host, path) = rest.split_once('/').context("path")?;
     let mut s = tokio::net::TcpStream::connect(host).await?;
-    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await?;
+    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).await?;
-    let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("status")?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("status")?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((code, body))
 }
 
@@ -106,7 +132,13 @@ fn metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-async fn token(client: &kube::Client, ns: &str, sa: &str, pod: Option<&Pod>, audience: &str) -> anyhow::Result<String> {
+async fn token(
+    client: &kube::Client,
+    ns: &str,
+    sa: &str,
+    pod: Option<&Pod>,
+    audience: &str,
+) -> anyhow::Result<String> {
     let bound = pod.map(|p| BoundObjectReference {
         api_version: Some("v1".into()),
         kind: Some("Pod".into()),
@@ -132,7 +164,10 @@ async fn token(client: &kube::Client, ns: &str, sa: &str, pod: Option<&Pod>, aud
 async fn service_account(client: &kube::Client, ns: &str, name: &str) -> anyhow::Result<()> {
     let mut sa = ServiceAccount::default();
     sa.metadata.name = Some(name.into());
-    match Api::<ServiceAccount>::namespaced(client.clone(), ns).create(&PostParams::default(), &sa).await {
+    match Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &sa)
+        .await
+    {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
@@ -140,13 +175,21 @@ async fn service_account(client: &kube::Client, ns: &str, name: &str) -> anyhow:
 }
 
 /// A pod bound straight to `node` (as if scheduled there), never run.
-async fn pod_on_node(client: &kube::Client, ns: &str, name: &str, sa: &str, node: &str) -> anyhow::Result<Pod> {
+async fn pod_on_node(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    sa: &str,
+    node: &str,
+) -> anyhow::Result<Pod> {
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": name},
         "spec": {"serviceAccountName": sa, "nodeName": node,
                  "containers": [{"name": "app", "image": "mizzen-testapp"}]},
     }))?;
-    Ok(Api::<Pod>::namespaced(client.clone(), ns).create(&PostParams::default(), &pod).await?)
+    Ok(Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pod)
+        .await?)
 }
 
 struct Csr {
@@ -161,24 +204,37 @@ fn csr(sans: Vec<SanType>, ca: bool) -> Csr {
     if ca {
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     }
-    Csr { pem: p.serialize_request(&key).expect("csr").pem().expect("pem"), key }
+    Csr {
+        pem: p.serialize_request(&key).expect("csr").pem().expect("pem"),
+        key,
+    }
 }
 
 fn uri(s: &str) -> SanType {
     SanType::URI(s.try_into().expect("uri"))
 }
 
-fn request(csr_pem: &str, workload: Option<&str>, agent: Option<&str>) -> tonic::Request<IstioCertificateRequest> {
+fn request(
+    csr_pem: &str,
+    workload: Option<&str>,
+    agent: Option<&str>,
+) -> tonic::Request<IstioCertificateRequest> {
     let mut r = tonic::Request::new(IstioCertificateRequest {
         csr: csr_pem.into(),
         validity_duration: 3600,
         ..Default::default()
     });
     if let Some(t) = workload {
-        r.metadata_mut().insert("authorization", format!("Bearer {t}").parse().expect("ascii"));
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {t}").parse().expect("ascii"),
+        );
     }
     if let Some(t) = agent {
-        r.metadata_mut().insert("x-mizzen-agent-authorization", format!("Bearer {t}").parse().expect("ascii"));
+        r.metadata_mut().insert(
+            "x-mizzen-agent-authorization",
+            format!("Bearer {t}").parse().expect("ascii"),
+        );
     }
     r
 }
@@ -199,7 +255,11 @@ async fn openssl_verify(dir: &Path, chain: &[String], root: &str) -> anyhow::Res
         .output()
         .await
         .context("run openssl (apt-get install openssl)")?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     if !out.status.success() {
         bail!("openssl verify failed: {text}");
     }
@@ -213,7 +273,9 @@ fn chain_der(chain: &[String]) -> Vec<u8> {
 fn pem_der(p: &str) -> Vec<u8> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
-    CertificateDer::from_pem_slice(p.as_bytes()).expect("certificate PEM").to_vec()
+    CertificateDer::from_pem_slice(p.as_bytes())
+        .expect("certificate PEM")
+        .to_vec()
 }
 
 /// The CA and agent identities and RBAC from the manifests, installed once.
@@ -224,7 +286,11 @@ async fn install_manifests(cluster: &Cluster) -> anyhow::Result<()> {
         .get_or_try_init(|| async {
             let root = mizzen_tests::cluster::repo_root();
             for m in ["manifests/namespace.yaml", "manifests/ca.yaml"] {
-                cluster.kubectl(["apply", "-f"]).arg(root.join(m)).run().await?;
+                cluster
+                    .kubectl(["apply", "-f"])
+                    .arg(root.join(m))
+                    .run()
+                    .await?;
             }
             let client = cluster.client().await?;
             service_account(&client, SYSTEM, "mizzen-agent").await?;
@@ -249,36 +315,81 @@ async fn ca_issues_svids_and_refuses_bad_requests() -> anyhow::Result<()> {
     let web_a = pod_on_node(&client, &ns, "web-a", "web", "ca-node-a").await?;
     let web_b = pod_on_node(&client, &ns, "web-b", "web", "ca-node-b").await?;
     let doomed = pod_on_node(&client, &ns, "doomed", "web", "ca-node-a").await?;
-    let agent_pod = pod_on_node(&client, SYSTEM, &format!("agent-a-{ns}"), "mizzen-agent", "ca-node-a").await?;
+    let agent_pod = pod_on_node(
+        &client,
+        SYSTEM,
+        &format!("agent-a-{ns}"),
+        "mizzen-agent",
+        "ca-node-a",
+    )
+    .await?;
 
-    let kubeconfig = cluster.kubeconfig_for_service_account(&client, SYSTEM, "mizzen-ca").await?;
-    let ca = CaProcess::start(&kubeconfig, &["--token-review-cache-ttl=1s", "--default-ttl=1h", "--max-ttl=2h"]).await?;
+    let kubeconfig = cluster
+        .kubeconfig_for_service_account(&client, SYSTEM, "mizzen-ca")
+        .await?;
+    let ca = CaProcess::start(
+        &kubeconfig,
+        &[
+            "--token-review-cache-ttl=1s",
+            "--default-ttl=1h",
+            "--max-ttl=2h",
+        ],
+    )
+    .await?;
 
     // The trust bundle arrives in the workload's namespace.
     let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns);
-    let root = eventually_some(TIMEOUT, "ConfigMap mizzen-root-ca in the workload namespace", || {
-        let cms = cms.clone();
-        async move {
-            Ok(cms.get_opt("mizzen-root-ca").await?.and_then(|c| c.data).and_then(|mut d| d.remove("root-cert.pem")))
-        }
-    })
+    let root = eventually_some(
+        TIMEOUT,
+        "ConfigMap mizzen-root-ca in the workload namespace",
+        || {
+            let cms = cms.clone();
+            async move {
+                Ok(cms
+                    .get_opt("mizzen-root-ca")
+                    .await?
+                    .and_then(|c| c.data)
+                    .and_then(|mut d| d.remove("root-cert.pem")))
+            }
+        },
+    )
     .await?;
 
     let id = format!("spiffe://cluster.local/ns/{ns}/sa/web");
     let workload_token = token(&client, &ns, "web", Some(&web_a), "mizzen-ca").await?;
-    let agent_token = token(&client, SYSTEM, "mizzen-agent", Some(&agent_pod), "mizzen-ca").await?;
+    let agent_token = token(
+        &client,
+        SYSTEM,
+        "mizzen-agent",
+        Some(&agent_pod),
+        "mizzen-ca",
+    )
+    .await?;
     let mut grpc = ca.client(&root).await?;
 
     // The good path.
     let good = csr(vec![uri(&id)], false);
     let chain = grpc
-        .create_certificate(request(&good.pem, Some(&workload_token), Some(&agent_token)))
+        .create_certificate(request(
+            &good.pem,
+            Some(&workload_token),
+            Some(&agent_token),
+        ))
         .await
-        .map_err(|s| anyhow::anyhow!("issuance failed: {s:?}\n{}", std::fs::read_to_string(&ca.log).unwrap_or_default()))?
+        .map_err(|s| {
+            anyhow::anyhow!(
+                "issuance failed: {s:?}\n{}",
+                std::fs::read_to_string(&ca.log).unwrap_or_default()
+            )
+        })?
         .into_inner()
         .cert_chain;
     assert_eq!(chain.len(), 3, "leaf, intermediate, root");
-    assert_eq!(chain.last(), Some(&root), "the chain ends at the published root");
+    assert_eq!(
+        chain.last(),
+        Some(&root),
+        "the chain ends at the published root"
+    );
     let tmp = cluster.dir().join(format!("ca-verify-{ns}"));
     std::fs::create_dir_all(&tmp)?;
     let verdict = openssl_verify(&tmp, &chain, &root).await?;
@@ -302,33 +413,115 @@ async fn ca_issues_svids_and_refuses_bad_requests() -> anyhow::Result<()> {
     let dns_name = SanType::DnsName("web.demo.svc".try_into()?);
     let admin_id = format!("spiffe://cluster.local/ns/{ns}/sa/admin");
     let cases: Vec<(&str, tonic::Request<IstioCertificateRequest>, Code, &str)> = vec![
-        ("no token", request(&good.pem, None, Some(&agent_token)), Code::Unauthenticated, "missing authorization"),
-        ("garbage token", request(&good.pem, Some("not-a-jwt"), Some(&agent_token)), Code::Unauthenticated, "not authenticated"),
-        ("wrong audience", request(&good.pem, Some(&other_aud), Some(&agent_token)), Code::Unauthenticated, "not authenticated"),
-        ("no agent token", request(&good.pem, Some(&workload_token), None), Code::PermissionDenied, "direct"),
-        ("workload as agent", request(&good.pem, Some(&workload_token), Some(&workload_token)), Code::PermissionDenied, "not a trusted node agent"),
-        ("pod on another node", request(&good.pem, Some(&web_b_token), Some(&agent_token)), Code::PermissionDenied, "ca-node-b"),
-        ("another identity", request(&csr(vec![uri(&admin_id)], false).pem, Some(&workload_token), Some(&agent_token)), Code::PermissionDenied, "but the caller is"),
-        ("DNS SAN", request(&csr(vec![uri(&id), dns_name], false).pem, Some(&workload_token), Some(&agent_token)), Code::PermissionDenied, "web.demo.svc"),
-        ("second URI SAN", request(&csr(vec![uri(&id), uri(&admin_id)], false).pem, Some(&workload_token), Some(&agent_token)), Code::PermissionDenied, "other than exactly one URI SAN"),
-        ("CA request", request(&csr(vec![uri(&id)], true).pem, Some(&workload_token), Some(&agent_token)), Code::PermissionDenied, "CA certificate"),
-        ("garbage CSR", request("hello", Some(&workload_token), Some(&agent_token)), Code::InvalidArgument, "PEM"),
+        (
+            "no token",
+            request(&good.pem, None, Some(&agent_token)),
+            Code::Unauthenticated,
+            "missing authorization",
+        ),
+        (
+            "garbage token",
+            request(&good.pem, Some("not-a-jwt"), Some(&agent_token)),
+            Code::Unauthenticated,
+            "not authenticated",
+        ),
+        (
+            "wrong audience",
+            request(&good.pem, Some(&other_aud), Some(&agent_token)),
+            Code::Unauthenticated,
+            "not authenticated",
+        ),
+        (
+            "no agent token",
+            request(&good.pem, Some(&workload_token), None),
+            Code::PermissionDenied,
+            "direct",
+        ),
+        (
+            "workload as agent",
+            request(&good.pem, Some(&workload_token), Some(&workload_token)),
+            Code::PermissionDenied,
+            "not a trusted node agent",
+        ),
+        (
+            "pod on another node",
+            request(&good.pem, Some(&web_b_token), Some(&agent_token)),
+            Code::PermissionDenied,
+            "ca-node-b",
+        ),
+        (
+            "another identity",
+            request(
+                &csr(vec![uri(&admin_id)], false).pem,
+                Some(&workload_token),
+                Some(&agent_token),
+            ),
+            Code::PermissionDenied,
+            "but the caller is",
+        ),
+        (
+            "DNS SAN",
+            request(
+                &csr(vec![uri(&id), dns_name], false).pem,
+                Some(&workload_token),
+                Some(&agent_token),
+            ),
+            Code::PermissionDenied,
+            "web.demo.svc",
+        ),
+        (
+            "second URI SAN",
+            request(
+                &csr(vec![uri(&id), uri(&admin_id)], false).pem,
+                Some(&workload_token),
+                Some(&agent_token),
+            ),
+            Code::PermissionDenied,
+            "other than exactly one URI SAN",
+        ),
+        (
+            "CA request",
+            request(
+                &csr(vec![uri(&id)], true).pem,
+                Some(&workload_token),
+                Some(&agent_token),
+            ),
+            Code::PermissionDenied,
+            "CA certificate",
+        ),
+        (
+            "garbage CSR",
+            request("hello", Some(&workload_token), Some(&agent_token)),
+            Code::InvalidArgument,
+            "PEM",
+        ),
     ];
     for (name, req, code, needle) in cases {
         match grpc.create_certificate(req).await {
             Ok(_) => panic!("{name}: a certificate was issued"),
             Err(s) => {
                 assert_eq!(s.code(), code, "{name}: {s:?}");
-                assert!(s.message().contains(needle), "{name}: {:?} lacks {needle:?}", s.message());
+                assert!(
+                    s.message().contains(needle),
+                    "{name}: {:?} lacks {needle:?}",
+                    s.message()
+                );
             }
         }
     }
 
     // A token whose pod was deleted stops working (after the 1 s review cache).
     let doomed_token = token(&client, &ns, "web", Some(&doomed), "mizzen-ca").await?;
-    grpc.create_certificate(request(&good.pem, Some(&doomed_token), Some(&agent_token))).await?;
+    grpc.create_certificate(request(&good.pem, Some(&doomed_token), Some(&agent_token)))
+        .await?;
     Api::<Pod>::namespaced(client.clone(), &ns)
-        .delete("doomed", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
+        .delete(
+            "doomed",
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
         .await?;
     // Until the API server's view of the pod catches up, the token still works.
     let issued_while_deleting = std::sync::atomic::AtomicUsize::new(0);
@@ -356,22 +549,39 @@ async fn ca_issues_svids_and_refuses_bad_requests() -> anyhow::Result<()> {
         successes as f64,
         "only the good requests issued:\n{text}"
     );
-    for reason in ["token_missing", "token_invalid", "direct_not_allowed", "untrusted_agent", "node_mismatch",
-                   "wrong_identity", "extra_sans", "ca_requested", "bad_pem"] {
+    for reason in [
+        "token_missing",
+        "token_invalid",
+        "direct_not_allowed",
+        "untrusted_agent",
+        "node_mismatch",
+        "wrong_identity",
+        "extra_sans",
+        "ca_requested",
+        "bad_pem",
+    ] {
         assert!(
-            metric(&text, &format!("mizzen_ca_requests_rejected_total{{reason=\"{reason}\"}}")) >= 1.0,
+            metric(
+                &text,
+                &format!("mizzen_ca_requests_rejected_total{{reason=\"{reason}\"}}")
+            ) >= 1.0,
             "no rejection counted for {reason}:\n{text}"
         );
     }
     assert!(metric(&text, "mizzen_ca_signing_cert_expiry_timestamp_seconds") > 0.0);
 
     // Deleting the trust bundle ConfigMap brings it back.
-    cms.delete("mizzen-root-ca", &DeleteParams::default()).await?;
+    cms.delete("mizzen-root-ca", &DeleteParams::default())
+        .await?;
     eventually(TIMEOUT, "mizzen-root-ca to be restored", || {
         let cms = cms.clone();
         let root = root.clone();
         async move {
-            Ok(cms.get_opt("mizzen-root-ca").await?.and_then(|c| c.data).and_then(|mut d| d.remove("root-cert.pem"))
+            Ok(cms
+                .get_opt("mizzen-root-ca")
+                .await?
+                .and_then(|c| c.data)
+                .and_then(|mut d| d.remove("root-cert.pem"))
                 == Some(root))
         }
     })
@@ -380,9 +590,16 @@ async fn ca_issues_svids_and_refuses_bad_requests() -> anyhow::Result<()> {
     // A restart keeps the root: the Secret is created once, never replaced.
     drop(ca);
     let ca = CaProcess::start(&kubeconfig, &[]).await?;
-    let mut grpc = ca.client(&root).await.context("the restarted CA serves a chain to the same root")?;
+    let mut grpc = ca
+        .client(&root)
+        .await
+        .context("the restarted CA serves a chain to the same root")?;
     let again = grpc
-        .create_certificate(request(&csr(vec![uri(&id)], false).pem, Some(&workload_token), Some(&agent_token)))
+        .create_certificate(request(
+            &csr(vec![uri(&id)], false).pem,
+            Some(&workload_token),
+            Some(&agent_token),
+        ))
         .await?
         .into_inner()
         .cert_chain;
@@ -396,15 +613,28 @@ async fn racing_replicas_agree_on_one_root() -> anyhow::Result<()> {
     let cluster = Cluster::get();
     let client = cluster.client().await?;
     let home = cluster.namespace(&client, "ca-race", &[]).await?;
-    let args = [format!("--namespace={home}"), format!("--root-configmap={home}-root"), "--allow-direct-workload-calls".into()];
+    let args = [
+        format!("--namespace={home}"),
+        format!("--root-configmap={home}-root"),
+        "--allow-direct-workload-calls".into(),
+    ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (a, b) = tokio::join!(
         CaProcess::start(cluster.kubeconfig(), &args),
         CaProcess::start(cluster.kubeconfig(), &args)
     );
     let (a, b) = (a?, b?);
-    let secret = Api::<Secret>::namespaced(client.clone(), &home).get("mizzen-ca").await?;
-    let root = String::from_utf8(secret.data.unwrap_or_default().remove("root-cert.pem").context("root")?.0)?;
+    let secret = Api::<Secret>::namespaced(client.clone(), &home)
+        .get("mizzen-ca")
+        .await?;
+    let root = String::from_utf8(
+        secret
+            .data
+            .unwrap_or_default()
+            .remove("root-cert.pem")
+            .context("root")?
+            .0,
+    )?;
 
     // Both serve chains to that root, and issue to a direct caller when allowed.
     let ws = cluster.namespace(&client, "ca-race-ws", &[]).await?;
@@ -443,12 +673,26 @@ openssl x509 -req -in ca.csr -CA root-cert.pem -CAkey root-key.pem -CAcreateseri
 cat ca-cert.pem root-cert.pem > cert-chain.pem
 openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out other-key.pem
 "#;
-    let out = tokio::process::Command::new("bash").arg("-c").arg(script).current_dir(&dir).output().await?;
-    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    let out = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .current_dir(&dir)
+        .output()
+        .await?;
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let read = |f: &str| std::fs::read(dir.join(f)).with_context(|| f.to_owned());
     let secret = |name: &str, key_file: &str| -> anyhow::Result<Secret> {
         let mut data = BTreeMap::new();
-        for (k, f) in [("ca-cert.pem", "ca-cert.pem"), ("ca-key.pem", key_file), ("cert-chain.pem", "cert-chain.pem"), ("root-cert.pem", "root-cert.pem")] {
+        for (k, f) in [
+            ("ca-cert.pem", "ca-cert.pem"),
+            ("ca-key.pem", key_file),
+            ("cert-chain.pem", "cert-chain.pem"),
+            ("root-cert.pem", "root-cert.pem"),
+        ] {
             data.insert(k.to_owned(), k8s_openapi::ByteString(read(f)?));
         }
         let mut s = Secret::default();
@@ -459,22 +703,45 @@ openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out other-key.pe
     let secrets = Api::<Secret>::namespaced(client.clone(), &home);
 
     // Inconsistent: the key is not the signing certificate's.
-    secrets.create(&PostParams::default(), &secret("cacerts-bad", "other-key.pem")?).await?;
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret("cacerts-bad", "other-key.pem")?,
+        )
+        .await?;
     let bad = tokio::process::Command::new(workspace_bin("mizzen-ca"))
         .env("KUBECONFIG", cluster.kubeconfig())
-        .args([format!("--namespace={home}"), "--plugin-secret=cacerts-bad".into()])
+        .args([
+            format!("--namespace={home}"),
+            "--plugin-secret=cacerts-bad".into(),
+        ])
         .arg(format!("--grpc-addr=127.0.0.1:{}", free_port()))
         .arg(format!("--admin-addr=127.0.0.1:{}", free_port()))
         .stdin(Stdio::null())
         .output();
     let bad = tokio::time::timeout(TIMEOUT, bad).await??;
     let stderr = String::from_utf8_lossy(&bad.stderr);
-    assert!(!bad.status.success(), "the CA must not start with an inconsistent bundle");
-    assert!(stderr.contains("ca-key.pem") && stderr.contains("does not match"), "{stderr}");
-    assert!(secrets.get_opt("mizzen-ca").await?.is_none(), "no self-signed root was made instead");
+    assert!(
+        !bad.status.success(),
+        "the CA must not start with an inconsistent bundle"
+    );
+    assert!(
+        stderr.contains("ca-key.pem") && stderr.contains("does not match"),
+        "{stderr}"
+    );
+    assert!(
+        secrets.get_opt("mizzen-ca").await?.is_none(),
+        "no self-signed root was made instead"
+    );
 
-    secrets.create(&PostParams::default(), &secret("cacerts", "ca-key.pem")?).await?;
-    let args = [format!("--namespace={home}"), format!("--root-configmap={home}-root"), "--allow-direct-workload-calls".into()];
+    secrets
+        .create(&PostParams::default(), &secret("cacerts", "ca-key.pem")?)
+        .await?;
+    let args = [
+        format!("--namespace={home}"),
+        format!("--root-configmap={home}-root"),
+        "--allow-direct-workload-calls".into(),
+    ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let ca = CaProcess::start(cluster.kubeconfig(), &args).await?;
     let root = String::from_utf8(read("root-cert.pem")?)?;
@@ -495,6 +762,9 @@ openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out other-key.pe
     let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der)?;
     let (_, inter) = x509_parser::parse_x509_certificate(&inter_der)?;
     assert!(leaf.validity().not_after <= inter.validity().not_after);
-    assert!(secrets.get_opt("mizzen-ca").await?.is_none(), "a plugged-in CA makes no root of its own");
+    assert!(
+        secrets.get_opt("mizzen-ca").await?.is_none(),
+        "a plugged-in CA makes no root of its own"
+    );
     Ok(())
 }

@@ -14,7 +14,9 @@ use k8s_openapi::api::authentication::v1::{
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::watcher;
-use mizzen_api::policy::{Action, AuthorizationPolicy, AuthorizationPolicySpec, Rule, RuleFrom, Source};
+use mizzen_api::policy::{
+    Action, AuthorizationPolicy, AuthorizationPolicySpec, Rule, RuleFrom, Source,
+};
 use mizzen_tests::tls::TestCa;
 use mizzen_tests::{Cluster, NetnsPod, eventually};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -22,7 +24,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn pod(name: &str, sa: &str, labels: &[(&str, &str)], node: Option<&str>) -> anyhow::Result<Pod> {
-    let labels: BTreeMap<_, _> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let labels: BTreeMap<_, _> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let mut spec = serde_json::json!({
         "serviceAccountName": sa,
         "containers": [{"name": "app", "image": "mizzen-testapp"}],
@@ -39,7 +44,10 @@ fn pod(name: &str, sa: &str, labels: &[(&str, &str)], node: Option<&str>) -> any
 async fn apply_crds(cluster: &Cluster) -> anyhow::Result<()> {
     let crds = mizzen_tests::cluster::repo_root().join("manifests/crds.yaml");
     let out = cluster.kubectl(["apply", "-f"]).arg(&crds).run().await?;
-    assert!(out.contains("authorizationpolicies.security.mizzen.dev"), "kubectl apply said: {out}");
+    assert!(
+        out.contains("authorizationpolicies.security.mizzen.dev"),
+        "kubectl apply said: {out}"
+    );
     cluster
         .kubectl([
             "wait",
@@ -82,7 +90,10 @@ async fn crds_apply_and_policy_arrives_through_a_watch() -> anyhow::Result<()> {
             action: Some(Action::Deny),
             rules: vec![Rule {
                 from: vec![RuleFrom {
-                    source: Source { namespaces: vec!["test".into()], ..Default::default() },
+                    source: Source {
+                        namespaces: vec!["test".into()],
+                        ..Default::default()
+                    },
                 }],
                 ..Default::default()
             }],
@@ -94,21 +105,30 @@ async fn crds_apply_and_policy_arrives_through_a_watch() -> anyhow::Result<()> {
 
     let seen = tokio::time::timeout(TIMEOUT, async {
         while let Some(ev) = events.next().await {
-            if let watcher::Event::Apply(p) = ev? {
-                if p.metadata.name.as_deref() == Some("deny-test-ns") {
-                    return Ok::<_, anyhow::Error>(p);
-                }
+            if let watcher::Event::Apply(p) = ev?
+                && p.metadata.name.as_deref() == Some("deny-test-ns")
+            {
+                return Ok::<_, anyhow::Error>(p);
             }
         }
         Err(anyhow!("watch ended"))
     })
     .await
     .context("waiting for the policy on the watch")??;
-    assert_eq!(seen.spec, policy.spec, "the watched policy is the one created");
+    assert_eq!(
+        seen.spec, policy.spec,
+        "the watched policy is the one created"
+    );
 
     // kubectl reads it back with the CRD's printer column.
-    let table = cluster.kubectl(["get", "authorizationpolicies", "-n", &ns]).run().await?;
-    assert!(table.contains("deny-test-ns") && table.contains("DENY"), "kubectl get: {table}");
+    let table = cluster
+        .kubectl(["get", "authorizationpolicies", "-n", &ns])
+        .run()
+        .await?;
+    assert!(
+        table.contains("deny-test-ns") && table.contains("DENY"),
+        "kubectl get: {table}"
+    );
 
     // The structural schema refuses what the types do not allow.
     let (status, _, stderr) = cluster
@@ -119,7 +139,10 @@ async fn crds_apply_and_policy_arrives_through_a_watch() -> anyhow::Result<()> {
         .output()
         .await?;
     assert!(!status.success(), "an unknown action must be refused");
-    assert!(stderr.contains("MAYBE"), "the error names the bad value: {stderr}");
+    assert!(
+        stderr.contains("MAYBE"),
+        "the error names the bad value: {stderr}"
+    );
     Ok(())
 }
 
@@ -140,7 +163,12 @@ async fn pod_bound_token_reviews_as_the_pod() -> anyhow::Result<()> {
     sas.create(&PostParams::default(), &sa).await?;
 
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
-    let created = pods.create(&PostParams::default(), &pod("web", "workload", &[], Some(&node))?).await?;
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod("web", "workload", &[], Some(&node))?,
+        )
+        .await?;
     let uid = created.metadata.uid.clone().context("pod has a uid")?;
 
     // The real scheduler binds it to the node.
@@ -189,29 +217,59 @@ async fn pod_bound_token_reviews_as_the_pod() -> anyhow::Result<()> {
         .status
         .context("review status")?;
     assert_eq!(status.authenticated, Some(true), "review: {status:?}");
-    assert_eq!(status.audiences.as_deref(), Some(&["mizzen-ca".to_owned()][..]));
+    assert_eq!(
+        status.audiences.as_deref(),
+        Some(&["mizzen-ca".to_owned()][..])
+    );
     let user = status.user.context("reviewed user")?;
-    assert_eq!(user.username.as_deref(), Some(format!("system:serviceaccount:{ns}:workload").as_str()));
+    assert_eq!(
+        user.username.as_deref(),
+        Some(format!("system:serviceaccount:{ns}:workload").as_str())
+    );
     let extra = user.extra.unwrap_or_default();
     let one = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
-    assert_eq!(one("authentication.kubernetes.io/pod-name").as_deref(), Some("web"));
+    assert_eq!(
+        one("authentication.kubernetes.io/pod-name").as_deref(),
+        Some("web")
+    );
     assert_eq!(one("authentication.kubernetes.io/pod-uid"), Some(uid));
-    assert_eq!(one("authentication.kubernetes.io/node-name"), Some(node.clone()));
+    assert_eq!(
+        one("authentication.kubernetes.io/node-name"),
+        Some(node.clone())
+    );
 
     // The same token for another audience is refused.
-    let wrong = reviews.create(&PostParams::default(), &review("someone-else")).await?.status;
-    assert_ne!(wrong.and_then(|s| s.authenticated), Some(true), "wrong audience must not authenticate");
+    let wrong = reviews
+        .create(&PostParams::default(), &review("someone-else"))
+        .await?
+        .status;
+    assert_ne!(
+        wrong.and_then(|s| s.authenticated),
+        Some(true),
+        "wrong audience must not authenticate"
+    );
 
     // Once the pod is gone the token is worthless.
-    pods.delete("web", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await?;
-    eventually(TIMEOUT, "the token of the deleted pod to stop authenticating", || {
-        let reviews = reviews.clone();
-        let r = review("mizzen-ca");
-        async move {
-            let s = reviews.create(&PostParams::default(), &r).await?.status;
-            Ok(s.and_then(|s| s.authenticated) != Some(true))
-        }
-    })
+    pods.delete(
+        "web",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await?;
+    eventually(
+        TIMEOUT,
+        "the token of the deleted pod to stop authenticating",
+        || {
+            let reviews = reviews.clone();
+            let r = review("mizzen-ca");
+            async move {
+                let s = reviews.create(&PostParams::default(), &r).await?.status;
+                Ok(s.and_then(|s| s.authenticated) != Some(true))
+            }
+        },
+    )
     .await?;
     Ok(())
 }
@@ -233,7 +291,14 @@ async fn registered_webhook_mutates_pods_in_its_namespace() -> anyhow::Result<()
     let server = tokio::spawn(label_webhook::serve(listener, served, calls.clone()));
 
     cluster
-        .register_mutating_webhook(&client, "label", &format!("https://{addr}/mutate"), &ca.cert_pem(), &ns, |_| {})
+        .register_mutating_webhook(
+            &client,
+            "label",
+            &format!("https://{addr}/mutate"),
+            &ca.cert_pem(),
+            &ns,
+            |_| {},
+        )
         .await?;
 
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
@@ -244,8 +309,14 @@ async fn registered_webhook_mutates_pods_in_its_namespace() -> anyhow::Result<()
         let pods = pods.clone();
         let name = format!("p{n}");
         async move {
-            let p = pods.create(&PostParams::default(), &pod(&name, "default", &[], None)?).await?;
-            Ok(p.metadata.labels.unwrap_or_default().get("mizzen.dev/test-webhook").map(String::as_str)
+            let p = pods
+                .create(&PostParams::default(), &pod(&name, "default", &[], None)?)
+                .await?;
+            Ok(p.metadata
+                .labels
+                .unwrap_or_default()
+                .get("mizzen.dev/test-webhook")
+                .map(String::as_str)
                 == Some("seen"))
         }
     })
@@ -255,7 +326,12 @@ async fn registered_webhook_mutates_pods_in_its_namespace() -> anyhow::Result<()
     // What the API server stored carries the mutation, not only the response.
     let stored = pods.get(&format!("p{n}")).await?;
     assert_eq!(
-        stored.metadata.labels.unwrap_or_default().get("mizzen.dev/test-webhook").map(String::as_str),
+        stored
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .get("mizzen.dev/test-webhook")
+            .map(String::as_str),
         Some("seen")
     );
 
@@ -264,8 +340,18 @@ async fn registered_webhook_mutates_pods_in_its_namespace() -> anyhow::Result<()
     let untouched = Api::<Pod>::namespaced(client.clone(), &other)
         .create(&PostParams::default(), &pod("q", "default", &[], None)?)
         .await?;
-    assert!(!untouched.metadata.labels.unwrap_or_default().contains_key("mizzen.dev/test-webhook"));
-    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), before, "webhook was called for another namespace");
+    assert!(
+        !untouched
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .contains_key("mizzen.dev/test-webhook")
+    );
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        before,
+        "webhook was called for another namespace"
+    );
     server.abort();
     Ok(())
 }
@@ -288,35 +374,64 @@ async fn netns_pods_reach_each_other() -> anyhow::Result<()> {
     let first = tokio::time::timeout(TIMEOUT, lines.next_line()).await??;
     assert_eq!(first.as_deref(), Some("listening 0.0.0.0:8080"));
 
-    let who = client_pod.command_as(1000, 1000, testapp).arg("whoami").output().await?;
-    assert_eq!(String::from_utf8_lossy(&who.stdout).trim(), "uid=1000 gid=1000");
+    let who = client_pod
+        .command_as(1000, 1000, testapp)
+        .arg("whoami")
+        .output()
+        .await?;
+    assert_eq!(
+        String::from_utf8_lossy(&who.stdout).trim(),
+        "uid=1000 gid=1000"
+    );
 
     let out = client_pod
         .command_as(1000, 1000, testapp)
         .args(["connect", &format!("{}:8080", server_pod.ip()), "hello"])
         .output()
         .await?;
-    assert!(out.status.success(), "connect failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "connect failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let reply = String::from_utf8_lossy(&out.stdout);
     let fields: Vec<&str> = reply.trim().splitn(3, ' ').collect();
-    assert_eq!(fields.first(), Some(&"1337"), "server runs as uid 1337: {reply}");
+    assert_eq!(
+        fields.first(),
+        Some(&"1337"),
+        "server runs as uid 1337: {reply}"
+    );
     assert!(
-        fields.get(1).is_some_and(|peer| peer.starts_with(&format!("{}:", client_pod.ip()))),
+        fields
+            .get(1)
+            .is_some_and(|peer| peer.starts_with(&format!("{}:", client_pod.ip()))),
         "the server sees the client pod's own IP: {reply}"
     );
     assert_eq!(fields.get(2), Some(&"hello"));
 
     // Each pod has its own loopback: the server is not on the client's.
-    let local = client_pod.command(testapp).args(["connect", "127.0.0.1:8080", "x"]).output().await?;
-    assert!(!local.status.success(), "the client pod's loopback must not reach the server pod");
+    let local = client_pod
+        .command(testapp)
+        .args(["connect", "127.0.0.1:8080", "x"])
+        .output()
+        .await?;
+    assert!(
+        !local.status.success(),
+        "the client pod's loopback must not reach the server pod"
+    );
 
     // Deleting the pod's network takes its processes with it.
     let netns = server_pod.netns().to_owned();
     drop(server_pod);
     let status = tokio::time::timeout(TIMEOUT, server.wait()).await??;
     assert!(!status.success(), "the server was killed");
-    let list = std::process::Command::new("ip").args(["netns", "list"]).output()?;
-    assert!(!String::from_utf8_lossy(&list.stdout).contains(&netns), "{netns} was deleted");
+    let list = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()?;
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains(&netns),
+        "{netns} was deleted"
+    );
     Ok(())
 }
 
@@ -339,19 +454,24 @@ mod label_webhook {
         cert: Issued,
         calls: Arc<AtomicUsize>,
     ) -> anyhow::Result<()> {
-        let certs = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+        let certs = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()?;
         let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())?;
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         loop {
             let (tcp, _) = listener.accept().await?;
             let acceptor = acceptor.clone();
             let calls = calls.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 let svc = hyper::service::service_fn(move |req| handle(req, calls.clone()));
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
@@ -360,7 +480,10 @@ mod label_webhook {
         }
     }
 
-    async fn handle(req: Request<Incoming>, calls: Arc<AtomicUsize>) -> anyhow::Result<Response<Full<Bytes>>> {
+    async fn handle(
+        req: Request<Incoming>,
+        calls: Arc<AtomicUsize>,
+    ) -> anyhow::Result<Response<Full<Bytes>>> {
         calls.fetch_add(1, Ordering::SeqCst);
         let body = req.into_body().collect().await?.to_bytes();
         let review: serde_json::Value = serde_json::from_slice(&body)?;

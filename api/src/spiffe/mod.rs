@@ -205,7 +205,13 @@ impl SpiffeId {
     /// `/ns/<namespace>/sa/<service_account>`, `None` otherwise.
     pub fn workload_parts(&self) -> Option<(&str, &str)> {
         let mut segs = self.path().strip_prefix('/')?.split('/');
-        match (segs.next(), segs.next(), segs.next(), segs.next(), segs.next()) {
+        match (
+            segs.next(),
+            segs.next(),
+            segs.next(),
+            segs.next(),
+            segs.next(),
+        ) {
             (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
             _ => None,
         }

@@ -93,7 +93,9 @@ pub fn bearer(header: &'static str, value: Option<&str>) -> Result<String, AuthE
 fn is_dns_label(s: &str, max: usize, dots: bool) -> bool {
     !s.is_empty()
         && s.len() <= max
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.'))
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.')
+        })
         && !s.starts_with(['-', '.'])
         && !s.ends_with(['-', '.'])
 }
@@ -103,7 +105,10 @@ fn is_dns_label(s: &str, max: usize, dots: bool) -> bool {
 pub fn parse_review(status: &TokenReviewStatus, audience: &str) -> Result<Reviewed, AuthError> {
     if status.authenticated != Some(true) {
         return Err(AuthError::NotAuthenticated(
-            status.error.clone().unwrap_or_else(|| "not authenticated".into()),
+            status
+                .error
+                .clone()
+                .unwrap_or_else(|| "not authenticated".into()),
         ));
     }
     // The API server echoes the audiences the token is valid for among those
@@ -178,7 +183,11 @@ impl Denied {
 
 /// Decides the identity to certify for `workload`, called directly or
 /// through `agent`.
-pub fn authorize(workload: &Reviewed, agent: Option<&Reviewed>, policy: &Policy) -> Result<SpiffeId, Denied> {
+pub fn authorize(
+    workload: &Reviewed,
+    agent: Option<&Reviewed>,
+    policy: &Policy,
+) -> Result<SpiffeId, Denied> {
     match agent {
         None if !policy.allow_direct => return Err(Denied::DirectNotAllowed),
         None => {}
@@ -188,17 +197,28 @@ pub fn authorize(workload: &Reviewed, agent: Option<&Reviewed>, policy: &Policy)
             }
             if let Some(node) = &workload.node_name {
                 match &agent.node_name {
-                    None => return Err(Denied::AgentNodeUnknown { workload: node.clone() }),
+                    None => {
+                        return Err(Denied::AgentNodeUnknown {
+                            workload: node.clone(),
+                        });
+                    }
                     Some(a) if a != node => {
-                        return Err(Denied::NodeMismatch { workload: node.clone(), agent: a.clone() });
+                        return Err(Denied::NodeMismatch {
+                            workload: node.clone(),
+                            agent: a.clone(),
+                        });
                     }
                     Some(_) => {}
                 }
             }
         }
     }
-    SpiffeId::workload(&policy.trust_domain, &workload.namespace, &workload.service_account)
-        .map_err(|e| Denied::BadIdentity(workload.name(), e.to_string()))
+    SpiffeId::workload(
+        &policy.trust_domain,
+        &workload.namespace,
+        &workload.service_account,
+    )
+    .map_err(|e| Denied::BadIdentity(workload.name(), e.to_string()))
 }
 
 /// Reviews tokens with the API server, caching successes briefly.
@@ -242,10 +262,14 @@ impl Authenticator {
     pub async fn review(&self, token: &str) -> Result<Reviewed, AuthError> {
         let key = self.key(token);
         let now = Instant::now();
-        if let Some((r, expires)) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            if *expires > now {
-                return Ok(r.clone());
-            }
+        if let Some((r, expires)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            && *expires > now
+        {
+            return Ok(r.clone());
         }
         let review = TokenReview {
             spec: TokenReviewSpec {

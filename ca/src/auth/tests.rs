@@ -4,7 +4,12 @@ use k8s_openapi::api::authentication::v1::UserInfo;
 
 use super::*;
 
-fn status(auth: bool, audiences: &[&str], user: &str, extra: &[(&str, &[&str])]) -> TokenReviewStatus {
+fn status(
+    auth: bool,
+    audiences: &[&str],
+    user: &str,
+    extra: &[(&str, &[&str])],
+) -> TokenReviewStatus {
     TokenReviewStatus {
         authenticated: Some(auth),
         audiences: Some(audiences.iter().map(|s| s.to_string()).collect()),
@@ -24,12 +29,21 @@ fn status(auth: bool, audiences: &[&str], user: &str, extra: &[(&str, &[&str])])
 
 #[test]
 fn bearer_values() {
-    assert_eq!(bearer("authorization", Some("Bearer abc.def")), Ok("abc.def".into()));
-    assert_eq!(bearer("authorization", Some("bearer abc")), Ok("abc".into()));
+    assert_eq!(
+        bearer("authorization", Some("Bearer abc.def")),
+        Ok("abc.def".into())
+    );
+    assert_eq!(
+        bearer("authorization", Some("bearer abc")),
+        Ok("abc".into())
+    );
     for bad in ["abc", "Bearer ", "Basic abc", "Bearer a b", "Bearer\tabc"] {
         assert!(bearer("authorization", Some(bad)).is_err(), "{bad:?}");
     }
-    assert_eq!(bearer("authorization", None), Err(AuthError::Missing("authorization")));
+    assert_eq!(
+        bearer("authorization", None),
+        Err(AuthError::Missing("authorization"))
+    );
     let huge = format!("Bearer {}", "a".repeat(MAX_TOKEN_LEN + 1));
     assert!(bearer("authorization", Some(&huge)).is_err());
 }
@@ -41,8 +55,11 @@ fn reviews_are_parsed_strictly() {
         (EXTRA_POD_UID, &["uid-1"]),
         (EXTRA_NODE_NAME, &["node-a"]),
     ];
-    let ok = parse_review(&status(true, &["mizzen-ca"], "system:serviceaccount:demo:web", pod), "mizzen-ca")
-        .expect("valid");
+    let ok = parse_review(
+        &status(true, &["mizzen-ca"], "system:serviceaccount:demo:web", pod),
+        "mizzen-ca",
+    )
+    .expect("valid");
     assert_eq!(
         ok,
         Reviewed {
@@ -69,19 +86,34 @@ fn reviews_are_parsed_strictly() {
     ];
     for user in bad_users {
         let r = parse_review(&status(true, &["mizzen-ca"], user, &[]), "mizzen-ca");
-        assert_eq!(r, Err(AuthError::NotServiceAccount(user.into())), "{user:?}");
+        assert_eq!(
+            r,
+            Err(AuthError::NotServiceAccount(user.into())),
+            "{user:?}"
+        );
     }
     // Authenticated, but not for our audience (or no audiences echoed).
     for auds in [&["other"][..], &[][..]] {
-        let r = parse_review(&status(true, auds, "system:serviceaccount:demo:web", &[]), "mizzen-ca");
+        let r = parse_review(
+            &status(true, auds, "system:serviceaccount:demo:web", &[]),
+            "mizzen-ca",
+        );
         assert_eq!(r, Err(AuthError::WrongAudience("mizzen-ca".into())));
     }
     let mut failed = status(false, &["mizzen-ca"], "system:serviceaccount:demo:web", &[]);
     failed.error = Some("token expired".into());
-    assert_eq!(parse_review(&failed, "mizzen-ca"), Err(AuthError::NotAuthenticated("token expired".into())));
+    assert_eq!(
+        parse_review(&failed, "mizzen-ca"),
+        Err(AuthError::NotAuthenticated("token expired".into()))
+    );
     // Several values for a single-valued extra are not trusted.
     let two = parse_review(
-        &status(true, &["mizzen-ca"], "system:serviceaccount:demo:web", &[(EXTRA_NODE_NAME, &["a", "b"])]),
+        &status(
+            true,
+            &["mizzen-ca"],
+            "system:serviceaccount:demo:web",
+            &[(EXTRA_NODE_NAME, &["a", "b"])],
+        ),
         "mizzen-ca",
     )
     .expect("valid");
@@ -115,19 +147,30 @@ fn authorization_decisions() {
 
     assert_eq!(authorize(&web_a, Some(&agent_a), &policy), want);
     assert_eq!(authorize(&web_unbound, Some(&agent_a), &policy), want);
-    assert_eq!(authorize(&web_a, None, &policy), Err(Denied::DirectNotAllowed));
+    assert_eq!(
+        authorize(&web_a, None, &policy),
+        Err(Denied::DirectNotAllowed)
+    );
     assert_eq!(
         authorize(&web_a, Some(&impostor), &policy),
         Err(Denied::UntrustedAgent("demo/mizzen-agent".into()))
     );
     assert_eq!(
         authorize(&web_b, Some(&agent_a), &policy),
-        Err(Denied::NodeMismatch { workload: "node-b".into(), agent: "node-a".into() })
+        Err(Denied::NodeMismatch {
+            workload: "node-b".into(),
+            agent: "node-a".into()
+        })
     );
     assert_eq!(
         authorize(&web_a, Some(&agent_nowhere), &policy),
-        Err(Denied::AgentNodeUnknown { workload: "node-a".into() })
+        Err(Denied::AgentNodeUnknown {
+            workload: "node-a".into()
+        })
     );
-    let direct = Policy { allow_direct: true, ..policy };
+    let direct = Policy {
+        allow_direct: true,
+        ..policy
+    };
     assert_eq!(authorize(&web_b, None, &direct), want);
 }

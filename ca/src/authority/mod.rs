@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 
 use mizzen_api::TrustDomain;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use ring::rand::SecureRandom;
 use time::OffsetDateTime;
@@ -82,7 +82,10 @@ fn parse_pem_certs(file: &'static str, pem_text: &str) -> Result<Vec<Cert>, Auth
     let mut out = Vec::new();
     for block in pem::parse_many(pem_text).map_err(|e| bundle_err(file, e.to_string()))? {
         if block.tag() != "CERTIFICATE" {
-            return Err(bundle_err(file, format!("unexpected PEM block {:?}", block.tag())));
+            return Err(bundle_err(
+                file,
+                format!("unexpected PEM block {:?}", block.tag()),
+            ));
         }
         let der = block.contents().to_vec();
         let (rest, cert) =
@@ -165,30 +168,29 @@ impl Authority {
     /// kept: the intermediate is the only key that can issue.
     pub fn generate(td: &TrustDomain, ttl: Duration) -> Result<Bundle, AuthorityError> {
         let now = SystemTime::now();
-        let ca_params = |cn: &str, path_len: Option<u8>| -> Result<CertificateParams, AuthorityError> {
-            let mut p = CertificateParams::default();
-            let mut dn = DistinguishedName::new();
-            dn.push(DnType::OrganizationName, td.as_str());
-            dn.push(DnType::CommonName, cn);
-            p.distinguished_name = dn;
-            p.is_ca = IsCa::Ca(match path_len {
-                Some(n) => BasicConstraints::Constrained(n),
-                None => BasicConstraints::Unconstrained,
-            });
-            p.key_usages = vec![
-                KeyUsagePurpose::KeyCertSign,
-                KeyUsagePurpose::CrlSign,
-                KeyUsagePurpose::DigitalSignature,
-            ];
-            p.subject_alt_names = vec![SanType::URI(
-                td.id().as_str().try_into().map_err(rcgen::Error::from)?,
-            )];
-            p.not_before = odt(now - CLOCK_SKEW);
-            p.not_after = odt(now + ttl);
-            p.serial_number = Some(random_serial()?);
-            p.use_authority_key_identifier_extension = true;
-            Ok(p)
-        };
+        let ca_params =
+            |cn: &str, path_len: Option<u8>| -> Result<CertificateParams, AuthorityError> {
+                let mut p = CertificateParams::default();
+                let mut dn = DistinguishedName::new();
+                dn.push(DnType::OrganizationName, td.as_str());
+                dn.push(DnType::CommonName, cn);
+                p.distinguished_name = dn;
+                p.is_ca = IsCa::Ca(match path_len {
+                    Some(n) => BasicConstraints::Constrained(n),
+                    None => BasicConstraints::Unconstrained,
+                });
+                p.key_usages = vec![
+                    KeyUsagePurpose::KeyCertSign,
+                    KeyUsagePurpose::CrlSign,
+                    KeyUsagePurpose::DigitalSignature,
+                ];
+                p.subject_alt_names = vec![SanType::URI(td.id().as_str().try_into()?)];
+                p.not_before = odt(now - CLOCK_SKEW);
+                p.not_after = odt(now + ttl);
+                p.serial_number = Some(random_serial()?);
+                p.use_authority_key_identifier_extension = true;
+                Ok(p)
+            };
         let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let root_params = ca_params("Mizzen root CA", None)?;
         let root_cert = root_params.self_signed(&root_key)?;
@@ -214,13 +216,24 @@ impl Authority {
 
         let ca_x = x509(&ca.der);
         if !is_ca(&ca_x) {
-            return Err(bundle_err("ca-cert.pem", "is not a CA certificate allowed to sign certificates"));
+            return Err(bundle_err(
+                "ca-cert.pem",
+                "is not a CA certificate allowed to sign certificates",
+            ));
         }
         let key = KeyPair::from_pem(&b.ca_key).map_err(|e| {
-            bundle_err("ca-key.pem", format!("{e} (a PKCS#8 key is needed: openssl pkcs8 -topk8 -nocrypt)"))
+            bundle_err(
+                "ca-key.pem",
+                format!("{e} (a PKCS#8 key is needed: openssl pkcs8 -topk8 -nocrypt)"),
+            )
         })?;
-        if rcgen::PublicKeyData::subject_public_key_info(&key) != ca_x.tbs_certificate.subject_pki.raw {
-            return Err(bundle_err("ca-key.pem", "does not match the public key of ca-cert.pem"));
+        if rcgen::PublicKeyData::subject_public_key_info(&key)
+            != ca_x.tbs_certificate.subject_pki.raw
+        {
+            return Err(bundle_err(
+                "ca-key.pem",
+                "does not match the public key of ca-cert.pem",
+            ));
         }
         if chain[0].der != ca.der {
             return Err(bundle_err("cert-chain.pem", "must start with ca-cert.pem"));
@@ -229,11 +242,19 @@ impl Authority {
         for pair in chain.windows(2) {
             let (child, parent) = (x509(&pair[0].der), x509(&pair[1].der));
             if !is_ca(&parent) {
-                return Err(bundle_err("cert-chain.pem", format!("{} is not a CA", parent.subject())));
+                return Err(bundle_err(
+                    "cert-chain.pem",
+                    format!("{} is not a CA", parent.subject()),
+                ));
             }
-            child.verify_signature(Some(parent.public_key())).map_err(|_| {
-                bundle_err("cert-chain.pem", format!("{} is not signed by {}", child.subject(), parent.subject()))
-            })?;
+            child
+                .verify_signature(Some(parent.public_key()))
+                .map_err(|_| {
+                    bundle_err(
+                        "cert-chain.pem",
+                        format!("{} is not signed by {}", child.subject(), parent.subject()),
+                    )
+                })?;
         }
         // The chain ends at one of the roots, or at a certificate one of them signed.
         let last = chain.last().expect("non-empty");
@@ -244,10 +265,18 @@ impl Authority {
                 let r_x = x509(&r.der);
                 r.der == last.der || last_x.verify_signature(Some(r_x.public_key())).is_ok()
             })
-            .ok_or_else(|| bundle_err("root-cert.pem", "no root certificate anchors cert-chain.pem"))?;
+            .ok_or_else(|| {
+                bundle_err(
+                    "root-cert.pem",
+                    "no root certificate anchors cert-chain.pem",
+                )
+            })?;
         let root_x = x509(&root.der);
         if !is_ca(&root_x) || root_x.verify_signature(None).is_err() {
-            return Err(bundle_err("root-cert.pem", "the anchoring root is not a self-signed CA"));
+            return Err(bundle_err(
+                "root-cert.pem",
+                "the anchoring root is not a self-signed CA",
+            ));
         }
 
         let mut full = chain.clone();
@@ -293,15 +322,19 @@ impl Authority {
         let mut p = CertificateParams::default();
         // An empty subject makes the SAN extension critical, as X.509-SVIDs want.
         p.distinguished_name = DistinguishedName::new();
-        p.subject_alt_names = vec![SanType::URI(
-            req.id.as_str().try_into().map_err(rcgen::Error::from)?,
-        )];
+        p.subject_alt_names = vec![SanType::URI(req.id.as_str().try_into()?)];
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = match req.key_kind {
-            KeyKind::Rsa { .. } => vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment],
+            KeyKind::Rsa { .. } => vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ],
             _ => vec![KeyUsagePurpose::DigitalSignature],
         };
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         p.not_before = odt(now - CLOCK_SKEW);
         p.not_after = odt(not_after);
         let serial = random_serial()?;
@@ -334,12 +367,13 @@ impl Authority {
         dn.push(DnType::CommonName, "mizzen-ca");
         p.distinguished_name = dn;
         for d in dns {
-            p.subject_alt_names.push(SanType::DnsName(d.as_str().try_into().map_err(rcgen::Error::from)?));
+            p.subject_alt_names
+                .push(SanType::DnsName(d.as_str().try_into()?));
         }
-        p.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
-        p.subject_alt_names.push(SanType::URI(
-            self.trust_domain.id().as_str().try_into().map_err(rcgen::Error::from)?,
-        ));
+        p.subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        p.subject_alt_names
+            .push(SanType::URI(self.trust_domain.id().as_str().try_into()?));
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];

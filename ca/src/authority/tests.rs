@@ -35,7 +35,10 @@ fn issues_x509_svids() {
 
     let leaf_der = der(&issued.chain[0]);
     let (_, leaf) = X509Certificate::from_der(&leaf_der).expect("leaf parses");
-    let san = leaf.subject_alternative_name().expect("san ok").expect("has san");
+    let san = leaf
+        .subject_alternative_name()
+        .expect("san ok")
+        .expect("has san");
     assert!(san.critical, "SAN is critical with an empty subject");
     assert_eq!(san.value.general_names, vec![GeneralName::URI(id)]);
     let bc = leaf.basic_constraints().expect("bc").expect("present");
@@ -46,13 +49,18 @@ fn issues_x509_svids() {
     let eku = leaf.extended_key_usage().expect("eku").expect("present");
     assert!(eku.value.server_auth && eku.value.client_auth);
     let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
-    assert_eq!(lifetime as u64, (DAY + CLOCK_SKEW).as_secs(), "valid from now-skew for the TTL");
+    assert_eq!(
+        lifetime as u64,
+        (DAY + CLOCK_SKEW).as_secs(),
+        "valid from now-skew for the TTL"
+    );
     assert_eq!(issued.serial_hex.len(), 32);
 
     // Signed by the intermediate.
     let inter_der = der(&issued.chain[1]);
     let (_, inter) = X509Certificate::from_der(&inter_der).expect("intermediate");
-    leaf.verify_signature(Some(inter.public_key())).expect("leaf signed by intermediate");
+    leaf.verify_signature(Some(inter.public_key()))
+        .expect("leaf signed by intermediate");
 
     // Two issuances never share a serial.
     let again = ca.sign(&request(id), DAY).expect("sign");
@@ -63,7 +71,9 @@ fn issues_x509_svids() {
 fn leaf_never_outlives_its_issuer() {
     let bundle = Authority::generate(&td(), 2 * DAY).expect("generate");
     let ca = Authority::from_bundle(&bundle, &td()).expect("load");
-    let issued = ca.sign(&request("spiffe://cluster.local/ns/a/sa/b"), 30 * DAY).expect("sign");
+    let issued = ca
+        .sign(&request("spiffe://cluster.local/ns/a/sa/b"), 30 * DAY)
+        .expect("sign");
     assert!(issued.not_after <= ca.signing_not_after());
     assert!(issued.not_after < SystemTime::now() + 3 * DAY);
 }
@@ -73,15 +83,66 @@ fn refuses_inconsistent_bundles() {
     let a = Authority::generate(&td(), 10 * DAY).expect("a");
     let b = Authority::generate(&td(), 10 * DAY).expect("b");
     let ca_a = Authority::from_bundle(&a, &td()).expect("a loads");
-    let leaf = ca_a.sign(&request("spiffe://cluster.local/ns/a/sa/b"), DAY).expect("leaf");
+    let leaf = ca_a
+        .sign(&request("spiffe://cluster.local/ns/a/sa/b"), DAY)
+        .expect("leaf");
     let cases: Vec<(&str, Bundle, &str)> = vec![
-        ("key of another CA", Bundle { ca_key: b.ca_key.clone(), ..a.clone() }, "ca-key.pem"),
-        ("garbage key", Bundle { ca_key: "nope".into(), ..a.clone() }, "ca-key.pem"),
-        ("chain of another CA", Bundle { cert_chain: b.cert_chain.clone(), ..a.clone() }, "cert-chain.pem"),
-        ("root of another CA", Bundle { root_cert: b.root_cert.clone(), ..a.clone() }, "root-cert.pem"),
-        ("leaf as signing cert", Bundle { ca_cert: leaf.chain[0].clone(), ..a.clone() }, "ca-cert.pem"),
-        ("empty chain", Bundle { cert_chain: String::new(), ..a.clone() }, "cert-chain.pem"),
-        ("garbage root", Bundle { root_cert: "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n".into(), ..a.clone() }, "root-cert.pem"),
+        (
+            "key of another CA",
+            Bundle {
+                ca_key: b.ca_key.clone(),
+                ..a.clone()
+            },
+            "ca-key.pem",
+        ),
+        (
+            "garbage key",
+            Bundle {
+                ca_key: "nope".into(),
+                ..a.clone()
+            },
+            "ca-key.pem",
+        ),
+        (
+            "chain of another CA",
+            Bundle {
+                cert_chain: b.cert_chain.clone(),
+                ..a.clone()
+            },
+            "cert-chain.pem",
+        ),
+        (
+            "root of another CA",
+            Bundle {
+                root_cert: b.root_cert.clone(),
+                ..a.clone()
+            },
+            "root-cert.pem",
+        ),
+        (
+            "leaf as signing cert",
+            Bundle {
+                ca_cert: leaf.chain[0].clone(),
+                ..a.clone()
+            },
+            "ca-cert.pem",
+        ),
+        (
+            "empty chain",
+            Bundle {
+                cert_chain: String::new(),
+                ..a.clone()
+            },
+            "cert-chain.pem",
+        ),
+        (
+            "garbage root",
+            Bundle {
+                root_cert: "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n".into(),
+                ..a.clone()
+            },
+            "root-cert.pem",
+        ),
     ];
     for (name, bundle, file) in cases {
         match Authority::from_bundle(&bundle, &td()) {
@@ -90,8 +151,13 @@ fn refuses_inconsistent_bundles() {
         }
     }
     // A chain without the root is completed with it.
-    let short = Bundle { cert_chain: a.ca_cert.clone(), ..a.clone() };
+    let short = Bundle {
+        cert_chain: a.ca_cert.clone(),
+        ..a.clone()
+    };
     let ca = Authority::from_bundle(&short, &td()).expect("chain without root loads");
-    let issued = ca.sign(&request("spiffe://cluster.local/ns/a/sa/b"), DAY).expect("sign");
+    let issued = ca
+        .sign(&request("spiffe://cluster.local/ns/a/sa/b"), DAY)
+        .expect("sign");
     assert_eq!(issued.chain.last(), Some(&a.root_cert));
 }

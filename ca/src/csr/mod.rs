@@ -8,13 +8,13 @@
 
 use mizzen_api::SpiffeId;
 use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::der_parser::oid::Oid;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
     OID_SIG_ED25519,
 };
 use x509_parser::prelude::FromDer;
-use x509_parser::der_parser::oid::Oid;
 
 /// Largest PEM CSR accepted. An RSA-8192 CSR is under 3 KiB.
 pub const MAX_CSR_PEM_LEN: usize = 16 * 1024;
@@ -147,7 +147,9 @@ pub fn check(csr_pem: &str, id: &SpiffeId) -> Result<SigningRequest, Reject> {
         return Err(Reject::ExtraSans(others.join(", ")));
     }
     match uris.as_slice() {
-        [] => Err(Reject::MissingSan { expected: id.clone() }),
+        [] => Err(Reject::MissingSan {
+            expected: id.clone(),
+        }),
         // Byte equality with the canonical ID: no normalisation, no fix-ups.
         [uri] if uri == id.as_str() => Ok(SigningRequest {
             id: id.clone(),

@@ -14,7 +14,11 @@ fn csr_with(key: &KeyPair, sans: Vec<SanType>, ca: bool) -> String {
     if ca {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     }
-    params.serialize_request(key).expect("csr").pem().expect("pem")
+    params
+        .serialize_request(key)
+        .expect("csr")
+        .pem()
+        .expect("pem")
 }
 
 fn uri(s: &str) -> SanType {
@@ -45,16 +49,29 @@ fn openssl_csr(newkey: &str) -> String {
         ))
         .output()
         .expect("openssl is needed: apt-get install openssl");
-    assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
 fn accepts_supported_keys_with_the_callers_id() {
     let cases = [
-        (KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key"), KeyKind::EcdsaP256),
-        (KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("key"), KeyKind::EcdsaP384),
-        (KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key"), KeyKind::Ed25519),
+        (
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key"),
+            KeyKind::EcdsaP256,
+        ),
+        (
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("key"),
+            KeyKind::EcdsaP384,
+        ),
+        (
+            KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key"),
+            KeyKind::Ed25519,
+        ),
         (rsa(2048), KeyKind::Rsa { bits: 2048 }),
     ];
     for (key, kind) in cases {
@@ -62,7 +79,11 @@ fn accepts_supported_keys_with_the_callers_id() {
         let req = check(&pem, &id()).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
         assert_eq!(req.key_kind, kind);
         assert_eq!(req.id, id());
-        assert_eq!(req.public_key, key.public_key_raw(), "{kind:?}: the CSR's own key is certified");
+        assert_eq!(
+            req.public_key,
+            key.public_key_raw(),
+            "{kind:?}: the CSR's own key is certified"
+        );
     }
 }
 
@@ -72,23 +93,99 @@ fn refuses_with_a_reason() {
     let other = "spiffe://cluster.local/ns/demo/sa/admin";
     let cases: Vec<(&str, String, &str)> = vec![
         ("no SAN", csr_with(&key, vec![], false), "missing_san"),
-        ("another identity", csr_with(&key, vec![uri(other)], false), "wrong_identity"),
-        ("trailing slash", csr_with(&key, vec![uri(&format!("{ID}/"))], false), "wrong_identity"),
-        ("upper-case trust domain", csr_with(&key, vec![uri("spiffe://Cluster.local/ns/demo/sa/web")], false), "wrong_identity"),
-        ("percent-encoded", csr_with(&key, vec![uri("spiffe://cluster.local/ns/demo/sa/w%65b")], false), "wrong_identity"),
-        ("two URI SANs", csr_with(&key, vec![uri(ID), uri(other)], false), "extra_sans"),
-        ("same URI twice", csr_with(&key, vec![uri(ID), uri(ID)], false), "extra_sans"),
-        ("URI and DNS", csr_with(&key, vec![uri(ID), SanType::DnsName("web.demo.svc".try_into().expect("dns"))], false), "extra_sans"),
-        ("DNS only", csr_with(&key, vec![SanType::DnsName("web".try_into().expect("dns"))], false), "extra_sans"),
-        ("IP SAN", csr_with(&key, vec![uri(ID), SanType::IpAddress([10, 0, 0, 1].into())], false), "extra_sans"),
+        (
+            "another identity",
+            csr_with(&key, vec![uri(other)], false),
+            "wrong_identity",
+        ),
+        (
+            "trailing slash",
+            csr_with(&key, vec![uri(&format!("{ID}/"))], false),
+            "wrong_identity",
+        ),
+        (
+            "upper-case trust domain",
+            csr_with(
+                &key,
+                vec![uri("spiffe://Cluster.local/ns/demo/sa/web")],
+                false,
+            ),
+            "wrong_identity",
+        ),
+        (
+            "percent-encoded",
+            csr_with(
+                &key,
+                vec![uri("spiffe://cluster.local/ns/demo/sa/w%65b")],
+                false,
+            ),
+            "wrong_identity",
+        ),
+        (
+            "two URI SANs",
+            csr_with(&key, vec![uri(ID), uri(other)], false),
+            "extra_sans",
+        ),
+        (
+            "same URI twice",
+            csr_with(&key, vec![uri(ID), uri(ID)], false),
+            "extra_sans",
+        ),
+        (
+            "URI and DNS",
+            csr_with(
+                &key,
+                vec![
+                    uri(ID),
+                    SanType::DnsName("web.demo.svc".try_into().expect("dns")),
+                ],
+                false,
+            ),
+            "extra_sans",
+        ),
+        (
+            "DNS only",
+            csr_with(
+                &key,
+                vec![SanType::DnsName("web".try_into().expect("dns"))],
+                false,
+            ),
+            "extra_sans",
+        ),
+        (
+            "IP SAN",
+            csr_with(
+                &key,
+                vec![uri(ID), SanType::IpAddress([10, 0, 0, 1].into())],
+                false,
+            ),
+            "extra_sans",
+        ),
         ("CA", csr_with(&key, vec![uri(ID)], true), "ca_requested"),
         ("small RSA", openssl_csr("rsa:1024"), "unsupported_key"),
-        ("EC P-521", openssl_csr("ec:<(openssl ecparam -name secp521r1)"), "unsupported_key"),
+        (
+            "EC P-521",
+            openssl_csr("ec:<(openssl ecparam -name secp521r1)"),
+            "unsupported_key",
+        ),
         ("garbage", "hello".into(), "bad_pem"),
         ("empty", String::new(), "bad_pem"),
-        ("a certificate", "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n".into(), "bad_pem"),
-        ("bad DER", "-----BEGIN CERTIFICATE REQUEST-----\nMAMCAQA=\n-----END CERTIFICATE REQUEST-----\n".into(), "bad_der"),
-        ("two blocks", format!("{0}{0}", csr_with(&key, vec![uri(ID)], false)), "bad_pem"),
+        (
+            "a certificate",
+            "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n".into(),
+            "bad_pem",
+        ),
+        (
+            "bad DER",
+            "-----BEGIN CERTIFICATE REQUEST-----\nMAMCAQA=\n-----END CERTIFICATE REQUEST-----\n"
+                .into(),
+            "bad_der",
+        ),
+        (
+            "two blocks",
+            format!("{0}{0}", csr_with(&key, vec![uri(ID)], false)),
+            "bad_pem",
+        ),
         ("too large", "A".repeat(MAX_CSR_PEM_LEN + 1), "too_large"),
     ];
     for (name, pem, want) in cases {
@@ -108,10 +205,17 @@ fn refuses_a_tampered_signature() {
     der[last] ^= 0x01;
     block = pem::Pem::new("CERTIFICATE REQUEST", der);
     let err = check(&pem::encode(&block), &id()).expect_err("tampered CSR must be refused");
-    assert!(matches!(err, Reject::BadSignature | Reject::BadDer(_)), "{err}");
+    assert!(
+        matches!(err, Reject::BadSignature | Reject::BadDer(_)),
+        "{err}"
+    );
 
     // Changing the requested SAN after signing breaks the signature too.
-    let good = csr_with(&p256(), vec![uri("spiffe://cluster.local/ns/demo/sa/wex")], false);
+    let good = csr_with(
+        &p256(),
+        vec![uri("spiffe://cluster.local/ns/demo/sa/wex")],
+        false,
+    );
     let mut der = pem::parse(&good).expect("pem").contents().to_vec();
     let pos = der.windows(3).position(|w| w == b"wex").expect("SAN bytes");
     der[pos + 2] = b'b';

@@ -38,7 +38,9 @@ fn echo_server(addr: &str) -> Result<(), String> {
         let uid = uid.clone();
         std::thread::spawn(move || {
             let peer = conn.peer_addr().map(|p| p.to_string()).unwrap_or_default();
-            let Ok(mut writer) = conn.try_clone() else { return };
+            let Ok(mut writer) = conn.try_clone() else {
+                return;
+            };
             for line in BufReader::new(conn).lines() {
                 let Ok(line) = line else { return };
                 if writeln!(writer, "{uid} {peer} {line}").is_err() {
@@ -51,13 +53,18 @@ fn echo_server(addr: &str) -> Result<(), String> {
 }
 
 fn connect(addr: &str, text: &str) -> Result<(), String> {
-    let sock = addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?;
+    let sock = addr
+        .parse()
+        .map_err(|e| format!("bad address {addr}: {e}"))?;
     let mut conn = TcpStream::connect_timeout(&sock, Duration::from_secs(5))
         .map_err(|e| format!("connect {addr}: {e}"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
     writeln!(conn, "{text}").map_err(|e| format!("write: {e}"))?;
     let mut reply = String::new();
-    BufReader::new(conn).read_line(&mut reply).map_err(|e| format!("read: {e}"))?;
+    BufReader::new(conn)
+        .read_line(&mut reply)
+        .map_err(|e| format!("read: {e}"))?;
     if reply.is_empty() {
         return Err(format!("{addr} closed the connection without replying"));
     }
