@@ -11,11 +11,15 @@
 //! - [`proto`]: gRPC contracts: Istio's `IstioCertificateService`, which
 //!   Mizzen's CA serves.
 //!
+//! - [`tokenreview`]: Kubernetes TokenReview of ServiceAccount tokens,
+//!   used by the CA and the node agent.
+//!
 //! This crate holds data types and their validation only: no I/O, no clients.
 
 pub mod policy;
 pub mod proto;
 pub mod spiffe;
+pub mod tokenreview;
 
 pub use policy::{AuthorizationPolicy, PeerAuthentication};
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};

@@ -1,0 +1,220 @@
+//! Kubernetes TokenReview of ServiceAccount bearer tokens, shared by the CA
+//! (which authenticates workloads and node agents) and the node agent
+//! (which authenticates the proxies on its socket).
+//!
+//! [`parse_review`] is the pure part: it accepts a review only when it was
+//! authenticated for the audience asked, and only for a username of the
+//! exact form `system:serviceaccount:<namespace>:<name>`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
+use kube::api::{Api, PostParams};
+
+/// Longest token accepted (projected tokens are ~1 KiB).
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// Most cached reviews; beyond it expired entries are dropped, then the cache is cleared.
+pub const MAX_CACHE_ENTRIES: usize = 8192;
+
+const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
+
+/// A ServiceAccount as the API server vouched for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reviewed {
+    pub namespace: String,
+    pub service_account: String,
+    pub pod_name: Option<String>,
+    pub pod_uid: Option<String>,
+    pub node_name: Option<String>,
+}
+
+impl Reviewed {
+    /// `namespace/service-account`, for logs.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.namespace, self.service_account)
+    }
+}
+
+/// Why a token was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing {0} metadata with a bearer token")]
+    Missing(&'static str),
+    #[error("{0} metadata is not \"Bearer <token>\"")]
+    Malformed(&'static str),
+    #[error("token was not authenticated: {0}")]
+    NotAuthenticated(String),
+    #[error("token is not for audience {0:?}")]
+    WrongAudience(String),
+    #[error("reviewed user {0:?} is not a ServiceAccount (system:serviceaccount:<ns>:<name>)")]
+    NotServiceAccount(String),
+    #[error("cannot review the token with the API server: {0}")]
+    Unavailable(String),
+}
+
+impl AuthError {
+    /// A short stable name for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            AuthError::Missing(_) => "token_missing",
+            AuthError::Malformed(_) => "token_malformed",
+            AuthError::NotAuthenticated(_) => "token_invalid",
+            AuthError::WrongAudience(_) => "token_audience",
+            AuthError::NotServiceAccount(_) => "token_not_service_account",
+            AuthError::Unavailable(_) => "token_review_unavailable",
+        }
+    }
+}
+
+/// Extracts the token from an `authorization`-style value.
+pub fn bearer(header: &'static str, value: Option<&str>) -> Result<String, AuthError> {
+    let v = value.ok_or(AuthError::Missing(header))?;
+    let (scheme, token) = v.split_once(' ').ok_or(AuthError::Malformed(header))?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer")
+        || token.is_empty()
+        || token.len() > MAX_TOKEN_LEN
+        || token.contains(char::is_whitespace)
+    {
+        return Err(AuthError::Malformed(header));
+    }
+    Ok(token.to_owned())
+}
+
+fn is_dns_label(s: &str, max: usize, dots: bool) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.')
+        })
+        && !s.starts_with(['-', '.'])
+        && !s.ends_with(['-', '.'])
+}
+
+/// Turns a TokenReview status into a [`Reviewed`], checking that it was
+/// authenticated for `audience` and names a ServiceAccount, strictly.
+pub fn parse_review(status: &TokenReviewStatus, audience: &str) -> Result<Reviewed, AuthError> {
+    if status.authenticated != Some(true) {
+        return Err(AuthError::NotAuthenticated(
+            status
+                .error
+                .clone()
+                .unwrap_or_else(|| "not authenticated".into()),
+        ));
+    }
+    // The API server echoes the audiences the token is valid for among those
+    // asked; a success without ours is not a success (SPIRE 1.10.0).
+    if !status.audiences.iter().flatten().any(|a| a == audience) {
+        return Err(AuthError::WrongAudience(audience.to_owned()));
+    }
+    let user = status.user.as_ref();
+    let username = user.and_then(|u| u.username.as_deref()).unwrap_or_default();
+    let parts: Vec<&str> = username.split(':').collect();
+    let (namespace, sa) = match parts.as_slice() {
+        ["system", "serviceaccount", ns, sa]
+            if is_dns_label(ns, 63, false) && is_dns_label(sa, 253, true) =>
+        {
+            (*ns, *sa)
+        }
+        _ => return Err(AuthError::NotServiceAccount(username.to_owned())),
+    };
+    let extra = |key: &str| -> Option<String> {
+        let values = user?.extra.as_ref()?.get(key)?;
+        match values.as_slice() {
+            [one] if !one.is_empty() => Some(one.clone()),
+            _ => None,
+        }
+    };
+    Ok(Reviewed {
+        namespace: namespace.to_owned(),
+        service_account: sa.to_owned(),
+        pod_name: extra(EXTRA_POD_NAME),
+        pod_uid: extra(EXTRA_POD_UID),
+        node_name: extra(EXTRA_NODE_NAME),
+    })
+}
+
+/// Reviews tokens with the API server, caching successes briefly.
+pub struct Authenticator {
+    client: kube::Client,
+    audience: String,
+    cache_ttl: Duration,
+    cache: Mutex<HashMap<[u8; 32], (Reviewed, Instant)>>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("audience", &self.audience)
+            .field("cache_ttl", &self.cache_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    pub fn new(client: kube::Client, audience: String, cache_ttl: Duration) -> Self {
+        Self {
+            client,
+            audience,
+            cache_ttl,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn key(&self, token: &str) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(self.audience.as_bytes());
+        ctx.update(b"\0");
+        ctx.update(token.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+
+    /// Reviews `token` for the configured audience.
+    pub async fn review(&self, token: &str) -> Result<Reviewed, AuthError> {
+        let key = self.key(token);
+        let now = Instant::now();
+        if let Some((r, expires)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            && *expires > now
+        {
+            return Ok(r.clone());
+        }
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..Default::default()
+        };
+        let status = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?
+            .status
+            .ok_or_else(|| AuthError::Unavailable("TokenReview without status".into()))?;
+        let reviewed = parse_review(&status, &self.audience)?;
+        if !self.cache_ttl.is_zero() {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= MAX_CACHE_ENTRIES {
+                cache.retain(|_, (_, exp)| *exp > now);
+                if cache.len() >= MAX_CACHE_ENTRIES {
+                    cache.clear();
+                }
+            }
+            cache.insert(key, (reviewed.clone(), now + self.cache_ttl));
+        }
+        Ok(reviewed)
+    }
+}
+
+#[cfg(test)]
+mod tests;
