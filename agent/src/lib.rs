@@ -1,0 +1,19 @@
+//! Mizzen's node agent.
+//!
+//! Serves proxies on its node over Envoy's Secret Discovery Service on a
+//! Unix socket ([`sds`]): each proxy's token is reviewed, a key and CSR are
+//! made for its identity ([`identity`]), the CA signs it ([`ca_client`]),
+//! and the certificate is cached, shared by proxies of the same identity and
+//! renewed before it expires ([`secrets`]). The trust bundle follows the
+//! `mizzen-root-ca` ConfigMap ([`roots`]).
+//!
+//! The agent never decides an identity on its own authority: the CA issues
+//! only what the proxy's own token proves.
+
+pub mod ca_client;
+pub mod config;
+pub mod identity;
+pub mod metrics;
+pub mod roots;
+pub mod sds;
+pub mod secrets;

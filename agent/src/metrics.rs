@@ -1,0 +1,91 @@
+//! Prometheus metrics of the node agent, under `mizzen_agent_`.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub streams_open: Gauge,
+    pub certificates_cached: Gauge,
+    /// Seconds until the soonest-expiring cached certificate expires.
+    pub oldest_cert_expiry_seconds: Gauge,
+    pub ca_calls: Counter,
+    ca_errors: Family<Labels, Counter>,
+    rejected: Family<Labels, Counter>,
+    pub nacks: Counter,
+    pub pushes: Counter,
+    /// From a new secret being available to it being sent on a stream.
+    pub push_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mizzen_agent");
+        let streams_open = Gauge::default();
+        registry.register("sds_streams_open", "Open SDS streams", streams_open.clone());
+        let certificates_cached = Gauge::default();
+        registry.register("certificates_cached", "Identities with a cached certificate", certificates_cached.clone());
+        let oldest_cert_expiry_seconds = Gauge::default();
+        registry.register(
+            "oldest_cert_expiry_seconds",
+            "Seconds until the soonest-expiring cached certificate expires",
+            oldest_cert_expiry_seconds.clone(),
+        );
+        let ca_calls = Counter::default();
+        registry.register("ca_calls", "CreateCertificate calls made to the CA", ca_calls.clone());
+        let ca_errors = Family::<Labels, Counter>::default();
+        registry.register("ca_errors", "Failed CA calls, by kind", ca_errors.clone());
+        let rejected = Family::<Labels, Counter>::default();
+        registry.register("sds_rejected", "SDS requests refused, by reason", rejected.clone());
+        let nacks = Counter::default();
+        registry.register("sds_nacks", "Responses a proxy rejected (NACK)", nacks.clone());
+        let pushes = Counter::default();
+        registry.register("sds_pushes", "SDS responses sent", pushes.clone());
+        let push_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "sds_push_duration_seconds",
+            "Time from a secret being available to its push on a stream",
+            push_seconds.clone(),
+        );
+        Self {
+            registry,
+            streams_open,
+            certificates_cached,
+            oldest_cert_expiry_seconds,
+            ca_calls,
+            ca_errors,
+            rejected,
+            nacks,
+            pushes,
+            push_seconds,
+        }
+    }
+
+    pub fn ca_error(&self, kind: &'static str) {
+        self.ca_errors.get_or_create(&vec![("kind", kind)]).inc();
+    }
+
+    pub fn reject(&self, reason: &'static str) {
+        self.rejected.get_or_create(&vec![("reason", reason)]).inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
