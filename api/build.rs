@@ -8,7 +8,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .compile_protos(&["proto/istio/v1/auth/ca.proto"], &["proto"])
         .map_err(|e| {
-            format!("cannot compile protos (is protoc installed? apt-get install protobuf-compiler): {e}")
-                .into()
+            format!("cannot compile protos (is protoc installed? apt-get install protobuf-compiler): {e}").into()
         })
 }

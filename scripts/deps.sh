@@ -32,6 +32,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# An independent gRPC client for SDS tests: grpcio with Envoy's published protos.
+PY_DIR="${MIZZEN_CACHE:-$HOME/.cache/mizzen}/py"
+PY_PKGS="grpcio==1.85.1 xds-protos==1.85.0"
+if [ ! -f "$PY_DIR/.installed" ] || [ "$(cat "$PY_DIR/.installed")" != "$PY_PKGS" ]; then
+  command -v python3 >/dev/null 2>&1 || die "python3 is needed for the SDS client tests: apt-get install python3 python3-venv"
+  log "installing $PY_PKGS into $PY_DIR"
+  rm -rf "$PY_DIR"
+  python3 -m venv "$PY_DIR" || die "python3 -m venv failed: apt-get install python3-venv"
+  # shellcheck disable=SC2086
+  "$PY_DIR/bin/pip" install -q $PY_PKGS
+  echo "$PY_PKGS" > "$PY_DIR/.installed"
+fi
+
 command -v go >/dev/null 2>&1 || die "Go >= 1.24 is needed to build the test control plane (https://go.dev/doc/install)"
 command -v cargo >/dev/null 2>&1 || die "Rust (cargo) is needed: https://rustup.rs"
 [ "$(id -u)" = 0 ] || log "warning: not root; network-namespace tests will fail (they need CAP_NET_ADMIN)"

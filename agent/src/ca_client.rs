@@ -43,7 +43,13 @@ impl CaSigner {
         agent_token_file: PathBuf,
         roots: watch::Receiver<Option<Arc<String>>>,
     ) -> Self {
-        Self { endpoint, server_name, agent_token_file, roots, channel: Mutex::new(None) }
+        Self {
+            endpoint,
+            server_name,
+            agent_token_file,
+            roots,
+            channel: Mutex::new(None),
+        }
     }
 
     fn channel(&self) -> Result<Channel, SignError> {
@@ -83,7 +89,10 @@ impl Signer for CaSigner {
     async fn sign(&self, csr_pem: String, workload_token: String, ttl: Duration) -> Result<Vec<String>, SignError> {
         let channel = self.channel()?;
         let agent_token = tokio::fs::read_to_string(&self.agent_token_file).await.map_err(|e| {
-            SignError::Local(format!("read the agent's token {}: {e}", self.agent_token_file.display()))
+            SignError::Local(format!(
+                "read the agent's token {}: {e}",
+                self.agent_token_file.display()
+            ))
         })?;
         let mut req = tonic::Request::new(IstioCertificateRequest {
             csr: csr_pem,
@@ -93,7 +102,10 @@ impl Signer for CaSigner {
         req.metadata_mut().insert("authorization", bearer(&workload_token)?);
         req.metadata_mut().insert(AGENT_AUTHORIZATION, bearer(&agent_token)?);
         req.set_timeout(CALL_TIMEOUT);
-        match IstioCertificateServiceClient::new(channel).create_certificate(req).await {
+        match IstioCertificateServiceClient::new(channel)
+            .create_certificate(req)
+            .await
+        {
             Ok(r) => Ok(r.into_inner().cert_chain),
             Err(s) => Err(match s.code() {
                 Code::Unauthenticated => SignError::Unauthenticated(s.message().to_owned()),

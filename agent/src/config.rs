@@ -25,7 +25,11 @@ pub struct Config {
     pub socket_group: u32,
 
     /// The CA's gRPC address.
-    #[arg(long, env = "MIZZEN_CA_ADDR", default_value = "https://mizzen-ca.mizzen-system.svc:15012")]
+    #[arg(
+        long,
+        env = "MIZZEN_CA_ADDR",
+        default_value = "https://mizzen-ca.mizzen-system.svc:15012"
+    )]
     pub ca_addr: String,
 
     /// Name to verify in the CA's serving certificate.
@@ -33,7 +37,11 @@ pub struct Config {
     pub ca_server_name: String,
 
     /// The agent's own projected token (audience mizzen-ca), re-read for every CA call.
-    #[arg(long, env = "MIZZEN_AGENT_TOKEN_FILE", default_value = "/var/run/secrets/mizzen/token")]
+    #[arg(
+        long,
+        env = "MIZZEN_AGENT_TOKEN_FILE",
+        default_value = "/var/run/secrets/mizzen/token"
+    )]
     pub agent_token_file: PathBuf,
 
     /// This node's name; callers' tokens must name a pod on it. Empty disables the check.
@@ -97,16 +105,25 @@ impl Config {
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), String> {
         if !(0.05..=0.95).contains(&self.rotation_fraction) {
-            return Err(format!("--rotation-fraction={} is not valid: use 0.05 to 0.95", self.rotation_fraction));
+            return Err(format!(
+                "--rotation-fraction={} is not valid: use 0.05 to 0.95",
+                self.rotation_fraction
+            ));
         }
         if !(0.0..0.5).contains(&self.rotation_jitter) {
-            return Err(format!("--rotation-jitter={} is not valid: use 0 to 0.5", self.rotation_jitter));
+            return Err(format!(
+                "--rotation-jitter={} is not valid: use 0 to 0.5",
+                self.rotation_jitter
+            ));
         }
         if self.cert_ttl.is_zero() || self.backoff_initial.is_zero() || self.backoff_max < self.backoff_initial {
             return Err("--cert-ttl and --backoff-initial must be positive, --backoff-max >= --backoff-initial".into());
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
-            return Err(format!("--log-format={:?} is not valid: use text or json", self.log_format));
+            return Err(format!(
+                "--log-format={:?} is not valid: use text or json",
+                self.log_format
+            ));
         }
         Ok(())
     }

@@ -16,7 +16,9 @@ pub struct KeyAndCsr {
 
 impl std::fmt::Debug for KeyAndCsr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyAndCsr").field("key_pem", &"...").finish_non_exhaustive()
+        f.debug_struct("KeyAndCsr")
+            .field("key_pem", &"...")
+            .finish_non_exhaustive()
     }
 }
 
@@ -40,6 +42,8 @@ pub struct Svid {
     pub not_after: SystemTime,
     /// The leaf's serial number, hex; used as the SDS version.
     pub serial: String,
+    /// When the agent received it.
+    pub received: SystemTime,
 }
 
 impl std::fmt::Debug for Svid {
@@ -70,8 +74,8 @@ impl Svid {
     /// did not ask for, whatever the CA says.
     pub fn from_ca(id: &SpiffeId, chain_pem: Vec<String>, key_pem: Zeroizing<String>) -> Result<Self, SvidError> {
         let leaf_pem = chain_pem.first().ok_or(SvidError::EmptyChain)?;
-        let (_, block) = x509_parser::pem::parse_x509_pem(leaf_pem.as_bytes())
-            .map_err(|e| SvidError::BadLeaf(e.to_string()))?;
+        let (_, block) =
+            x509_parser::pem::parse_x509_pem(leaf_pem.as_bytes()).map_err(|e| SvidError::BadLeaf(e.to_string()))?;
         let (_, leaf) = X509Certificate::from_der(&block.contents).map_err(|e| SvidError::BadLeaf(e.to_string()))?;
         let uris: Vec<String> = leaf
             .subject_alternative_name()
@@ -89,7 +93,10 @@ impl Svid {
             })
             .unwrap_or_default();
         if uris.len() != 1 || uris[0] != id.as_str() {
-            return Err(SvidError::WrongIdentity { expected: id.clone(), found: uris });
+            return Err(SvidError::WrongIdentity {
+                expected: id.clone(),
+                found: uris,
+            });
         }
         let ts = |t: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
         Ok(Self {
@@ -99,6 +106,7 @@ impl Svid {
             not_after: ts(leaf.validity().not_after.timestamp()),
             chain_pem,
             key_pem,
+            received: SystemTime::now(),
         })
     }
 
@@ -107,12 +115,14 @@ impl Svid {
         self.chain_pem.concat()
     }
 
-    /// When to renew: `fraction` of the lifetime, moved by up to ±`jitter`
-    /// of the lifetime (`unit` is a random number in [0, 1)).
+    /// When to renew: `fraction` of the usable lifetime (from receipt, since
+    /// CAs backdate `notBefore` for clock skew), moved by up to ±`jitter` of
+    /// it (`unit` is a random number in [0, 1)).
     pub fn refresh_at(&self, fraction: f64, jitter: f64, unit: f64) -> SystemTime {
-        let life = self.not_after.duration_since(self.not_before).unwrap_or_default().as_secs_f64();
+        let start = self.received.max(self.not_before);
+        let life = self.not_after.duration_since(start).unwrap_or_default().as_secs_f64();
         let f = (fraction + jitter * (2.0 * unit - 1.0)).clamp(0.05, 0.95);
-        self.not_before + Duration::from_secs_f64(life * f)
+        start + Duration::from_secs_f64(life * f)
     }
 }
 
@@ -126,8 +136,8 @@ mod tests {
         let kc = new_key_and_csr(&id).expect("generate");
         assert!(kc.key_pem.contains("BEGIN PRIVATE KEY"));
         let (_, block) = x509_parser::pem::parse_x509_pem(kc.csr_pem.as_bytes()).expect("pem");
-        let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&block.contents)
-            .expect("csr");
+        let (_, csr) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(&block.contents).expect("csr");
         csr.verify_signature().expect("self-signed CSR");
         let sans: Vec<String> = csr
             .requested_extensions()
@@ -152,13 +162,18 @@ mod tests {
             id: "spiffe://td/ns/a/sa/b".parse().expect("id"),
             chain_pem: vec![],
             key_pem: Zeroizing::new(String::new()),
-            not_before: t0,
+            not_before: t0 - Duration::from_secs(60),
             not_after: t0 + Duration::from_secs(100),
             serial: "01".into(),
+            received: t0,
         };
         assert_eq!(svid.refresh_at(0.5, 0.1, 0.5), t0 + Duration::from_secs(50));
         assert_eq!(svid.refresh_at(0.5, 0.1, 0.0), t0 + Duration::from_secs(40));
         assert!(svid.refresh_at(0.5, 0.1, 0.999) < t0 + Duration::from_secs(61));
-        assert_eq!(svid.refresh_at(2.0, 0.0, 0.5), t0 + Duration::from_secs(95), "never at expiry");
+        assert_eq!(
+            svid.refresh_at(2.0, 0.0, 0.5),
+            t0 + Duration::from_secs(95),
+            "never at expiry"
+        );
     }
 }

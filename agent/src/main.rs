@@ -48,7 +48,10 @@ async fn readyz(State(a): State<Admin>) -> (StatusCode, &'static str) {
 
 async fn metrics_handler(State(a): State<Admin>) -> ([(&'static str, &'static str); 1], String) {
     (
-        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         a.metrics.encode(),
     )
 }
@@ -102,7 +105,10 @@ async fn main() -> anyhow::Result<()> {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
-        .with_state(Admin { metrics: metrics.clone(), ready: ready.clone() });
+        .with_state(Admin {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        });
     let admin_listener = tokio::net::TcpListener::bind(config.admin_addr)
         .await
         .with_context(|| format!("bind admin address {}", config.admin_addr))?;
@@ -154,7 +160,11 @@ async fn main() -> anyhow::Result<()> {
             loop {
                 let left = manager
                     .oldest_expiry()
-                    .map(|t| t.duration_since(SystemTime::now()).map(|d| d.as_secs() as i64).unwrap_or(0))
+                    .map(|t| {
+                        t.duration_since(SystemTime::now())
+                            .map(|d| d.as_secs() as i64)
+                            .unwrap_or(0)
+                    })
                     .unwrap_or(0);
                 metrics.oldest_cert_expiry_seconds.set(left);
                 tokio::time::sleep(Duration::from_secs(5)).await;
@@ -163,7 +173,11 @@ async fn main() -> anyhow::Result<()> {
     }
     let sds = Sds {
         manager,
-        authenticator: Arc::new(Authenticator::new(client, config.audience.clone(), config.token_review_cache_ttl)),
+        authenticator: Arc::new(Authenticator::new(
+            client,
+            config.audience.clone(),
+            config.token_review_cache_ttl,
+        )),
         roots: roots_rx,
         policy: CallerPolicy {
             trust_domain: config.trust_domain.clone(),

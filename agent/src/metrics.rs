@@ -30,7 +30,11 @@ impl Metrics {
         let streams_open = Gauge::default();
         registry.register("sds_streams_open", "Open SDS streams", streams_open.clone());
         let certificates_cached = Gauge::default();
-        registry.register("certificates_cached", "Identities with a cached certificate", certificates_cached.clone());
+        registry.register(
+            "certificates_cached",
+            "Identities with a cached certificate",
+            certificates_cached.clone(),
+        );
         let oldest_cert_expiry_seconds = Gauge::default();
         registry.register(
             "oldest_cert_expiry_seconds",

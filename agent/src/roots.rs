@@ -22,7 +22,10 @@ pub async fn follow(client: kube::Client, namespace: String, name: String, tx: w
     while let Some(ev) = events.next().await {
         match ev {
             Ok(cm) => {
-                let Some(pem) = cm.data.and_then(|mut d| d.remove(ROOT_KEY)).filter(|p| p.contains("BEGIN CERTIFICATE"))
+                let Some(pem) = cm
+                    .data
+                    .and_then(|mut d| d.remove(ROOT_KEY))
+                    .filter(|p| p.contains("BEGIN CERTIFICATE"))
                 else {
                     warn!(%namespace, %name, "trust bundle ConfigMap has no {ROOT_KEY}");
                     continue;

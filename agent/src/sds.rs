@@ -32,8 +32,8 @@ use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server
 use envoy_types::pb::google::protobuf::Any;
 use futures::Stream;
 use mizzen_api::SpiffeId;
-use mizzen_api::tokenreview::{AuthError, Authenticator, Reviewed, bearer};
 use mizzen_api::TrustDomain;
+use mizzen_api::tokenreview::{AuthError, Authenticator, Reviewed, bearer};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
@@ -92,7 +92,10 @@ impl CallerError {
 pub fn caller_identity(reviewed: &Reviewed, policy: &CallerPolicy) -> Result<SpiffeId, CallerError> {
     if let Some(agent) = &policy.node_name {
         if reviewed.node_name.as_deref() != Some(agent.as_str()) {
-            return Err(CallerError::WrongNode { token: reviewed.node_name.clone(), agent: agent.clone() });
+            return Err(CallerError::WrongNode {
+                token: reviewed.node_name.clone(),
+                agent: agent.clone(),
+            });
         }
     }
     SpiffeId::workload(&policy.trust_domain, &reviewed.namespace, &reviewed.service_account)
@@ -100,11 +103,17 @@ pub fn caller_identity(reviewed: &Reviewed, policy: &CallerPolicy) -> Result<Spi
 }
 
 fn inline(bytes: &[u8]) -> Option<DataSource> {
-    Some(DataSource { specifier: Some(Specifier::InlineBytes(bytes.to_vec())), ..Default::default() })
+    Some(DataSource {
+        specifier: Some(Specifier::InlineBytes(bytes.to_vec())),
+        ..Default::default()
+    })
 }
 
 fn pack(secret: &Secret) -> Any {
-    Any { type_url: SECRET_TYPE.to_owned(), value: secret.encode_to_vec() }
+    Any {
+        type_url: SECRET_TYPE.to_owned(),
+        value: secret.encode_to_vec(),
+    }
 }
 
 /// The SDS service.
@@ -118,7 +127,9 @@ pub struct Sds<S> {
 
 impl<S> std::fmt::Debug for Sds<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sds").field("policy", &self.policy).finish_non_exhaustive()
+        f.debug_struct("Sds")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
     }
 }
 
@@ -224,8 +235,7 @@ impl<S: Signer> Sds<S> {
 #[tonic::async_trait]
 impl<S: Signer> SecretDiscoveryService for Sds<S> {
     type StreamSecretsStream = ResponseStream;
-    type DeltaSecretsStream =
-        Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+    type DeltaSecretsStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
 
     async fn stream_secrets(
         &self,
@@ -234,7 +244,13 @@ impl<S: Signer> SecretDiscoveryService for Sds<S> {
         let (id, token) = self.authenticate(&request).await?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<DiscoveryResponse, Status>>(4);
-        let mut sub = Subscription { id: id.clone(), token, names: BTreeSet::new(), cert: None, roots: self.roots.clone() };
+        let mut sub = Subscription {
+            id: id.clone(),
+            token,
+            names: BTreeSet::new(),
+            cert: None,
+            roots: self.roots.clone(),
+        };
         let (manager, metrics) = (self.manager.clone(), self.metrics.clone());
         metrics.streams_open.inc();
         info!(%id, "SDS stream opened");
@@ -318,7 +334,13 @@ impl<S: Signer> SecretDiscoveryService for Sds<S> {
         if !req.type_url.is_empty() && req.type_url != SECRET_TYPE {
             return Err(Status::invalid_argument(format!("this service serves {SECRET_TYPE}")));
         }
-        let mut sub = Subscription { id, token, names: BTreeSet::new(), cert: None, roots: self.roots.clone() };
+        let mut sub = Subscription {
+            id,
+            token,
+            names: BTreeSet::new(),
+            cert: None,
+            roots: self.roots.clone(),
+        };
         sub.set_names(&req.resource_names, &self.manager)?;
         // Wait, boundedly, until everything asked for exists.
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -349,7 +371,9 @@ impl<S: Signer> SecretDiscoveryService for Sds<S> {
         &self,
         _request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        Err(Status::unimplemented("incremental SDS is not supported; use StreamSecrets"))
+        Err(Status::unimplemented(
+            "incremental SDS is not supported; use StreamSecrets",
+        ))
     }
 }
 
@@ -369,14 +393,28 @@ mod tests {
 
     #[test]
     fn callers_get_their_own_identity_on_this_node_only() {
-        let policy = CallerPolicy { trust_domain: TrustDomain::default(), node_name: Some("node-a".into()) };
+        let policy = CallerPolicy {
+            trust_domain: TrustDomain::default(),
+            node_name: Some("node-a".into()),
+        };
         assert_eq!(
-            caller_identity(&reviewed(Some("node-a")), &policy).expect("allowed").as_str(),
+            caller_identity(&reviewed(Some("node-a")), &policy)
+                .expect("allowed")
+                .as_str(),
             "spiffe://cluster.local/ns/demo/sa/web"
         );
-        assert!(matches!(caller_identity(&reviewed(Some("node-b")), &policy), Err(CallerError::WrongNode { .. })));
-        assert!(matches!(caller_identity(&reviewed(None), &policy), Err(CallerError::WrongNode { .. })));
-        let anywhere = CallerPolicy { node_name: None, ..policy };
+        assert!(matches!(
+            caller_identity(&reviewed(Some("node-b")), &policy),
+            Err(CallerError::WrongNode { .. })
+        ));
+        assert!(matches!(
+            caller_identity(&reviewed(None), &policy),
+            Err(CallerError::WrongNode { .. })
+        ));
+        let anywhere = CallerPolicy {
+            node_name: None,
+            ..policy
+        };
         assert!(caller_identity(&reviewed(None), &anywhere).is_ok());
     }
 }

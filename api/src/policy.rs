@@ -203,9 +203,7 @@ pub struct Condition {
 }
 
 /// The mutual TLS mode a workload accepts from its peers.
-#[derive(
-    CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema,
-)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[kube(
     group = "security.mizzen.dev",
     version = "v1",
@@ -317,15 +315,9 @@ spec:
         let ap: AuthorizationPolicy = serde_yaml::from_str(yaml).expect("parses");
         assert_eq!(ap.spec.action, Some(Action::Allow));
         let sel = ap.spec.selector.as_ref().expect("selector");
-        assert_eq!(
-            sel.match_labels.get("app").map(String::as_str),
-            Some("httpbin")
-        );
+        assert_eq!(sel.match_labels.get("app").map(String::as_str), Some("httpbin"));
         let rule = &ap.spec.rules[0];
-        assert_eq!(
-            rule.from[0].source.principals,
-            ["cluster.local/ns/default/sa/sleep"]
-        );
+        assert_eq!(rule.from[0].source.principals, ["cluster.local/ns/default/sa/sleep"]);
         assert_eq!(rule.from[1].source.not_ip_blocks, ["10.0.0.0/8"]);
         assert_eq!(rule.to[1].operation.not_ports, ["9090"]);
         assert_eq!(rule.when[0].not_values, ["bad"]);
@@ -356,10 +348,7 @@ spec:
       mode: DISABLE
 "#;
         let pa: PeerAuthentication = serde_yaml::from_str(yaml).expect("parses");
-        assert_eq!(
-            pa.spec.mtls.as_ref().map(|m| m.mode),
-            Some(MtlsMode::Strict)
-        );
+        assert_eq!(pa.spec.mtls.as_ref().map(|m| m.mode), Some(MtlsMode::Strict));
         assert_eq!(pa.spec.port_level_mtls["8080"].mode, MtlsMode::Disable);
     }
 
@@ -372,10 +361,7 @@ spec:
     #[test]
     fn crds_have_group_and_names() {
         let crds = crds();
-        let names: Vec<_> = crds
-            .iter()
-            .filter_map(|c| c.metadata.name.clone())
-            .collect();
+        let names: Vec<_> = crds.iter().filter_map(|c| c.metadata.name.clone()).collect();
         assert_eq!(
             names,
             [

@@ -7,8 +7,7 @@ use clap::Parser;
 use mizzen_api::TrustDomain;
 
 fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration like 30s, 24h or 90d: {e}"))
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s, 24h or 90d: {e}"))
 }
 
 /// Mizzen's certificate authority: issues SPIFFE X.509-SVIDs to workloads
@@ -90,11 +89,7 @@ pub struct Config {
     pub serving_dns: Vec<String>,
 
     /// IP addresses in the CA's serving certificate.
-    #[arg(
-        long = "serving-ip",
-        value_delimiter = ',',
-        default_value = "127.0.0.1"
-    )]
+    #[arg(long = "serving-ip", value_delimiter = ',', default_value = "127.0.0.1")]
     pub serving_ips: Vec<IpAddr>,
 
     /// Log format: text or json. Levels come from RUST_LOG (default info).

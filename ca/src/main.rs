@@ -78,9 +78,7 @@ async fn watch_expiry(not_after: SystemTime, window: Duration, metrics: Arc<Metr
         .unwrap_or(0);
     metrics.signing_expiry_timestamp.set(unix as i64);
     loop {
-        let left = not_after
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
+        let left = not_after.duration_since(SystemTime::now()).unwrap_or_default();
         if left < window {
             metrics.signing_expiring.set(1);
             warn!(
@@ -144,11 +142,7 @@ async fn main() -> anyhow::Result<()> {
         metrics.clone(),
     ));
     {
-        let (client, root, metrics) = (
-            client.clone(),
-            authority.root_pem().to_owned(),
-            metrics.clone(),
-        );
+        let (client, root, metrics) = (client.clone(), authority.root_pem().to_owned(), metrics.clone());
         let name = config.root_configmap.clone();
         tokio::spawn(async move {
             if let Err(e) = store::publish_roots(client, name, root, metrics).await {
@@ -162,8 +156,7 @@ async fn main() -> anyhow::Result<()> {
         ips: config.serving_ips.clone(),
         ttl: Duration::from_secs(7 * 86_400),
     };
-    let resolver =
-        serving::Resolver::new(&authority, &names).context("issue the serving certificate")?;
+    let resolver = serving::Resolver::new(&authority, &names).context("issue the serving certificate")?;
     tokio::spawn(resolver.clone().renew_forever(authority.clone(), names));
     let tls = Arc::new(serving::server_config(resolver)?);
     let listener = tokio::net::TcpListener::bind(config.grpc_addr)
@@ -188,8 +181,7 @@ async fn main() -> anyhow::Result<()> {
         },
         metrics,
     };
-    let grpc =
-        IstioCertificateServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let grpc = IstioCertificateServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     info!(addr = %config.grpc_addr, "gRPC server listening");
     ready.store(true, Ordering::Relaxed);
     tonic::transport::Server::builder()

@@ -27,11 +27,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("mizzen_ca");
         let issued = Counter::default();
-        registry.register(
-            "certificates_issued",
-            "Workload certificates issued",
-            issued.clone(),
-        );
+        registry.register("certificates_issued", "Workload certificates issued", issued.clone());
         let rejected = Family::<Labels, Counter>::default();
         registry.register(
             "requests_rejected",

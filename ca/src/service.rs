@@ -63,9 +63,7 @@ impl CaService {
     async fn review(&self, token: &str) -> Result<auth::Reviewed, AuthError> {
         let start = Instant::now();
         let r = self.authenticator.review(token).await;
-        self.metrics
-            .token_review_seconds
-            .observe(start.elapsed().as_secs_f64());
+        self.metrics.token_review_seconds.observe(start.elapsed().as_secs_f64());
         r
     }
 
@@ -76,10 +74,7 @@ impl CaService {
     }
 }
 
-fn metadata_str<'a>(
-    req: &'a Request<IstioCertificateRequest>,
-    key: &str,
-) -> Result<Option<&'a str>, ()> {
+fn metadata_str<'a>(req: &'a Request<IstioCertificateRequest>, key: &str) -> Result<Option<&'a str>, ()> {
     match req.metadata().get(key) {
         None => Ok(None),
         Some(v) => v.to_str().map(Some).map_err(|_| ()),
@@ -124,37 +119,26 @@ impl IstioCertificateService for CaService {
             }
             None => (self.review(&workload_token).await, None),
         };
-        let agent = agent.transpose().map_err(|e| {
-            self.reject(e.label(), auth_status(&e), &format!("{peer} (agent token)"))
-        })?;
+        let agent = agent
+            .transpose()
+            .map_err(|e| self.reject(e.label(), auth_status(&e), &format!("{peer} (agent token)")))?;
         let workload = workload.map_err(|e| self.reject(e.label(), auth_status(&e), &peer))?;
         let caller = match &agent {
-            Some(a) => format!(
-                "agent {} on {}",
-                a.name(),
-                a.node_name.as_deref().unwrap_or("?")
-            ),
+            Some(a) => format!("agent {} on {}", a.name(), a.node_name.as_deref().unwrap_or("?")),
             None => format!("workload {} at {peer}", workload.name()),
         };
-        let id = auth::authorize(&workload, agent.as_ref(), &self.policy).map_err(|e| {
-            self.reject(e.label(), Status::permission_denied(e.to_string()), &caller)
-        })?;
+        let id = auth::authorize(&workload, agent.as_ref(), &self.policy)
+            .map_err(|e| self.reject(e.label(), Status::permission_denied(e.to_string()), &caller))?;
 
         let start = Instant::now();
         let req = request.into_inner();
-        let signing = csr::check(&req.csr, &id)
-            .map_err(|e| self.reject(e.label(), csr_status(&e), &caller))?;
+        let signing = csr::check(&req.csr, &id).map_err(|e| self.reject(e.label(), csr_status(&e), &caller))?;
         let ttl = self.ttls.for_request(req.validity_duration);
-        let issued = self.authority.sign(&signing, ttl).map_err(|e| {
-            self.reject(
-                "signing_failed",
-                Status::internal(format!("cannot sign: {e}")),
-                &caller,
-            )
-        })?;
-        self.metrics
-            .signing_seconds
-            .observe(start.elapsed().as_secs_f64());
+        let issued = self
+            .authority
+            .sign(&signing, ttl)
+            .map_err(|e| self.reject("signing_failed", Status::internal(format!("cannot sign: {e}")), &caller))?;
+        self.metrics.signing_seconds.observe(start.elapsed().as_secs_f64());
         self.metrics.issued.inc();
         let not_after = issued
             .not_after

@@ -36,8 +36,7 @@ fn certified_key(chain: &[String], key_pem: &str) -> anyhow::Result<CertifiedKey
         .collect::<Result<Vec<_>, _>>()
         .context("parse serving certificate")?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("parse serving key")?;
-    let signer =
-        rustls::crypto::ring::sign::any_supported_type(&key).context("serving key type")?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key).context("serving key type")?;
     Ok(CertifiedKey::new(certs, signer))
 }
 
@@ -53,9 +52,7 @@ impl Resolver {
     /// Issues the first serving certificate.
     pub fn new(authority: &Authority, names: &ServingNames) -> anyhow::Result<Arc<Self>> {
         let (chain, key, _) = authority.serving_cert(&names.dns, &names.ips, names.ttl)?;
-        Ok(Arc::new(Self(RwLock::new(Arc::new(certified_key(
-            &chain, &key,
-        )?)))))
+        Ok(Arc::new(Self(RwLock::new(Arc::new(certified_key(&chain, &key)?)))))
     }
 
     fn set(&self, ck: CertifiedKey) {
@@ -83,12 +80,10 @@ impl Resolver {
 
 /// A TLS server configuration for gRPC (TLS 1.2+, ALPN h2).
 pub fn server_config(resolver: Arc<Resolver>) -> anyhow::Result<rustls::ServerConfig> {
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_cert_resolver(resolver);
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }
@@ -111,21 +106,13 @@ impl tonic::transport::server::Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -168,8 +155,5 @@ pub fn incoming(
             });
         }
     });
-    futures::stream::unfold(
-        rx,
-        |mut rx| async move { rx.recv().await.map(|c| (Ok(c), rx)) },
-    )
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (Ok(c), rx)) })
 }

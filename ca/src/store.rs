@@ -34,11 +34,10 @@ pub enum Source {
 fn secret_to_bundle(secret: &Secret, what: &str) -> anyhow::Result<Bundle> {
     let data = secret.data.clone().unwrap_or_default();
     let get = |key: &str| -> anyhow::Result<String> {
-        let v = data
-            .get(key)
-            .with_context(|| format!("{what} has no key {key:?}: it needs ca-cert.pem, ca-key.pem, cert-chain.pem and root-cert.pem"))?;
-        String::from_utf8(v.0.clone())
-            .with_context(|| format!("{what} key {key:?} is not UTF-8 PEM"))
+        let v = data.get(key).with_context(|| {
+            format!("{what} has no key {key:?}: it needs ca-cert.pem, ca-key.pem, cert-chain.pem and root-cert.pem")
+        })?;
+        String::from_utf8(v.0.clone()).with_context(|| format!("{what} key {key:?} is not UTF-8 PEM"))
     };
     Ok(Bundle {
         ca_cert: get("ca-cert.pem")?,
@@ -61,10 +60,7 @@ fn bundle_to_secret(name: &str, namespace: &str, b: &Bundle) -> Secret {
     let mut s = Secret::default();
     s.metadata.name = Some(name.to_owned());
     s.metadata.namespace = Some(namespace.to_owned());
-    s.metadata.labels = Some(BTreeMap::from([(
-        "app.kubernetes.io/part-of".into(),
-        "mizzen".into(),
-    )]));
+    s.metadata.labels = Some(BTreeMap::from([("app.kubernetes.io/part-of".into(), "mizzen".into())]));
     s.type_ = Some("Opaque".into());
     s.data = Some(data);
     s
@@ -89,8 +85,7 @@ pub async fn load_bundle(
     {
         let what = format!("Secret {namespace}/{plugin_secret}");
         let bundle = secret_to_bundle(&s, &what)?;
-        let authority = Authority::from_bundle(&bundle, td)
-            .with_context(|| format!("{what} is not a usable CA"))?;
+        let authority = Authority::from_bundle(&bundle, td).with_context(|| format!("{what} is not a usable CA"))?;
         return Ok((authority, Source::PluggedIn));
     }
     let what = format!("Secret {namespace}/{own_secret}");
@@ -113,10 +108,7 @@ pub async fn load_bundle(
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     info!(secret = %what, "another replica created the root first; using it");
                     (
-                        secrets
-                            .get(own_secret)
-                            .await
-                            .with_context(|| format!("read {what}"))?,
+                        secrets.get(own_secret).await.with_context(|| format!("read {what}"))?,
                         false,
                     )
                 }
@@ -125,18 +117,11 @@ pub async fn load_bundle(
         }
     };
     let bundle = secret_to_bundle(&secret, &what)?;
-    let authority = Authority::from_bundle(&bundle, td)
-        .with_context(|| format!("{what} is not a usable CA"))?;
+    let authority = Authority::from_bundle(&bundle, td).with_context(|| format!("{what} is not a usable CA"))?;
     Ok((authority, Source::SelfSigned { created_now }))
 }
 
-async fn publish(
-    client: &kube::Client,
-    name: &str,
-    namespace: &str,
-    root_pem: &str,
-    metrics: &Metrics,
-) {
+async fn publish(client: &kube::Client, name: &str, namespace: &str, root_pem: &str, metrics: &Metrics) {
     let cm = serde_json::json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -149,11 +134,7 @@ async fn publish(
     });
     let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
     match api
-        .patch(
-            name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&cm),
-        )
+        .patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&cm))
         .await
     {
         Ok(_) => {
@@ -181,18 +162,14 @@ pub async fn publish_roots(
         let root_pem = root_pem.clone();
         let metrics = metrics.clone();
         async move {
-            let mut events = watcher(
-                Api::<Namespace>::all(client.clone()),
-                watcher::Config::default(),
-            )
-            .default_backoff()
-            .applied_objects()
-            .boxed();
+            let mut events = watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default())
+                .default_backoff()
+                .applied_objects()
+                .boxed();
             while let Some(ev) = events.next().await {
                 match ev {
                     Ok(ns) => {
-                        let terminating = ns.status.as_ref().and_then(|s| s.phase.as_deref())
-                            == Some("Terminating");
+                        let terminating = ns.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Terminating");
                         if let (Some(ns_name), false) = (ns.metadata.name.as_deref(), terminating) {
                             publish(&client, &name, ns_name, &root_pem, &metrics).await;
                         }

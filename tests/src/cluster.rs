@@ -111,8 +111,8 @@ impl Cluster {
     /// A new client with admin rights. Each call builds a new client, so it
     /// belongs to the calling test's Tokio runtime.
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
-        let kc = Kubeconfig::read_from(&self.kubeconfig)
-            .with_context(|| format!("read {}", self.kubeconfig.display()))?;
+        let kc =
+            Kubeconfig::read_from(&self.kubeconfig).with_context(|| format!("read {}", self.kubeconfig.display()))?;
         let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
             .await
             .context("load kubeconfig")?;

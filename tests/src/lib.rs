@@ -9,6 +9,9 @@
 //! [`reaper`], when the test binary exits in any way.
 
 pub mod cluster;
+pub mod daemon;
+pub mod k8s;
+pub mod mesh;
 pub mod netns;
 pub mod reaper;
 pub mod tls;
@@ -25,10 +28,7 @@ pub use wait::{eventually, eventually_some};
 pub fn workspace_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("current test executable");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target directory");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target directory");
     let path = dir.join(name);
     assert!(
         path.exists(),

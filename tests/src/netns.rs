@@ -24,9 +24,7 @@ fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = StdCommand::new(program)
         .args(args)
         .output()
-        .with_context(|| {
-            format!("cannot run {program}: install it (apt-get install iproute2 util-linux)")
-        })?;
+        .with_context(|| format!("cannot run {program}: install it (apt-get install iproute2 util-linux)"))?;
     if !out.status.success() {
         bail!(
             "`{program} {}` failed ({}): {}",
@@ -119,13 +117,7 @@ impl NetnsPod {
         let seq = POD_SEQ.fetch_add(1, Ordering::Relaxed);
         let label: String = label
             .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '-'
-                }
-            })
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
             .take(40)
             .collect();
         let netns = format!("mizzen-{pid}-{seq}-{label}");
@@ -138,9 +130,7 @@ impl NetnsPod {
         run("ip", &["netns", "add", ns])?;
         run(
             "ip",
-            &[
-                "link", "add", &host_if, "type", "veth", "peer", "name", &tmp_if,
-            ],
+            &["link", "add", &host_if, "type", "veth", "peer", "name", &tmp_if],
         )?;
         run("ip", &["link", "set", &host_if, "master", &br.name, "up"])?;
         run("ip", &["link", "set", &tmp_if, "netns", ns])?;
@@ -178,20 +168,13 @@ impl NetnsPod {
     /// handle is dropped.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new("ip");
-        cmd.args(["netns", "exec", &self.netns])
-            .arg(program)
-            .kill_on_drop(true);
+        cmd.args(["netns", "exec", &self.netns]).arg(program).kill_on_drop(true);
         cmd
     }
 
     /// A command that runs `program` inside the pod's network namespace as
     /// `uid`:`gid` with no supplementary groups and no capabilities.
-    pub fn command_as(
-        &self,
-        uid: u32,
-        gid: u32,
-        program: impl AsRef<std::ffi::OsStr>,
-    ) -> tokio::process::Command {
+    pub fn command_as(&self, uid: u32, gid: u32, program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new("ip");
         cmd.args(["netns", "exec", &self.netns, "setpriv"])
             .arg(format!("--reuid={uid}"))
@@ -205,9 +188,7 @@ impl NetnsPod {
 
 fn cleanup_command(netns: &str) -> String {
     let q = shell_quote(netns);
-    format!(
-        "ip netns pids {q} 2>/dev/null | xargs -r kill -9 2>/dev/null; ip netns del {q} 2>/dev/null"
-    )
+    format!("ip netns pids {q} 2>/dev/null | xargs -r kill -9 2>/dev/null; ip netns del {q} 2>/dev/null")
 }
 
 impl Drop for NetnsPod {

@@ -40,13 +40,8 @@ fn start() -> Result<Mutex<Reaper>, String> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| {
-            format!("start the cleanup helper (needs setsid and bash from util-linux): {e}")
-        })?;
-    Ok(Mutex::new(Reaper {
-        script,
-        _child: child,
-    }))
+        .map_err(|e| format!("start the cleanup helper (needs setsid and bash from util-linux): {e}"))?;
+    Ok(Mutex::new(Reaper { script, _child: child }))
 }
 
 /// Runs `shell_command` when this process exits. Commands must be idempotent:
@@ -63,10 +58,7 @@ pub fn at_exit(shell_command: &str) {
         .open(&reaper.script)
         .and_then(|mut f| writeln!(f, "{line}"));
     if let Err(e) = res {
-        panic!(
-            "cannot register cleanup in {}: {e}",
-            reaper.script.display()
-        );
+        panic!("cannot register cleanup in {}: {e}", reaper.script.display());
     }
 }
 

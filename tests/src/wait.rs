@@ -6,11 +6,7 @@ use std::time::{Duration, Instant};
 /// Polls `check` until it returns `Ok(Some(value))` and returns the value,
 /// or fails after `timeout` naming `what` and the last error seen. Errors
 /// from `check` are retried: the thing being waited for may not exist yet.
-pub async fn eventually_some<T, F, Fut>(
-    timeout: Duration,
-    what: &str,
-    mut check: F,
-) -> anyhow::Result<T>
+pub async fn eventually_some<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<Option<T>>>,

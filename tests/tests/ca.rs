@@ -3,193 +3,35 @@
 //! `spiffe` crate's X.509-SVID rules.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
 use mizzen_api::proto::istio_ca::IstioCertificateRequest;
 use mizzen_api::proto::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
-use mizzen_tests::{Cluster, eventually, eventually_some, free_port, workspace_bin};
+use mizzen_tests::daemon::metric;
+use mizzen_tests::k8s::{pod_on_node, service_account, token};
+use mizzen_tests::mesh::{Ca, SYSTEM, install_manifests, published_root};
+use mizzen_tests::{Cluster, eventually, free_port, workspace_bin};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
-use tokio::sync::OnceCell;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-const SYSTEM: &str = "mizzen-system";
 
-/// A running `mizzen-ca`, killed when dropped.
-struct CaProcess {
-    child: tokio::process::Child,
-    grpc: u16,
-    admin: u16,
-    log: PathBuf,
-}
-
-impl CaProcess {
-    async fn start(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<Self> {
-        let cluster = Cluster::get();
-        let (grpc, admin) = (free_port(), free_port());
-        let log = cluster.dir().join(format!("logs/mizzen-ca-{grpc}.log"));
-        let out = std::fs::File::create(&log)?;
-        let child = tokio::process::Command::new(workspace_bin("mizzen-ca"))
-            .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,mizzen_ca=debug")
-            .arg(format!("--grpc-addr=127.0.0.1:{grpc}"))
-            .arg(format!("--admin-addr=127.0.0.1:{admin}"))
-            .args(args)
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut ca = CaProcess {
-            child,
-            grpc,
-            admin,
-            log,
-        };
-        let url = format!("http://127.0.0.1:{admin}/readyz");
-        // Ok(Some(Err)) stops waiting at once: the process is gone.
-        let result = eventually_some(TIMEOUT, "mizzen-ca to be ready", || {
-            let url = url.clone();
-            let exited = ca.child.try_wait().ok().flatten();
-            async move {
-                if let Some(status) = exited {
-                    return Ok(Some(Err(anyhow::anyhow!("mizzen-ca exited: {status}"))));
-                }
-                let ready = http_get(&url)
-                    .await
-                    .map(|(code, _)| code == 200)
-                    .unwrap_or(false);
-                Ok(ready.then_some(Ok(())))
-            }
-        })
+async fn ca_client(ca: &Ca, root_pem: &str) -> anyhow::Result<IstioCertificateServiceClient<Channel>> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(root_pem))
+        .domain_name("mizzen-ca.mizzen-system.svc");
+    let channel = Channel::from_shared(format!("https://127.0.0.1:{}", ca.grpc_port))?
+        .tls_config(tls)?
+        .connect()
         .await
-        .and_then(|r| r);
-        if let Err(e) = result {
-            bail!(
-                "{e:#}\n--- mizzen-ca log ---\n{}",
-                std::fs::read_to_string(&ca.log).unwrap_or_default()
-            );
-        }
-        Ok(ca)
-    }
-
-    async fn client(
-        &self,
-        root_pem: &str,
-    ) -> anyhow::Result<IstioCertificateServiceClient<Channel>> {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(root_pem))
-            .domain_name("mizzen-ca.mizzen-system.svc");
-        let channel = Channel::from_shared(format!("https://127.0.0.1:{}", self.grpc))?
-            .tls_config(tls)?
-            .connect()
-            .await
-            .context("connect to mizzen-ca over TLS, verifying it against the mesh root")?;
-        Ok(IstioCertificateServiceClient::new(channel))
-    }
-
-    async fn metrics(&self) -> anyhow::Result<String> {
-        Ok(
-            http_get(&format!("http://127.0.0.1:{}/metrics", self.admin))
-                .await?
-                .1,
-        )
-    }
-}
-
-/// A tiny HTTP/1.0 GET over plain TCP, for the admin port.
-async fn http_get(url: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").context("http URL")?;
-    let (host, path) = rest.split_once('/').context("path")?;
-    let mut s = tokio::net::TcpStream::connect(host).await?;
-    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await?;
-    let code = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("status")?;
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-async fn token(
-    client: &kube::Client,
-    ns: &str,
-    sa: &str,
-    pod: Option<&Pod>,
-    audience: &str,
-) -> anyhow::Result<String> {
-    let bound = pod.map(|p| BoundObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Pod".into()),
-        name: p.metadata.name.clone(),
-        uid: p.metadata.uid.clone(),
-    });
-    let req = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec![audience.into()],
-            bound_object_ref: bound,
-            expiration_seconds: Some(3600),
-        },
-        ..Default::default()
-    };
-    Ok(Api::<ServiceAccount>::namespaced(client.clone(), ns)
-        .create_token_request(sa, &PostParams::default(), &req)
-        .await?
-        .status
-        .context("token status")?
-        .token)
-}
-
-async fn service_account(client: &kube::Client, ns: &str, name: &str) -> anyhow::Result<()> {
-    let mut sa = ServiceAccount::default();
-    sa.metadata.name = Some(name.into());
-    match Api::<ServiceAccount>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &sa)
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// A pod bound straight to `node` (as if scheduled there), never run.
-async fn pod_on_node(
-    client: &kube::Client,
-    ns: &str,
-    name: &str,
-    sa: &str,
-    node: &str,
-) -> anyhow::Result<Pod> {
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
-        "spec": {"serviceAccountName": sa, "nodeName": node,
-                 "containers": [{"name": "app", "image": "mizzen-testapp"}]},
-    }))?;
-    Ok(Api::<Pod>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &pod)
-        .await?)
+        .context("connect to mizzen-ca over TLS, verifying it against the mesh root")?;
+    Ok(IstioCertificateServiceClient::new(channel))
 }
 
 struct Csr {
@@ -214,21 +56,15 @@ fn uri(s: &str) -> SanType {
     SanType::URI(s.try_into().expect("uri"))
 }
 
-fn request(
-    csr_pem: &str,
-    workload: Option<&str>,
-    agent: Option<&str>,
-) -> tonic::Request<IstioCertificateRequest> {
+fn request(csr_pem: &str, workload: Option<&str>, agent: Option<&str>) -> tonic::Request<IstioCertificateRequest> {
     let mut r = tonic::Request::new(IstioCertificateRequest {
         csr: csr_pem.into(),
         validity_duration: 3600,
         ..Default::default()
     });
     if let Some(t) = workload {
-        r.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {t}").parse().expect("ascii"),
-        );
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().expect("ascii"));
     }
     if let Some(t) = agent {
         r.metadata_mut().insert(
@@ -278,28 +114,6 @@ fn pem_der(p: &str) -> Vec<u8> {
         .to_vec()
 }
 
-/// The CA and agent identities and RBAC from the manifests, installed once.
-static INSTALLED: OnceCell<()> = OnceCell::const_new();
-
-async fn install_manifests(cluster: &Cluster) -> anyhow::Result<()> {
-    INSTALLED
-        .get_or_try_init(|| async {
-            let root = mizzen_tests::cluster::repo_root();
-            for m in ["manifests/namespace.yaml", "manifests/ca.yaml"] {
-                cluster
-                    .kubectl(["apply", "-f"])
-                    .arg(root.join(m))
-                    .run()
-                    .await?;
-            }
-            let client = cluster.client().await?;
-            service_account(&client, SYSTEM, "mizzen-agent").await?;
-            Ok::<_, anyhow::Error>(())
-        })
-        .await?;
-    Ok(())
-}
-
 /// Issues a certificate to a real workload through a node agent, verifies
 /// it independently, and refuses each kind of bad request with its reason.
 #[tokio::test]
@@ -315,81 +129,37 @@ async fn ca_issues_svids_and_refuses_bad_requests() -> anyhow::Result<()> {
     let web_a = pod_on_node(&client, &ns, "web-a", "web", "ca-node-a").await?;
     let web_b = pod_on_node(&client, &ns, "web-b", "web", "ca-node-b").await?;
     let doomed = pod_on_node(&client, &ns, "doomed", "web", "ca-node-a").await?;
-    let agent_pod = pod_on_node(
-        &client,
-        SYSTEM,
-        &format!("agent-a-{ns}"),
-        "mizzen-agent",
-        "ca-node-a",
-    )
-    .await?;
+    let agent_pod = pod_on_node(&client, SYSTEM, &format!("agent-a-{ns}"), "mizzen-agent", "ca-node-a").await?;
 
     let kubeconfig = cluster
         .kubeconfig_for_service_account(&client, SYSTEM, "mizzen-ca")
         .await?;
-    let ca = CaProcess::start(
+    let ca = Ca::start_with(
         &kubeconfig,
-        &[
-            "--token-review-cache-ttl=1s",
-            "--default-ttl=1h",
-            "--max-ttl=2h",
-        ],
+        None,
+        &["--token-review-cache-ttl=1s", "--default-ttl=1h", "--max-ttl=2h"],
     )
     .await?;
 
     // The trust bundle arrives in the workload's namespace.
     let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns);
-    let root = eventually_some(
-        TIMEOUT,
-        "ConfigMap mizzen-root-ca in the workload namespace",
-        || {
-            let cms = cms.clone();
-            async move {
-                Ok(cms
-                    .get_opt("mizzen-root-ca")
-                    .await?
-                    .and_then(|c| c.data)
-                    .and_then(|mut d| d.remove("root-cert.pem")))
-            }
-        },
-    )
-    .await?;
+    let root = published_root(&client, &ns, "mizzen-root-ca").await?;
 
     let id = format!("spiffe://cluster.local/ns/{ns}/sa/web");
     let workload_token = token(&client, &ns, "web", Some(&web_a), "mizzen-ca").await?;
-    let agent_token = token(
-        &client,
-        SYSTEM,
-        "mizzen-agent",
-        Some(&agent_pod),
-        "mizzen-ca",
-    )
-    .await?;
-    let mut grpc = ca.client(&root).await?;
+    let agent_token = token(&client, SYSTEM, "mizzen-agent", Some(&agent_pod), "mizzen-ca").await?;
+    let mut grpc = ca_client(&ca, &root).await?;
 
     // The good path.
     let good = csr(vec![uri(&id)], false);
     let chain = grpc
-        .create_certificate(request(
-            &good.pem,
-            Some(&workload_token),
-            Some(&agent_token),
-        ))
+        .create_certificate(request(&good.pem, Some(&workload_token), Some(&agent_token)))
         .await
-        .map_err(|s| {
-            anyhow::anyhow!(
-                "issuance failed: {s:?}\n{}",
-                std::fs::read_to_string(&ca.log).unwrap_or_default()
-            )
-        })?
+        .map_err(|s| anyhow::anyhow!("issuance failed: {s:?}\n{}", ca.daemon.log_text()))?
         .into_inner()
         .cert_chain;
     assert_eq!(chain.len(), 3, "leaf, intermediate, root");
-    assert_eq!(
-        chain.last(),
-        Some(&root),
-        "the chain ends at the published root"
-    );
+    assert_eq!(chain.last(), Some(&root), "the chain ends at the published root");
     let tmp = cluster.dir().join(format!("ca-verify-{ns}"));
     std::fs::create_dir_all(&tmp)?;
     let verdict = openssl_verify(&tmp, &chain, &root).await?;
@@ -406,7 +176,7 @@ async fn ca_issues_svids_and_refuses_bad_requests() -> anyhow::Result<()> {
     assert_eq!(life, 3600 + 60);
 
     // Refusals: each with its gRPC code and reason, none issuing anything.
-    let issued_before = metric(&ca.metrics().await?, "mizzen_ca_certificates_issued_total");
+    let issued_before = metric(&ca.daemon.metrics().await?, "mizzen_ca_certificates_issued_total");
     assert_eq!(issued_before, 1.0);
     let other_aud = token(&client, &ns, "web", Some(&web_a), "someone-else").await?;
     let web_b_token = token(&client, &ns, "web", Some(&web_b), "mizzen-ca").await?;
@@ -542,7 +312,7 @@ async fn ca_issues_svids_and_refuses_bad_requests() -> anyhow::Result<()> {
     })
     .await?;
 
-    let text = ca.metrics().await?;
+    let text = ca.daemon.metrics().await?;
     let successes = 2 + issued_while_deleting.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(
         metric(&text, "mizzen_ca_certificates_issued_total"),
@@ -571,8 +341,7 @@ async fn ca_issues_svids_and_refuses_bad_requests() -> anyhow::Result<()> {
     assert!(metric(&text, "mizzen_ca_signing_cert_expiry_timestamp_seconds") > 0.0);
 
     // Deleting the trust bundle ConfigMap brings it back.
-    cms.delete("mizzen-root-ca", &DeleteParams::default())
-        .await?;
+    cms.delete("mizzen-root-ca", &DeleteParams::default()).await?;
     eventually(TIMEOUT, "mizzen-root-ca to be restored", || {
         let cms = cms.clone();
         let root = root.clone();
@@ -589,9 +358,8 @@ async fn ca_issues_svids_and_refuses_bad_requests() -> anyhow::Result<()> {
 
     // A restart keeps the root: the Secret is created once, never replaced.
     drop(ca);
-    let ca = CaProcess::start(&kubeconfig, &[]).await?;
-    let mut grpc = ca
-        .client(&root)
+    let ca = Ca::start_with(&kubeconfig, None, &[]).await?;
+    let mut grpc = ca_client(&ca, &root)
         .await
         .context("the restarted CA serves a chain to the same root")?;
     let again = grpc
@@ -620,8 +388,8 @@ async fn racing_replicas_agree_on_one_root() -> anyhow::Result<()> {
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (a, b) = tokio::join!(
-        CaProcess::start(cluster.kubeconfig(), &args),
-        CaProcess::start(cluster.kubeconfig(), &args)
+        Ca::start_with(cluster.kubeconfig(), None, &args),
+        Ca::start_with(cluster.kubeconfig(), None, &args)
     );
     let (a, b) = (a?, b?);
     let secret = Api::<Secret>::namespaced(client.clone(), &home)
@@ -642,8 +410,7 @@ async fn racing_replicas_agree_on_one_root() -> anyhow::Result<()> {
     let t = token(&client, &ws, "web", None, "mizzen-ca").await?;
     let id = format!("spiffe://cluster.local/ns/{ws}/sa/web");
     for ca in [&a, &b] {
-        let chain = ca
-            .client(&root)
+        let chain = ca_client(ca, &root)
             .await?
             .create_certificate(request(&csr(vec![uri(&id)], false).pem, Some(&t), None))
             .await?
@@ -704,17 +471,11 @@ openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out other-key.pe
 
     // Inconsistent: the key is not the signing certificate's.
     secrets
-        .create(
-            &PostParams::default(),
-            &secret("cacerts-bad", "other-key.pem")?,
-        )
+        .create(&PostParams::default(), &secret("cacerts-bad", "other-key.pem")?)
         .await?;
     let bad = tokio::process::Command::new(workspace_bin("mizzen-ca"))
         .env("KUBECONFIG", cluster.kubeconfig())
-        .args([
-            format!("--namespace={home}"),
-            "--plugin-secret=cacerts-bad".into(),
-        ])
+        .args([format!("--namespace={home}"), "--plugin-secret=cacerts-bad".into()])
         .arg(format!("--grpc-addr=127.0.0.1:{}", free_port()))
         .arg(format!("--admin-addr=127.0.0.1:{}", free_port()))
         .stdin(Stdio::null())
@@ -743,13 +504,12 @@ openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out other-key.pe
         "--allow-direct-workload-calls".into(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let ca = CaProcess::start(cluster.kubeconfig(), &args).await?;
+    let ca = Ca::start_with(cluster.kubeconfig(), None, &args).await?;
     let root = String::from_utf8(read("root-cert.pem")?)?;
     service_account(&client, &home, "web").await?;
     let t = token(&client, &home, "web", None, "mizzen-ca").await?;
     let id = format!("spiffe://cluster.local/ns/{home}/sa/web");
-    let chain = ca
-        .client(&root)
+    let chain = ca_client(&ca, &root)
         .await?
         .create_certificate(request(&csr(vec![uri(&id)], false).pem, Some(&t), None))
         .await?

@@ -14,9 +14,7 @@ use k8s_openapi::api::authentication::v1::{
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::watcher;
-use mizzen_api::policy::{
-    Action, AuthorizationPolicy, AuthorizationPolicySpec, Rule, RuleFrom, Source,
-};
+use mizzen_api::policy::{Action, AuthorizationPolicy, AuthorizationPolicySpec, Rule, RuleFrom, Source};
 use mizzen_tests::tls::TestCa;
 use mizzen_tests::{Cluster, NetnsPod, eventually};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -24,10 +22,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn pod(name: &str, sa: &str, labels: &[(&str, &str)], node: Option<&str>) -> anyhow::Result<Pod> {
-    let labels: BTreeMap<_, _> = labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let labels: BTreeMap<_, _> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let mut spec = serde_json::json!({
         "serviceAccountName": sa,
         "containers": [{"name": "app", "image": "mizzen-testapp"}],
@@ -115,10 +110,7 @@ async fn crds_apply_and_policy_arrives_through_a_watch() -> anyhow::Result<()> {
     })
     .await
     .context("waiting for the policy on the watch")??;
-    assert_eq!(
-        seen.spec, policy.spec,
-        "the watched policy is the one created"
-    );
+    assert_eq!(seen.spec, policy.spec, "the watched policy is the one created");
 
     // kubectl reads it back with the CRD's printer column.
     let table = cluster
@@ -139,10 +131,7 @@ async fn crds_apply_and_policy_arrives_through_a_watch() -> anyhow::Result<()> {
         .output()
         .await?;
     assert!(!status.success(), "an unknown action must be refused");
-    assert!(
-        stderr.contains("MAYBE"),
-        "the error names the bad value: {stderr}"
-    );
+    assert!(stderr.contains("MAYBE"), "the error names the bad value: {stderr}");
     Ok(())
 }
 
@@ -164,10 +153,7 @@ async fn pod_bound_token_reviews_as_the_pod() -> anyhow::Result<()> {
 
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
     let created = pods
-        .create(
-            &PostParams::default(),
-            &pod("web", "workload", &[], Some(&node))?,
-        )
+        .create(&PostParams::default(), &pod("web", "workload", &[], Some(&node))?)
         .await?;
     let uid = created.metadata.uid.clone().context("pod has a uid")?;
 
@@ -217,10 +203,7 @@ async fn pod_bound_token_reviews_as_the_pod() -> anyhow::Result<()> {
         .status
         .context("review status")?;
     assert_eq!(status.authenticated, Some(true), "review: {status:?}");
-    assert_eq!(
-        status.audiences.as_deref(),
-        Some(&["mizzen-ca".to_owned()][..])
-    );
+    assert_eq!(status.audiences.as_deref(), Some(&["mizzen-ca".to_owned()][..]));
     let user = status.user.context("reviewed user")?;
     assert_eq!(
         user.username.as_deref(),
@@ -228,15 +211,9 @@ async fn pod_bound_token_reviews_as_the_pod() -> anyhow::Result<()> {
     );
     let extra = user.extra.unwrap_or_default();
     let one = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
-    assert_eq!(
-        one("authentication.kubernetes.io/pod-name").as_deref(),
-        Some("web")
-    );
+    assert_eq!(one("authentication.kubernetes.io/pod-name").as_deref(), Some("web"));
     assert_eq!(one("authentication.kubernetes.io/pod-uid"), Some(uid));
-    assert_eq!(
-        one("authentication.kubernetes.io/node-name"),
-        Some(node.clone())
-    );
+    assert_eq!(one("authentication.kubernetes.io/node-name"), Some(node.clone()));
 
     // The same token for another audience is refused.
     let wrong = reviews
@@ -258,18 +235,14 @@ async fn pod_bound_token_reviews_as_the_pod() -> anyhow::Result<()> {
         },
     )
     .await?;
-    eventually(
-        TIMEOUT,
-        "the token of the deleted pod to stop authenticating",
-        || {
-            let reviews = reviews.clone();
-            let r = review("mizzen-ca");
-            async move {
-                let s = reviews.create(&PostParams::default(), &r).await?.status;
-                Ok(s.and_then(|s| s.authenticated) != Some(true))
-            }
-        },
-    )
+    eventually(TIMEOUT, "the token of the deleted pod to stop authenticating", || {
+        let reviews = reviews.clone();
+        let r = review("mizzen-ca");
+        async move {
+            let s = reviews.create(&PostParams::default(), &r).await?.status;
+            Ok(s.and_then(|s| s.authenticated) != Some(true))
+        }
+    })
     .await?;
     Ok(())
 }
@@ -379,10 +352,7 @@ async fn netns_pods_reach_each_other() -> anyhow::Result<()> {
         .arg("whoami")
         .output()
         .await?;
-    assert_eq!(
-        String::from_utf8_lossy(&who.stdout).trim(),
-        "uid=1000 gid=1000"
-    );
+    assert_eq!(String::from_utf8_lossy(&who.stdout).trim(), "uid=1000 gid=1000");
 
     let out = client_pod
         .command_as(1000, 1000, testapp)
@@ -396,11 +366,7 @@ async fn netns_pods_reach_each_other() -> anyhow::Result<()> {
     );
     let reply = String::from_utf8_lossy(&out.stdout);
     let fields: Vec<&str> = reply.trim().splitn(3, ' ').collect();
-    assert_eq!(
-        fields.first(),
-        Some(&"1337"),
-        "server runs as uid 1337: {reply}"
-    );
+    assert_eq!(fields.first(), Some(&"1337"), "server runs as uid 1337: {reply}");
     assert!(
         fields
             .get(1)
@@ -425,9 +391,7 @@ async fn netns_pods_reach_each_other() -> anyhow::Result<()> {
     drop(server_pod);
     let status = tokio::time::timeout(TIMEOUT, server.wait()).await??;
     assert!(!status.success(), "the server was killed");
-    let list = std::process::Command::new("ip")
-        .args(["netns", "list"])
-        .output()?;
+    let list = std::process::Command::new("ip").args(["netns", "list"]).output()?;
     assert!(
         !String::from_utf8_lossy(&list.stdout).contains(&netns),
         "{netns} was deleted"
@@ -454,15 +418,12 @@ mod label_webhook {
         cert: Issued,
         calls: Arc<AtomicUsize>,
     ) -> anyhow::Result<()> {
-        let certs = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()?;
+        let certs = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
         let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())?;
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         loop {
             let (tcp, _) = listener.accept().await?;
@@ -480,10 +441,7 @@ mod label_webhook {
         }
     }
 
-    async fn handle(
-        req: Request<Incoming>,
-        calls: Arc<AtomicUsize>,
-    ) -> anyhow::Result<Response<Full<Bytes>>> {
+    async fn handle(req: Request<Incoming>, calls: Arc<AtomicUsize>) -> anyhow::Result<Response<Full<Bytes>>> {
         calls.fetch_add(1, Ordering::SeqCst);
         let body = req.into_body().collect().await?.to_bytes();
         let review: serde_json::Value = serde_json::from_slice(&body)?;
@@ -493,7 +451,9 @@ mod label_webhook {
         if !has_labels {
             patch.push(serde_json::json!({"op": "add", "path": "/metadata/labels", "value": {}}));
         }
-        patch.push(serde_json::json!({"op": "add", "path": "/metadata/labels/mizzen.dev~1test-webhook", "value": "seen"}));
+        patch.push(
+            serde_json::json!({"op": "add", "path": "/metadata/labels/mizzen.dev~1test-webhook", "value": "seen"}),
+        );
         let patch = serde_json::to_vec(&patch)?;
         let response = serde_json::json!({
             "apiVersion": "admission.k8s.io/v1",

@@ -92,7 +92,9 @@ pub struct SecretManager<S> {
 
 impl<S> std::fmt::Debug for SecretManager<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SecretManager").field("rotation", &self.rotation).finish_non_exhaustive()
+        f.debug_struct("SecretManager")
+            .field("rotation", &self.rotation)
+            .finish_non_exhaustive()
     }
 }
 
@@ -116,7 +118,10 @@ impl<S: Signer> SecretManager<S> {
             return e.tx.subscribe();
         }
         let (tx, rx) = watch::channel(None);
-        let entry = Arc::new(Entry { tx, token: Mutex::new(Zeroizing::new(token.to_owned())) });
+        let entry = Arc::new(Entry {
+            tx,
+            token: Mutex::new(Zeroizing::new(token.to_owned())),
+        });
         entries.insert(id.clone(), entry.clone());
         self.metrics.certificates_cached.set(entries.len() as i64);
         drop(entries);
@@ -127,11 +132,18 @@ impl<S: Signer> SecretManager<S> {
     /// Seconds until the soonest expiry among cached certificates.
     pub fn oldest_expiry(&self) -> Option<SystemTime> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.values().filter_map(|e| e.tx.borrow().as_ref().map(|s| s.not_after)).min()
+        entries
+            .values()
+            .filter_map(|e| e.tx.borrow().as_ref().map(|s| s.not_after))
+            .min()
     }
 
     async fn issue(&self, id: &SpiffeId, entry: &Entry) -> Result<Svid, SignError> {
-        let _permit = self.ca_calls.acquire().await.map_err(|e| SignError::Local(e.to_string()))?;
+        let _permit = self
+            .ca_calls
+            .acquire()
+            .await
+            .map_err(|e| SignError::Local(e.to_string()))?;
         let kc = identity::new_key_and_csr(id).map_err(|e| SignError::Local(e.to_string()))?;
         let token = entry.token.lock().unwrap_or_else(|p| p.into_inner()).to_string();
         self.metrics.ca_calls.inc();
@@ -166,7 +178,11 @@ impl<S: Signer> SecretManager<S> {
                 }
                 Err(e) => {
                     self.metrics.ca_error(e.kind());
-                    let still_valid = entry.tx.borrow().as_ref().is_some_and(|s| s.not_after > SystemTime::now());
+                    let still_valid = entry
+                        .tx
+                        .borrow()
+                        .as_ref()
+                        .is_some_and(|s| s.not_after > SystemTime::now());
                     warn!(%id, error = %e, retry_in = ?backoff, still_valid, "cannot get a certificate");
                     // Full jitter spreads retries of many identities apart.
                     let unit: f64 = rand::rng().random();

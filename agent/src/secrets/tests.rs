@@ -19,7 +19,12 @@ impl FakeCa {
         let mut p = CertificateParams::default();
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let issuer = CertifiedIssuer::self_signed(p, KeyPair::generate().expect("key")).expect("ca");
-        Arc::new(Self { issuer, calls: AtomicUsize::new(0), down: AtomicBool::new(false), delay })
+        Arc::new(Self {
+            issuer,
+            calls: AtomicUsize::new(0),
+            down: AtomicBool::new(false),
+            delay,
+        })
     }
 }
 
@@ -66,7 +71,12 @@ async fn first(rx: &mut SvidWatch) -> Arc<Svid> {
 #[tokio::test]
 async fn a_burst_with_one_identity_costs_one_ca_call() {
     let ca = FakeCa::new(Duration::from_millis(50));
-    let mgr = SecretManager::new(ca.clone(), rotation(Duration::from_secs(3600)), 4, Arc::new(Metrics::new()));
+    let mgr = SecretManager::new(
+        ca.clone(),
+        rotation(Duration::from_secs(3600)),
+        4,
+        Arc::new(Metrics::new()),
+    );
     let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/web".parse().expect("id");
     let mut rxs: Vec<_> = (0..50).map(|_| mgr.subscribe(&id, "token")).collect();
     let mut serials = std::collections::HashSet::new();
@@ -84,12 +94,20 @@ async fn a_burst_with_one_identity_costs_one_ca_call() {
 #[tokio::test]
 async fn rotates_before_expiry_and_survives_an_outage() {
     let ca = FakeCa::new(Duration::ZERO);
-    let mgr = SecretManager::new(ca.clone(), rotation(Duration::from_secs(4)), 4, Arc::new(Metrics::new()));
+    let mgr = SecretManager::new(
+        ca.clone(),
+        rotation(Duration::from_secs(4)),
+        4,
+        Arc::new(Metrics::new()),
+    );
     let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/web".parse().expect("id");
     let mut rx = mgr.subscribe(&id, "token");
     let one = first(&mut rx).await;
     // A new certificate arrives on the same watch before the first expires.
-    tokio::time::timeout(Duration::from_secs(10), rx.changed()).await.expect("rotated").expect("alive");
+    tokio::time::timeout(Duration::from_secs(10), rx.changed())
+        .await
+        .expect("rotated")
+        .expect("alive");
     let two = rx.borrow_and_update().clone().expect("cert");
     assert_ne!(two.serial, one.serial);
     assert!(SystemTime::now() < one.not_after, "rotated before the first expired");
@@ -99,9 +117,16 @@ async fn rotates_before_expiry_and_survives_an_outage() {
     let calls = ca.calls.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(ca.calls.load(Ordering::SeqCst) > calls + 1, "retries while down");
-    assert_eq!(rx.borrow().as_ref().map(|s| s.serial.clone()), Some(two.serial.clone()), "still serving the cached one");
+    assert_eq!(
+        rx.borrow().as_ref().map(|s| s.serial.clone()),
+        Some(two.serial.clone()),
+        "still serving the cached one"
+    );
     // CA back: a fresh certificate follows.
     ca.down.store(false, Ordering::SeqCst);
-    tokio::time::timeout(Duration::from_secs(10), rx.changed()).await.expect("recovered").expect("alive");
+    tokio::time::timeout(Duration::from_secs(10), rx.changed())
+        .await
+        .expect("recovered")
+        .expect("alive");
     assert_ne!(rx.borrow().as_ref().map(|s| s.serial.clone()), Some(two.serial.clone()));
 }

@@ -41,9 +41,7 @@ pub enum SpiffeIdError {
     MissingTrustDomain,
     #[error("trust domain is longer than {MAX_TRUST_DOMAIN_LEN} bytes")]
     TrustDomainTooLong,
-    #[error(
-        "trust domain may contain only lowercase letters, digits, '.', '-' and '_', found {0:?}"
-    )]
+    #[error("trust domain may contain only lowercase letters, digits, '.', '-' and '_', found {0:?}")]
     BadTrustDomainChar(char),
     #[error("SPIFFE ID is longer than {MAX_ID_LEN} bytes")]
     TooLong,
@@ -134,9 +132,7 @@ impl SpiffeId {
         if s.is_empty() {
             return Err(SpiffeIdError::Empty);
         }
-        let rest = s
-            .strip_prefix(SCHEME_PREFIX)
-            .ok_or(SpiffeIdError::WrongScheme)?;
+        let rest = s.strip_prefix(SCHEME_PREFIX).ok_or(SpiffeIdError::WrongScheme)?;
         if s.len() > MAX_ID_LEN {
             return Err(SpiffeIdError::TooLong);
         }
@@ -170,11 +166,7 @@ impl SpiffeId {
     /// Kubernetes namespace and ServiceAccount names are DNS labels and
     /// subdomains, which are always valid path segments; anything else is
     /// refused rather than escaped.
-    pub fn workload(
-        td: &TrustDomain,
-        namespace: &str,
-        service_account: &str,
-    ) -> Result<Self, SpiffeIdError> {
+    pub fn workload(td: &TrustDomain, namespace: &str, service_account: &str) -> Result<Self, SpiffeIdError> {
         for seg in [namespace, service_account] {
             if seg.is_empty() {
                 return Err(SpiffeIdError::EmptySegment);
@@ -205,13 +197,7 @@ impl SpiffeId {
     /// `/ns/<namespace>/sa/<service_account>`, `None` otherwise.
     pub fn workload_parts(&self) -> Option<(&str, &str)> {
         let mut segs = self.path().strip_prefix('/')?.split('/');
-        match (
-            segs.next(),
-            segs.next(),
-            segs.next(),
-            segs.next(),
-            segs.next(),
-        ) {
+        match (segs.next(), segs.next(), segs.next(), segs.next(), segs.next()) {
             (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
             _ => None,
         }

@@ -42,21 +42,11 @@ fn valid_ids_round_trip() {
         ),
         // a segment may contain dots as long as it is not exactly "." or ".."
         ("spiffe://example.org/...", "example.org", "/..."),
-        (
-            "spiffe://example.org/.hidden/a..b",
-            "example.org",
-            "/.hidden/a..b",
-        ),
-        (
-            "spiffe://1.2.3.4/ip-like-domain",
-            "1.2.3.4",
-            "/ip-like-domain",
-        ),
+        ("spiffe://example.org/.hidden/a..b", "example.org", "/.hidden/a..b"),
+        ("spiffe://1.2.3.4/ip-like-domain", "1.2.3.4", "/ip-like-domain"),
     ];
     for (s, want_td, want_path) in cases {
-        let id: SpiffeId = s
-            .parse()
-            .unwrap_or_else(|e| panic!("{s} should be valid: {e}"));
+        let id: SpiffeId = s.parse().unwrap_or_else(|e| panic!("{s} should be valid: {e}"));
         assert_eq!(id.trust_domain_name(), *want_td, "{s}");
         assert_eq!(id.trust_domain().as_str(), *want_td, "{s}");
         assert_eq!(id.path(), *want_path, "{s}");
@@ -114,10 +104,7 @@ fn invalid_ids_are_refused_with_reason() {
         assert_eq!(SpiffeId::parse(s), Err(want.clone()), "{s:?}");
         // serde refuses the same input
         let json = serde_json::to_string(s).expect("json string");
-        assert!(
-            serde_json::from_str::<SpiffeId>(&json).is_err(),
-            "{s:?} via serde"
-        );
+        assert!(serde_json::from_str::<SpiffeId>(&json).is_err(), "{s:?} via serde");
     }
 }
 
@@ -136,13 +123,7 @@ fn trust_domains() {
     assert_eq!(TrustDomain::default().as_str(), "cluster.local");
     assert_eq!(td("example.org").id().to_string(), "spiffe://example.org");
     assert_eq!(td("example.org").id().path(), "");
-    for bad in [
-        "",
-        "Example.org",
-        "spiffe://example.org",
-        "example.org/path",
-        "a:1",
-    ] {
+    for bad in ["", "Example.org", "spiffe://example.org", "example.org/path", "a:1"] {
         assert!(TrustDomain::new(bad).is_err(), "{bad:?}");
     }
 }
@@ -166,22 +147,13 @@ fn workload_form() {
     }
 
     let t = td("cluster.local");
-    assert_eq!(
-        SpiffeId::workload(&t, "", "web"),
-        Err(SpiffeIdError::EmptySegment)
-    );
-    assert_eq!(
-        SpiffeId::workload(&t, "demo", ""),
-        Err(SpiffeIdError::EmptySegment)
-    );
+    assert_eq!(SpiffeId::workload(&t, "", "web"), Err(SpiffeIdError::EmptySegment));
+    assert_eq!(SpiffeId::workload(&t, "demo", ""), Err(SpiffeIdError::EmptySegment));
     assert_eq!(
         SpiffeId::workload(&t, "a/b", "web"),
         Err(SpiffeIdError::BadPathChar('/'))
     );
-    assert_eq!(
-        SpiffeId::workload(&t, "..", "web"),
-        Err(SpiffeIdError::DotSegment)
-    );
+    assert_eq!(SpiffeId::workload(&t, "..", "web"), Err(SpiffeIdError::DotSegment));
     assert_eq!(
         SpiffeId::workload(&t, "demo", "w:b"),
         Err(SpiffeIdError::BadPathChar(':'))

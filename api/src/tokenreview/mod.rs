@@ -88,9 +88,8 @@ pub fn bearer(header: &'static str, value: Option<&str>) -> Result<String, AuthE
 fn is_dns_label(s: &str, max: usize, dots: bool) -> bool {
     !s.is_empty()
         && s.len() <= max
-        && s.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.')
-        })
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.'))
         && !s.starts_with(['-', '.'])
         && !s.ends_with(['-', '.'])
 }
@@ -100,10 +99,7 @@ fn is_dns_label(s: &str, max: usize, dots: bool) -> bool {
 pub fn parse_review(status: &TokenReviewStatus, audience: &str) -> Result<Reviewed, AuthError> {
     if status.authenticated != Some(true) {
         return Err(AuthError::NotAuthenticated(
-            status
-                .error
-                .clone()
-                .unwrap_or_else(|| "not authenticated".into()),
+            status.error.clone().unwrap_or_else(|| "not authenticated".into()),
         ));
     }
     // The API server echoes the audiences the token is valid for among those
@@ -115,9 +111,7 @@ pub fn parse_review(status: &TokenReviewStatus, audience: &str) -> Result<Review
     let username = user.and_then(|u| u.username.as_deref()).unwrap_or_default();
     let parts: Vec<&str> = username.split(':').collect();
     let (namespace, sa) = match parts.as_slice() {
-        ["system", "serviceaccount", ns, sa]
-            if is_dns_label(ns, 63, false) && is_dns_label(sa, 253, true) =>
-        {
+        ["system", "serviceaccount", ns, sa] if is_dns_label(ns, 63, false) && is_dns_label(sa, 253, true) => {
             (*ns, *sa)
         }
         _ => return Err(AuthError::NotServiceAccount(username.to_owned())),
@@ -179,11 +173,7 @@ impl Authenticator {
     pub async fn review(&self, token: &str) -> Result<Reviewed, AuthError> {
         let key = self.key(token);
         let now = Instant::now();
-        if let Some((r, expires)) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
+        if let Some((r, expires)) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
             && *expires > now
         {
             return Ok(r.clone());

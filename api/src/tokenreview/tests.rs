@@ -4,12 +4,7 @@ use k8s_openapi::api::authentication::v1::UserInfo;
 
 use super::*;
 
-fn status(
-    auth: bool,
-    audiences: &[&str],
-    user: &str,
-    extra: &[(&str, &[&str])],
-) -> TokenReviewStatus {
+fn status(auth: bool, audiences: &[&str], user: &str, extra: &[(&str, &[&str])]) -> TokenReviewStatus {
     TokenReviewStatus {
         authenticated: Some(auth),
         audiences: Some(audiences.iter().map(|s| s.to_string()).collect()),
@@ -29,21 +24,12 @@ fn status(
 
 #[test]
 fn bearer_values() {
-    assert_eq!(
-        bearer("authorization", Some("Bearer abc.def")),
-        Ok("abc.def".into())
-    );
-    assert_eq!(
-        bearer("authorization", Some("bearer abc")),
-        Ok("abc".into())
-    );
+    assert_eq!(bearer("authorization", Some("Bearer abc.def")), Ok("abc.def".into()));
+    assert_eq!(bearer("authorization", Some("bearer abc")), Ok("abc".into()));
     for bad in ["abc", "Bearer ", "Basic abc", "Bearer a b", "Bearer\tabc"] {
         assert!(bearer("authorization", Some(bad)).is_err(), "{bad:?}");
     }
-    assert_eq!(
-        bearer("authorization", None),
-        Err(AuthError::Missing("authorization"))
-    );
+    assert_eq!(bearer("authorization", None), Err(AuthError::Missing("authorization")));
     let huge = format!("Bearer {}", "a".repeat(MAX_TOKEN_LEN + 1));
     assert!(bearer("authorization", Some(&huge)).is_err());
 }
@@ -86,18 +72,11 @@ fn reviews_are_parsed_strictly() {
     ];
     for user in bad_users {
         let r = parse_review(&status(true, &["mizzen-ca"], user, &[]), "mizzen-ca");
-        assert_eq!(
-            r,
-            Err(AuthError::NotServiceAccount(user.into())),
-            "{user:?}"
-        );
+        assert_eq!(r, Err(AuthError::NotServiceAccount(user.into())), "{user:?}");
     }
     // Authenticated, but not for our audience (or no audiences echoed).
     for auds in [&["other"][..], &[][..]] {
-        let r = parse_review(
-            &status(true, auds, "system:serviceaccount:demo:web", &[]),
-            "mizzen-ca",
-        );
+        let r = parse_review(&status(true, auds, "system:serviceaccount:demo:web", &[]), "mizzen-ca");
         assert_eq!(r, Err(AuthError::WrongAudience("mizzen-ca".into())));
     }
     let mut failed = status(false, &["mizzen-ca"], "system:serviceaccount:demo:web", &[]);
@@ -119,4 +98,3 @@ fn reviews_are_parsed_strictly() {
     .expect("valid");
     assert_eq!(two.node_name, None);
 }
-

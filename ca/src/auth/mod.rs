@@ -54,11 +54,7 @@ impl Denied {
 
 /// Decides the identity to certify for `workload`, called directly or
 /// through `agent`.
-pub fn authorize(
-    workload: &Reviewed,
-    agent: Option<&Reviewed>,
-    policy: &Policy,
-) -> Result<SpiffeId, Denied> {
+pub fn authorize(workload: &Reviewed, agent: Option<&Reviewed>, policy: &Policy) -> Result<SpiffeId, Denied> {
     match agent {
         None if !policy.allow_direct => return Err(Denied::DirectNotAllowed),
         None => {}
@@ -69,9 +65,7 @@ pub fn authorize(
             if let Some(node) = &workload.node_name {
                 match &agent.node_name {
                     None => {
-                        return Err(Denied::AgentNodeUnknown {
-                            workload: node.clone(),
-                        });
+                        return Err(Denied::AgentNodeUnknown { workload: node.clone() });
                     }
                     Some(a) if a != node => {
                         return Err(Denied::NodeMismatch {
@@ -84,12 +78,8 @@ pub fn authorize(
             }
         }
     }
-    SpiffeId::workload(
-        &policy.trust_domain,
-        &workload.namespace,
-        &workload.service_account,
-    )
-    .map_err(|e| Denied::BadIdentity(workload.name(), e.to_string()))
+    SpiffeId::workload(&policy.trust_domain, &workload.namespace, &workload.service_account)
+        .map_err(|e| Denied::BadIdentity(workload.name(), e.to_string()))
 }
 
 #[cfg(test)]

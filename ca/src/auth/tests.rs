@@ -27,10 +27,7 @@ fn authorization_decisions() {
 
     assert_eq!(authorize(&web_a, Some(&agent_a), &policy), want);
     assert_eq!(authorize(&web_unbound, Some(&agent_a), &policy), want);
-    assert_eq!(
-        authorize(&web_a, None, &policy),
-        Err(Denied::DirectNotAllowed)
-    );
+    assert_eq!(authorize(&web_a, None, &policy), Err(Denied::DirectNotAllowed));
     assert_eq!(
         authorize(&web_a, Some(&impostor), &policy),
         Err(Denied::UntrustedAgent("demo/mizzen-agent".into()))

@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 
 use mizzen_api::TrustDomain;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
 };
 use ring::rand::SecureRandom;
 use time::OffsetDateTime;
@@ -82,19 +82,15 @@ fn parse_pem_certs(file: &'static str, pem_text: &str) -> Result<Vec<Cert>, Auth
     let mut out = Vec::new();
     for block in pem::parse_many(pem_text).map_err(|e| bundle_err(file, e.to_string()))? {
         if block.tag() != "CERTIFICATE" {
-            return Err(bundle_err(
-                file,
-                format!("unexpected PEM block {:?}", block.tag()),
-            ));
+            return Err(bundle_err(file, format!("unexpected PEM block {:?}", block.tag())));
         }
         let der = block.contents().to_vec();
-        let (rest, cert) =
-            X509Certificate::from_der(&der).map_err(|e| bundle_err(file, e.to_string()))?;
+        let (rest, cert) = X509Certificate::from_der(&der).map_err(|e| bundle_err(file, e.to_string()))?;
         if !rest.is_empty() {
             return Err(bundle_err(file, "trailing bytes after a certificate"));
         }
-        let not_after = SystemTime::UNIX_EPOCH
-            + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
+        let not_after =
+            SystemTime::UNIX_EPOCH + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
         out.push(Cert {
             pem: cert_pem(&der),
             der,
@@ -168,29 +164,28 @@ impl Authority {
     /// kept: the intermediate is the only key that can issue.
     pub fn generate(td: &TrustDomain, ttl: Duration) -> Result<Bundle, AuthorityError> {
         let now = SystemTime::now();
-        let ca_params =
-            |cn: &str, path_len: Option<u8>| -> Result<CertificateParams, AuthorityError> {
-                let mut p = CertificateParams::default();
-                let mut dn = DistinguishedName::new();
-                dn.push(DnType::OrganizationName, td.as_str());
-                dn.push(DnType::CommonName, cn);
-                p.distinguished_name = dn;
-                p.is_ca = IsCa::Ca(match path_len {
-                    Some(n) => BasicConstraints::Constrained(n),
-                    None => BasicConstraints::Unconstrained,
-                });
-                p.key_usages = vec![
-                    KeyUsagePurpose::KeyCertSign,
-                    KeyUsagePurpose::CrlSign,
-                    KeyUsagePurpose::DigitalSignature,
-                ];
-                p.subject_alt_names = vec![SanType::URI(td.id().as_str().try_into()?)];
-                p.not_before = odt(now - CLOCK_SKEW);
-                p.not_after = odt(now + ttl);
-                p.serial_number = Some(random_serial()?);
-                p.use_authority_key_identifier_extension = true;
-                Ok(p)
-            };
+        let ca_params = |cn: &str, path_len: Option<u8>| -> Result<CertificateParams, AuthorityError> {
+            let mut p = CertificateParams::default();
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::OrganizationName, td.as_str());
+            dn.push(DnType::CommonName, cn);
+            p.distinguished_name = dn;
+            p.is_ca = IsCa::Ca(match path_len {
+                Some(n) => BasicConstraints::Constrained(n),
+                None => BasicConstraints::Unconstrained,
+            });
+            p.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            p.subject_alt_names = vec![SanType::URI(td.id().as_str().try_into()?)];
+            p.not_before = odt(now - CLOCK_SKEW);
+            p.not_after = odt(now + ttl);
+            p.serial_number = Some(random_serial()?);
+            p.use_authority_key_identifier_extension = true;
+            Ok(p)
+        };
         let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let root_params = ca_params("Mizzen root CA", None)?;
         let root_cert = root_params.self_signed(&root_key)?;
@@ -209,8 +204,8 @@ impl Authority {
     /// Loads and checks a bundle.
     pub fn from_bundle(b: &Bundle, td: &TrustDomain) -> Result<Self, AuthorityError> {
         let ca = parse_pem_certs("ca-cert.pem", &b.ca_cert)?;
-        let [ca] = <[Cert; 1]>::try_from(ca)
-            .map_err(|_| bundle_err("ca-cert.pem", "must hold exactly one certificate"))?;
+        let [ca] =
+            <[Cert; 1]>::try_from(ca).map_err(|_| bundle_err("ca-cert.pem", "must hold exactly one certificate"))?;
         let chain = parse_pem_certs("cert-chain.pem", &b.cert_chain)?;
         let roots = parse_pem_certs("root-cert.pem", &b.root_cert)?;
 
@@ -227,13 +222,8 @@ impl Authority {
                 format!("{e} (a PKCS#8 key is needed: openssl pkcs8 -topk8 -nocrypt)"),
             )
         })?;
-        if rcgen::PublicKeyData::subject_public_key_info(&key)
-            != ca_x.tbs_certificate.subject_pki.raw
-        {
-            return Err(bundle_err(
-                "ca-key.pem",
-                "does not match the public key of ca-cert.pem",
-            ));
+        if rcgen::PublicKeyData::subject_public_key_info(&key) != ca_x.tbs_certificate.subject_pki.raw {
+            return Err(bundle_err("ca-key.pem", "does not match the public key of ca-cert.pem"));
         }
         if chain[0].der != ca.der {
             return Err(bundle_err("cert-chain.pem", "must start with ca-cert.pem"));
@@ -247,14 +237,12 @@ impl Authority {
                     format!("{} is not a CA", parent.subject()),
                 ));
             }
-            child
-                .verify_signature(Some(parent.public_key()))
-                .map_err(|_| {
-                    bundle_err(
-                        "cert-chain.pem",
-                        format!("{} is not signed by {}", child.subject(), parent.subject()),
-                    )
-                })?;
+            child.verify_signature(Some(parent.public_key())).map_err(|_| {
+                bundle_err(
+                    "cert-chain.pem",
+                    format!("{} is not signed by {}", child.subject(), parent.subject()),
+                )
+            })?;
         }
         // The chain ends at one of the roots, or at a certificate one of them signed.
         let last = chain.last().expect("non-empty");
@@ -265,12 +253,7 @@ impl Authority {
                 let r_x = x509(&r.der);
                 r.der == last.der || last_x.verify_signature(Some(r_x.public_key())).is_ok()
             })
-            .ok_or_else(|| {
-                bundle_err(
-                    "root-cert.pem",
-                    "no root certificate anchors cert-chain.pem",
-                )
-            })?;
+            .ok_or_else(|| bundle_err("root-cert.pem", "no root certificate anchors cert-chain.pem"))?;
         let root_x = x509(&root.der);
         if !is_ca(&root_x) || root_x.verify_signature(None).is_err() {
             return Err(bundle_err(
@@ -325,16 +308,10 @@ impl Authority {
         p.subject_alt_names = vec![SanType::URI(req.id.as_str().try_into()?)];
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = match req.key_kind {
-            KeyKind::Rsa { .. } => vec![
-                KeyUsagePurpose::DigitalSignature,
-                KeyUsagePurpose::KeyEncipherment,
-            ],
+            KeyKind::Rsa { .. } => vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment],
             _ => vec![KeyUsagePurpose::DigitalSignature],
         };
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         p.not_before = odt(now - CLOCK_SKEW);
         p.not_after = odt(not_after);
         let serial = random_serial()?;
@@ -367,11 +344,9 @@ impl Authority {
         dn.push(DnType::CommonName, "mizzen-ca");
         p.distinguished_name = dn;
         for d in dns {
-            p.subject_alt_names
-                .push(SanType::DnsName(d.as_str().try_into()?));
+            p.subject_alt_names.push(SanType::DnsName(d.as_str().try_into()?));
         }
-        p.subject_alt_names
-            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        p.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         p.subject_alt_names
             .push(SanType::URI(self.trust_domain.id().as_str().try_into()?));
         p.is_ca = IsCa::ExplicitNoCa;

@@ -35,10 +35,7 @@ fn issues_x509_svids() {
 
     let leaf_der = der(&issued.chain[0]);
     let (_, leaf) = X509Certificate::from_der(&leaf_der).expect("leaf parses");
-    let san = leaf
-        .subject_alternative_name()
-        .expect("san ok")
-        .expect("has san");
+    let san = leaf.subject_alternative_name().expect("san ok").expect("has san");
     assert!(san.critical, "SAN is critical with an empty subject");
     assert_eq!(san.value.general_names, vec![GeneralName::URI(id)]);
     let bc = leaf.basic_constraints().expect("bc").expect("present");

@@ -11,8 +11,7 @@ use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::der_parser::oid::Oid;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry::{
-    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
-    OID_SIG_ED25519,
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION, OID_SIG_ED25519,
 };
 use x509_parser::prelude::FromDer;
 
@@ -109,8 +108,7 @@ pub fn check(csr_pem: &str, id: &SpiffeId) -> Result<SigningRequest, Reject> {
         return Err(Reject::TooLarge);
     }
     let der = decode_pem(csr_pem)?;
-    let (rest, csr) =
-        X509CertificationRequest::from_der(&der).map_err(|e| Reject::BadDer(e.to_string()))?;
+    let (rest, csr) = X509CertificationRequest::from_der(&der).map_err(|e| Reject::BadDer(e.to_string()))?;
     if !rest.is_empty() {
         return Err(Reject::BadDer(format!("{} trailing bytes", rest.len())));
     }
@@ -147,9 +145,7 @@ pub fn check(csr_pem: &str, id: &SpiffeId) -> Result<SigningRequest, Reject> {
         return Err(Reject::ExtraSans(others.join(", ")));
     }
     match uris.as_slice() {
-        [] => Err(Reject::MissingSan {
-            expected: id.clone(),
-        }),
+        [] => Err(Reject::MissingSan { expected: id.clone() }),
         // Byte equality with the canonical ID: no normalisation, no fix-ups.
         [uri] if uri == id.as_str() => Ok(SigningRequest {
             id: id.clone(),
@@ -165,8 +161,7 @@ pub fn check(csr_pem: &str, id: &SpiffeId) -> Result<SigningRequest, Reject> {
 }
 
 fn decode_pem(pem: &str) -> Result<Vec<u8>, Reject> {
-    let (rest, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
-        .map_err(|e| Reject::BadPem(e.to_string()))?;
+    let (rest, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| Reject::BadPem(e.to_string()))?;
     if block.label != "CERTIFICATE REQUEST" && block.label != "NEW CERTIFICATE REQUEST" {
         return Err(Reject::BadPem(format!("found a {:?} block", block.label)));
     }

@@ -14,11 +14,7 @@ fn csr_with(key: &KeyPair, sans: Vec<SanType>, ca: bool) -> String {
     if ca {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     }
-    params
-        .serialize_request(key)
-        .expect("csr")
-        .pem()
-        .expect("pem")
+    params.serialize_request(key).expect("csr").pem().expect("pem")
 }
 
 fn uri(s: &str) -> SanType {
@@ -105,20 +101,12 @@ fn refuses_with_a_reason() {
         ),
         (
             "upper-case trust domain",
-            csr_with(
-                &key,
-                vec![uri("spiffe://Cluster.local/ns/demo/sa/web")],
-                false,
-            ),
+            csr_with(&key, vec![uri("spiffe://Cluster.local/ns/demo/sa/web")], false),
             "wrong_identity",
         ),
         (
             "percent-encoded",
-            csr_with(
-                &key,
-                vec![uri("spiffe://cluster.local/ns/demo/sa/w%65b")],
-                false,
-            ),
+            csr_with(&key, vec![uri("spiffe://cluster.local/ns/demo/sa/w%65b")], false),
             "wrong_identity",
         ),
         (
@@ -135,30 +123,19 @@ fn refuses_with_a_reason() {
             "URI and DNS",
             csr_with(
                 &key,
-                vec![
-                    uri(ID),
-                    SanType::DnsName("web.demo.svc".try_into().expect("dns")),
-                ],
+                vec![uri(ID), SanType::DnsName("web.demo.svc".try_into().expect("dns"))],
                 false,
             ),
             "extra_sans",
         ),
         (
             "DNS only",
-            csr_with(
-                &key,
-                vec![SanType::DnsName("web".try_into().expect("dns"))],
-                false,
-            ),
+            csr_with(&key, vec![SanType::DnsName("web".try_into().expect("dns"))], false),
             "extra_sans",
         ),
         (
             "IP SAN",
-            csr_with(
-                &key,
-                vec![uri(ID), SanType::IpAddress([10, 0, 0, 1].into())],
-                false,
-            ),
+            csr_with(&key, vec![uri(ID), SanType::IpAddress([10, 0, 0, 1].into())], false),
             "extra_sans",
         ),
         ("CA", csr_with(&key, vec![uri(ID)], true), "ca_requested"),
@@ -177,8 +154,7 @@ fn refuses_with_a_reason() {
         ),
         (
             "bad DER",
-            "-----BEGIN CERTIFICATE REQUEST-----\nMAMCAQA=\n-----END CERTIFICATE REQUEST-----\n"
-                .into(),
+            "-----BEGIN CERTIFICATE REQUEST-----\nMAMCAQA=\n-----END CERTIFICATE REQUEST-----\n".into(),
             "bad_der",
         ),
         (
@@ -205,17 +181,10 @@ fn refuses_a_tampered_signature() {
     der[last] ^= 0x01;
     block = pem::Pem::new("CERTIFICATE REQUEST", der);
     let err = check(&pem::encode(&block), &id()).expect_err("tampered CSR must be refused");
-    assert!(
-        matches!(err, Reject::BadSignature | Reject::BadDer(_)),
-        "{err}"
-    );
+    assert!(matches!(err, Reject::BadSignature | Reject::BadDer(_)), "{err}");
 
     // Changing the requested SAN after signing breaks the signature too.
-    let good = csr_with(
-        &p256(),
-        vec![uri("spiffe://cluster.local/ns/demo/sa/wex")],
-        false,
-    );
+    let good = csr_with(&p256(), vec![uri("spiffe://cluster.local/ns/demo/sa/wex")], false);
     let mut der = pem::parse(&good).expect("pem").contents().to_vec();
     let pos = der.windows(3).position(|w| w == b"wex").expect("SAN bytes");
     der[pos + 2] = b'b';

@@ -53,11 +53,9 @@ fn echo_server(addr: &str) -> Result<(), String> {
 }
 
 fn connect(addr: &str, text: &str) -> Result<(), String> {
-    let sock = addr
-        .parse()
-        .map_err(|e| format!("bad address {addr}: {e}"))?;
-    let mut conn = TcpStream::connect_timeout(&sock, Duration::from_secs(5))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let sock = addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?;
+    let mut conn =
+        TcpStream::connect_timeout(&sock, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     writeln!(conn, "{text}").map_err(|e| format!("write: {e}"))?;

@@ -1,0 +1,66 @@
+//! Small Kubernetes helpers shared by the end-to-end tests.
+
+use anyhow::Context;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use kube::api::{Api, PostParams};
+
+/// Creates ServiceAccount `ns/name` unless it exists.
+pub async fn service_account(client: &kube::Client, ns: &str, name: &str) -> anyhow::Result<()> {
+    let mut sa = ServiceAccount::default();
+    sa.metadata.name = Some(name.into());
+    match Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &sa)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("create ServiceAccount {ns}/{name}")),
+    }
+}
+
+/// A pod bound straight to `node` (as if the scheduler had placed it);
+/// nothing runs it.
+pub async fn pod_on_node(client: &kube::Client, ns: &str, name: &str, sa: &str, node: &str) -> anyhow::Result<Pod> {
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"serviceAccountName": sa, "nodeName": node,
+                 "containers": [{"name": "app", "image": "mizzen-testapp"}]},
+    }))?;
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pod)
+        .await
+        .with_context(|| format!("create pod {ns}/{name}"))
+}
+
+/// A one-hour token of `ns/sa` for `audience`, bound to `pod` when given
+/// (as a projected token is).
+pub async fn token(
+    client: &kube::Client,
+    ns: &str,
+    sa: &str,
+    pod: Option<&Pod>,
+    audience: &str,
+) -> anyhow::Result<String> {
+    let bound = pod.map(|p| BoundObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: p.metadata.name.clone(),
+        uid: p.metadata.uid.clone(),
+    });
+    let req = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.into()],
+            bound_object_ref: bound,
+            expiration_seconds: Some(3600),
+        },
+        ..Default::default()
+    };
+    Ok(Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(sa, &PostParams::default(), &req)
+        .await
+        .with_context(|| format!("token for {ns}/{sa}"))?
+        .status
+        .context("token status")?
+        .token)
+}

@@ -1,0 +1,84 @@
+//! Mizzen's own components installed and running on the test cluster.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::Api;
+use tokio::sync::OnceCell;
+
+use crate::daemon::Daemon;
+use crate::{Cluster, eventually_some, free_port, k8s};
+
+/// The namespace Mizzen's components live in.
+pub const SYSTEM: &str = "mizzen-system";
+
+static INSTALLED: OnceCell<()> = OnceCell::const_new();
+
+/// Applies the namespace, CA and agent manifests (ServiceAccounts and RBAC)
+/// with kubectl, once per test binary.
+pub async fn install_manifests(cluster: &Cluster) -> anyhow::Result<()> {
+    INSTALLED
+        .get_or_try_init(|| async {
+            let root = crate::cluster::repo_root();
+            for m in ["manifests/namespace.yaml", "manifests/ca.yaml", "manifests/agent.yaml"] {
+                cluster.kubectl(["apply", "-f"]).arg(root.join(m)).run().await?;
+            }
+            let client = cluster.client().await?;
+            k8s::service_account(&client, SYSTEM, "mizzen-agent").await?;
+            Ok::<_, anyhow::Error>(())
+        })
+        .await?;
+    Ok(())
+}
+
+/// A running `mizzen-ca`.
+#[derive(Debug)]
+pub struct Ca {
+    pub daemon: Daemon,
+    pub grpc_port: u16,
+}
+
+impl Ca {
+    /// Starts `mizzen-ca` as ServiceAccount `mizzen-system/mizzen-ca` (the
+    /// manifests' RBAC) on `grpc_port` (a free one when `None`).
+    pub async fn start(cluster: &Cluster, grpc_port: Option<u16>, extra: &[&str]) -> anyhow::Result<Self> {
+        let client = cluster.client().await?;
+        let kubeconfig = cluster
+            .kubeconfig_for_service_account(&client, SYSTEM, "mizzen-ca")
+            .await?;
+        Self::start_with(&kubeconfig, grpc_port, extra).await
+    }
+
+    /// Starts `mizzen-ca` with the given kubeconfig.
+    pub async fn start_with(
+        kubeconfig: &std::path::Path,
+        grpc_port: Option<u16>,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let grpc_port = grpc_port.unwrap_or_else(free_port);
+        let mut args = vec![format!("--grpc-addr=127.0.0.1:{grpc_port}")];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let daemon = Daemon::start("mizzen-ca", kubeconfig, free_port(), &args).await?;
+        Ok(Self { daemon, grpc_port })
+    }
+}
+
+/// The trust bundle published as ConfigMap `name` in `namespace`.
+pub async fn published_root(client: &kube::Client, namespace: &str, name: &str) -> anyhow::Result<String> {
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), namespace);
+    eventually_some(
+        Duration::from_secs(60),
+        &format!("ConfigMap {namespace}/{name}"),
+        || {
+            let cms = cms.clone();
+            async move {
+                Ok(cms
+                    .get_opt(name)
+                    .await?
+                    .and_then(|c| c.data)
+                    .and_then(|mut d| d.remove("root-cert.pem")))
+            }
+        },
+    )
+    .await
+}
