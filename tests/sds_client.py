@@ -24,7 +24,10 @@ def main() -> int:
     socket, token_file, names = sys.argv[1], sys.argv[2], sys.argv[3:]
     with open(token_file) as f:
         token = f.read().strip()
-    with grpc.insecure_channel("unix:" + socket) as channel:
+    # gRPC's C core would send the socket path as :authority, which is not a
+    # valid HTTP/2 authority; name the agent instead, as Envoy and grpc-go do.
+    options = [("grpc.default_authority", "mizzen-agent")]
+    with grpc.insecure_channel("unix:" + socket, options=options) as channel:
         stub = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
         request = discovery_pb2.DiscoveryRequest(type_url=SECRET_TYPE, resource_names=names)
         try:

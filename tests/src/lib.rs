@@ -14,6 +14,7 @@ pub mod k8s;
 pub mod mesh;
 pub mod netns;
 pub mod reaper;
+pub mod sds;
 pub mod tls;
 pub mod wait;
 

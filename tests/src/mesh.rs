@@ -82,3 +82,45 @@ pub async fn published_root(client: &kube::Client, namespace: &str, name: &str) 
     )
     .await
 }
+
+/// A running `mizzen-agent` for one node.
+#[derive(Debug)]
+pub struct Agent {
+    pub daemon: Daemon,
+    pub socket: std::path::PathBuf,
+    pub node: String,
+}
+
+impl Agent {
+    /// Starts `mizzen-agent` for `node` as ServiceAccount
+    /// `mizzen-system/mizzen-agent` (the manifests' RBAC), with the agent's
+    /// own pod-bound token as its credential for the CA at `ca_port`.
+    pub async fn start(cluster: &Cluster, node: &str, ca_port: u16, extra: &[&str]) -> anyhow::Result<Self> {
+        let client = cluster.client().await?;
+        let pod_name = format!("mizzen-agent-{node}-{}", free_port());
+        let pod = k8s::pod_on_node(&client, SYSTEM, &pod_name, "mizzen-agent", node).await?;
+        let token = k8s::token(&client, SYSTEM, "mizzen-agent", Some(&pod), "mizzen-ca").await?;
+        let dir = cluster.dir().join(&pod_name);
+        std::fs::create_dir_all(&dir)?;
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, token)?;
+        let socket = dir.join("agent.sock");
+        let kubeconfig = cluster
+            .kubeconfig_for_service_account(&client, SYSTEM, "mizzen-agent")
+            .await?;
+        let mut args = vec![
+            format!("--socket={}", socket.display()),
+            format!("--ca-addr=https://127.0.0.1:{ca_port}"),
+            format!("--node-name={node}"),
+            format!("--namespace={SYSTEM}"),
+            format!("--agent-token-file={}", token_file.display()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let daemon = Daemon::start("mizzen-agent", &kubeconfig, free_port(), &args).await?;
+        Ok(Self {
+            daemon,
+            socket,
+            node: node.to_owned(),
+        })
+    }
+}
