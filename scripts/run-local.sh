@@ -8,23 +8,42 @@
 #
 # State lives in $MIZZEN_LOCAL_DIR (default ~/.cache/mizzen/local); component
 # logs in its logs/ folder. Ports: CA gRPC $MIZZEN_CA_PORT (15012), CA admin
-# $MIZZEN_CA_ADMIN_PORT (15014).
+# $MIZZEN_CA_ADMIN_PORT (15014), agent admin $MIZZEN_AGENT_ADMIN_PORT (15030).
+# The agent serves SDS on $DIR/agent.sock for node "local-node".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR="${MIZZEN_LOCAL_DIR:-$HOME/.cache/mizzen/local}"
 CA_PORT="${MIZZEN_CA_PORT:-15012}"
 CA_ADMIN_PORT="${MIZZEN_CA_ADMIN_PORT:-15014}"
+AGENT_ADMIN_PORT="${MIZZEN_AGENT_ADMIN_PORT:-15030}"
+NODE=local-node
 
 log() { printf '[run-local] %s\n' "$*" >&2; }
 die() { printf '[run-local] error: %s\n' "$*" >&2; exit 1; }
 
 stop_components() {
-  local pid
-  pid=$(cat "$DIR/pids/mizzen-ca" 2>/dev/null) || return 0
-  if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q mizzen-ca; then
-    kill -TERM "$pid" 2>/dev/null || true
-  fi
-  rm -f "$DIR/pids/mizzen-ca"
+  local pid c
+  for c in mizzen-agent mizzen-ca; do
+    pid=$(cat "$DIR/pids/$c" 2>/dev/null) || continue
+    if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q "$c"; then
+      kill -TERM "$pid" 2>/dev/null || true
+    fi
+    rm -f "$DIR/pids/$c"
+  done
+}
+
+# start NAME ADMIN_PORT KUBECONFIG ARGS...: a component as a local process.
+start() {
+  local name=$1 port=$2 kc=$3; shift 3
+  KUBECONFIG=$kc setsid "target/debug/$name" --admin-addr "127.0.0.1:$port" "$@" \
+    > "$DIR/logs/$name.log" 2>&1 < /dev/null &
+  echo $! > "$DIR/pids/$name"
+  for _ in $(seq 1 150); do
+    curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && return 0
+    kill -0 "$(cat "$DIR/pids/$name")" 2>/dev/null || { tail "$DIR/logs/$name.log" >&2; die "$name exited"; }
+    sleep 0.2
+  done
+  die "$name did not become ready (log: $DIR/logs/$name.log)"
 }
 
 # A kubeconfig for ServiceAccount mizzen-system/$1, so the component runs
@@ -54,23 +73,37 @@ case "${1:-up}" in
     scripts/kube.sh start "$DIR"
     KUBECTL="$(scripts/kube.sh bin)/kubectl --kubeconfig $DIR/kubeconfig"
     $KUBECTL apply -f manifests/crds.yaml -f manifests/namespace.yaml
-    $KUBECTL apply -f manifests/ca.yaml
+    $KUBECTL apply -f manifests/ca.yaml -f manifests/agent.yaml
     $KUBECTL wait --for=condition=Established --timeout=30s \
       crd/authorizationpolicies.security.mizzen.dev crd/peerauthentications.security.mizzen.dev
 
-    # The CA, as a local process with the manifest's ServiceAccount and RBAC.
+    # The components, as local processes with the manifests' ServiceAccounts and RBAC.
     stop_components
-    KUBECONFIG=$(sa_kubeconfig mizzen-ca) setsid target/debug/mizzen-ca \
-      --grpc-addr "127.0.0.1:$CA_PORT" --admin-addr "127.0.0.1:$CA_ADMIN_PORT" \
-      > "$DIR/logs/mizzen-ca.log" 2>&1 < /dev/null &
-    echo $! > "$DIR/pids/mizzen-ca"
-    for _ in $(seq 1 100); do
-      curl -sf "http://127.0.0.1:$CA_ADMIN_PORT/readyz" >/dev/null && break
-      kill -0 "$(cat "$DIR/pids/mizzen-ca")" 2>/dev/null || { tail "$DIR/logs/mizzen-ca.log" >&2; die "mizzen-ca exited"; }
-      sleep 0.2
-    done
-    curl -sf "http://127.0.0.1:$CA_ADMIN_PORT/readyz" >/dev/null || die "mizzen-ca did not become ready (log: $DIR/logs/mizzen-ca.log)"
+    start mizzen-ca "$CA_ADMIN_PORT" "$(sa_kubeconfig mizzen-ca)" --grpc-addr "127.0.0.1:$CA_PORT"
     log "mizzen-ca is serving on 127.0.0.1:$CA_PORT (metrics: http://127.0.0.1:$CA_ADMIN_PORT/metrics)"
+
+    # The agent stands for the kubelet-less node "local-node": its own
+    # credential is a token bound to a pod placed there.
+    $KUBECTL apply -f - <<NODE_AND_POD
+apiVersion: v1
+kind: Node
+metadata: {name: $NODE, labels: {kubernetes.io/hostname: $NODE}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: mizzen-agent-local, namespace: mizzen-system}
+spec:
+  serviceAccountName: mizzen-agent
+  nodeName: $NODE
+  containers: [{name: agent, image: mizzen-agent}]
+NODE_AND_POD
+    uid=$($KUBECTL -n mizzen-system get pod mizzen-agent-local -o jsonpath='{.metadata.uid}')
+    $KUBECTL -n mizzen-system create token mizzen-agent --audience mizzen-ca --duration 24h \
+      --bound-object-kind Pod --bound-object-name mizzen-agent-local --bound-object-uid "$uid" > "$DIR/agent-token"
+    start mizzen-agent "$AGENT_ADMIN_PORT" "$(sa_kubeconfig mizzen-agent)" \
+      --socket "$DIR/agent.sock" --node-name "$NODE" --namespace mizzen-system \
+      --ca-addr "https://127.0.0.1:$CA_PORT" --agent-token-file "$DIR/agent-token"
+    log "mizzen-agent is serving SDS on $DIR/agent.sock (metrics: http://127.0.0.1:$AGENT_ADMIN_PORT/metrics)"
     log "Use the cluster with:"
     log "  export KUBECONFIG=$DIR/kubeconfig PATH=$(scripts/kube.sh bin):\$PATH"
     log "  kubectl get configmap mizzen-root-ca -n default -o jsonpath='{.data.root-cert\\.pem}'"
