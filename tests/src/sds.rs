@@ -109,6 +109,17 @@ impl SdsStream {
             .ok_or_else(|| tonic::Status::aborted("stream ended"))
     }
 
+    /// NACKs `resp`: echoes its nonce with the previous good `version` and an error.
+    pub async fn nack(&self, resp: &DiscoveryResponse, names: &[&str], version: &str) -> anyhow::Result<()> {
+        let mut req = request(names, version, &resp.nonce);
+        req.error_detail = Some(envoy_types::pb::google::rpc::Status {
+            code: 3,
+            message: "test: refusing these secrets".into(),
+            ..Default::default()
+        });
+        self.tx.send(req).await.context("send NACK")
+    }
+
     /// ACKs `resp`, keeping the subscription to `names`.
     pub async fn ack(&self, resp: &DiscoveryResponse, names: &[&str]) -> anyhow::Result<()> {
         self.tx

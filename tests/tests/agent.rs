@@ -195,6 +195,20 @@ async fn agent_serves_sds_rotates_and_survives_a_ca_outage() -> anyhow::Result<(
     );
     assert_ne!(key2, key, "a fresh key with each certificate");
 
+    // A NACK is counted and does not make the agent resend the same secrets.
+    let mut nacking = SdsStream::open(&agent.socket, &web_token, &["ROOTCA"]).await?;
+    let resp = tokio::time::timeout(TIMEOUT, nacking.next()).await??;
+    nacking.nack(&resp, &["ROOTCA"], "").await?;
+    eventually(TIMEOUT, "the NACK to be counted", || async {
+        Ok(metric(&agent.daemon.metrics().await?, "mizzen_agent_sds_nacks_total") >= 1.0)
+    })
+    .await?;
+    let resent = tokio::time::timeout(Duration::from_secs(2), nacking.next()).await;
+    assert!(
+        resent.is_err(),
+        "no resend of an unchanged trust bundle after a NACK: {resent:?}"
+    );
+
     // The independent client (grpcio + Envoy's protos) fetches both secrets.
     let json = python_fetch(&agent.socket, &web_token, &work).await?;
     assert_eq!(json["type_url"], mizzen_tests::sds::SECRET_TYPE, "{json}");
