@@ -1,0 +1,150 @@
+//! The injection template: images, ports and defaults, from a YAML file
+//! (mounted from a ConfigMap) that is reloaded when it changes.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+/// Whether the proxy is a native sidecar (an init container with
+/// `restartPolicy: Always`, Kubernetes >= 1.29) or a regular container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NativeSidecars {
+    /// Native when the API server is 1.29 or newer.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// Everything the injector adds, with defaults for every field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct InjectConfig {
+    /// Image of both the init container and the proxy (`mizzen-proxy`).
+    pub proxy_image: String,
+    pub image_pull_policy: String,
+    /// UID and GID of the proxy; its traffic is not redirected.
+    pub proxy_uid: u32,
+    pub inbound_capture_port: u16,
+    pub outbound_capture_port: u16,
+    /// Admin: metrics and the rewritten app probes.
+    pub admin_port: u16,
+    /// Health: `/healthz/ready`.
+    pub health_port: u16,
+    pub proxy_cpu_request: String,
+    pub proxy_memory_request: String,
+    pub proxy_cpu_limit: String,
+    pub proxy_memory_limit: String,
+    pub log_level: String,
+    /// Host directory holding the node agent's socket.
+    pub agent_socket_dir: String,
+    /// Audience of the projected token the proxy presents.
+    pub token_audience: String,
+    pub token_expiration_seconds: i64,
+    pub native_sidecars: NativeSidecars,
+    /// For non-native sidecars: start the app only once the proxy is ready.
+    pub hold_application_until_proxy_starts: bool,
+    /// Inbound ports never redirected, for every pod.
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Outbound CIDRs never redirected, for every pod.
+    pub exclude_outbound_cidrs: Vec<String>,
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        Self {
+            proxy_image: "ghcr.io/mizzen-mesh/mizzen-proxy:0.1.0".into(),
+            image_pull_policy: "IfNotPresent".into(),
+            proxy_uid: 1337,
+            inbound_capture_port: 15006,
+            outbound_capture_port: 15001,
+            admin_port: 15020,
+            health_port: 15021,
+            proxy_cpu_request: "10m".into(),
+            proxy_memory_request: "32Mi".into(),
+            proxy_cpu_limit: String::new(),
+            proxy_memory_limit: "256Mi".into(),
+            log_level: "info".into(),
+            agent_socket_dir: "/var/run/mizzen".into(),
+            token_audience: "mizzen-ca".into(),
+            token_expiration_seconds: 3600,
+            native_sidecars: NativeSidecars::Auto,
+            hold_application_until_proxy_starts: true,
+            exclude_inbound_ports: vec![],
+            exclude_outbound_cidrs: vec![],
+        }
+    }
+}
+
+impl InjectConfig {
+    /// Parses a YAML config file's contents.
+    pub fn from_yaml(text: &str) -> Result<Self, String> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_yaml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+/// The current config, shared with the request handlers.
+#[derive(Debug, Clone)]
+pub struct SharedConfig(Arc<RwLock<Arc<InjectConfig>>>);
+
+impl SharedConfig {
+    pub fn new(c: InjectConfig) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(c))))
+    }
+
+    pub fn get(&self) -> Arc<InjectConfig> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, c: InjectConfig) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
+    }
+
+    /// Loads `path` (missing file = defaults).
+    pub fn load(path: Option<&Path>) -> Result<Self, String> {
+        Ok(Self::new(read(path)?))
+    }
+
+    /// Re-reads `path` whenever its modification time changes (ConfigMap
+    /// updates swap a symlink, which changes it). A file that does not parse
+    /// keeps the previous config and is logged.
+    pub async fn watch(self, path: PathBuf) {
+        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut last: Option<SystemTime> = mtime(&path);
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let now = mtime(&path);
+            if now == last {
+                continue;
+            }
+            last = now;
+            match read(Some(&path)) {
+                Ok(c) => {
+                    if *self.get() != c {
+                        info!(path = %path.display(), "injection config reloaded");
+                        self.set(c);
+                    }
+                }
+                Err(e) => warn!(path = %path.display(), error = %e, "injection config not reloaded; keeping the previous one"),
+            }
+        }
+    }
+}
+
+fn read(path: Option<&Path>) -> Result<InjectConfig, String> {
+    match path {
+        None => Ok(InjectConfig::default()),
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(t) => InjectConfig::from_yaml(&t).map_err(|e| format!("{}: {e}", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(InjectConfig::default()),
+            Err(e) => Err(format!("{}: {e}", p.display())),
+        },
+    }
+}

@@ -1,0 +1,3 @@
+//! Mizzen's sidecar injector.
+pub mod config;
+pub mod inject;
