@@ -14,11 +14,14 @@
 //! - [`tokenreview`]: Kubernetes TokenReview of ServiceAccount tokens,
 //!   used by the CA and the node agent.
 //!
+//! - [`tls`]: a serving certificate replaceable while serving.
+//!
 //! This crate holds data types and their validation only: no I/O, no clients.
 
 pub mod policy;
 pub mod proto;
 pub mod spiffe;
+pub mod tls;
 pub mod tokenreview;
 
 pub use policy::{AuthorizationPolicy, PeerAuthentication};

@@ -158,7 +158,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let resolver = serving::Resolver::new(&authority, &names).context("issue the serving certificate")?;
     tokio::spawn(resolver.clone().renew_forever(authority.clone(), names));
-    let tls = Arc::new(serving::server_config(resolver)?);
+    let tls = Arc::new(serving::server_config(&resolver)?);
     let listener = tokio::net::TcpListener::bind(config.grpc_addr)
         .await
         .with_context(|| format!("bind gRPC address {}", config.grpc_addr))?;

@@ -3,42 +3,17 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use anyhow::Context as _;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
+use mizzen_api::tls::{ReloadingResolver, certified_key};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::authority::Authority;
-
-/// Serves the current certificate; [`Resolver::set`] swaps it for new handshakes.
-#[derive(Debug)]
-pub struct Resolver(RwLock<Arc<CertifiedKey>>);
-
-impl ResolvesServerCert for Resolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
-    }
-}
-
-fn certified_key(chain: &[String], key_pem: &str) -> anyhow::Result<CertifiedKey> {
-    let certs = chain
-        .iter()
-        .map(|p| CertificateDer::from_pem_slice(p.as_bytes()))
-        .collect::<Result<Vec<_>, _>>()
-        .context("parse serving certificate")?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("parse serving key")?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key).context("serving key type")?;
-    Ok(CertifiedKey::new(certs, signer))
-}
 
 /// What the serving certificate names.
 #[derive(Debug, Clone)]
@@ -48,28 +23,28 @@ pub struct ServingNames {
     pub ttl: Duration,
 }
 
+/// The CA's serving certificate, issued by the CA itself.
+#[derive(Debug, Clone)]
+pub struct Resolver(Arc<ReloadingResolver>);
+
+fn issue(authority: &Authority, names: &ServingNames) -> anyhow::Result<rustls::sign::CertifiedKey> {
+    let (chain, key, _) = authority.serving_cert(&names.dns, &names.ips, names.ttl)?;
+    Ok(certified_key(&chain.concat(), &key)?)
+}
+
 impl Resolver {
     /// Issues the first serving certificate.
-    pub fn new(authority: &Authority, names: &ServingNames) -> anyhow::Result<Arc<Self>> {
-        let (chain, key, _) = authority.serving_cert(&names.dns, &names.ips, names.ttl)?;
-        Ok(Arc::new(Self(RwLock::new(Arc::new(certified_key(&chain, &key)?)))))
-    }
-
-    fn set(&self, ck: CertifiedKey) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ck);
+    pub fn new(authority: &Authority, names: &ServingNames) -> anyhow::Result<Self> {
+        Ok(Self(ReloadingResolver::new(issue(authority, names)?)))
     }
 
     /// Re-issues the serving certificate at half its lifetime, forever.
-    pub async fn renew_forever(self: Arc<Self>, authority: Arc<Authority>, names: ServingNames) {
+    pub async fn renew_forever(self, authority: Arc<Authority>, names: ServingNames) {
         loop {
             tokio::time::sleep(names.ttl / 2).await;
-            match authority
-                .serving_cert(&names.dns, &names.ips, names.ttl)
-                .map_err(anyhow::Error::from)
-                .and_then(|(chain, key, _)| certified_key(&chain, &key))
-            {
+            match issue(&authority, &names) {
                 Ok(ck) => {
-                    self.set(ck);
+                    self.0.set(ck);
                     info!("renewed the CA's serving certificate");
                 }
                 Err(e) => warn!(error = %e, "cannot renew the CA's serving certificate"),
@@ -79,13 +54,8 @@ impl Resolver {
 }
 
 /// A TLS server configuration for gRPC (TLS 1.2+, ALPN h2).
-pub fn server_config(resolver: Arc<Resolver>) -> anyhow::Result<rustls::ServerConfig> {
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
+pub fn server_config(resolver: &Resolver) -> anyhow::Result<rustls::ServerConfig> {
+    Ok(mizzen_api::tls::server_config(resolver.0.clone(), &[b"h2"])?)
 }
 
 /// An accepted TLS connection, as tonic wants it.
