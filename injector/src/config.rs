@@ -132,7 +132,9 @@ impl SharedConfig {
                         self.set(c);
                     }
                 }
-                Err(e) => warn!(path = %path.display(), error = %e, "injection config not reloaded; keeping the previous one"),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "injection config not reloaded; keeping the previous one")
+                }
             }
         }
     }

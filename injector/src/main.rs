@@ -1,16 +1,372 @@
-//! Mizzen's sidecar injector, a mutating admission webhook.
-//!
-//! Not built yet: see issue 5. Only the command-line surface exists, so that
-//! packaging and manifests can refer to the binary.
+//! `mizzen-injector`: `serve` the admission webhook, or `inject` manifests.
 
-use clap::Parser;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-/// Mizzen's sidecar injector, a mutating admission webhook.
+use anyhow::Context;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use clap::{Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::Api;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use mizzen_injector::config::{NativeSidecars, SharedConfig};
+use mizzen_injector::webhook::{self, NamespaceLabels, Verdict};
+use mizzen_injector::{manual, tls};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tracing::{debug, error, info, warn};
+
+/// Mizzen's sidecar injector.
 #[derive(Debug, Parser)]
 #[command(name = "mizzen-injector", version, about, long_about = None)]
-struct Args {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    anyhow::bail!("mizzen-injector is not implemented yet (tracked in issue 5)")
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the mutating admission webhook (POST /inject over HTTPS).
+    Serve(ServeArgs),
+    /// Inject the mesh into manifests: `mizzen-injector inject -f app.yaml | kubectl apply -f -`.
+    Inject(InjectArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Native {
+    Yes,
+    No,
+}
+
+#[derive(Debug, clap::Args)]
+struct InjectArgs {
+    /// Manifest file, or - for standard input.
+    #[arg(short = 'f', long = "filename")]
+    file: String,
+    /// Injection template (YAML); defaults apply when absent.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Native sidecars need Kubernetes >= 1.29.
+    #[arg(long, value_enum, default_value = "yes")]
+    native_sidecars: Native,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// HTTPS listen address of the webhook.
+    #[arg(long, env = "MIZZEN_INJECTOR_ADDR", default_value = "0.0.0.0:15017")]
+    addr: SocketAddr,
+    /// Admin listen address: /healthz, /readyz, /metrics.
+    #[arg(long, env = "MIZZEN_INJECTOR_ADMIN_ADDR", default_value = "0.0.0.0:15018")]
+    admin_addr: SocketAddr,
+    /// Injection template (YAML, reloaded when it changes); defaults apply when absent.
+    #[arg(
+        long,
+        env = "MIZZEN_INJECTOR_CONFIG",
+        default_value = "/etc/mizzen/injector/config.yaml"
+    )]
+    config: PathBuf,
+    /// Namespace of the injector (its webhook CA Secret lives there).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "mizzen-system")]
+    namespace: String,
+    /// Secret holding the webhook CA (created once).
+    #[arg(long, default_value = "mizzen-injector-ca")]
+    ca_secret: String,
+    /// MutatingWebhookConfiguration whose caBundle the injector keeps current.
+    #[arg(long, default_value = "mizzen-injector")]
+    webhook_config: String,
+    /// DNS names in the serving certificate.
+    #[arg(
+        long = "serving-dns",
+        value_delimiter = ',',
+        default_value = "mizzen-injector.mizzen-system.svc,mizzen-injector.mizzen-system.svc.cluster.local"
+    )]
+    serving_dns: Vec<String>,
+    /// IP addresses in the serving certificate.
+    #[arg(long = "serving-ip", value_delimiter = ',')]
+    serving_ips: Vec<IpAddr>,
+    /// Log format: text or json. Levels come from RUST_LOG (default info).
+    #[arg(long, env = "MIZZEN_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+struct Metrics {
+    registry: Registry,
+    requests: Family<Labels, Counter>,
+    latency: Histogram,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("mizzen_injector");
+        let requests = Family::<Labels, Counter>::default();
+        registry.register("requests", "Admission reviews, by result", requests.clone());
+        let latency = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
+        registry.register(
+            "review_duration_seconds",
+            "Time to answer an admission review",
+            latency.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+        }
+    }
+}
+
+/// Namespace labels from a watch cache, falling back to a GET for
+/// namespaces the cache has not seen yet.
+#[derive(Clone)]
+struct Namespaces {
+    store: Store<Namespace>,
+    api: Api<Namespace>,
+}
+
+impl NamespaceLabels for Namespaces {
+    async fn labels(&self, namespace: &str) -> Option<BTreeMap<String, String>> {
+        if let Some(ns) = self.store.get(&ObjectRef::new(namespace)) {
+            return Some(ns.metadata.labels.clone().unwrap_or_default());
+        }
+        match self.api.get_opt(namespace).await {
+            Ok(ns) => ns.map(|n| n.metadata.labels.unwrap_or_default()),
+            Err(e) => {
+                warn!(%namespace, error = %e, "cannot read namespace labels");
+                None
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct App {
+    config: SharedConfig,
+    native: bool,
+    namespaces: Namespaces,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+}
+
+async fn inject_handler(State(app): State<App>, body: Bytes) -> Response {
+    let start = Instant::now();
+    let cfg = app.config.get();
+    let result = webhook::review(&body, &app.namespaces, &cfg, app.native).await;
+    app.metrics.latency.observe(start.elapsed().as_secs_f64());
+    match result {
+        Ok((out, verdict)) => {
+            app.metrics
+                .requests
+                .get_or_create(&vec![("result", verdict.label())])
+                .inc();
+            match &verdict {
+                Verdict::Denied(reason) | Verdict::Invalid(reason) => {
+                    warn!(result = verdict.label(), %reason, "admission refused")
+                }
+                other => debug!(result = other.label(), "admission answered"),
+            }
+            ([("content-type", "application/json")], out).into_response()
+        }
+        Err(e) => {
+            app.metrics
+                .requests
+                .get_or_create(&vec![("result", "unanswerable")])
+                .inc();
+            warn!(error = %e, "unanswerable admission request");
+            (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn native_sidecars(client: &kube::Client, setting: NativeSidecars) -> bool {
+    match setting {
+        NativeSidecars::Always => true,
+        NativeSidecars::Never => false,
+        NativeSidecars::Auto => match client.apiserver_version().await {
+            Ok(v) => {
+                let minor: u32 = v.minor.trim_end_matches('+').parse().unwrap_or(0);
+                let native = v.major == "1" && minor >= 29;
+                info!(version = %v.git_version, native, "native sidecars chosen from the API server version");
+                native
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the API server version; using regular sidecars");
+                false
+            }
+        },
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_tracing(&args.log_format);
+    info!(config = ?args, "starting mizzen-injector {}", env!("CARGO_PKG_VERSION"));
+    let config = SharedConfig::load(Some(&args.config)).map_err(|e| anyhow::anyhow!(e))?;
+    tokio::spawn(config.clone().watch(args.config.clone()));
+    let client = kube::Client::try_default()
+        .await
+        .context("connect to the Kubernetes API")?;
+    let native = native_sidecars(&client, config.get().native_sidecars).await;
+
+    let ns_api = Api::<Namespace>::all(client.clone());
+    let (store, writer) = reflector::store();
+    let rf = reflector::reflector(
+        writer,
+        watcher(ns_api.clone(), watcher::Config::default()).default_backoff(),
+    );
+    tokio::spawn(rf.for_each(|_| async {}));
+
+    let ca = Arc::new(tls::WebhookCa::load_or_create(&client, &args.namespace, &args.ca_secret).await?);
+    let names = tls::ServingNames {
+        dns: args.serving_dns.clone(),
+        ips: args.serving_ips.clone(),
+        ttl: Duration::from_secs(7 * 86_400),
+    };
+    let resolver = mizzen_api::tls::ReloadingResolver::new(ca.serving(&names.dns, &names.ips, names.ttl)?);
+    tokio::spawn(tls::renew_forever(ca.clone(), names, resolver.clone()));
+    tokio::spawn(tls::keep_ca_bundle(
+        client.clone(),
+        args.webhook_config.clone(),
+        ca.cert_pem.clone(),
+    ));
+    let tls_config = Arc::new(mizzen_api::tls::server_config(resolver, &[b"http/1.1"])?);
+
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let app = App {
+        config,
+        native,
+        namespaces: Namespaces { store, api: ns_api },
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
+    let router = Router::new()
+        .route("/inject", post(inject_handler))
+        .layer(DefaultBodyLimit::max(webhook::MAX_BODY))
+        .with_state(app.clone());
+    let admin = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(a): State<App>| async move {
+                if a.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(a): State<App>| async move {
+                let mut out = String::new();
+                let _ = prometheus_client::encoding::text::encode(&mut out, &a.metrics.registry);
+                (
+                    [(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    out,
+                )
+            }),
+        )
+        .with_state(app);
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("bind {}", args.admin_addr))?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(admin_listener, admin).await {
+            error!(error = %e, "admin server failed");
+        }
+    });
+
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("bind {}", args.addr))?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
+    info!(addr = %args.addr, "webhook listening");
+    ready.store(true, Ordering::Relaxed);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => { warn!(error = %e, "accept failed"); continue; }
+            },
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); break; }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => return debug!(%peer, "TLS handshake timed out"),
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(router);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await
+            {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    ready.store(false, Ordering::Relaxed);
+    Ok(())
+}
+
+fn inject(args: InjectArgs) -> anyhow::Result<()> {
+    let input = if args.file == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).context("read standard input")?;
+        s
+    } else {
+        std::fs::read_to_string(&args.file).with_context(|| format!("read {}", args.file))?
+    };
+    let config = SharedConfig::load(args.config.as_deref())
+        .map_err(|e| anyhow::anyhow!(e))?
+        .get();
+    let (out, report) = manual::inject_documents(&input, &config, matches!(args.native_sidecars, Native::Yes))?;
+    for line in report {
+        eprintln!("mizzen-injector: {line}");
+    }
+    print!("{out}");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+        Command::Inject(args) => inject(args),
+    }
 }

@@ -83,7 +83,11 @@ impl Skip {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InjectError {
     #[error("annotation {name}={value:?} is not valid: {reason}")]
-    Annotation { name: &'static str, value: String, reason: String },
+    Annotation {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
     #[error("pod has no spec")]
     NoSpec,
     #[error("pod already has a container named {0:?}; rename it to inject the mesh")]
@@ -108,7 +112,12 @@ pub fn decide(pod: &Pod, namespace: &str, ns_labels: &BTreeMap<String, String>) 
         return Err(Skip::ExcludedNamespace(namespace.to_owned()));
     }
     let ns = ns_labels.get(INJECT_LABEL).map(String::as_str);
-    let pod_label = pod.metadata.labels.as_ref().and_then(|l| l.get(INJECT_LABEL)).map(String::as_str);
+    let pod_label = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(INJECT_LABEL))
+        .map(String::as_str);
     if ns == Some("disabled") {
         return Err(Skip::NamespaceDisabled);
     }
@@ -120,7 +129,12 @@ pub fn decide(pod: &Pod, namespace: &str, ns_labels: &BTreeMap<String, String>) 
     if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
         return Err(Skip::HostNetwork);
     }
-    if pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(STATUS_ANNOTATION)) {
+    if pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(STATUS_ANNOTATION))
+    {
         return Err(Skip::AlreadyInjected);
     }
     Ok(())
@@ -141,7 +155,11 @@ struct Effective {
 }
 
 fn ann_err(name: &'static str, value: &str, reason: impl Into<String>) -> InjectError {
-    InjectError::Annotation { name, value: value.to_owned(), reason: reason.into() }
+    InjectError::Annotation {
+        name,
+        value: value.to_owned(),
+        reason: reason.into(),
+    }
 }
 
 fn parse_ports(name: &'static str, value: &str) -> Result<Vec<u16>, InjectError> {
@@ -162,8 +180,12 @@ fn parse_cidrs(name: &'static str, value: &str) -> Result<Vec<String>, InjectErr
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|c| {
-            let (ip, len) = c.split_once('/').ok_or_else(|| ann_err(name, value, format!("{c:?} is not a CIDR")))?;
-            let ip: IpAddr = ip.parse().map_err(|_| ann_err(name, value, format!("{c:?} has a bad address")))?;
+            let (ip, len) = c
+                .split_once('/')
+                .ok_or_else(|| ann_err(name, value, format!("{c:?} is not a CIDR")))?;
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|_| ann_err(name, value, format!("{c:?} has a bad address")))?;
             let max = if ip.is_ipv4() { 32 } else { 128 };
             match len.parse::<u8>() {
                 Ok(l) if l <= max => Ok(format!("{ip}/{l}")),
@@ -183,7 +205,10 @@ fn is_quantity(s: &str) -> bool {
         "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei"
     ) || (suffix.len() > 1
         && suffix.starts_with(['e', 'E'])
-        && suffix[1..].trim_start_matches(['+', '-']).chars().all(|c| c.is_ascii_digit())
+        && suffix[1..]
+            .trim_start_matches(['+', '-'])
+            .chars()
+            .all(|c| c.is_ascii_digit())
         && !suffix[1..].trim_start_matches(['+', '-']).is_empty());
     num_ok && suffix_ok && s.len() <= 32
 }
@@ -204,13 +229,15 @@ fn effective(pod: &Pod, cfg: &InjectConfig) -> Result<Effective, InjectError> {
         log_level: cfg.log_level.clone(),
     };
     if let Some(v) = get(ANN_EXCLUDE_INBOUND_PORTS) {
-        e.exclude_inbound_ports.extend(parse_ports(ANN_EXCLUDE_INBOUND_PORTS, v)?);
+        e.exclude_inbound_ports
+            .extend(parse_ports(ANN_EXCLUDE_INBOUND_PORTS, v)?);
     }
     if let Some(v) = get(ANN_EXCLUDE_OUTBOUND_PORTS) {
         e.exclude_outbound_ports = parse_ports(ANN_EXCLUDE_OUTBOUND_PORTS, v)?;
     }
     if let Some(v) = get(ANN_EXCLUDE_OUTBOUND_CIDRS) {
-        e.exclude_outbound_cidrs.extend(parse_cidrs(ANN_EXCLUDE_OUTBOUND_CIDRS, v)?);
+        e.exclude_outbound_cidrs
+            .extend(parse_cidrs(ANN_EXCLUDE_OUTBOUND_CIDRS, v)?);
     }
     if let Some(v) = get(ANN_PROXY_IMAGE) {
         if v.len() > 512 || v.contains(char::is_whitespace) {
@@ -250,7 +277,10 @@ fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -387,7 +417,11 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
         field_env("INSTANCE_IP", "status.podIP"),
         field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         field_env("NODE_NAME", "spec.nodeName"),
-        EnvVar { name: "MIZZEN_LOG_LEVEL".into(), value: Some(e.log_level.clone()), ..Default::default() },
+        EnvVar {
+            name: "MIZZEN_LOG_LEVEL".into(),
+            value: Some(e.log_level.clone()),
+            ..Default::default()
+        },
     ];
     if !probes.is_empty() {
         env.push(EnvVar {
@@ -411,8 +445,18 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
         ]),
         env: Some(env),
         ports: Some(vec![
-            ContainerPort { name: Some("mizzen-admin".into()), container_port: i32::from(cfg.admin_port), protocol: Some("TCP".into()), ..Default::default() },
-            ContainerPort { name: Some("mizzen-health".into()), container_port: i32::from(cfg.health_port), protocol: Some("TCP".into()), ..Default::default() },
+            ContainerPort {
+                name: Some("mizzen-admin".into()),
+                container_port: i32::from(cfg.admin_port),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("mizzen-health".into()),
+                container_port: i32::from(cfg.health_port),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
         ]),
         readiness_probe: Some(Probe {
             http_get: Some(HTTPGetAction {
@@ -431,7 +475,10 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
             privileged: Some(false),
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
             ..Default::default()
         }),
         resources: Some(ResourceRequirements {
@@ -440,8 +487,17 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
             ..Default::default()
         }),
         volume_mounts: Some(vec![
-            VolumeMount { name: SOCKET_VOLUME.into(), mount_path: SOCKET_MOUNT.into(), ..Default::default() },
-            VolumeMount { name: TOKEN_VOLUME.into(), mount_path: TOKEN_MOUNT.into(), read_only: Some(true), ..Default::default() },
+            VolumeMount {
+                name: SOCKET_VOLUME.into(),
+                mount_path: SOCKET_MOUNT.into(),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: TOKEN_VOLUME.into(),
+                mount_path: TOKEN_MOUNT.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
         ]),
         ..Default::default()
     };
@@ -464,7 +520,9 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
             // Kubelet starts containers in order and waits for postStart.
             proxy.lifecycle = Some(Lifecycle {
                 post_start: Some(LifecycleHandler {
-                    exec: Some(ExecAction { command: Some(vec!["mizzen-proxy".into(), "wait".into()]) }),
+                    exec: Some(ExecAction {
+                        command: Some(vec!["mizzen-proxy".into(), "wait".into()]),
+                    }),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -481,7 +539,10 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
     volumes.push(Volume {
         name: SOCKET_VOLUME.into(),
-        host_path: Some(HostPathVolumeSource { path: cfg.agent_socket_dir.clone(), type_: Some("Directory".into()) }),
+        host_path: Some(HostPathVolumeSource {
+            path: cfg.agent_socket_dir.clone(),
+            type_: Some("Directory".into()),
+        }),
         ..Default::default()
     });
     volumes.push(Volume {
@@ -500,8 +561,14 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
         ..Default::default()
     });
     let status = serde_json::to_string(&status).map_err(|e| InjectError::Serialize(e.to_string()))?;
-    pod.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(STATUS_ANNOTATION.into(), status);
-    pod.metadata.labels.get_or_insert_with(BTreeMap::new).insert(TLS_MODE_LABEL.into(), "mizzen".into());
+    pod.metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(STATUS_ANNOTATION.into(), status);
+    pod.metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(TLS_MODE_LABEL.into(), "mizzen".into());
     Ok(pod)
 }
 

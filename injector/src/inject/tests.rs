@@ -26,7 +26,10 @@ fn decisions() {
     let none = labels(&[]);
     let with_label = |v: &str| {
         let mut p = app();
-        p.metadata.labels.get_or_insert_with(BTreeMap::new).insert(INJECT_LABEL.into(), v.into());
+        p.metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(INJECT_LABEL.into(), v.into());
         p
     };
     let mut host = app();
@@ -37,13 +40,43 @@ fn decisions() {
     let cases: Vec<(&str, Pod, &str, &BTreeMap<String, String>, Result<(), Skip>)> = vec![
         ("labelled namespace", app(), "demo", &enabled, Ok(())),
         ("pod opts in", with_label("true"), "demo", &none, Ok(())),
-        ("pod opts out", with_label("false"), "demo", &enabled, Err(Skip::PodOptedOut)),
-        ("namespace disabled beats pod opt-in", with_label("true"), "demo", &disabled, Err(Skip::NamespaceDisabled)),
+        (
+            "pod opts out",
+            with_label("false"),
+            "demo",
+            &enabled,
+            Err(Skip::PodOptedOut),
+        ),
+        (
+            "namespace disabled beats pod opt-in",
+            with_label("true"),
+            "demo",
+            &disabled,
+            Err(Skip::NamespaceDisabled),
+        ),
         ("nobody asks", app(), "demo", &none, Err(Skip::NotRequested)),
         ("host network", host, "demo", &enabled, Err(Skip::HostNetwork)),
-        ("already injected", injected, "demo", &enabled, Err(Skip::AlreadyInjected)),
-        ("kube-system", with_label("true"), "kube-system", &enabled, Err(Skip::ExcludedNamespace("kube-system".into()))),
-        ("mizzen-system", app(), "mizzen-system", &enabled, Err(Skip::ExcludedNamespace("mizzen-system".into()))),
+        (
+            "already injected",
+            injected,
+            "demo",
+            &enabled,
+            Err(Skip::AlreadyInjected),
+        ),
+        (
+            "kube-system",
+            with_label("true"),
+            "kube-system",
+            &enabled,
+            Err(Skip::ExcludedNamespace("kube-system".into())),
+        ),
+        (
+            "mizzen-system",
+            app(),
+            "mizzen-system",
+            &enabled,
+            Err(Skip::ExcludedNamespace("mizzen-system".into())),
+        ),
     ];
     for (name, p, ns, l, want) in cases {
         assert_eq!(decide(&p, ns, l), want, "{name}");
@@ -53,8 +86,11 @@ fn decisions() {
 #[test]
 fn native_sidecar_comes_first_among_init_containers() {
     let mut p = app();
-    p.spec.as_mut().expect("spec").init_containers =
-        Some(vec![Container { name: "migrate".into(), image: Some("m".into()), ..Default::default() }]);
+    p.spec.as_mut().expect("spec").init_containers = Some(vec![Container {
+        name: "migrate".into(),
+        image: Some("m".into()),
+        ..Default::default()
+    }]);
     let out = mutate(&p, &InjectConfig::default(), true).expect("inject");
     let spec = out.spec.as_ref().expect("spec");
     let inits: Vec<_> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
@@ -64,23 +100,47 @@ fn native_sidecar_comes_first_among_init_containers() {
     let proxy = &spec.init_containers.as_ref().expect("inits")[1];
     assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
     let sc = proxy.security_context.as_ref().expect("sc");
-    assert_eq!((sc.run_as_user, sc.run_as_group, sc.run_as_non_root), (Some(1337), Some(1337), Some(true)));
+    assert_eq!(
+        (sc.run_as_user, sc.run_as_group, sc.run_as_non_root),
+        (Some(1337), Some(1337), Some(true))
+    );
     assert_eq!(sc.read_only_root_filesystem, Some(true));
-    assert_eq!(sc.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".into()]));
+    assert_eq!(
+        sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+        Some(vec!["ALL".into()])
+    );
     let init = &spec.init_containers.as_ref().expect("inits")[0];
-    let caps = init.security_context.as_ref().and_then(|s| s.capabilities.clone()).expect("caps");
+    let caps = init
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.clone())
+        .expect("caps");
     assert_eq!(caps.add, Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]));
     assert_eq!(caps.drop, Some(vec!["ALL".into()]));
     let env: Vec<_> = proxy.env.iter().flatten().map(|e| e.name.as_str()).collect();
-    for want in ["POD_NAME", "POD_NAMESPACE", "INSTANCE_IP", "SERVICE_ACCOUNT", "NODE_NAME", APP_PROBES_ENV] {
+    for want in [
+        "POD_NAME",
+        "POD_NAMESPACE",
+        "INSTANCE_IP",
+        "SERVICE_ACCOUNT",
+        "NODE_NAME",
+        APP_PROBES_ENV,
+    ] {
         assert!(env.contains(&want), "{want} in {env:?}");
     }
     let vols: Vec<_> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
     assert_eq!(vols, [SOCKET_VOLUME, TOKEN_VOLUME]);
-    let token = spec.volumes.as_ref().expect("v")[1].projected.as_ref().expect("projected");
-    let sat = token.sources.as_ref().expect("s")[0].service_account_token.as_ref().expect("sat");
+    let token = spec.volumes.as_ref().expect("v")[1]
+        .projected
+        .as_ref()
+        .expect("projected");
+    let sat = token.sources.as_ref().expect("s")[0]
+        .service_account_token
+        .as_ref()
+        .expect("sat");
     assert_eq!(sat.audience.as_deref(), Some("mizzen-ca"));
-    let status: Status = serde_json::from_str(&out.metadata.annotations.as_ref().expect("a")[STATUS_ANNOTATION]).expect("status");
+    let status: Status =
+        serde_json::from_str(&out.metadata.annotations.as_ref().expect("a")[STATUS_ANNOTATION]).expect("status");
     assert!(status.native_sidecar);
     assert_eq!(out.metadata.labels.as_ref().expect("l")[TLS_MODE_LABEL], "mizzen");
 }
@@ -92,7 +152,13 @@ fn regular_sidecar_on_old_clusters_holds_the_app() {
     let names: Vec<_> = spec.containers.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, [PROXY_NAME, "app"]);
     assert!(spec.containers[0].restart_policy.is_none());
-    assert!(spec.containers[0].lifecycle.as_ref().and_then(|l| l.post_start.as_ref()).is_some());
+    assert!(
+        spec.containers[0]
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.post_start.as_ref())
+            .is_some()
+    );
     let inits: Vec<_> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
     assert_eq!(inits, [INIT_NAME]);
 }
@@ -102,17 +168,36 @@ fn probes_are_rewritten_and_carried() {
     let out = mutate(&app(), &InjectConfig::default(), true).expect("inject");
     let spec = out.spec.as_ref().expect("spec");
     let app = &spec.containers[0];
-    let ready = app.readiness_probe.as_ref().and_then(|p| p.http_get.clone()).expect("http");
+    let ready = app
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.clone())
+        .expect("http");
     assert_eq!(ready.path.as_deref(), Some("/app-health/app/readyz"));
     assert_eq!(ready.port, IntOrString::Int(15020));
     let live = app.liveness_probe.as_ref().expect("live");
     assert!(live.tcp_socket.is_none());
-    assert_eq!(live.http_get.as_ref().and_then(|h| h.path.as_deref()), Some("/app-health/app/livez"));
-    assert!(app.startup_probe.as_ref().and_then(|p| p.exec.as_ref()).is_some(), "exec probes untouched");
+    assert_eq!(
+        live.http_get.as_ref().and_then(|h| h.path.as_deref()),
+        Some("/app-health/app/livez")
+    );
+    assert!(
+        app.startup_probe.as_ref().and_then(|p| p.exec.as_ref()).is_some(),
+        "exec probes untouched"
+    );
     let proxy = &spec.init_containers.as_ref().expect("i")[1];
-    let carried = proxy.env.iter().flatten().find(|e| e.name == APP_PROBES_ENV).and_then(|e| e.value.clone()).expect("env");
+    let carried = proxy
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == APP_PROBES_ENV)
+        .and_then(|e| e.value.clone())
+        .expect("env");
     let carried: serde_json::Value = serde_json::from_str(&carried).expect("json");
-    assert_eq!(carried["/app-health/app/readyz"]["httpGet"]["port"], 8080, "named port resolved");
+    assert_eq!(
+        carried["/app-health/app/readyz"]["httpGet"]["port"], 8080,
+        "named port resolved"
+    );
     assert_eq!(carried["/app-health/app/readyz"]["httpGet"]["path"], "/ready");
     assert_eq!(carried["/app-health/app/livez"]["tcpSocket"]["port"], 8080);
 }
@@ -124,14 +209,39 @@ fn annotations_customise_and_bad_values_name_the_annotation() {
         p.metadata.annotations = Some(labels(&[(k, v)]));
         p
     };
-    let out = mutate(&with(ANN_EXCLUDE_INBOUND_PORTS, "9090, 9091"), &InjectConfig::default(), true).expect("ok");
-    let args = out.spec.as_ref().expect("s").init_containers.as_ref().expect("i")[0].args.clone().expect("args");
-    assert!(args.contains(&"--exclude-inbound-ports=9090,9091,15020,15021".to_string()), "{args:?}");
-    let out = mutate(&with(ANN_EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/8,fd00::/8"), &InjectConfig::default(), true).expect("ok");
-    let args = out.spec.as_ref().expect("s").init_containers.as_ref().expect("i")[0].args.clone().expect("args");
-    assert!(args.contains(&"--exclude-outbound-cidrs=10.0.0.0/8,fd00::/8".to_string()), "{args:?}");
+    let out = mutate(
+        &with(ANN_EXCLUDE_INBOUND_PORTS, "9090, 9091"),
+        &InjectConfig::default(),
+        true,
+    )
+    .expect("ok");
+    let args = out.spec.as_ref().expect("s").init_containers.as_ref().expect("i")[0]
+        .args
+        .clone()
+        .expect("args");
+    assert!(
+        args.contains(&"--exclude-inbound-ports=9090,9091,15020,15021".to_string()),
+        "{args:?}"
+    );
+    let out = mutate(
+        &with(ANN_EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/8,fd00::/8"),
+        &InjectConfig::default(),
+        true,
+    )
+    .expect("ok");
+    let args = out.spec.as_ref().expect("s").init_containers.as_ref().expect("i")[0]
+        .args
+        .clone()
+        .expect("args");
+    assert!(
+        args.contains(&"--exclude-outbound-cidrs=10.0.0.0/8,fd00::/8".to_string()),
+        "{args:?}"
+    );
     let out = mutate(&with(ANN_PROXY_MEMORY, "64Mi"), &InjectConfig::default(), true).expect("ok");
-    let res = out.spec.as_ref().expect("s").init_containers.as_ref().expect("i")[1].resources.clone().expect("r");
+    let res = out.spec.as_ref().expect("s").init_containers.as_ref().expect("i")[1]
+        .resources
+        .clone()
+        .expect("r");
     assert_eq!(res.requests.expect("req")["memory"], Quantity("64Mi".into()));
 
     for (name, value) in [
@@ -159,7 +269,8 @@ fn annotations_customise_and_bad_values_name_the_annotation() {
 fn patch_applies_and_reinjection_is_a_no_op() {
     let enabled = labels(&[(INJECT_LABEL, "enabled")]);
     let original = app();
-    let Outcome::Inject(patch) = inject(&original, "demo", &enabled, &InjectConfig::default(), true).expect("ok") else {
+    let Outcome::Inject(patch) = inject(&original, "demo", &enabled, &InjectConfig::default(), true).expect("ok")
+    else {
         panic!("should inject")
     };
     let mut doc = serde_json::to_value(&original).expect("json");
@@ -176,7 +287,10 @@ fn patch_applies_and_reinjection_is_a_no_op() {
 fn name_clashes_are_errors() {
     let mut p = app();
     p.spec.as_mut().expect("s").containers[0].name = PROXY_NAME.into();
-    assert_eq!(mutate(&p, &InjectConfig::default(), true), Err(InjectError::NameClash(PROXY_NAME.into())));
+    assert_eq!(
+        mutate(&p, &InjectConfig::default(), true),
+        Err(InjectError::NameClash(PROXY_NAME.into()))
+    );
 }
 
 #[test]

@@ -63,7 +63,8 @@ pub async fn review(
 ) -> Result<(Vec<u8>, Verdict), Unanswerable> {
     let parsed: Result<AdmissionReview<DynamicObject>, _> = serde_json::from_slice(body);
     let req: AdmissionRequest<DynamicObject> = match parsed.map_err(|e| e.to_string()).and_then(|r| {
-        r.try_into().map_err(|e: kube::core::admission::ConvertAdmissionReviewError| e.to_string())
+        r.try_into()
+            .map_err(|e: kube::core::admission::ConvertAdmissionReviewError| e.to_string())
     }) {
         Ok(req) => req,
         Err(reason) => {
@@ -82,7 +83,11 @@ pub async fn review(
     if req.kind.kind != "Pod" || req.kind.group != "" || req.operation != Operation::Create {
         return Ok((respond(base)?, Verdict::Ignored));
     }
-    let pod: Pod = match req.object.as_ref().map(|o| serde_json::to_value(o).and_then(serde_json::from_value)) {
+    let pod: Pod = match req
+        .object
+        .as_ref()
+        .map(|o| serde_json::to_value(o).and_then(serde_json::from_value))
+    {
         Some(Ok(p)) => p,
         Some(Err(e)) => {
             let reason = format!("the pod does not parse: {e}");
@@ -93,7 +98,11 @@ pub async fn review(
             return Ok((respond(base.deny(&reason))?, Verdict::Invalid(reason)));
         }
     };
-    let namespace = req.namespace.clone().or_else(|| pod.metadata.namespace.clone()).unwrap_or_default();
+    let namespace = req
+        .namespace
+        .clone()
+        .or_else(|| pod.metadata.namespace.clone())
+        .unwrap_or_default();
     let labels = namespaces.labels(&namespace).await.unwrap_or_default();
     match inject::inject(&pod, &namespace, &labels, cfg, native) {
         Ok(Outcome::Inject(patch)) => match base.clone().with_patch(patch) {

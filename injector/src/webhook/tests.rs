@@ -12,7 +12,10 @@ impl NamespaceLabels for Labels {
 }
 
 fn enabled() -> Labels {
-    Labels(BTreeMap::from([(inject::INJECT_LABEL.to_string(), "enabled".to_string())]))
+    Labels(BTreeMap::from([(
+        inject::INJECT_LABEL.to_string(),
+        "enabled".to_string(),
+    )]))
 }
 
 fn admission(object: serde_json::Value, kind: &str, op: &str) -> serde_json::Value {
@@ -47,7 +50,9 @@ async fn run(body: &[u8]) -> Result<(serde_json::Value, Verdict), Unanswerable> 
 fn patch_of(resp: &serde_json::Value) -> json_patch::Patch {
     let bytes: Vec<u8> = match &resp["response"]["patch"] {
         serde_json::Value::String(b64) => {
-            serde_json::from_value::<k8s_openapi::ByteString>(serde_json::json!(b64)).expect("base64").0
+            serde_json::from_value::<k8s_openapi::ByteString>(serde_json::json!(b64))
+                .expect("base64")
+                .0
         }
         other => serde_json::from_value(other.clone()).expect("patch bytes"),
     };
@@ -56,7 +61,9 @@ fn patch_of(resp: &serde_json::Value) -> json_patch::Patch {
 
 #[tokio::test]
 async fn pod_create_gets_a_patch_that_applies() {
-    let (resp, verdict) = run(&serde_json::to_vec(&admission(pod_json(), "Pod", "CREATE")).expect("json")).await.expect("ok");
+    let (resp, verdict) = run(&serde_json::to_vec(&admission(pod_json(), "Pod", "CREATE")).expect("json"))
+        .await
+        .expect("ok");
     assert_eq!(verdict, Verdict::Injected);
     assert_eq!(resp["response"]["uid"], "4b0e3c1a-7f2c-4d2a-9a57-1c3f0d2b9e11");
     assert_eq!(resp["response"]["allowed"], true);
@@ -73,35 +80,79 @@ async fn bad_input_gets_a_clear_answer() {
         assert!(run(body).await.is_err(), "{:?}", String::from_utf8_lossy(body));
     }
     // A uid but nonsense around it: a well-formed refusal with that uid.
-    let (resp, verdict) = run(br#"{"request": {"uid": "u-1", "kind": 5}}"#).await.expect("answered");
+    let (resp, verdict) = run(br#"{"request": {"uid": "u-1", "kind": 5}}"#)
+        .await
+        .expect("answered");
     assert_eq!(resp["response"]["uid"], "u-1");
     assert_eq!(resp["response"]["allowed"], false);
     assert!(matches!(verdict, Verdict::Invalid(_)));
     // Other kinds and operations pass untouched.
     let cm = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}});
-    let (resp, verdict) = run(&serde_json::to_vec(&admission(cm, "ConfigMap", "CREATE")).expect("json")).await.expect("ok");
-    assert_eq!((verdict, resp["response"]["allowed"].clone()), (Verdict::Ignored, serde_json::json!(true)));
+    let (resp, verdict) = run(&serde_json::to_vec(&admission(cm, "ConfigMap", "CREATE")).expect("json"))
+        .await
+        .expect("ok");
+    assert_eq!(
+        (verdict, resp["response"]["allowed"].clone()),
+        (Verdict::Ignored, serde_json::json!(true))
+    );
     assert!(resp["response"]["patch"].is_null());
-    let (_, verdict) = run(&serde_json::to_vec(&admission(pod_json(), "Pod", "UPDATE")).expect("json")).await.expect("ok");
+    let (_, verdict) = run(&serde_json::to_vec(&admission(pod_json(), "Pod", "UPDATE")).expect("json"))
+        .await
+        .expect("ok");
     assert_eq!(verdict, Verdict::Ignored);
     // A "pod" that is not one.
-    let bad = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": "no"}});
-    let (resp, verdict) = run(&serde_json::to_vec(&admission(bad, "Pod", "CREATE")).expect("json")).await.expect("ok");
+    let bad =
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": "no"}});
+    let (resp, verdict) = run(&serde_json::to_vec(&admission(bad, "Pod", "CREATE")).expect("json"))
+        .await
+        .expect("ok");
     assert_eq!(resp["response"]["allowed"], false);
-    assert!(resp["response"]["status"]["message"].as_str().unwrap_or("").contains("does not parse"), "{resp}");
+    assert!(
+        resp["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("does not parse"),
+        "{resp}"
+    );
     assert!(matches!(verdict, Verdict::Invalid(_)));
     // A bad annotation is refused, naming it.
     let mut p = pod_json();
     p["metadata"]["annotations"] = serde_json::json!({"mizzen.dev/exclude-inbound-ports": "x"});
-    let (resp, verdict) = run(&serde_json::to_vec(&admission(p, "Pod", "CREATE")).expect("json")).await.expect("ok");
+    let (resp, verdict) = run(&serde_json::to_vec(&admission(p, "Pod", "CREATE")).expect("json"))
+        .await
+        .expect("ok");
     assert_eq!(resp["response"]["allowed"], false);
-    assert!(resp["response"]["status"]["message"].as_str().unwrap_or("").contains("mizzen.dev/exclude-inbound-ports"));
+    assert!(
+        resp["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("mizzen.dev/exclude-inbound-ports")
+    );
     assert!(matches!(verdict, Verdict::Denied(_)));
 }
 
 fn random_string(rng: &mut StdRng) -> String {
-    const PARTS: &[&str] = &["80", "8080", ",", "abc", "10.0.0.0/8", "/", "-1", "65536", " ", "Mi", "100m", "ü", "\0", "e3", "http", "::1/128"];
-    (0..rng.random_range(0..4)).map(|_| PARTS[rng.random_range(0..PARTS.len())]).collect()
+    const PARTS: &[&str] = &[
+        "80",
+        "8080",
+        ",",
+        "abc",
+        "10.0.0.0/8",
+        "/",
+        "-1",
+        "65536",
+        " ",
+        "Mi",
+        "100m",
+        "ü",
+        "\0",
+        "e3",
+        "http",
+        "::1/128",
+    ];
+    (0..rng.random_range(0..4))
+        .map(|_| PARTS[rng.random_range(0..PARTS.len())])
+        .collect()
 }
 
 fn random_probe(rng: &mut StdRng) -> serde_json::Value {
@@ -174,7 +225,9 @@ async fn arbitrary_pods_never_panic_and_patches_apply() {
         let pod = random_pod(&mut rng);
         let native = rng.random_bool(0.5);
         let body = serde_json::to_vec(&admission(pod.clone(), "Pod", "CREATE")).expect("json");
-        let (out, verdict) = review(&body, &enabled(), &InjectConfig::default(), native).await.expect("answered");
+        let (out, verdict) = review(&body, &enabled(), &InjectConfig::default(), native)
+            .await
+            .expect("answered");
         let resp: serde_json::Value = serde_json::from_slice(&out).expect("json");
         if verdict == Verdict::Injected {
             injected += 1;
@@ -182,14 +235,22 @@ async fn arbitrary_pods_never_panic_and_patches_apply() {
             json_patch::patch(&mut doc, &patch_of(&resp)).unwrap_or_else(|e| panic!("patch fails on {pod}: {e}"));
             let patched: Pod = serde_json::from_value(doc).expect("a pod");
             let spec = patched.spec.expect("spec");
-            let all: Vec<_> = spec.containers.iter().chain(spec.init_containers.iter().flatten()).map(|c| c.name.clone()).collect();
+            let all: Vec<_> = spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+                .map(|c| c.name.clone())
+                .collect();
             assert_eq!(all.iter().filter(|n| *n == inject::PROXY_NAME).count(), 1, "{pod}");
             assert_eq!(all.iter().filter(|n| *n == inject::INIT_NAME).count(), 1, "{pod}");
         } else {
             other += 1;
         }
     }
-    assert!(injected > 500 && other > 100, "the generator covers both paths: {injected} / {other}");
+    assert!(
+        injected > 500 && other > 100,
+        "the generator covers both paths: {injected} / {other}"
+    );
 }
 
 /// Property: arbitrary bytes and mangled reviews never panic the handler.
