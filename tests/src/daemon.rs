@@ -18,7 +18,7 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts workspace binary `name` with `KUBECONFIG=kubeconfig`, `args`
-    /// and `--admin-addr=127.0.0.1:<admin_port>`, and waits until its
+    /// then `--admin-addr=127.0.0.1:<admin_port>`, and waits until its
     /// `/readyz` answers 200. Fails at once, with the log, if it exits.
     pub async fn start(name: &str, kubeconfig: &Path, admin_port: u16, args: &[String]) -> anyhow::Result<Self> {
         let log = Cluster::get().dir().join(format!("logs/{name}-{admin_port}.log"));
@@ -26,8 +26,8 @@ impl Daemon {
         let child = tokio::process::Command::new(workspace_bin(name))
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", format!("info,{}=debug", name.replace('-', "_")))
-            .arg(format!("--admin-addr=127.0.0.1:{admin_port}"))
             .args(args)
+            .arg(format!("--admin-addr=127.0.0.1:{admin_port}"))
             .stdout(out.try_clone()?)
             .stderr(out)
             .kill_on_drop(true)
