@@ -8,7 +8,8 @@
 #
 # State lives in $MIZZEN_LOCAL_DIR (default ~/.cache/mizzen/local); component
 # logs in its logs/ folder. Ports: CA gRPC $MIZZEN_CA_PORT (15012), CA admin
-# $MIZZEN_CA_ADMIN_PORT (15014), agent admin $MIZZEN_AGENT_ADMIN_PORT (15030).
+# $MIZZEN_CA_ADMIN_PORT (15014), agent admin $MIZZEN_AGENT_ADMIN_PORT (15030),
+# injector webhook $MIZZEN_INJECTOR_PORT (15017) and admin (15018).
 # The agent serves SDS on $DIR/agent.sock for node "local-node".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,8 @@ DIR="${MIZZEN_LOCAL_DIR:-$HOME/.cache/mizzen/local}"
 CA_PORT="${MIZZEN_CA_PORT:-15012}"
 CA_ADMIN_PORT="${MIZZEN_CA_ADMIN_PORT:-15014}"
 AGENT_ADMIN_PORT="${MIZZEN_AGENT_ADMIN_PORT:-15030}"
+INJECTOR_PORT="${MIZZEN_INJECTOR_PORT:-15017}"
+INJECTOR_ADMIN_PORT="${MIZZEN_INJECTOR_ADMIN_PORT:-15018}"
 NODE=local-node
 
 log() { printf '[run-local] %s\n' "$*" >&2; }
@@ -23,7 +26,7 @@ die() { printf '[run-local] error: %s\n' "$*" >&2; exit 1; }
 
 stop_components() {
   local pid c
-  for c in mizzen-agent mizzen-ca; do
+  for c in mizzen-injector mizzen-agent mizzen-ca; do
     pid=$(cat "$DIR/pids/$c" 2>/dev/null) || continue
     if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q "$c"; then
       kill -TERM "$pid" 2>/dev/null || true
@@ -35,7 +38,7 @@ stop_components() {
 # start NAME ADMIN_PORT KUBECONFIG ARGS...: a component as a local process.
 start() {
   local name=$1 port=$2 kc=$3; shift 3
-  KUBECONFIG=$kc setsid "target/debug/$name" --admin-addr "127.0.0.1:$port" "$@" \
+  KUBECONFIG=$kc setsid "target/debug/$name" "$@" --admin-addr "127.0.0.1:$port" \
     > "$DIR/logs/$name.log" 2>&1 < /dev/null &
   echo $! > "$DIR/pids/$name"
   for _ in $(seq 1 150); do
@@ -104,6 +107,17 @@ NODE_AND_POD
       --socket "$DIR/agent.sock" --node-name "$NODE" --namespace mizzen-system \
       --ca-addr "https://127.0.0.1:$CA_PORT" --agent-token-file "$DIR/agent-token"
     log "mizzen-agent is serving SDS on $DIR/agent.sock (metrics: http://127.0.0.1:$AGENT_ADMIN_PORT/metrics)"
+
+    # The injector: every document of its manifest but the webhook
+    # configuration, which points at the local process instead of the
+    # Service (nothing routes Service IPs here). The injector fills in caBundle.
+    awk 'BEGIN{RS="\n---\n"; ORS="\n---\n"} !/kind: MutatingWebhookConfiguration/' manifests/injector.yaml \
+      | $KUBECTL apply -f -
+    sed -e "s#service: {name: mizzen-injector, namespace: mizzen-system, path: /inject, port: 443}#url: https://127.0.0.1:$INJECTOR_PORT/inject#" \
+      manifests/injector.yaml | awk 'BEGIN{RS="\n---\n"} /kind: MutatingWebhookConfiguration/' | $KUBECTL apply -f -
+    start mizzen-injector "$INJECTOR_ADMIN_PORT" "$(sa_kubeconfig mizzen-injector)" serve \
+      --addr "127.0.0.1:$INJECTOR_PORT" --serving-ip 127.0.0.1 --config "$DIR/injector-config.yaml"
+    log "mizzen-injector is serving the webhook on 127.0.0.1:$INJECTOR_PORT; label a namespace with mizzen.dev/inject=enabled"
     log "Use the cluster with:"
     log "  export KUBECONFIG=$DIR/kubeconfig PATH=$(scripts/kube.sh bin):\$PATH"
     log "  kubectl get configmap mizzen-root-ca -n default -o jsonpath='{.data.root-cert\\.pem}'"
