@@ -59,10 +59,10 @@ impl CaSigner {
             .clone()
             .ok_or_else(|| SignError::Unavailable("no trust bundle yet (ConfigMap mizzen-root-ca)".into()))?;
         let mut cached = self.channel.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((r, ch)) = cached.as_ref() {
-            if **r == *root {
-                return Ok(ch.clone());
-            }
+        if let Some((r, ch)) = cached.as_ref()
+            && **r == *root
+        {
+            return Ok(ch.clone());
         }
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(root.as_bytes()))

@@ -6,10 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
 use clap::Parser;
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use mizzen_agent::ca_client::CaSigner;
@@ -17,58 +13,10 @@ use mizzen_agent::config::Config;
 use mizzen_agent::metrics::Metrics;
 use mizzen_agent::sds::{CallerPolicy, Sds};
 use mizzen_agent::secrets::{Rotation, SecretManager};
+use mizzen_api::runtime;
 use mizzen_api::tokenreview::Authenticator;
 use tokio::sync::watch;
-use tracing::{error, info};
-
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-#[derive(Clone)]
-struct Admin {
-    metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
-}
-
-async fn readyz(State(a): State<Admin>) -> (StatusCode, &'static str) {
-    if a.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: no trust bundle yet\n")
-    }
-}
-
-async fn metrics_handler(State(a): State<Admin>) -> ([(&'static str, &'static str); 1], String) {
-    (
-        [(
-            "content-type",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        a.metrics.encode(),
-    )
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!(error = %e, "cannot listen for SIGTERM");
-            return std::future::pending().await;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
-    }
-}
+use tracing::info;
 
 /// Binds the SDS socket: stale socket removed, mode 0660, group `gid`.
 fn bind_socket(config: &Config) -> anyhow::Result<tokio::net::UnixListener> {
@@ -96,27 +44,20 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("mizzen-agent: {e}");
         std::process::exit(2);
     }
-    init_tracing(&config.log_format);
+    runtime::init_tracing(&config.log_format);
     info!(config = ?config, "starting mizzen-agent {}", env!("CARGO_PKG_VERSION"));
 
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
-    let admin = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_handler))
-        .with_state(Admin {
-            metrics: metrics.clone(),
-            ready: ready.clone(),
-        });
-    let admin_listener = tokio::net::TcpListener::bind(config.admin_addr)
-        .await
-        .with_context(|| format!("bind admin address {}", config.admin_addr))?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(admin_listener, admin).await {
-            error!(error = %e, "admin server failed");
-        }
-    });
+    let registry_metrics = metrics.clone();
+    runtime::serve_admin(
+        config.admin_addr,
+        ready.clone(),
+        "not ready: no trust bundle yet\n",
+        move || registry_metrics.encode(),
+    )
+    .await
+    .with_context(|| format!("bind admin address {}", config.admin_addr))?;
 
     let client = kube::Client::try_default()
         .await
@@ -194,7 +135,7 @@ async fn main() -> anyhow::Result<()> {
     });
     tonic::transport::Server::builder()
         .add_service(SecretDiscoveryServiceServer::new(sds).max_decoding_message_size(1 << 20))
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, runtime::shutdown_signal())
         .await
         .context("SDS server")?;
     let _ = std::fs::remove_file(&config.socket);

@@ -90,13 +90,13 @@ impl CallerError {
 
 /// The identity a reviewed caller may receive: its own, on this node only.
 pub fn caller_identity(reviewed: &Reviewed, policy: &CallerPolicy) -> Result<SpiffeId, CallerError> {
-    if let Some(agent) = &policy.node_name {
-        if reviewed.node_name.as_deref() != Some(agent.as_str()) {
-            return Err(CallerError::WrongNode {
-                token: reviewed.node_name.clone(),
-                agent: agent.clone(),
-            });
-        }
+    if let Some(agent) = &policy.node_name
+        && reviewed.node_name.as_deref() != Some(agent.as_str())
+    {
+        return Err(CallerError::WrongNode {
+            token: reviewed.node_name.clone(),
+            agent: agent.clone(),
+        });
     }
     SpiffeId::workload(&policy.trust_domain, &reviewed.namespace, &reviewed.service_account)
         .map_err(|e| CallerError::BadIdentity(e.to_string()))
@@ -163,32 +163,32 @@ impl Subscription {
     fn snapshot(&mut self) -> (Vec<Any>, String) {
         let mut resources = Vec::new();
         let mut versions = Vec::new();
-        if self.names.contains(DEFAULT) {
-            if let Some(svid) = self.cert.as_mut().and_then(|c| c.borrow_and_update().clone()) {
-                resources.push(pack(&Secret {
-                    name: DEFAULT.into(),
-                    r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-                        certificate_chain: inline(svid.chain().as_bytes()),
-                        private_key: inline(svid.key_pem.as_bytes()),
-                        ..Default::default()
-                    })),
-                }));
-                versions.push(format!("{DEFAULT}={}", svid.serial));
-            }
+        if self.names.contains(DEFAULT)
+            && let Some(svid) = self.cert.as_mut().and_then(|c| c.borrow_and_update().clone())
+        {
+            resources.push(pack(&Secret {
+                name: DEFAULT.into(),
+                r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                    certificate_chain: inline(svid.chain().as_bytes()),
+                    private_key: inline(svid.key_pem.as_bytes()),
+                    ..Default::default()
+                })),
+            }));
+            versions.push(format!("{DEFAULT}={}", svid.serial));
         }
-        if self.names.contains(ROOTCA) {
-            if let Some(root) = self.roots.borrow_and_update().clone() {
-                resources.push(pack(&Secret {
-                    name: ROOTCA.into(),
-                    r#type: Some(secret::Type::ValidationContext(CertificateValidationContext {
-                        trusted_ca: inline(root.as_bytes()),
-                        ..Default::default()
-                    })),
-                }));
-                let digest = ring::digest::digest(&ring::digest::SHA256, root.as_bytes());
-                let short: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
-                versions.push(format!("{ROOTCA}={short}"));
-            }
+        if self.names.contains(ROOTCA)
+            && let Some(root) = self.roots.borrow_and_update().clone()
+        {
+            resources.push(pack(&Secret {
+                name: ROOTCA.into(),
+                r#type: Some(secret::Type::ValidationContext(CertificateValidationContext {
+                    trusted_ca: inline(root.as_bytes()),
+                    ..Default::default()
+                })),
+            }));
+            let digest = ring::digest::digest(&ring::digest::SHA256, root.as_bytes());
+            let short: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+            versions.push(format!("{ROOTCA}={short}"));
         }
         (resources, versions.join(","))
     }

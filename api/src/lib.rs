@@ -15,11 +15,13 @@
 //!   used by the CA and the node agent.
 //!
 //! - [`tls`]: a serving certificate replaceable while serving.
+//! - [`runtime`]: logs, the admin port and shutdown, the same in every server.
 //!
 //! This crate holds data types and their validation only: no I/O, no clients.
 
 pub mod policy;
 pub mod proto;
+pub mod runtime;
 pub mod spiffe;
 pub mod tls;
 pub mod tokenreview;

@@ -5,12 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
 use clap::Parser;
 use mizzen_api::proto::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use mizzen_api::runtime;
 use mizzen_ca::auth::{Authenticator, Policy};
 use mizzen_ca::config::Config;
 use mizzen_ca::metrics::Metrics;
@@ -20,55 +17,6 @@ use tracing::{error, info, warn};
 
 /// Largest CreateCertificate request accepted (a CSR is a few KiB).
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
-
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-#[derive(Clone)]
-struct Admin {
-    metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
-}
-
-async fn readyz(State(a): State<Admin>) -> (StatusCode, &'static str) {
-    if a.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-    }
-}
-
-async fn metrics_handler(State(a): State<Admin>) -> ([(&'static str, &'static str); 1], String) {
-    (
-        [(
-            "content-type",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        a.metrics.encode(),
-    )
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!(error = %e, "cannot listen for SIGTERM");
-            return std::future::pending().await;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
-    }
-}
 
 /// Publishes the signing chain's expiry and warns, hourly, when it is near.
 async fn watch_expiry(not_after: SystemTime, window: Duration, metrics: Arc<Metrics>) {
@@ -99,28 +47,17 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("mizzen-ca: {e}");
         std::process::exit(2);
     }
-    init_tracing(&config.log_format);
+    runtime::init_tracing(&config.log_format);
     info!(config = ?config, "starting mizzen-ca {}", env!("CARGO_PKG_VERSION"));
 
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
-    let admin = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_handler))
-        .with_state(Admin {
-            metrics: metrics.clone(),
-            ready: ready.clone(),
-        });
-    let admin_listener = tokio::net::TcpListener::bind(config.admin_addr)
-        .await
-        .with_context(|| format!("bind admin address {}", config.admin_addr))?;
-    info!(addr = %config.admin_addr, "admin server listening");
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(admin_listener, admin).await {
-            error!(error = %e, "admin server failed");
-        }
-    });
+    let registry_metrics = metrics.clone();
+    runtime::serve_admin(config.admin_addr, ready.clone(), "not ready\n", move || {
+        registry_metrics.encode()
+    })
+    .await
+    .with_context(|| format!("bind admin address {}", config.admin_addr))?;
 
     let client = kube::Client::try_default()
         .await
@@ -189,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
         .concurrency_limit_per_connection(256)
         .add_service(grpc)
         .serve_with_incoming_shutdown(serving::incoming(listener, tls), async {
-            shutdown_signal().await;
+            runtime::shutdown_signal().await;
             ready.store(false, Ordering::Relaxed);
         })
         .await

@@ -14,13 +14,14 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::Api;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
+use mizzen_api::runtime;
 use mizzen_injector::config::{NativeSidecars, SharedConfig};
 use mizzen_injector::webhook::{self, NamespaceLabels, Verdict};
 use mizzen_injector::{manual, tls};
@@ -28,7 +29,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 /// Mizzen's sidecar injector.
 #[derive(Debug, Parser)]
@@ -160,7 +161,6 @@ struct App {
     native: bool,
     namespaces: Namespaces,
     metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
 }
 
 async fn inject_handler(State(app): State<App>, body: Bytes) -> Response {
@@ -193,19 +193,6 @@ async fn inject_handler(State(app): State<App>, body: Bytes) -> Response {
     }
 }
 
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 async fn native_sidecars(client: &kube::Client, setting: NativeSidecars) -> bool {
     match setting {
         NativeSidecars::Always => true,
@@ -226,7 +213,8 @@ async fn native_sidecars(client: &kube::Client, setting: NativeSidecars) -> bool
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_tracing(&args.log_format);
+    mizzen_api::runtime::check_log_format(&args.log_format).map_err(|e| anyhow::anyhow!(e))?;
+    runtime::init_tracing(&args.log_format);
     info!(config = ?args, "starting mizzen-injector {}", env!("CARGO_PKG_VERSION"));
     let config = SharedConfig::load(Some(&args.config)).map_err(|e| anyhow::anyhow!(e))?;
     tokio::spawn(config.clone().watch(args.config.clone()));
@@ -265,47 +253,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         native,
         namespaces: Namespaces { store, api: ns_api },
         metrics: metrics.clone(),
-        ready: ready.clone(),
     };
     let router = Router::new()
         .route("/inject", post(inject_handler))
         .layer(DefaultBodyLimit::max(webhook::MAX_BODY))
-        .with_state(app.clone());
-    let admin = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(|State(a): State<App>| async move {
-                if a.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready\n")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(|State(a): State<App>| async move {
-                let mut out = String::new();
-                let _ = prometheus_client::encoding::text::encode(&mut out, &a.metrics.registry);
-                (
-                    [(
-                        "content-type",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    out,
-                )
-            }),
-        )
         .with_state(app);
-    let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
-        .await
-        .with_context(|| format!("bind {}", args.admin_addr))?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(admin_listener, admin).await {
-            error!(error = %e, "admin server failed");
-        }
-    });
+    runtime::serve_admin(args.admin_addr, ready.clone(), "not ready\n", move || {
+        runtime::encode_metrics(&metrics.registry)
+    })
+    .await
+    .with_context(|| format!("bind {}", args.admin_addr))?;
 
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
@@ -313,15 +270,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
     info!(addr = %args.addr, "webhook listening");
     ready.store(true, Ordering::Relaxed);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = runtime::shutdown_signal();
+    tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => { warn!(error = %e, "accept failed"); continue; }
             },
-            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
-            _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); break; }
+            _ = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);
         let (acceptor, router) = (acceptor.clone(), router.clone());

@@ -109,6 +109,21 @@ fn assert_untouched(pod: &Pod) {
     );
 }
 
+/// Waits until every webhook of `mizzen-injector` has a caBundle.
+async fn ca_bundle_set(mwcs: &Api<MutatingWebhookConfiguration>, what: &str) -> anyhow::Result<()> {
+    eventually(TIMEOUT, what, || {
+        let mwcs = mwcs.clone();
+        async move {
+            let m = mwcs.get("mizzen-injector").await?;
+            Ok(m.webhooks
+                .iter()
+                .flatten()
+                .all(|w| w.client_config.ca_bundle.as_ref().is_some_and(|b| !b.0.is_empty())))
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn labelled_namespace_pods_are_injected_exactly() -> anyhow::Result<()> {
     let cluster = Cluster::get();
@@ -136,17 +151,7 @@ async fn labelled_namespace_pods_are_injected_exactly() -> anyhow::Result<()> {
 
     // The injector fills in its webhook's caBundle by itself.
     let mwcs = Api::<MutatingWebhookConfiguration>::all(client.clone());
-    eventually(TIMEOUT, "the injector to set the webhook caBundle", || {
-        let mwcs = mwcs.clone();
-        async move {
-            let m = mwcs.get("mizzen-injector").await?;
-            Ok(m.webhooks
-                .iter()
-                .flatten()
-                .all(|w| w.client_config.ca_bundle.as_ref().is_some_and(|b| !b.0.is_empty())))
-        }
-    })
-    .await?;
+    ca_bundle_set(&mwcs, "the injector to set the webhook caBundle").await?;
 
     let ns = cluster.namespace(&client, "demo", &[]).await?;
     cluster
@@ -334,17 +339,7 @@ spec:
         ])
         .run()
         .await?;
-    eventually(TIMEOUT, "the caBundle to be restored", || {
-        let mwcs = mwcs.clone();
-        async move {
-            let m = mwcs.get("mizzen-injector").await?;
-            Ok(m.webhooks
-                .iter()
-                .flatten()
-                .all(|w| w.client_config.ca_bundle.as_ref().is_some_and(|b| !b.0.is_empty())))
-        }
-    })
-    .await?;
+    ca_bundle_set(&mwcs, "the caBundle to be restored").await?;
     if injector.log_text().contains("panicked") {
         bail!("the injector panicked:\n{}", injector.log_text());
     }

@@ -37,7 +37,8 @@ fn decisions() {
     let mut injected = app();
     injected.metadata.annotations = Some(labels(&[(STATUS_ANNOTATION, "{}")]));
 
-    let cases: Vec<(&str, Pod, &str, &BTreeMap<String, String>, Result<(), Skip>)> = vec![
+    type Case<'a> = (&'a str, Pod, &'a str, &'a BTreeMap<String, String>, Result<(), Skip>);
+    let cases: Vec<Case<'_>> = vec![
         ("labelled namespace", app(), "demo", &enabled, Ok(())),
         ("pod opts in", with_label("true"), "demo", &none, Ok(())),
         (

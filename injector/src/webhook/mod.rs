@@ -80,7 +80,7 @@ pub async fn review(
         }
     };
     let base = AdmissionResponse::from(&req);
-    if req.kind.kind != "Pod" || req.kind.group != "" || req.operation != Operation::Create {
+    if req.kind.kind != "Pod" || !req.kind.group.is_empty() || req.operation != Operation::Create {
         return Ok((respond(base)?, Verdict::Ignored));
     }
     let pod: Pod = match req
