@@ -150,3 +150,50 @@ fn read(path: Option<&Path>) -> Result<InjectConfig, String> {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_errors() {
+        assert_eq!(InjectConfig::from_yaml("").expect("empty"), InjectConfig::default());
+        let c = InjectConfig::from_yaml("proxyImage: x:1\nnativeSidecars: never\n").expect("valid");
+        assert_eq!(
+            (c.proxy_image.as_str(), c.native_sidecars),
+            ("x:1", NativeSidecars::Never)
+        );
+        assert!(
+            InjectConfig::from_yaml("proxyImge: typo\n").is_err(),
+            "a typo is not silently ignored"
+        );
+        assert!(InjectConfig::from_yaml("proxyUid: -1\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn reloads_when_the_file_changes_and_keeps_the_last_good_one() {
+        let dir = std::env::temp_dir().join(format!("mizzen-injector-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("config.yaml");
+        std::fs::write(&path, "proxyImage: one\n").expect("write");
+        let shared = SharedConfig::load(Some(&path)).expect("load");
+        assert_eq!(shared.get().proxy_image, "one");
+        tokio::spawn(shared.clone().watch(path.clone()));
+        tokio::time::sleep(Duration::from_millis(1100)).await; // a distinct mtime
+        std::fs::write(&path, "proxyImage: two\n").expect("write");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while shared.get().proxy_image != "two" {
+            assert!(std::time::Instant::now() < deadline, "config not reloaded");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        std::fs::write(&path, "proxyImage: [broken\n").expect("write");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(
+            shared.get().proxy_image,
+            "two",
+            "a broken file keeps the last good config"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

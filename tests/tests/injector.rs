@@ -340,6 +340,50 @@ spec:
         .run()
         .await?;
     ca_bundle_set(&mwcs, "the caBundle to be restored").await?;
+    // Oversized and malformed bodies over HTTPS: refused, server unharmed.
+    let ca_pem = eventually_some(TIMEOUT, "the webhook CA Secret", || {
+        let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), SYSTEM);
+        async move {
+            Ok(secrets
+                .get_opt("mizzen-injector-ca")
+                .await?
+                .and_then(|s| s.data)
+                .and_then(|mut d| d.remove("ca-cert.pem")))
+        }
+    })
+    .await?;
+    let ca_file = cluster.dir().join("injector-ca.pem");
+    std::fs::write(&ca_file, &ca_pem.0)?;
+    let big = cluster.dir().join("injector-big.json");
+    std::fs::write(&big, vec![b' '; 3 * 1024 * 1024])?;
+    let curl = |body: String| {
+        let ca_file = ca_file.clone();
+        async move {
+            let out = tokio::process::Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+                .arg(&ca_file)
+                .args(["-H", "content-type: application/json", "--data-binary", &body])
+                .arg(format!("https://127.0.0.1:{port}/inject"))
+                .output()
+                .await?;
+            Ok::<_, anyhow::Error>(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    };
+    assert_eq!(
+        curl(format!("@{}", big.display())).await?,
+        "413",
+        "a body over the limit is refused"
+    );
+    assert_eq!(
+        curl("{not json".into()).await?,
+        "400",
+        "a body with no request to answer"
+    );
+    assert_eq!(
+        curl(r#"{"request":{"uid":"x","kind":7}}"#.into()).await?,
+        "200",
+        "answered with a refusal"
+    );
     if injector.log_text().contains("panicked") {
         bail!("the injector panicked:\n{}", injector.log_text());
     }
