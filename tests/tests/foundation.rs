@@ -365,7 +365,7 @@ async fn netns_pods_reach_each_other() -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     let reply = String::from_utf8_lossy(&out.stdout);
-    let fields: Vec<&str> = reply.trim().splitn(3, ' ').collect();
+    let fields: Vec<&str> = reply.trim().splitn(4, ' ').collect();
     assert_eq!(fields.first(), Some(&"1337"), "server runs as uid 1337: {reply}");
     assert!(
         fields
@@ -373,7 +373,11 @@ async fn netns_pods_reach_each_other() -> anyhow::Result<()> {
             .is_some_and(|peer| peer.starts_with(&format!("{}:", client_pod.ip()))),
         "the server sees the client pod's own IP: {reply}"
     );
-    assert_eq!(fields.get(2), Some(&"hello"));
+    assert_eq!(
+        fields.get(2).copied(),
+        Some(format!("{}:8080", server_pod.ip()).as_str())
+    );
+    assert_eq!(fields.get(3), Some(&"hello"));
 
     // Each pod has its own loopback: the server is not on the client's.
     let local = client_pod

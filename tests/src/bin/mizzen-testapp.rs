@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! mizzen-testapp echo-server ADDR     accept TCP connections on ADDR; reply to
-//!                                     each line with "<uid> <peer> <line>"
+//!                                     each line with "<uid> <peer> <local> <line>"
+//!                                     (<local> is the accepted socket's address,
+//!                                     which shows a REDIRECT's target port)
 //! mizzen-testapp connect ADDR TEXT    send TEXT as one line to ADDR, print the reply
 //! mizzen-testapp whoami               print "uid=<uid> gid=<gid>"
 //! ```
@@ -38,12 +40,13 @@ fn echo_server(addr: &str) -> Result<(), String> {
         let uid = uid.clone();
         std::thread::spawn(move || {
             let peer = conn.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+            let local = conn.local_addr().map(|p| p.to_string()).unwrap_or_default();
             let Ok(mut writer) = conn.try_clone() else {
                 return;
             };
             for line in BufReader::new(conn).lines() {
                 let Ok(line) = line else { return };
-                if writeln!(writer, "{uid} {peer} {line}").is_err() {
+                if writeln!(writer, "{uid} {peer} {local} {line}").is_err() {
                     return;
                 }
             }
