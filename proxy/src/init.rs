@@ -262,7 +262,7 @@ mod tests {
         assert!(!r.contains("fd00::"), "no IPv6 CIDR in IPv4 rules");
         assert!(r.starts_with("*nat\n") && r.ends_with("COMMIT\n"));
         // The final catch-all comes after every exception.
-        let last = r.lines().filter(|l| l.starts_with("-A MIZZEN_OUTPUT")).last();
+        let last = r.lines().rfind(|l| l.starts_with("-A MIZZEN_OUTPUT"));
         assert_eq!(last, Some("-A MIZZEN_OUTPUT -p tcp -j MIZZEN_REDIRECT"));
     }
 
