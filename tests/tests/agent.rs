@@ -280,6 +280,35 @@ async fn agent_serves_sds_rotates_and_survives_a_ca_outage() -> anyhow::Result<(
         agent.daemon.log_text().contains("cannot get a certificate"),
         "the failure is logged"
     );
+    // A new trust bundle (say, a second root while migrating CAs) is pushed
+    // on the open stream. The CA, being down, does not restore the old one.
+    let extra_root = mizzen_tests::tls::TestCa::new("second root")?.cert_pem();
+    let bundle = format!("{root}{extra_root}");
+    cluster
+        .kubectl([
+            "-n",
+            SYSTEM,
+            "patch",
+            "configmap",
+            "mizzen-root-ca",
+            "--type=merge",
+            "-p",
+        ])
+        .arg(serde_json::json!({"data": {"root-cert.pem": bundle}}).to_string())
+        .run()
+        .await?;
+    tokio::time::timeout(TIMEOUT, async {
+        loop {
+            let resp = stream.next().await.map_err(|s| anyhow::anyhow!("stream: {s:?}"))?;
+            let s = decode(&resp)?;
+            stream.ack(&resp, BOTH).await?;
+            if s.roots.as_deref() == Some(bundle.as_str()) {
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+    })
+    .await??;
+
     let ca = Ca::start(cluster, Some(ca_port), &[]).await?;
     let recovered = tokio::time::timeout(TIMEOUT, next_certificate(&mut stream, Some(&cached_serial))).await??;
     let (chain3, key3) = recovered.certificate.context("certificate after recovery")?;

@@ -522,6 +522,15 @@ openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out other-key.pe
     let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der)?;
     let (_, inter) = x509_parser::parse_x509_certificate(&inter_der)?;
     assert!(leaf.validity().not_after <= inter.validity().not_after);
+    // The operator's intermediate expires in 20 days, inside the 30-day
+    // warning window: logged and flagged in metrics.
+    let text = ca.daemon.metrics().await?;
+    assert_eq!(metric(&text, "mizzen_ca_signing_cert_expiring"), 1.0, "{text}");
+    assert!(
+        ca.daemon.log_text().contains("expires soon"),
+        "{}",
+        ca.daemon.log_text()
+    );
     assert!(
         secrets.get_opt("mizzen-ca").await?.is_none(),
         "a plugged-in CA makes no root of its own"
