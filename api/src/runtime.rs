@@ -13,7 +13,13 @@ use tracing::{error, info};
 /// Logs to standard error, `text` or `json`; levels from `RUST_LOG`
 /// (default `info`).
 pub fn init_tracing(format: &str) {
+    init_tracing_with_default(format, "info");
+}
+
+/// Like [`init_tracing`], with `default` levels when `RUST_LOG` is unset.
+pub fn init_tracing_with_default(format: &str, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(default))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

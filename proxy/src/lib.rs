@@ -1,2 +1,12 @@
-//! Mizzen's sidecar proxy. So far: [`init`], the pod's traffic capture.
+//! Mizzen's sidecar proxy.
+//!
+//! - [`init`]: the pod's traffic capture (the init container).
+//! - [`identity`]: certificates from the node agent over SDS.
+//! - [`inbound`]: mutual TLS termination for peers, forwarding to the app.
+//! - [`outbound`]: for now, transparent plaintext forwarding (discovery and
+//!   mTLS origination are not built yet).
+
+pub mod identity;
+pub mod inbound;
 pub mod init;
+pub mod outbound;

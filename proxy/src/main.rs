@@ -1,8 +1,22 @@
-//! `mizzen-proxy`: the pod's traffic capture (`init`) and, later, the
-//! sidecar proxy itself.
+//! `mizzen-proxy`: the pod's traffic capture (`init`) and the sidecar
+//! (`proxy`).
 
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
 use clap::{Parser, Subcommand, ValueEnum};
+use mizzen_api::runtime;
+use mizzen_proxy::identity::{self, SdsSource};
+use mizzen_proxy::inbound::{self, InboundMetrics, MtlsMode};
 use mizzen_proxy::init::{self, Family, InitConfig};
+use mizzen_proxy::outbound;
+use tokio::sync::watch;
+use tracing::info;
 
 /// Mizzen's sidecar proxy, carrying pod traffic over mutual TLS.
 #[derive(Debug, Parser)]
@@ -16,8 +30,8 @@ struct Cli {
 enum Command {
     /// Capture the pod's TCP traffic into the proxy (run as the init container).
     Init(InitArgs),
-    /// Run the sidecar proxy (not built yet).
-    Proxy,
+    /// Run the sidecar proxy.
+    Proxy(ProxyArgs),
     /// Wait until the proxy is ready (postStart hook for regular sidecars; not built yet).
     Wait,
 }
@@ -61,6 +75,117 @@ struct InitArgs {
     ipv6: Ipv6,
 }
 
+#[derive(Debug, clap::Args)]
+struct ProxyArgs {
+    /// Inbound capture port: mTLS from peers, plaintext per --mtls-mode.
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// Outbound capture port.
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// Admin port: /metrics.
+    #[arg(long, default_value_t = 15020)]
+    admin_port: u16,
+    /// Health port: /healthz/ready, 200 once the proxy holds a certificate.
+    #[arg(long, default_value_t = 15021)]
+    health_port: u16,
+    /// The node agent's SDS socket.
+    #[arg(long, default_value = "/var/run/mizzen/agent.sock")]
+    agent_socket: PathBuf,
+    /// The pod's projected ServiceAccount token (audience mizzen-ca).
+    #[arg(long, default_value = "/var/run/secrets/mizzen/token")]
+    token_file: PathBuf,
+    /// Whether plaintext inbound connections are accepted.
+    #[arg(long, value_enum, env = "MIZZEN_MTLS_MODE", default_value = "permissive")]
+    mtls_mode: MtlsMode,
+    /// Log format: text or json. Levels come from MIZZEN_LOG_LEVEL or RUST_LOG.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
+    runtime::check_log_format(&a.log_format).map_err(|e| anyhow::anyhow!(e))?;
+    let level = std::env::var("MIZZEN_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    runtime::init_tracing_with_default(&a.log_format, &level);
+    info!(config = ?a, "starting mizzen-proxy {}", env!("CARGO_PKG_VERSION"));
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(identity::follow(
+        SdsSource {
+            socket: a.agent_socket.clone(),
+            token_file: a.token_file.clone(),
+        },
+        tx,
+    ));
+
+    let ready = Arc::new(AtomicBool::new(false));
+    {
+        let (mut rx, ready) = (rx.clone(), ready.clone());
+        tokio::spawn(async move {
+            while rx.borrow_and_update().is_none() {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+            ready.store(true, Ordering::Relaxed);
+            info!("ready: holding a certificate");
+        });
+    }
+    let metrics = InboundMetrics::default();
+    let mut registry = prometheus_client::registry::Registry::with_prefix("mizzen_proxy");
+    registry.register(
+        "inbound_connections",
+        "Inbound connections by TLS mode and peer identity",
+        metrics.connections.clone(),
+    );
+    registry.register(
+        "inbound_refused",
+        "Inbound connections refused, by reason",
+        metrics.refused.clone(),
+    );
+    registry.register(
+        "inbound_bytes",
+        "Bytes carried by inbound connections",
+        metrics.bytes.clone(),
+    );
+    let registry = Arc::new(registry);
+    runtime::serve_admin(
+        ([0, 0, 0, 0], a.admin_port).into(),
+        ready.clone(),
+        "no certificate yet\n",
+        move || runtime::encode_metrics(&registry),
+    )
+    .await
+    .with_context(|| format!("bind admin port {}", a.admin_port))?;
+    let health = Router::new().route(
+        "/healthz/ready",
+        get(move || {
+            let ready = ready.clone();
+            async move {
+                if ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "no certificate yet\n")
+                }
+            }
+        }),
+    );
+    let health_listener = tokio::net::TcpListener::bind(("0.0.0.0", a.health_port))
+        .await
+        .context("bind health port")?;
+    tokio::spawn(async move { axum::serve(health_listener, health).await });
+
+    let inbound_listener = tokio::net::TcpListener::bind(("0.0.0.0", a.inbound_port))
+        .await
+        .context("bind inbound port")?;
+    let outbound_listener = tokio::net::TcpListener::bind(("0.0.0.0", a.outbound_port))
+        .await
+        .context("bind outbound port")?;
+    tokio::spawn(outbound::serve(outbound_listener));
+    tokio::spawn(inbound::serve(inbound_listener, rx, a.mtls_mode, metrics));
+    runtime::shutdown_signal().await;
+    Ok(())
+}
+
 fn run_init(a: InitArgs) -> Result<(), init::InitError> {
     let cfg = InitConfig {
         proxy_uid: a.proxy_uid,
@@ -95,7 +220,8 @@ fn run_init(a: InitArgs) -> Result<(), init::InitError> {
     Ok(())
 }
 
-fn main() -> std::process::ExitCode {
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
     match Cli::parse().command {
         Command::Init(a) => match run_init(a) {
             Ok(()) => std::process::ExitCode::SUCCESS,
@@ -104,8 +230,15 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
-        Command::Proxy | Command::Wait => {
-            eprintln!("mizzen-proxy: the proxy itself is not built yet (issue 6); only `init` works");
+        Command::Proxy(a) => match run_proxy(a).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mizzen-proxy: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        Command::Wait => {
+            eprintln!("mizzen-proxy wait: not built yet (issue 6)");
             std::process::ExitCode::from(2)
         }
     }

@@ -1,0 +1,193 @@
+//! The inbound listener (15006): terminates mutual TLS from peer proxies,
+//! learns the peer's SPIFFE ID, and forwards to the app.
+//!
+//! The first byte tells a TLS ClientHello (0x16) from plaintext. TLS is
+//! terminated with TLS 1.3 only, ALPN `mizzen`, and a client certificate
+//! that must chain to the trust bundle and carry exactly one SPIFFE ID.
+//! Plaintext is forwarded in PERMISSIVE mode and refused in STRICT. The app
+//! is reached at the connection's original destination (the pod's own IP
+//! and port, from SO_ORIGINAL_DST) from source 127.0.0.6, which the capture
+//! rules never redirect again; an app listening only on localhost is
+//! therefore not exposed through the proxy.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use mizzen_api::SpiffeId;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::identity::{TlsMaterial, spiffe_id_of};
+
+/// The ALPN protocol proxies speak to each other.
+pub const ALPN: &[u8] = b"mizzen";
+/// The source address of connections to the app.
+pub const APP_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+
+/// Whether plaintext is accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MtlsMode {
+    /// mTLS and plaintext.
+    Permissive,
+    /// mTLS only.
+    Strict,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Inbound metrics.
+#[derive(Debug, Default, Clone)]
+pub struct InboundMetrics {
+    /// Connections by TLS mode (`mtls`, `plaintext`) and peer identity.
+    pub connections: Family<Labels, Counter>,
+    /// Refused connections by reason.
+    pub refused: Family<Labels, Counter>,
+    pub bytes: Counter,
+}
+
+/// The server configuration for `m`: TLS 1.3, ALPN mizzen, client
+/// certificates required and verified against the trust bundle.
+pub fn server_config(m: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(m.roots.clone()), provider.clone())
+            .build()
+            .map_err(|e| format!("client verifier: {e}"))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(m.chain.clone(), m.key.clone_key())
+        .map_err(|e| format!("our certificate: {e}"))?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    // A session resumed after the trust bundle changed would skip validation.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// The connection's destination before the capture rules redirected it.
+pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+    let addr =
+        nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::OriginalDst).map_err(std::io::Error::from)?;
+    let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+    Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(addr.sin_port))))
+}
+
+async fn connect_app(dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(APP_SOURCE.into(), 0))?;
+    tokio::time::timeout(Duration::from_secs(5), socket.connect(dst))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the app timed out"))?
+}
+
+/// Serves inbound connections until the process ends.
+pub async fn serve(
+    listener: TcpListener,
+    material: watch::Receiver<Option<Arc<TlsMaterial>>>,
+    mode: MtlsMode,
+    metrics: InboundMetrics,
+) {
+    let ids = AtomicU64::new(0);
+    loop {
+        let (conn, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let material = material.borrow().clone();
+        let metrics = metrics.clone();
+        let n = ids.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            if let Err(reason) = handle(conn, peer, material, mode, &metrics).await {
+                metrics
+                    .refused
+                    .get_or_create(&vec![("reason", reason.0.to_string())])
+                    .inc();
+                debug!(conn = n, %peer, reason = reason.0, detail = %reason.1, "inbound connection refused");
+            }
+        });
+    }
+}
+
+struct Refused(&'static str, String);
+
+async fn handle(
+    conn: TcpStream,
+    peer: SocketAddr,
+    material: Option<Arc<TlsMaterial>>,
+    mode: MtlsMode,
+    metrics: &InboundMetrics,
+) -> Result<(), Refused> {
+    let _ = conn.set_nodelay(true);
+    let dst = original_dst(&conn).map_err(|e| Refused("no_original_dst", e.to_string()))?;
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(10), conn.peek(&mut first))
+        .await
+        .map_err(|_| Refused("first_byte_timeout", String::new()))?
+        .map_err(|e| Refused("io", e.to_string()))?;
+    if n == 0 {
+        return Ok(());
+    }
+    if first[0] == 0x16 {
+        let m = material.ok_or_else(|| Refused("no_certificate_yet", String::new()))?;
+        let config = server_config(&m).map_err(|e| Refused("tls_config", e))?;
+        let mut tls = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_rustls::TlsAcceptor::from(config).accept(conn),
+        )
+        .await
+        .map_err(|_| Refused("handshake_timeout", String::new()))?
+        .map_err(|e| Refused("handshake", e.to_string()))?;
+        let (_, session) = tls.get_ref();
+        if session.alpn_protocol() != Some(ALPN) {
+            return Err(Refused("alpn", "peer did not negotiate ALPN mizzen".into()));
+        }
+        // Authorization runs only after the handshake verified the chain.
+        let leaf = session
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| Refused("no_client_cert", String::new()))?;
+        let peer_id: SpiffeId = spiffe_id_of(leaf).map_err(|e| Refused("peer_identity", e))?;
+        info!(%peer, peer_id = %peer_id, %dst, "inbound mTLS connection");
+        metrics
+            .connections
+            .get_or_create(&vec![("tls", "mtls".into()), ("peer", peer_id.to_string())])
+            .inc();
+        let mut app = connect_app(dst)
+            .await
+            .map_err(|e| Refused("app_unreachable", e.to_string()))?;
+        let (a, b) = tokio::io::copy_bidirectional(&mut tls, &mut app)
+            .await
+            .unwrap_or((0, 0));
+        metrics.bytes.inc_by(a + b);
+        Ok(())
+    } else {
+        if mode == MtlsMode::Strict {
+            return Err(Refused("plaintext_in_strict", String::new()));
+        }
+        info!(%peer, %dst, "inbound plaintext connection");
+        metrics
+            .connections
+            .get_or_create(&vec![("tls", "plaintext".into()), ("peer", String::new())])
+            .inc();
+        let mut conn = conn;
+        let mut app = connect_app(dst)
+            .await
+            .map_err(|e| Refused("app_unreachable", e.to_string()))?;
+        let (a, b) = tokio::io::copy_bidirectional(&mut conn, &mut app)
+            .await
+            .unwrap_or((0, 0));
+        metrics.bytes.inc_by(a + b);
+        Ok(())
+    }
+}

@@ -1,0 +1,236 @@
+//! The real proxy in a network-namespace pod, with its certificate from the
+//! real agent and CA: `openssl s_client` with a mesh SVID is served, without
+//! one is refused; plaintext is refused in STRICT and accepted in
+//! PERMISSIVE; the app sees connections from 127.0.0.6 and an app bound to
+//! localhost only is not exposed.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use mizzen_tests::daemon::{http_get, metric};
+use mizzen_tests::k8s::{pod_on_node, service_account, token};
+use mizzen_tests::mesh::{Agent, Ca, install_manifests};
+use mizzen_tests::sds::{SdsStream, decode};
+use mizzen_tests::{Cluster, NetnsPod, eventually, workspace_bin};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn testapp() -> &'static str {
+    env!("CARGO_BIN_EXE_mizzen-testapp")
+}
+
+async fn echo(pod: &NetnsPod, uid: u32, addr: &str) -> anyhow::Result<tokio::process::Child> {
+    let mut child = pod
+        .command_as(uid, uid, testapp())
+        .args(["echo-server", addr])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    tokio::time::timeout(TIMEOUT, lines.next_line())
+        .await??
+        .context("echo server did not start")?;
+    Ok(child)
+}
+
+/// Starts the proxy in `pod` as UID 1337 and waits for /healthz/ready.
+async fn start_proxy(
+    pod: &NetnsPod,
+    agent: &Agent,
+    token_file: &Path,
+    mode: &str,
+    log: &Path,
+) -> anyhow::Result<tokio::process::Child> {
+    let out = std::fs::File::create(log)?;
+    let child = pod
+        .command_as(1337, 1337, workspace_bin("mizzen-proxy"))
+        .env("RUST_LOG", "info,mizzen_proxy=debug")
+        .arg("proxy")
+        .arg(format!("--agent-socket={}", agent.socket.display()))
+        .arg(format!("--token-file={}", token_file.display()))
+        .arg(format!("--mtls-mode={mode}"))
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()?;
+    let url = format!("http://{}:15021/healthz/ready", pod.ip());
+    eventually(TIMEOUT, "the proxy to be ready", || {
+        let url = url.clone();
+        async move { Ok(http_get(&url).await.map(|(c, _)| c == 200).unwrap_or(false)) }
+    })
+    .await
+    .with_context(|| std::fs::read_to_string(log).unwrap_or_default())?;
+    Ok(child)
+}
+
+/// `openssl s_client` from `pod` to `addr`, sending one line; returns what came back.
+async fn s_client(pod: &NetnsPod, addr: &str, dir: &Path, with_cert: bool) -> anyhow::Result<String> {
+    let mut cmd = pod.command("timeout");
+    cmd.args([
+        "5",
+        "openssl",
+        "s_client",
+        "-connect",
+        addr,
+        "-tls1_3",
+        "-alpn",
+        "mizzen",
+        "-quiet",
+        "-verify_return_error",
+    ])
+    .arg("-CAfile")
+    .arg(dir.join("root.pem"));
+    if with_cert {
+        // -cert sends the leaf only; the intermediate goes with -cert_chain.
+        cmd.arg("-cert")
+            .arg(dir.join("chain.pem"))
+            .arg("-cert_chain")
+            .arg(dir.join("chain.pem"));
+        cmd.arg("-key").arg(dir.join("key.pem"));
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use tokio::io::AsyncWriteExt;
+        stdin.write_all(b"hello-through-mtls\n").await?;
+        // Keep stdin open so s_client waits for the reply; timeout ends it.
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            drop(stdin);
+        });
+    }
+    let out = child.wait_with_output().await?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+#[tokio::test]
+async fn inbound_mtls_with_openssl_and_plaintext_by_mode() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    install_manifests(cluster).await?;
+    let node = "proxy-node";
+    cluster.register_node(&client, node).await?;
+    let ca = Ca::start(cluster, None, &[]).await?;
+    let agent = Agent::start(cluster, node, ca.grpc_port, &[]).await?;
+
+    let ns = cluster.namespace(&client, "proxy-in", &[]).await?;
+    for sa in ["server", "client"] {
+        service_account(&client, &ns, sa).await?;
+    }
+    let server_pod = pod_on_node(&client, &ns, "server", "server", node).await?;
+    let client_pod = pod_on_node(&client, &ns, "client", "client", node).await?;
+    let dir = cluster.dir().join(format!("proxy-{ns}"));
+    std::fs::create_dir_all(&dir)?;
+    let server_token = dir.join("server-token");
+    std::fs::write(
+        &server_token,
+        token(&client, &ns, "server", Some(&server_pod), "mizzen-ca").await?,
+    )?;
+
+    // The client's SVID, as a proxy would get it, for openssl.
+    let client_token = token(&client, &ns, "client", Some(&client_pod), "mizzen-ca").await?;
+    let mut stream = SdsStream::open(&agent.socket, &client_token, &["default", "ROOTCA"]).await?;
+    let (mut chain, mut key, mut root) = (None, None, None);
+    while chain.is_none() || root.is_none() {
+        let s = decode(&tokio::time::timeout(TIMEOUT, stream.next()).await??)?;
+        if let Some((c, k)) = s.certificate {
+            (chain, key) = (Some(c), Some(k));
+        }
+        root = s.roots.or(root);
+    }
+    std::fs::write(dir.join("chain.pem"), chain.context("chain")?)?;
+    std::fs::write(dir.join("key.pem"), key.context("key")?)?;
+    std::fs::write(dir.join("root.pem"), root.context("root")?)?;
+
+    // The server pod: capture rules, app, proxy.
+    let server = NetnsPod::create("proxy-server")?;
+    let peer = NetnsPod::create("proxy-client")?;
+    let init = server
+        .command(workspace_bin("mizzen-proxy"))
+        .args(["init", "--exclude-inbound-ports=15020,15021", "--ipv6=off"])
+        .output()
+        .await?;
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let _app = echo(&server, 1000, "0.0.0.0:8080").await?;
+    let _local_only = echo(&server, 1000, "127.0.0.1:9090").await?;
+    let log = dir.join("proxy-strict.log");
+    let proxy = start_proxy(&server, &agent, &server_token, "strict", &log).await?;
+    let target = format!("{}:8080", server.ip());
+
+    // openssl with the client's SVID: handshake, and the app answers,
+    // seeing the connection come from 127.0.0.6 to the pod's own IP.
+    let out = s_client(&peer, &target, &dir, true).await?;
+    assert!(
+        out.contains("1000 127.0.0.6:") && out.contains(&format!("{target} hello-through-mtls")),
+        "openssl with an SVID: {out}\n--- proxy log ---\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // Without a client certificate: refused, nothing from the app.
+    let out = s_client(&peer, &target, &dir, false).await?;
+    assert!(
+        !out.contains("hello-through-mtls"),
+        "no client certificate must be refused: {out}"
+    );
+    // Plaintext in STRICT: refused.
+    let plain = peer
+        .command(testapp())
+        .args(["connect", &target, "plain"])
+        .output()
+        .await?;
+    assert!(
+        !plain.status.success(),
+        "plaintext in STRICT: {}",
+        String::from_utf8_lossy(&plain.stdout)
+    );
+    // An app listening on localhost only is not exposed through the proxy.
+    let out = s_client(&peer, &format!("{}:9090", server.ip()), &dir, true).await?;
+    assert!(!out.contains("hello-through-mtls"), "localhost-only app exposed: {out}");
+
+    // The proxy saw the client's SPIFFE ID.
+    let client_id = format!("spiffe://cluster.local/ns/{ns}/sa/client");
+    let (_, text) = http_get(&format!("http://{}:15020/metrics", server.ip())).await?;
+    assert!(
+        metric(
+            &text,
+            &format!("mizzen_proxy_inbound_connections_total{{tls=\"mtls\",peer=\"{client_id}\"}}")
+        ) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "mizzen_proxy_inbound_refused_total{reason=\"plaintext_in_strict\"}"
+        ) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        std::fs::read_to_string(&log)?.contains(&client_id),
+        "the peer identity is logged"
+    );
+    drop(proxy);
+
+    // PERMISSIVE: plaintext is forwarded too.
+    let log = dir.join("proxy-permissive.log");
+    let _proxy = start_proxy(&server, &agent, &server_token, "permissive", &log).await?;
+    eventually(TIMEOUT, "plaintext to be accepted in PERMISSIVE", || {
+        let cmd = peer.command(testapp()).args(["connect", &target, "plain"]).output();
+        async move {
+            let out = cmd.await?;
+            Ok(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("127.0.0.6:"))
+        }
+    })
+    .await?;
+    let out = s_client(&peer, &target, &dir, true).await?;
+    assert!(
+        out.contains("hello-through-mtls"),
+        "mTLS still works in PERMISSIVE: {out}"
+    );
+    Ok(())
+}
