@@ -72,7 +72,18 @@ pub async fn serve_admin(
     not_ready: &'static str,
     metrics: impl Fn() -> String + Clone + Send + Sync + 'static,
 ) -> std::io::Result<()> {
-    let router = Router::new()
+    serve_admin_with(addr, ready, not_ready, metrics, Router::new()).await
+}
+
+/// [`serve_admin`] with the routes of `extra` too.
+pub async fn serve_admin_with(
+    addr: SocketAddr,
+    ready: Arc<AtomicBool>,
+    not_ready: &'static str,
+    metrics: impl Fn() -> String + Clone + Send + Sync + 'static,
+    extra: Router,
+) -> std::io::Result<()> {
+    let router = extra
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",

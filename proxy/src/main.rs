@@ -14,7 +14,7 @@ use mizzen_api::runtime;
 use mizzen_proxy::identity::{self, SdsSource};
 use mizzen_proxy::inbound::{self, InboundMetrics, MtlsMode};
 use mizzen_proxy::init::{self, Family, InitConfig};
-use mizzen_proxy::outbound;
+use mizzen_proxy::{outbound, probes};
 use tokio::sync::watch;
 use tracing::info;
 
@@ -32,8 +32,8 @@ enum Command {
     Init(InitArgs),
     /// Run the sidecar proxy.
     Proxy(ProxyArgs),
-    /// Wait until the proxy is ready (postStart hook for regular sidecars; not built yet).
-    Wait,
+    /// Wait until the proxy is ready (postStart hook of regular sidecars).
+    Wait(WaitArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -73,6 +73,35 @@ struct InitArgs {
     /// Also capture IPv6.
     #[arg(long, value_enum, default_value = "auto")]
     ipv6: Ipv6,
+}
+
+#[derive(Debug, clap::Args)]
+struct WaitArgs {
+    /// The proxy's health port.
+    #[arg(long, default_value_t = 15021)]
+    health_port: u16,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout_seconds: u64,
+}
+
+/// Polls /healthz/ready until it answers 200.
+async fn run_wait(a: WaitArgs) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.timeout_seconds);
+    while std::time::Instant::now() < deadline {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", a.health_port)).await {
+            let _ = s.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n").await;
+            let mut buf = [0u8; 16];
+            if let Ok(n) = s.read(&mut buf).await {
+                if buf[..n].starts_with(b"HTTP/1.1 200") || buf[..n].starts_with(b"HTTP/1.0 200") {
+                    return true;
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    false
 }
 
 #[derive(Debug, clap::Args)]
@@ -148,11 +177,18 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
         metrics.bytes.clone(),
     );
     let registry = Arc::new(registry);
-    runtime::serve_admin(
+    let pod_ip = std::env::var("INSTANCE_IP").ok().and_then(|ip| ip.parse().ok());
+    let probes = probes::Probes::parse(std::env::var("MIZZEN_APP_PROBES").ok().as_deref(), pod_ip)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let app_health = Router::new()
+        .route("/app-health/{container}/{kind}", get(probes::handler))
+        .with_state(Arc::new(probes));
+    runtime::serve_admin_with(
         ([0, 0, 0, 0], a.admin_port).into(),
         ready.clone(),
         "no certificate yet\n",
         move || runtime::encode_metrics(&registry),
+        app_health,
     )
     .await
     .with_context(|| format!("bind admin port {}", a.admin_port))?;
@@ -237,9 +273,14 @@ async fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
-        Command::Wait => {
-            eprintln!("mizzen-proxy wait: not built yet (issue 6)");
-            std::process::ExitCode::from(2)
+        Command::Wait(a) => {
+            let secs = a.timeout_seconds;
+            if run_wait(a).await {
+                std::process::ExitCode::SUCCESS
+            } else {
+                eprintln!("mizzen-proxy wait: the proxy was not ready within {secs} s");
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }

@@ -46,6 +46,11 @@ async fn start_proxy(
     let child = pod
         .command_as(1337, 1337, workspace_bin("mizzen-proxy"))
         .env("RUST_LOG", "info,mizzen_proxy=debug")
+        .env("INSTANCE_IP", pod.ip().to_string())
+        .env(
+            "MIZZEN_APP_PROBES",
+            r#"{"/app-health/app/livez":{"tcpSocket":{"port":8080}},"/app-health/app/readyz":{"tcpSocket":{"port":8181}}}"#,
+        )
         .arg("proxy")
         .arg(format!("--agent-socket={}", agent.socket.display()))
         .arg(format!("--token-file={}", token_file.display()))
@@ -192,6 +197,20 @@ async fn inbound_mtls_with_openssl_and_plaintext_by_mode() -> anyhow::Result<()>
     // An app listening on localhost only is not exposed through the proxy.
     let out = s_client(&peer, &format!("{}:9090", server.ip()), &dir, true).await?;
     assert!(!out.contains("hello-through-mtls"), "localhost-only app exposed: {out}");
+
+    // Kubelet's rewritten probes, from the node, work under STRICT mTLS and
+    // follow the app: 8080 listens, 8181 does not.
+    let base = format!("http://{}:15020/app-health/app", server.ip());
+    assert_eq!(http_get(&format!("{base}/livez")).await?.0, 200);
+    assert_eq!(http_get(&format!("{base}/readyz")).await?.0, 503);
+    assert_eq!(http_get(&format!("{base}/startupz")).await?.0, 404, "no such probe");
+    // The postStart hook of regular sidecars returns once the proxy is ready.
+    let wait = server
+        .command(workspace_bin("mizzen-proxy"))
+        .args(["wait", "--timeout-seconds=10"])
+        .output()
+        .await?;
+    assert!(wait.status.success(), "wait: {}", String::from_utf8_lossy(&wait.stderr));
 
     // The proxy saw the client's SPIFFE ID.
     let client_id = format!("spiffe://cluster.local/ns/{ns}/sa/client");
