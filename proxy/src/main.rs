@@ -93,10 +93,10 @@ async fn run_wait(a: WaitArgs) -> bool {
         if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", a.health_port)).await {
             let _ = s.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n").await;
             let mut buf = [0u8; 16];
-            if let Ok(n) = s.read(&mut buf).await {
-                if buf[..n].starts_with(b"HTTP/1.1 200") || buf[..n].starts_with(b"HTTP/1.0 200") {
-                    return true;
-                }
+            if let Ok(n) = s.read(&mut buf).await
+                && (buf[..n].starts_with(b"HTTP/1.1 200") || buf[..n].starts_with(b"HTTP/1.0 200"))
+            {
+                return true;
             }
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
