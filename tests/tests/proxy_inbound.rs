@@ -253,3 +253,125 @@ async fn inbound_mtls_with_openssl_and_plaintext_by_mode() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+/// Reads the serial of the certificate the server at `addr` presents.
+async fn server_serial(pod: &NetnsPod, addr: &str, dir: &Path) -> anyhow::Result<String> {
+    let script = format!(
+        "openssl s_client -connect {addr} -tls1_3 -alpn mizzen -CAfile {d}/root.pem -cert {d}/chain.pem \
+         -cert_chain {d}/chain.pem -key {d}/key.pem </dev/null 2>/dev/null | openssl x509 -noout -serial",
+        d = dir.display()
+    );
+    let out = pod
+        .command("timeout")
+        .args(["5", "bash", "-c", &script])
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    anyhow::ensure!(text.starts_with("serial="), "no server certificate from {addr}: {text}");
+    Ok(text)
+}
+
+/// With certificates lasting seconds, the proxy swaps in rotated ones for
+/// new connections while a connection opened before keeps working.
+#[tokio::test]
+async fn rotation_keeps_open_connections() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    install_manifests(cluster).await?;
+    let (short_node, long_node) = ("rotate-node", "steady-node");
+    for n in [short_node, long_node] {
+        cluster.register_node(&client, n).await?;
+    }
+    let ca = Ca::start(cluster, None, &[]).await?;
+    let short = Agent::start(
+        cluster,
+        short_node,
+        ca.grpc_port,
+        &["--cert-ttl=8s", "--rotation-jitter=0"],
+    )
+    .await?;
+    let steady = Agent::start(cluster, long_node, ca.grpc_port, &[]).await?;
+
+    let ns = cluster.namespace(&client, "rotate", &[]).await?;
+    for sa in ["server", "client"] {
+        service_account(&client, &ns, sa).await?;
+    }
+    let server_pod = pod_on_node(&client, &ns, "server", "server", short_node).await?;
+    let client_pod = pod_on_node(&client, &ns, "client", "client", long_node).await?;
+    let dir = cluster.dir().join(format!("rotate-{ns}"));
+    std::fs::create_dir_all(&dir)?;
+    let server_token = dir.join("server-token");
+    std::fs::write(
+        &server_token,
+        token(&client, &ns, "server", Some(&server_pod), "mizzen-ca").await?,
+    )?;
+    let client_token = token(&client, &ns, "client", Some(&client_pod), "mizzen-ca").await?;
+    let mut stream = SdsStream::open(&steady.socket, &client_token, &["default", "ROOTCA"]).await?;
+    let (mut chain, mut key, mut root) = (None, None, None);
+    while chain.is_none() || root.is_none() {
+        let s = decode(&tokio::time::timeout(TIMEOUT, stream.next()).await??)?;
+        if let Some((c, k)) = s.certificate {
+            (chain, key) = (Some(c), Some(k));
+        }
+        root = s.roots.or(root);
+    }
+    std::fs::write(dir.join("chain.pem"), chain.context("chain")?)?;
+    std::fs::write(dir.join("key.pem"), key.context("key")?)?;
+    std::fs::write(dir.join("root.pem"), root.context("root")?)?;
+
+    let server = NetnsPod::create("rotate-server")?;
+    let peer = NetnsPod::create("rotate-client")?;
+    let init = server
+        .command(workspace_bin("mizzen-proxy"))
+        .args(["init", "--exclude-inbound-ports=15020,15021", "--ipv6=off"])
+        .output()
+        .await?;
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let _app = echo(&server, 1000, "0.0.0.0:8080").await?;
+    let log = dir.join("proxy.log");
+    let _proxy = start_proxy(&server, &short, &server_token, "strict", &log).await?;
+    let target = format!("{}:8080", server.ip());
+
+    // One long-lived mTLS connection, used throughout.
+    let mut long = peer
+        .command("openssl")
+        .args(["s_client", "-connect", &target, "-tls1_3", "-alpn", "mizzen", "-quiet"])
+        .arg("-CAfile")
+        .arg(dir.join("root.pem"))
+        .arg("-cert")
+        .arg(dir.join("chain.pem"))
+        .arg("-cert_chain")
+        .arg(dir.join("chain.pem"))
+        .arg("-key")
+        .arg(dir.join("key.pem"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut input = long.stdin.take().context("stdin")?;
+    let mut replies = BufReader::new(long.stdout.take().context("stdout")?).lines();
+
+    let mut serials = std::collections::BTreeSet::new();
+    let started = std::time::Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(14) {
+        sent += 1;
+        input.write_all(format!("ping-{sent}\n").as_bytes()).await?;
+        let reply = tokio::time::timeout(Duration::from_secs(5), replies.next_line())
+            .await
+            .with_context(|| format!("no reply to ping-{sent} on the open connection"))??
+            .context("the open connection was closed")?;
+        assert!(reply.ends_with(&format!(" ping-{sent}")), "{reply}");
+        serials.insert(server_serial(&peer, &target, &dir).await?);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert!(sent >= 10, "traffic ran throughout: {sent}");
+    assert!(
+        serials.len() >= 2,
+        "new connections saw a rotated certificate within 14 s of 8 s certificates: {serials:?}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let _ = long.kill().await;
+    Ok(())
+}
