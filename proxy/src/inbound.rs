@@ -1,10 +1,11 @@
 //! The inbound listener (15006): terminates mutual TLS from peer proxies,
 //! learns the peer's SPIFFE ID, and forwards to the app.
 //!
-//! The first byte tells a TLS ClientHello (0x16) from plaintext. TLS is
-//! terminated with TLS 1.3 only, ALPN `mizzen`, and a client certificate
-//! that must chain to the trust bundle and carry exactly one SPIFFE ID.
-//! Plaintext is forwarded in PERMISSIVE mode and refused in STRICT. The app
+//! The ClientHello is read without consuming it: one offering ALPN `mizzen`
+//! comes from a peer proxy and is terminated with TLS 1.3 only and a client
+//! certificate that must chain to the trust bundle and carry exactly one
+//! SPIFFE ID. Anything else (plaintext, or the app's own TLS) is passed
+//! through untouched in PERMISSIVE mode and refused in STRICT. The app
 //! is reached at the connection's original destination (the pod's own IP
 //! and port, from SO_ORIGINAL_DST) from source 127.0.0.6, which the capture
 //! rules never redirect again; an app listening only on localhost is
@@ -121,6 +122,47 @@ pub async fn serve(
 
 struct Refused(&'static str, String);
 
+/// Largest ClientHello looked at.
+const MAX_HELLO: usize = 16 * 1024;
+
+/// Whether the connection starts with a TLS ClientHello offering ALPN
+/// `mizzen`, read with `peek` so the bytes stay for whoever handles them.
+async fn is_mesh_hello(conn: &TcpStream) -> Result<bool, Refused> {
+    let mut buf = vec![0u8; MAX_HELLO];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = tokio::time::timeout_at(deadline, conn.peek(&mut buf))
+            .await
+            .map_err(|_| Refused("first_bytes_timeout", String::new()))?
+            .map_err(|e| Refused("io", e.to_string()))?;
+        if n == 0 || buf[0] != 0x16 {
+            return Ok(false);
+        }
+        let mut acceptor = rustls::server::Acceptor::default();
+        let mut bytes = &buf[..n];
+        while !bytes.is_empty() {
+            if acceptor
+                .read_tls(&mut bytes)
+                .map_err(|e| Refused("io", e.to_string()))?
+                == 0
+            {
+                break;
+            }
+        }
+        match acceptor.accept() {
+            Ok(Some(hello)) => {
+                return Ok(hello
+                    .client_hello()
+                    .alpn()
+                    .is_some_and(|mut protos| protos.any(|p| p == ALPN)));
+            }
+            Ok(None) if n < MAX_HELLO => tokio::time::sleep(Duration::from_millis(5)).await,
+            // Not a ClientHello rustls understands: not ours.
+            _ => return Ok(false),
+        }
+    }
+}
+
 async fn handle(
     conn: TcpStream,
     peer: SocketAddr,
@@ -130,15 +172,7 @@ async fn handle(
 ) -> Result<(), Refused> {
     let _ = conn.set_nodelay(true);
     let dst = original_dst(&conn).map_err(|e| Refused("no_original_dst", e.to_string()))?;
-    let mut first = [0u8; 1];
-    let n = tokio::time::timeout(Duration::from_secs(10), conn.peek(&mut first))
-        .await
-        .map_err(|_| Refused("first_byte_timeout", String::new()))?
-        .map_err(|e| Refused("io", e.to_string()))?;
-    if n == 0 {
-        return Ok(());
-    }
-    if first[0] == 0x16 {
+    if is_mesh_hello(&conn).await? {
         let m = material.ok_or_else(|| Refused("no_certificate_yet", String::new()))?;
         let config = server_config(&m).map_err(|e| Refused("tls_config", e))?;
         let mut tls = tokio::time::timeout(
@@ -175,7 +209,7 @@ async fn handle(
         if mode == MtlsMode::Strict {
             return Err(Refused("plaintext_in_strict", String::new()));
         }
-        info!(%peer, %dst, "inbound plaintext connection");
+        info!(%peer, %dst, "inbound plaintext connection (passed through)");
         metrics
             .connections
             .get_or_create(&vec![("tls", "plaintext".into()), ("peer", String::new())])

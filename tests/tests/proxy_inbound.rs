@@ -251,6 +251,34 @@ async fn inbound_mtls_with_openssl_and_plaintext_by_mode() -> anyhow::Result<()>
         out.contains("hello-through-mtls"),
         "mTLS still works in PERMISSIVE: {out}"
     );
+
+    // The app's own TLS (a ClientHello without ALPN mizzen) is passed through
+    // untouched in PERMISSIVE, counted with plaintext, not as a failed handshake.
+    let plain = |text: &str| {
+        metric(
+            text,
+            "mizzen_proxy_inbound_connections_total{tls=\"plaintext\",peer=\"\"}",
+        )
+    };
+    let metrics_url = format!("http://{}:15020/metrics", server.ip());
+    let before = plain(&http_get(&metrics_url).await?.1);
+    let _ = peer
+        .command("timeout")
+        .args(["2", "openssl", "s_client", "-connect", &target, "-tls1_3"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await?;
+    eventually(TIMEOUT, "the app's TLS to be passed through", || {
+        let url = metrics_url.clone();
+        async move { Ok(plain(&http_get(&url).await?.1) > before) }
+    })
+    .await?;
+    let text = http_get(&metrics_url).await?.1;
+    assert_eq!(
+        metric(&text, "mizzen_proxy_inbound_refused_total{reason=\"handshake\"}"),
+        0.0,
+        "{text}"
+    );
     Ok(())
 }
 
