@@ -186,6 +186,41 @@ impl NetnsPod {
     }
 }
 
+impl NetnsPod {
+    /// Starts `mizzen-testapp echo-server addr` in the pod as `uid` and waits
+    /// until it listens. The server lives as long as the returned child.
+    pub async fn spawn_echo(&self, uid: u32, addr: &str) -> anyhow::Result<tokio::process::Child> {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = self
+            .command_as(uid, uid, crate::workspace_bin("mizzen-testapp"))
+            .args(["echo-server", addr])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().context("echo server stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(20), lines.next_line())
+            .await
+            .context("echo server start timed out")??;
+        if !first.as_deref().unwrap_or("").starts_with("listening") {
+            bail!("echo server on {addr} did not start: {first:?}");
+        }
+        Ok(child)
+    }
+
+    /// Runs `mizzen-proxy init` (IPv4, the proxy's ports excluded) in the pod.
+    pub async fn capture(&self) -> anyhow::Result<()> {
+        let out = self
+            .command(crate::workspace_bin("mizzen-proxy"))
+            .args(["init", "--exclude-inbound-ports=15020,15021", "--ipv6=off"])
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!("mizzen-proxy init: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+}
+
 fn cleanup_command(netns: &str) -> String {
     let q = shell_quote(netns);
     format!("ip netns pids {q} 2>/dev/null | xargs -r kill -9 2>/dev/null; ip netns del {q} 2>/dev/null")

@@ -21,17 +21,22 @@ fn testapp() -> &'static str {
     env!("CARGO_BIN_EXE_mizzen-testapp")
 }
 
-async fn echo(pod: &NetnsPod, uid: u32, addr: &str) -> anyhow::Result<tokio::process::Child> {
-    let mut child = pod
-        .command_as(uid, uid, testapp())
-        .args(["echo-server", addr])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    tokio::time::timeout(TIMEOUT, lines.next_line())
-        .await??
-        .context("echo server did not start")?;
-    Ok(child)
+/// Fetches `token`'s SVID from the agent at `socket`, as a proxy would, and
+/// writes `chain.pem`, `key.pem` and `root.pem` into `dir` for openssl.
+async fn svid_files(socket: &Path, token: &str, dir: &Path) -> anyhow::Result<()> {
+    let mut stream = SdsStream::open(socket, token, &["default", "ROOTCA"]).await?;
+    let (mut chain, mut key, mut root) = (None, None, None);
+    while chain.is_none() || root.is_none() {
+        let s = decode(&tokio::time::timeout(TIMEOUT, stream.next()).await??)?;
+        if let Some((c, k)) = s.certificate {
+            (chain, key) = (Some(c), Some(k));
+        }
+        root = s.roots.or(root);
+    }
+    std::fs::write(dir.join("chain.pem"), chain.context("chain")?)?;
+    std::fs::write(dir.join("key.pem"), key.context("key")?)?;
+    std::fs::write(dir.join("root.pem"), root.context("root")?)?;
+    Ok(())
 }
 
 /// Starts the proxy in `pod` as UID 1337 and waits for /healthz/ready.
@@ -141,30 +146,14 @@ async fn inbound_mtls_with_openssl_and_plaintext_by_mode() -> anyhow::Result<()>
 
     // The client's SVID, as a proxy would get it, for openssl.
     let client_token = token(&client, &ns, "client", Some(&client_pod), "mizzen-ca").await?;
-    let mut stream = SdsStream::open(&agent.socket, &client_token, &["default", "ROOTCA"]).await?;
-    let (mut chain, mut key, mut root) = (None, None, None);
-    while chain.is_none() || root.is_none() {
-        let s = decode(&tokio::time::timeout(TIMEOUT, stream.next()).await??)?;
-        if let Some((c, k)) = s.certificate {
-            (chain, key) = (Some(c), Some(k));
-        }
-        root = s.roots.or(root);
-    }
-    std::fs::write(dir.join("chain.pem"), chain.context("chain")?)?;
-    std::fs::write(dir.join("key.pem"), key.context("key")?)?;
-    std::fs::write(dir.join("root.pem"), root.context("root")?)?;
+    svid_files(&agent.socket, &client_token, &dir).await?;
 
     // The server pod: capture rules, app, proxy.
     let server = NetnsPod::create("proxy-server")?;
     let peer = NetnsPod::create("proxy-client")?;
-    let init = server
-        .command(workspace_bin("mizzen-proxy"))
-        .args(["init", "--exclude-inbound-ports=15020,15021", "--ipv6=off"])
-        .output()
-        .await?;
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    let _app = echo(&server, 1000, "0.0.0.0:8080").await?;
-    let _local_only = echo(&server, 1000, "127.0.0.1:9090").await?;
+    server.capture().await?;
+    let _app = server.spawn_echo(1000, "0.0.0.0:8080").await?;
+    let _local_only = server.spawn_echo(1000, "127.0.0.1:9090").await?;
     let log = dir.join("proxy-strict.log");
     let proxy = start_proxy(&server, &agent, &server_token, "strict", &log).await?;
     let target = format!("{}:8080", server.ip());
@@ -335,28 +324,12 @@ async fn rotation_keeps_open_connections() -> anyhow::Result<()> {
         token(&client, &ns, "server", Some(&server_pod), "mizzen-ca").await?,
     )?;
     let client_token = token(&client, &ns, "client", Some(&client_pod), "mizzen-ca").await?;
-    let mut stream = SdsStream::open(&steady.socket, &client_token, &["default", "ROOTCA"]).await?;
-    let (mut chain, mut key, mut root) = (None, None, None);
-    while chain.is_none() || root.is_none() {
-        let s = decode(&tokio::time::timeout(TIMEOUT, stream.next()).await??)?;
-        if let Some((c, k)) = s.certificate {
-            (chain, key) = (Some(c), Some(k));
-        }
-        root = s.roots.or(root);
-    }
-    std::fs::write(dir.join("chain.pem"), chain.context("chain")?)?;
-    std::fs::write(dir.join("key.pem"), key.context("key")?)?;
-    std::fs::write(dir.join("root.pem"), root.context("root")?)?;
+    svid_files(&steady.socket, &client_token, &dir).await?;
 
     let server = NetnsPod::create("rotate-server")?;
     let peer = NetnsPod::create("rotate-client")?;
-    let init = server
-        .command(workspace_bin("mizzen-proxy"))
-        .args(["init", "--exclude-inbound-ports=15020,15021", "--ipv6=off"])
-        .output()
-        .await?;
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    let _app = echo(&server, 1000, "0.0.0.0:8080").await?;
+    server.capture().await?;
+    let _app = server.spawn_echo(1000, "0.0.0.0:8080").await?;
     let log = dir.join("proxy.log");
     let _proxy = start_proxy(&server, &short, &server_token, "strict", &log).await?;
     let target = format!("{}:8080", server.ip());

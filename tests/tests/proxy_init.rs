@@ -1,33 +1,14 @@
 //! `mizzen-proxy init` in real network namespaces with real iptables: the
 //! effective rules, and where connections actually land.
 
-use std::time::Duration;
-
 use anyhow::{Context, bail};
 use mizzen_tests::{NetnsPod, workspace_bin};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
-const TIMEOUT: Duration = Duration::from_secs(20);
 const APP_UID: u32 = 1000;
 const PROXY_UID: u32 = 1337;
 
 fn testapp() -> &'static str {
     env!("CARGO_BIN_EXE_mizzen-testapp")
-}
-
-/// Starts an echo server in `pod` as `uid` on `addr`; kept alive by the handle.
-async fn echo(pod: &NetnsPod, uid: u32, addr: &str) -> anyhow::Result<tokio::process::Child> {
-    let mut child = pod
-        .command_as(uid, uid, testapp())
-        .args(["echo-server", addr])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let first = tokio::time::timeout(TIMEOUT, lines.next_line()).await??;
-    if !first.as_deref().unwrap_or("").starts_with("listening") {
-        bail!("echo server on {addr}: {first:?}");
-    }
-    Ok(child)
 }
 
 /// Connects from `pod` as `uid` to `addr`; returns (server uid, server's local address).
@@ -119,12 +100,12 @@ async fn init_captures_inbound_and_outbound_traffic() -> anyhow::Result<()> {
 
     // Listeners: the "proxy" on 15001/15006/15021 as 1337, the app on
     // loopback, real servers in the other pod.
-    let _outbound = echo(&app, PROXY_UID, "0.0.0.0:15001").await?;
-    let _inbound = echo(&app, PROXY_UID, "0.0.0.0:15006").await?;
-    let _health = echo(&app, PROXY_UID, "0.0.0.0:15021").await?;
-    let _local = echo(&app, APP_UID, "127.0.0.1:8081").await?;
-    let _srv = echo(&server, APP_UID, "0.0.0.0:8080").await?;
-    let _srv_excluded = echo(&server, APP_UID, "0.0.0.0:9999").await?;
+    let _outbound = app.spawn_echo(PROXY_UID, "0.0.0.0:15001").await?;
+    let _inbound = app.spawn_echo(PROXY_UID, "0.0.0.0:15006").await?;
+    let _health = app.spawn_echo(PROXY_UID, "0.0.0.0:15021").await?;
+    let _local = app.spawn_echo(APP_UID, "127.0.0.1:8081").await?;
+    let _srv = server.spawn_echo(APP_UID, "0.0.0.0:8080").await?;
+    let _srv_excluded = server.spawn_echo(APP_UID, "0.0.0.0:9999").await?;
     let (a, s) = (app.ip(), server.ip());
 
     // The app's outbound connection lands on the outbound port (REDIRECT
