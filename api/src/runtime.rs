@@ -63,6 +63,20 @@ pub fn encode_metrics(registry: &prometheus_client::registry::Registry) -> Strin
     out
 }
 
+/// A GET route answering 200 once `ready` is set, 503 with `not_ready` before.
+pub fn ready_route(ready: Arc<AtomicBool>, not_ready: &'static str) -> axum::routing::MethodRouter {
+    get(move || {
+        let ready = ready.clone();
+        async move {
+            if ready.load(Ordering::Relaxed) {
+                (StatusCode::OK, "ready\n")
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, not_ready)
+            }
+        }
+    })
+}
+
 /// Serves `/healthz` (always ok), `/readyz` (200 once `ready` is set, 503
 /// with `not_ready` before) and `/metrics` (from `metrics`) on `addr`.
 /// Nothing here is secret or changes state.
@@ -85,19 +99,7 @@ pub async fn serve_admin_with(
 ) -> std::io::Result<()> {
     let router = extra
         .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = ready.clone();
-                async move {
-                    if ready.load(Ordering::Relaxed) {
-                        (StatusCode::OK, "ready\n")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, not_ready)
-                    }
-                }
-            }),
-        )
+        .route("/readyz", ready_route(ready, not_ready))
         .route(
             "/metrics",
             get(move || {

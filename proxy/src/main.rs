@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use axum::Router;
-use axum::http::StatusCode;
 use axum::routing::get;
 use clap::{Parser, Subcommand, ValueEnum};
 use mizzen_api::runtime;
@@ -192,19 +191,7 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
     )
     .await
     .with_context(|| format!("bind admin port {}", a.admin_port))?;
-    let health = Router::new().route(
-        "/healthz/ready",
-        get(move || {
-            let ready = ready.clone();
-            async move {
-                if ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready\n")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "no certificate yet\n")
-                }
-            }
-        }),
-    );
+    let health = Router::new().route("/healthz/ready", runtime::ready_route(ready, "no certificate yet\n"));
     let health_listener = tokio::net::TcpListener::bind(("0.0.0.0", a.health_port))
         .await
         .context("bind health port")?;
