@@ -94,6 +94,7 @@ pub async fn serve(
     material: watch::Receiver<Option<Arc<TlsMaterial>>>,
     mode: MtlsMode,
     metrics: InboundMetrics,
+    connections: crate::drain::Connections,
 ) {
     let ids = AtomicU64::new(0);
     loop {
@@ -108,7 +109,9 @@ pub async fn serve(
         let material = material.borrow().clone();
         let metrics = metrics.clone();
         let n = ids.fetch_add(1, Ordering::Relaxed);
+        let guard = connections.open();
         tokio::spawn(async move {
+            let _guard = guard;
             if let Err(reason) = handle(conn, peer, material, mode, &metrics).await {
                 metrics
                     .refused

@@ -1,5 +1,6 @@
 //! Mizzen's sidecar proxy.
 //!
+//! - [`drain`]: graceful shutdown.
 //! - [`init`]: the pod's traffic capture (the init container).
 //! - [`identity`]: certificates from the node agent over SDS.
 //! - [`inbound`]: mutual TLS termination for peers, forwarding to the app.
@@ -7,6 +8,7 @@
 //! - [`outbound`]: for now, transparent plaintext forwarding (discovery and
 //!   mTLS origination are not built yet).
 
+pub mod drain;
 pub mod identity;
 pub mod inbound;
 pub mod init;

@@ -10,6 +10,7 @@ use axum::Router;
 use axum::routing::get;
 use clap::{Parser, Subcommand, ValueEnum};
 use mizzen_api::runtime;
+use mizzen_proxy::drain::Connections;
 use mizzen_proxy::identity::{self, SdsSource};
 use mizzen_proxy::inbound::{self, InboundMetrics, MtlsMode};
 use mizzen_proxy::init::{self, Family, InitConfig};
@@ -126,6 +127,9 @@ struct ProxyArgs {
     /// Whether plaintext inbound connections are accepted.
     #[arg(long, value_enum, env = "MIZZEN_MTLS_MODE", default_value = "permissive")]
     mtls_mode: MtlsMode,
+    /// On SIGTERM, how long open connections may finish before exiting.
+    #[arg(long, default_value_t = 5)]
+    drain_seconds: u64,
     /// Log format: text or json. Levels come from MIZZEN_LOG_LEVEL or RUST_LOG.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -191,6 +195,7 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
     )
     .await
     .with_context(|| format!("bind admin port {}", a.admin_port))?;
+    let ready_flag = ready.clone();
     let health = Router::new().route("/healthz/ready", runtime::ready_route(ready, "no certificate yet\n"));
     let health_listener = tokio::net::TcpListener::bind(("0.0.0.0", a.health_port))
         .await
@@ -203,9 +208,28 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
     let outbound_listener = tokio::net::TcpListener::bind(("0.0.0.0", a.outbound_port))
         .await
         .context("bind outbound port")?;
-    tokio::spawn(outbound::serve(outbound_listener));
-    tokio::spawn(inbound::serve(inbound_listener, rx, a.mtls_mode, metrics));
+    let connections = Connections::default();
+    let accepting = [
+        tokio::spawn(outbound::serve(outbound_listener, connections.clone())),
+        tokio::spawn(inbound::serve(
+            inbound_listener,
+            rx,
+            a.mtls_mode,
+            metrics,
+            connections.clone(),
+        )),
+    ];
     runtime::shutdown_signal().await;
+    // Drain: not ready, no new connections, open ones may finish.
+    ready_flag.store(false, Ordering::Relaxed);
+    for task in accepting {
+        task.abort();
+    }
+    info!(open = connections.count(), drain_seconds = a.drain_seconds, "draining");
+    let left = connections
+        .drained(std::time::Duration::from_secs(a.drain_seconds))
+        .await;
+    info!(left, "drained; exiting");
     Ok(())
 }
 

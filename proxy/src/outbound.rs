@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 use crate::inbound::original_dst;
 
 /// Serves outbound connections until the process ends.
-pub async fn serve(listener: TcpListener) {
+pub async fn serve(listener: TcpListener, connections: crate::drain::Connections) {
     loop {
         let (mut conn, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -21,7 +21,9 @@ pub async fn serve(listener: TcpListener) {
                 continue;
             }
         };
+        let guard = connections.open();
         tokio::spawn(async move {
+            let _guard = guard;
             let dst = match original_dst(&conn) {
                 Ok(d) => d,
                 Err(e) => return debug!(%peer, error = %e, "outbound connection without an original destination"),

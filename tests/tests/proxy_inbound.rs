@@ -60,6 +60,7 @@ async fn start_proxy(
         .arg(format!("--agent-socket={}", agent.socket.display()))
         .arg(format!("--token-file={}", token_file.display()))
         .arg(format!("--mtls-mode={mode}"))
+        .arg("--drain-seconds=60")
         .stdout(out.try_clone()?)
         .stderr(out)
         .spawn()?;
@@ -331,7 +332,7 @@ async fn rotation_keeps_open_connections() -> anyhow::Result<()> {
     server.capture().await?;
     let _app = server.spawn_echo(1000, "0.0.0.0:8080").await?;
     let log = dir.join("proxy.log");
-    let _proxy = start_proxy(&server, &short, &server_token, "strict", &log).await?;
+    let mut proxy = start_proxy(&server, &short, &server_token, "strict", &log).await?;
     let target = format!("{}:8080", server.ip());
 
     // One long-lived mTLS connection, used throughout.
@@ -373,6 +374,38 @@ async fn rotation_keeps_open_connections() -> anyhow::Result<()> {
         "new connections saw a rotated certificate within 14 s of 8 s certificates: {serials:?}\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
+
+    // SIGTERM: not ready, no new connections, the open one keeps working,
+    // and the proxy exits once it closes (well before the 60 s drain limit).
+    let pid = proxy.id().context("proxy pid")?.to_string();
+    let kill = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await?;
+    assert!(kill.success());
+    let ready_url = format!("http://{}:15021/healthz/ready", server.ip());
+    eventually(TIMEOUT, "the draining proxy to report not ready", || {
+        let url = ready_url.clone();
+        async move { Ok(http_get(&url).await.map(|(c, _)| c == 503).unwrap_or(false)) }
+    })
+    .await?;
+    let fresh = peer
+        .command(testapp())
+        .args(["connect", &target, "late"])
+        .output()
+        .await?;
+    assert!(!fresh.status.success(), "no new connections while draining");
+    sent += 1;
+    input.write_all(format!("ping-{sent}\n").as_bytes()).await?;
+    let reply = tokio::time::timeout(Duration::from_secs(5), replies.next_line())
+        .await
+        .context("the open connection stopped answering during the drain")??
+        .context("the open connection was closed during the drain")?;
+    assert!(reply.ends_with(&format!(" ping-{sent}")), "{reply}");
     let _ = long.kill().await;
+    let exited = tokio::time::timeout(Duration::from_secs(15), proxy.wait())
+        .await
+        .context("the proxy did not exit after its last connection closed")??;
+    assert!(exited.success(), "clean exit after draining: {exited}");
     Ok(())
 }
