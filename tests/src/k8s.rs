@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use kube::api::{Api, PostParams};
 
 /// Creates ServiceAccount `ns/name` unless it exists.
@@ -63,4 +63,29 @@ pub async fn token(
         .status
         .context("token status")?
         .token)
+}
+
+/// The bytes of `key` in Secret `ns/name`, waiting up to `timeout` for them
+/// to exist (a component under test may still be creating the Secret).
+pub async fn secret_value(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    key: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Vec<u8>> {
+    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    let what = format!("key {key} of Secret {ns}/{name}");
+    crate::eventually_some(timeout, &what, || {
+        let secrets = secrets.clone();
+        async move {
+            Ok(secrets
+                .get_opt(name)
+                .await?
+                .and_then(|s| s.data)
+                .and_then(|mut d| d.remove(key))
+                .map(|v| v.0))
+        }
+    })
+    .await
 }

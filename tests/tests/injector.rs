@@ -10,6 +10,7 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
 use mizzen_tests::daemon::{Daemon, metric};
+use mizzen_tests::k8s::secret_value;
 use mizzen_tests::mesh::SYSTEM;
 use mizzen_tests::{Cluster, eventually, eventually_some, free_port};
 use serde::Deserialize;
@@ -341,19 +342,9 @@ spec:
         .await?;
     ca_bundle_set(&mwcs, "the caBundle to be restored").await?;
     // Oversized and malformed bodies over HTTPS: refused, server unharmed.
-    let ca_pem = eventually_some(TIMEOUT, "the webhook CA Secret", || {
-        let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), SYSTEM);
-        async move {
-            Ok(secrets
-                .get_opt("mizzen-injector-ca")
-                .await?
-                .and_then(|s| s.data)
-                .and_then(|mut d| d.remove("ca-cert.pem")))
-        }
-    })
-    .await?;
+    let ca_pem = secret_value(&client, SYSTEM, "mizzen-injector-ca", "ca-cert.pem", TIMEOUT).await?;
     let ca_file = cluster.dir().join("injector-ca.pem");
-    std::fs::write(&ca_file, &ca_pem.0)?;
+    std::fs::write(&ca_file, &ca_pem)?;
     let big = cluster.dir().join("injector-big.json");
     std::fs::write(&big, vec![b' '; 3 * 1024 * 1024])?;
     let curl = |body: String| {

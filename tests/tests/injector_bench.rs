@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::Api;
 use mizzen_tests::daemon::Daemon;
-use mizzen_tests::{Cluster, eventually_some, free_port};
+use mizzen_tests::k8s::secret_value;
+use mizzen_tests::{Cluster, free_port};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
@@ -129,19 +128,15 @@ async fn admission_latency_over_https() -> anyhow::Result<()> {
         ],
     )
     .await?;
-    let secrets = Api::<Secret>::namespaced(client.clone(), &home);
-    let ca_pem = eventually_some(Duration::from_secs(30), "the webhook CA Secret", || {
-        let secrets = secrets.clone();
-        async move {
-            Ok(secrets
-                .get_opt("mizzen-injector-ca")
-                .await?
-                .and_then(|s| s.data)
-                .and_then(|mut d| d.remove("ca-cert.pem")))
-        }
-    })
+    let ca_pem = secret_value(
+        &client,
+        &home,
+        "mizzen-injector-ca",
+        "ca-cert.pem",
+        Duration::from_secs(30),
+    )
     .await?;
-    let ca_pem = String::from_utf8(ca_pem.0).context("CA PEM")?;
+    let ca_pem = String::from_utf8(ca_pem).context("CA PEM")?;
 
     let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": home, "labels": {"app": "web"}},
         "spec": {"containers": [{"name": "app", "image": "app", "ports": [{"name": "http", "containerPort": 8080}],

@@ -39,6 +39,42 @@ async fn svid_files(socket: &Path, token: &str, dir: &Path) -> anyhow::Result<()
     Ok(())
 }
 
+/// What both tests need around a proxy: a namespace with a `server` pod on
+/// `server_node` (its token in `<dir>/server-token`) and a `client` pod on
+/// `client_node` whose SVID, from the agent at `client_agent`, is in `dir`
+/// for openssl.
+struct Workloads {
+    ns: String,
+    dir: std::path::PathBuf,
+    server_token: std::path::PathBuf,
+}
+
+async fn workloads(
+    cluster: &Cluster,
+    prefix: &str,
+    server_node: &str,
+    client_node: &str,
+    client_agent: &Agent,
+) -> anyhow::Result<Workloads> {
+    let client = cluster.client().await?;
+    let ns = cluster.namespace(&client, prefix, &[]).await?;
+    for sa in ["server", "client"] {
+        service_account(&client, &ns, sa).await?;
+    }
+    let server_pod = pod_on_node(&client, &ns, "server", "server", server_node).await?;
+    let client_pod = pod_on_node(&client, &ns, "client", "client", client_node).await?;
+    let dir = cluster.dir().join(format!("{prefix}-{ns}"));
+    std::fs::create_dir_all(&dir)?;
+    let server_token = dir.join("server-token");
+    std::fs::write(
+        &server_token,
+        token(&client, &ns, "server", Some(&server_pod), "mizzen-ca").await?,
+    )?;
+    let client_token = token(&client, &ns, "client", Some(&client_pod), "mizzen-ca").await?;
+    svid_files(&client_agent.socket, &client_token, &dir).await?;
+    Ok(Workloads { ns, dir, server_token })
+}
+
 /// Starts the proxy in `pod` as UID 1337 and waits for /healthz/ready.
 async fn start_proxy(
     pod: &NetnsPod,
@@ -131,23 +167,7 @@ async fn inbound_mtls_with_openssl_and_plaintext_by_mode() -> anyhow::Result<()>
     let ca = Ca::start(cluster, None, &[]).await?;
     let agent = Agent::start(cluster, node, ca.grpc_port, &[]).await?;
 
-    let ns = cluster.namespace(&client, "proxy-in", &[]).await?;
-    for sa in ["server", "client"] {
-        service_account(&client, &ns, sa).await?;
-    }
-    let server_pod = pod_on_node(&client, &ns, "server", "server", node).await?;
-    let client_pod = pod_on_node(&client, &ns, "client", "client", node).await?;
-    let dir = cluster.dir().join(format!("proxy-{ns}"));
-    std::fs::create_dir_all(&dir)?;
-    let server_token = dir.join("server-token");
-    std::fs::write(
-        &server_token,
-        token(&client, &ns, "server", Some(&server_pod), "mizzen-ca").await?,
-    )?;
-
-    // The client's SVID, as a proxy would get it, for openssl.
-    let client_token = token(&client, &ns, "client", Some(&client_pod), "mizzen-ca").await?;
-    svid_files(&agent.socket, &client_token, &dir).await?;
+    let Workloads { ns, dir, server_token } = workloads(cluster, "proxy-in", node, node, &agent).await?;
 
     // The server pod: capture rules, app, proxy.
     let server = NetnsPod::create("proxy-server")?;
@@ -311,21 +331,7 @@ async fn rotation_keeps_open_connections() -> anyhow::Result<()> {
     .await?;
     let steady = Agent::start(cluster, long_node, ca.grpc_port, &[]).await?;
 
-    let ns = cluster.namespace(&client, "rotate", &[]).await?;
-    for sa in ["server", "client"] {
-        service_account(&client, &ns, sa).await?;
-    }
-    let server_pod = pod_on_node(&client, &ns, "server", "server", short_node).await?;
-    let client_pod = pod_on_node(&client, &ns, "client", "client", long_node).await?;
-    let dir = cluster.dir().join(format!("rotate-{ns}"));
-    std::fs::create_dir_all(&dir)?;
-    let server_token = dir.join("server-token");
-    std::fs::write(
-        &server_token,
-        token(&client, &ns, "server", Some(&server_pod), "mizzen-ca").await?,
-    )?;
-    let client_token = token(&client, &ns, "client", Some(&client_pod), "mizzen-ca").await?;
-    svid_files(&steady.socket, &client_token, &dir).await?;
+    let Workloads { dir, server_token, .. } = workloads(cluster, "rotate", short_node, long_node, &steady).await?;
 
     let server = NetnsPod::create("rotate-server")?;
     let peer = NetnsPod::create("rotate-client")?;
