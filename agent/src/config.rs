@@ -92,6 +92,10 @@ pub struct Config {
     #[arg(long, default_value = "10s", value_parser = duration)]
     pub token_review_cache_ttl: Duration,
 
+    /// How long discovery gathers a burst of Service/endpoint changes before pushing.
+    #[arg(long, default_value = "100ms", value_parser = duration)]
+    pub discovery_debounce: Duration,
+
     /// Admin listen address: /healthz, /readyz, /metrics (nothing secret).
     #[arg(long, env = "MIZZEN_AGENT_ADMIN_ADDR", default_value = "0.0.0.0:15030")]
     pub admin_addr: SocketAddr,

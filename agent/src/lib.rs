@@ -5,13 +5,15 @@
 //! made for its identity ([`identity`]), the CA signs it ([`ca_client`]),
 //! and the certificate is cached, shared by proxies of the same identity and
 //! renewed before it expires ([`secrets`]). The trust bundle follows the
-//! `mizzen-root-ca` ConfigMap ([`roots`]).
+//! `mizzen-root-ca` ConfigMap ([`roots`]). On the same socket, proxies
+//! follow the cluster's Services and endpoints ([`discovery`]).
 //!
 //! The agent never decides an identity on its own authority: the CA issues
 //! only what the proxy's own token proves.
 
 pub mod ca_client;
 pub mod config;
+pub mod discovery;
 pub mod identity;
 pub mod metrics;
 pub mod roots;

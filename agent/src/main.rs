@@ -7,9 +7,11 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use clap::Parser;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use mizzen_agent::ca_client::CaSigner;
 use mizzen_agent::config::Config;
+use mizzen_agent::discovery::server::Discovery;
 use mizzen_agent::metrics::Metrics;
 use mizzen_agent::sds::{CallerPolicy, Sds};
 use mizzen_agent::secrets::{Rotation, SecretManager};
@@ -112,29 +114,46 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
+    let (snapshots_tx, snapshots_rx) = watch::channel(None);
+    tokio::spawn(mizzen_agent::discovery::follow(
+        client.clone(),
+        config.trust_domain.clone(),
+        config.discovery_debounce,
+        snapshots_tx,
+        metrics.clone(),
+    ));
+    let authenticator = Arc::new(Authenticator::new(
+        client,
+        config.audience.clone(),
+        config.token_review_cache_ttl,
+    ));
+    let policy = CallerPolicy {
+        trust_domain: config.trust_domain.clone(),
+        node_name: Some(config.node_name.clone()).filter(|n| !n.is_empty()),
+    };
+    let discovery = Discovery {
+        snapshots: snapshots_rx,
+        authenticator: authenticator.clone(),
+        policy: policy.clone(),
+        metrics: metrics.clone(),
+    };
     let sds = Sds {
         manager,
-        authenticator: Arc::new(Authenticator::new(
-            client,
-            config.audience.clone(),
-            config.token_review_cache_ttl,
-        )),
+        authenticator,
         roots: roots_rx,
-        policy: CallerPolicy {
-            trust_domain: config.trust_domain.clone(),
-            node_name: Some(config.node_name.clone()).filter(|n| !n.is_empty()),
-        },
+        policy,
         metrics,
     };
 
     let listener = bind_socket(&config)?;
-    info!(socket = %config.socket.display(), "SDS listening");
+    info!(socket = %config.socket.display(), "SDS and discovery listening");
     let incoming = futures::stream::unfold(listener, |l| async move {
         let r = l.accept().await.map(|(s, _)| s);
         Some((r, l))
     });
     tonic::transport::Server::builder()
         .add_service(SecretDiscoveryServiceServer::new(sds).max_decoding_message_size(1 << 20))
+        .add_service(AggregatedDiscoveryServiceServer::new(discovery).max_decoding_message_size(1 << 20))
         .serve_with_incoming_shutdown(incoming, runtime::shutdown_signal())
         .await
         .context("SDS server")?;

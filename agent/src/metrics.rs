@@ -22,6 +22,12 @@ pub struct Metrics {
     pub pushes: Counter,
     /// From a new secret being available to it being sent on a stream.
     pub push_seconds: Histogram,
+    pub discovery_streams_open: Gauge,
+    pub discovery_pushes: Counter,
+    pub discovery_nacks: Counter,
+    /// Services and ready endpoints in the latest discovery snapshot.
+    pub discovery_services: Gauge,
+    pub discovery_endpoints: Gauge,
 }
 
 impl Metrics {
@@ -46,7 +52,11 @@ impl Metrics {
         let ca_errors = Family::<Labels, Counter>::default();
         registry.register("ca_errors", "Failed CA calls, by kind", ca_errors.clone());
         let rejected = Family::<Labels, Counter>::default();
-        registry.register("sds_rejected", "SDS requests refused, by reason", rejected.clone());
+        registry.register(
+            "sds_rejected",
+            "Socket callers (SDS and discovery) refused, by reason",
+            rejected.clone(),
+        );
         let nacks = Counter::default();
         registry.register("sds_nacks", "Responses a proxy rejected (NACK)", nacks.clone());
         let pushes = Counter::default();
@@ -56,6 +66,32 @@ impl Metrics {
             "sds_push_duration_seconds",
             "Time from a secret being available to its push on a stream",
             push_seconds.clone(),
+        );
+        let discovery_streams_open = Gauge::default();
+        registry.register(
+            "discovery_streams_open",
+            "Open discovery streams",
+            discovery_streams_open.clone(),
+        );
+        let discovery_pushes = Counter::default();
+        registry.register("discovery_pushes", "Discovery responses sent", discovery_pushes.clone());
+        let discovery_nacks = Counter::default();
+        registry.register(
+            "discovery_nacks",
+            "Discovery responses a proxy rejected (NACK)",
+            discovery_nacks.clone(),
+        );
+        let discovery_services = Gauge::default();
+        registry.register(
+            "discovery_services",
+            "Services in the latest discovery snapshot",
+            discovery_services.clone(),
+        );
+        let discovery_endpoints = Gauge::default();
+        registry.register(
+            "discovery_endpoints",
+            "Ready endpoints in the latest discovery snapshot",
+            discovery_endpoints.clone(),
         );
         Self {
             registry,
@@ -68,6 +104,11 @@ impl Metrics {
             nacks,
             pushes,
             push_seconds,
+            discovery_streams_open,
+            discovery_pushes,
+            discovery_nacks,
+            discovery_services,
+            discovery_endpoints,
         }
     }
 

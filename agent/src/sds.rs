@@ -209,26 +209,36 @@ async fn changed<T>(rx: &mut Option<watch::Receiver<T>>) {
     }
 }
 
+/// Reviews the token in a stream's `authorization` metadata and returns the
+/// caller's identity and token; a refusal is counted and logged.
+pub async fn authenticate_caller(
+    authenticator: &Authenticator,
+    policy: &CallerPolicy,
+    metrics: &Metrics,
+    metadata: &tonic::metadata::MetadataMap,
+) -> Result<(SpiffeId, String), Status> {
+    let header = metadata
+        .get("authorization")
+        .map(|v| v.to_str().map_err(|_| AuthError::Malformed("authorization")))
+        .transpose()
+        .and_then(|h| bearer("authorization", h));
+    let result = match header {
+        Ok(token) => match authenticator.review(&token).await {
+            Ok(reviewed) => caller_identity(&reviewed, policy).map(|id| (id, token)),
+            Err(e) => Err(e.into()),
+        },
+        Err(e) => Err(CallerError::Auth(e)),
+    };
+    result.map_err(|e: CallerError| {
+        metrics.reject(e.label());
+        warn!(reason = e.label(), error = %e, "refused a caller");
+        e.status()
+    })
+}
+
 impl<S: Signer> Sds<S> {
     async fn authenticate<T>(&self, req: &Request<T>) -> Result<(SpiffeId, String), Status> {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .map(|v| v.to_str().map_err(|_| AuthError::Malformed("authorization")))
-            .transpose()
-            .and_then(|h| bearer("authorization", h));
-        let result = match header {
-            Ok(token) => match self.authenticator.review(&token).await {
-                Ok(reviewed) => caller_identity(&reviewed, &self.policy).map(|id| (id, token)),
-                Err(e) => Err(e.into()),
-            },
-            Err(e) => Err(CallerError::Auth(e)),
-        };
-        result.map_err(|e: CallerError| {
-            self.metrics.reject(e.label());
-            warn!(reason = e.label(), error = %e, "refused an SDS caller");
-            e.status()
-        })
+        authenticate_caller(&self.authenticator, &self.policy, &self.metrics, req.metadata()).await
     }
 }
 

@@ -9,16 +9,18 @@
 //!   changing `apiVersion`.
 //!
 //! - [`proto`]: gRPC contracts: Istio's `IstioCertificateService`, which
-//!   Mizzen's CA serves.
+//!   Mizzen's CA serves, and the discovery resources the agent serves.
 //!
 //! - [`tokenreview`]: Kubernetes TokenReview of ServiceAccount tokens,
 //!   used by the CA and the node agent.
 //!
 //! - [`tls`]: a serving certificate replaceable while serving.
+//! - [`mesh`]: how components recognise a meshed pod.
 //! - [`runtime`]: logs, the admin port and shutdown, the same in every server.
 //!
 //! This crate holds data types and their validation only: no I/O, no clients.
 
+pub mod mesh;
 pub mod policy;
 pub mod proto;
 pub mod runtime;

@@ -132,6 +132,44 @@ pub struct SdsSource {
     pub token_file: PathBuf,
 }
 
+impl SdsSource {
+    /// A gRPC channel to the agent's socket.
+    pub async fn channel(&self) -> Result<tonic::transport::Channel, String> {
+        let socket = self.socket.clone();
+        Endpoint::from_static("http://mizzen-agent")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let socket = socket.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(socket).await?,
+                    ))
+                }
+            }))
+            .await
+            .map_err(|e| format!("connect to the agent at {}: {e}", self.socket.display()))
+    }
+
+    /// A streaming request whose messages come from `rx`, carrying our
+    /// token (re-read from its file: the kubelet rotates it).
+    pub async fn request<T: Send + 'static>(
+        &self,
+        rx: mpsc::Receiver<T>,
+    ) -> Result<tonic::Request<impl futures::Stream<Item = T> + Send + 'static>, String> {
+        let token = tokio::fs::read_to_string(&self.token_file)
+            .await
+            .map_err(|e| format!("read token {}: {e}", self.token_file.display()))?;
+        let outbound = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        let mut req = tonic::Request::new(outbound);
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", token.trim())
+                .parse()
+                .map_err(|_| "token is not ASCII".to_string())?,
+        );
+        Ok(req)
+    }
+}
+
 fn request(version: &str, nonce: &str, error: Option<String>) -> DiscoveryRequest {
     DiscoveryRequest {
         type_url: SECRET_TYPE.into(),
@@ -148,31 +186,10 @@ fn request(version: &str, nonce: &str, error: Option<String>) -> DiscoveryReques
 }
 
 async fn stream_once(src: &SdsSource, tx: &watch::Sender<Option<Arc<TlsMaterial>>>) -> Result<(), String> {
-    let token = tokio::fs::read_to_string(&src.token_file)
-        .await
-        .map_err(|e| format!("read token {}: {e}", src.token_file.display()))?;
-    let socket = src.socket.clone();
-    let channel = Endpoint::from_static("http://mizzen-agent")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .map_err(|e| format!("connect to the agent at {}: {e}", src.socket.display()))?;
+    let channel = src.channel().await?;
     let (req_tx, req_rx) = mpsc::channel(4);
     req_tx.send(request("", "", None)).await.map_err(|_| "send")?;
-    let outbound = futures::stream::unfold(req_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
-    let mut req = tonic::Request::new(outbound);
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", token.trim())
-            .parse()
-            .map_err(|_| "token is not ASCII".to_string())?,
-    );
+    let req = src.request(req_rx).await?;
     let mut inbound = SecretDiscoveryServiceClient::new(channel)
         .stream_secrets(req)
         .await

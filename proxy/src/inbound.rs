@@ -17,13 +17,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use mizzen_api::SpiffeId;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::identity::{TlsMaterial, spiffe_id_of};
+use crate::metrics::{Direction, ProxyMetrics, handshake_reason};
 
 /// The ALPN protocol proxies speak to each other.
 pub const ALPN: &[u8] = b"mizzen";
@@ -37,18 +36,6 @@ pub enum MtlsMode {
     Permissive,
     /// mTLS only.
     Strict,
-}
-
-type Labels = Vec<(&'static str, String)>;
-
-/// Inbound metrics.
-#[derive(Debug, Default, Clone)]
-pub struct InboundMetrics {
-    /// Connections by TLS mode (`mtls`, `plaintext`) and peer identity.
-    pub connections: Family<Labels, Counter>,
-    /// Refused connections by reason.
-    pub refused: Family<Labels, Counter>,
-    pub bytes: Counter,
 }
 
 /// The server configuration for `m`: TLS 1.3, ALPN mizzen, client
@@ -93,7 +80,7 @@ pub async fn serve(
     listener: TcpListener,
     material: watch::Receiver<Option<Arc<TlsMaterial>>>,
     mode: MtlsMode,
-    metrics: InboundMetrics,
+    metrics: ProxyMetrics,
     connections: crate::drain::Connections,
 ) {
     let ids = AtomicU64::new(0);
@@ -110,13 +97,11 @@ pub async fn serve(
         let metrics = metrics.clone();
         let n = ids.fetch_add(1, Ordering::Relaxed);
         let guard = connections.open();
+        let open = metrics.open(Direction::Inbound);
         tokio::spawn(async move {
-            let _guard = guard;
+            let (_guard, _open) = (guard, open);
             if let Err(reason) = handle(conn, peer, material, mode, &metrics).await {
-                metrics
-                    .refused
-                    .get_or_create(&vec![("reason", reason.0.to_string())])
-                    .inc();
+                metrics.refused(Direction::Inbound, reason.0);
                 debug!(conn = n, %peer, reason = reason.0, detail = %reason.1, "inbound connection refused");
             }
         });
@@ -171,7 +156,7 @@ async fn handle(
     peer: SocketAddr,
     material: Option<Arc<TlsMaterial>>,
     mode: MtlsMode,
-    metrics: &InboundMetrics,
+    metrics: &ProxyMetrics,
 ) -> Result<(), Refused> {
     let _ = conn.set_nodelay(true);
     let dst = original_dst(&conn).map_err(|e| Refused("no_original_dst", e.to_string()))?;
@@ -184,7 +169,10 @@ async fn handle(
         )
         .await
         .map_err(|_| Refused("handshake_timeout", String::new()))?
-        .map_err(|e| Refused("handshake", e.to_string()))?;
+        .map_err(|e| {
+            metrics.handshake_failure(Direction::Inbound, handshake_reason(&e));
+            Refused("handshake", e.to_string())
+        })?;
         let (_, session) = tls.get_ref();
         if session.alpn_protocol() != Some(ALPN) {
             return Err(Refused("alpn", "peer did not negotiate ALPN mizzen".into()));
@@ -196,27 +184,21 @@ async fn handle(
             .ok_or_else(|| Refused("no_client_cert", String::new()))?;
         let peer_id: SpiffeId = spiffe_id_of(leaf).map_err(|e| Refused("peer_identity", e))?;
         info!(%peer, peer_id = %peer_id, %dst, "inbound mTLS connection");
-        metrics
-            .connections
-            .get_or_create(&vec![("tls", "mtls".into()), ("peer", peer_id.to_string())])
-            .inc();
+        metrics.connection(Direction::Inbound, "mtls", peer_id.to_string());
         let mut app = connect_app(dst)
             .await
             .map_err(|e| Refused("app_unreachable", e.to_string()))?;
         let (a, b) = tokio::io::copy_bidirectional(&mut tls, &mut app)
             .await
             .unwrap_or((0, 0));
-        metrics.bytes.inc_by(a + b);
+        metrics.bytes(Direction::Inbound, a + b);
         Ok(())
     } else {
         if mode == MtlsMode::Strict {
             return Err(Refused("plaintext_in_strict", String::new()));
         }
         info!(%peer, %dst, "inbound plaintext connection (passed through)");
-        metrics
-            .connections
-            .get_or_create(&vec![("tls", "plaintext".into()), ("peer", String::new())])
-            .inc();
+        metrics.connection(Direction::Inbound, "plaintext", String::new());
         let mut conn = conn;
         let mut app = connect_app(dst)
             .await
@@ -224,7 +206,7 @@ async fn handle(
         let (a, b) = tokio::io::copy_bidirectional(&mut conn, &mut app)
             .await
             .unwrap_or((0, 0));
-        metrics.bytes.inc_by(a + b);
+        metrics.bytes(Direction::Inbound, a + b);
         Ok(())
     }
 }

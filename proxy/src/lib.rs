@@ -1,16 +1,20 @@
 //! Mizzen's sidecar proxy.
 //!
-//! - [`drain`]: graceful shutdown.
 //! - [`init`]: the pod's traffic capture (the init container).
 //! - [`identity`]: certificates from the node agent over SDS.
+//! - [`discovery`]: Services and endpoints from the node agent, as routes.
 //! - [`inbound`]: mutual TLS termination for peers, forwarding to the app.
+//! - [`outbound`]: the app's connections, balanced over a Service's
+//!   endpoints, with mutual TLS and secure naming to meshed ones.
 //! - [`probes`]: kubelet's rewritten app probes, run against the app.
-//! - [`outbound`]: for now, transparent plaintext forwarding (discovery and
-//!   mTLS origination are not built yet).
+//! - [`metrics`]: connections and bytes by direction, failures by reason.
+//! - [`drain`]: graceful shutdown.
 
+pub mod discovery;
 pub mod drain;
 pub mod identity;
 pub mod inbound;
 pub mod init;
+pub mod metrics;
 pub mod outbound;
 pub mod probes;

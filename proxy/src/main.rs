@@ -10,10 +10,13 @@ use axum::Router;
 use axum::routing::get;
 use clap::{Parser, Subcommand, ValueEnum};
 use mizzen_api::runtime;
+use mizzen_proxy::discovery::{self, Routes};
 use mizzen_proxy::drain::Connections;
 use mizzen_proxy::identity::{self, SdsSource};
-use mizzen_proxy::inbound::{self, InboundMetrics, MtlsMode};
+use mizzen_proxy::inbound::{self, MtlsMode};
 use mizzen_proxy::init::{self, Family, InitConfig};
+use mizzen_proxy::metrics::ProxyMetrics;
+use mizzen_proxy::outbound::Outbound;
 use mizzen_proxy::{outbound, probes};
 use tokio::sync::watch;
 use tracing::info;
@@ -118,7 +121,7 @@ struct ProxyArgs {
     /// Health port: /healthz/ready, 200 once the proxy holds a certificate.
     #[arg(long, default_value_t = 15021)]
     health_port: u16,
-    /// The node agent's SDS socket.
+    /// The node agent's socket (SDS and discovery).
     #[arg(long, default_value = "/var/run/mizzen/agent.sock")]
     agent_socket: PathBuf,
     /// The pod's projected ServiceAccount token (audience mizzen-ca).
@@ -127,6 +130,9 @@ struct ProxyArgs {
     /// Whether plaintext inbound connections are accepted.
     #[arg(long, value_enum, env = "MIZZEN_MTLS_MODE", default_value = "permissive")]
     mtls_mode: MtlsMode,
+    /// Outbound connect (and TLS handshake) timeout, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    connect_timeout_ms: u64,
     /// On SIGTERM, how long open connections may finish before exiting.
     #[arg(long, default_value_t = 5)]
     drain_seconds: u64,
@@ -140,14 +146,14 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
     let level = std::env::var("MIZZEN_LOG_LEVEL").unwrap_or_else(|_| "info".into());
     runtime::init_tracing_with_default(&a.log_format, &level);
     info!(config = ?a, "starting mizzen-proxy {}", env!("CARGO_PKG_VERSION"));
+    let source = SdsSource {
+        socket: a.agent_socket.clone(),
+        token_file: a.token_file.clone(),
+    };
     let (tx, rx) = watch::channel(None);
-    tokio::spawn(identity::follow(
-        SdsSource {
-            socket: a.agent_socket.clone(),
-            token_file: a.token_file.clone(),
-        },
-        tx,
-    ));
+    tokio::spawn(identity::follow(source.clone(), tx));
+    let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::default()));
+    tokio::spawn(discovery::follow(source, routes_tx));
 
     let ready = Arc::new(AtomicBool::new(false));
     {
@@ -162,23 +168,8 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
             info!("ready: holding a certificate");
         });
     }
-    let metrics = InboundMetrics::default();
-    let mut registry = prometheus_client::registry::Registry::with_prefix("mizzen_proxy");
-    registry.register(
-        "inbound_connections",
-        "Inbound connections by TLS mode and peer identity",
-        metrics.connections.clone(),
-    );
-    registry.register(
-        "inbound_refused",
-        "Inbound connections refused, by reason",
-        metrics.refused.clone(),
-    );
-    registry.register(
-        "inbound_bytes",
-        "Bytes carried by inbound connections",
-        metrics.bytes.clone(),
-    );
+    let metrics = ProxyMetrics::default();
+    let registry = metrics.registry();
     let registry = Arc::new(registry);
     let pod_ip = std::env::var("INSTANCE_IP").ok().and_then(|ip| ip.parse().ok());
     let probes = probes::Probes::parse(std::env::var("MIZZEN_APP_PROBES").ok().as_deref(), pod_ip)
@@ -209,8 +200,14 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
         .await
         .context("bind outbound port")?;
     let connections = Connections::default();
+    let outbound = Arc::new(Outbound::new(
+        routes_rx,
+        rx.clone(),
+        metrics.clone(),
+        std::time::Duration::from_millis(a.connect_timeout_ms),
+    ));
     let accepting = [
-        tokio::spawn(outbound::serve(outbound_listener, connections.clone())),
+        tokio::spawn(outbound::serve(outbound_listener, outbound, connections.clone())),
         tokio::spawn(inbound::serve(
             inbound_listener,
             rx,

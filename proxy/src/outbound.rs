@@ -1,19 +1,404 @@
-//! The outbound listener (15001). Until discovery lands (issue 6) it
-//! forwards every captured connection, as plaintext, to its original
-//! destination, so a pod keeps working with the capture rules in place.
-//! The proxy's own connections are not captured again (UID 1337).
+//! The outbound listener (15001): the pod's own connections, redirected by
+//! the capture rules, leave here for their destination.
+//!
+//! The original destination (`SO_ORIGINAL_DST`) is resolved in the
+//! discovery [`Routes`]: a Service's cluster IP and port is balanced over
+//! its ready endpoints (power of two choices on open connections, skipping
+//! endpoints that recently failed, up to three attempts); a known pod's IP
+//! is used as is; anything else passes through untouched. A meshed
+//! endpoint is reached over TLS 1.3 with ALPN `mizzen`, presenting our SVID,
+//! and the server must prove the SPIFFE ID discovery gives for that
+//! endpoint (secure naming): a server holding any other mesh certificate is
+//! refused before a byte of the app's data is sent. Unmeshed endpoints get
+//! plaintext. The proxy's own connections are not captured again (UID 1337).
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use mizzen_api::SpiffeId;
+use rand::Rng;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
 
-use crate::inbound::original_dst;
+use crate::discovery::{Backend, Destination, Routes};
+use crate::identity::{TlsMaterial, spiffe_id_of};
+use crate::inbound::{ALPN, original_dst};
+use crate::metrics::{Direction, ProxyMetrics, handshake_reason};
+
+/// How long an endpoint that failed a connection is skipped.
+const FAILURE_HOLD: Duration = Duration::from_secs(5);
+/// Endpoints tried per connection to a Service.
+const ATTEMPTS: usize = 3;
+
+/// Per-endpoint load and health, shared by all connections.
+#[derive(Debug, Default)]
+pub struct Balancer {
+    endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
+}
+
+#[derive(Debug, Default)]
+struct EndpointState {
+    open: AtomicUsize,
+    failed_until: Mutex<Option<Instant>>,
+}
+
+/// Counts one open connection to an endpoint until dropped.
+#[derive(Debug)]
+pub struct Load(Arc<EndpointState>);
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Balancer {
+    fn state(&self, addr: SocketAddr) -> Arc<EndpointState> {
+        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 4096 {
+            // Forget idle endpoints, which discovery may long have dropped.
+            map.retain(|_, s| Arc::strong_count(s) > 1 || s.open.load(Ordering::Relaxed) > 0);
+        }
+        map.entry(addr).or_default().clone()
+    }
+
+    fn failed(&self, addr: SocketAddr) -> bool {
+        let s = self.state(addr);
+        let until = *s.failed_until.lock().unwrap_or_else(|p| p.into_inner());
+        until.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Picks among `backends` not in `tried`: two at random, the one with
+    /// fewer open connections; endpoints that failed recently only when
+    /// nothing else is left.
+    pub fn pick<'a>(&self, backends: &'a [Backend], tried: &[SocketAddr]) -> Option<&'a Backend> {
+        let left: Vec<&Backend> = backends.iter().filter(|b| !tried.contains(&b.addr)).collect();
+        let healthy: Vec<&Backend> = left.iter().copied().filter(|b| !self.failed(b.addr)).collect();
+        let pool = if healthy.is_empty() { left } else { healthy };
+        match pool.len() {
+            0 => None,
+            1 => Some(pool[0]),
+            n => {
+                let mut rng = rand::rng();
+                let a = rng.random_range(0..n);
+                let mut b = rng.random_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let load = |i: usize| self.state(pool[i].addr).open.load(Ordering::Relaxed);
+                Some(if load(b) < load(a) { pool[b] } else { pool[a] })
+            }
+        }
+    }
+
+    /// Counts a connection to `addr` as open.
+    pub fn load(&self, addr: SocketAddr) -> Load {
+        let s = self.state(addr);
+        s.open.fetch_add(1, Ordering::Relaxed);
+        Load(s)
+    }
+
+    /// Skips `addr` for a while.
+    pub fn mark_failed(&self, addr: SocketAddr) {
+        *self.state(addr).failed_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + FAILURE_HOLD);
+    }
+
+    /// Open connections to `addr` (for tests and metrics).
+    pub fn open(&self, addr: SocketAddr) -> usize {
+        self.state(addr).open.load(Ordering::Relaxed)
+    }
+}
+
+/// Verifies a peer proxy's certificate: chains to the trust bundle, and its
+/// single URI SAN is exactly the SPIFFE ID expected for the endpoint. DNS
+/// names play no part.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    roots: Arc<rustls::RootCertStore>,
+    expected: SpiffeId,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        let id =
+            spiffe_id_of(end_entity).map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        if id != self.expected {
+            warn!(expected = %self.expected, presented = %id, "peer proxy presented the wrong identity");
+            return Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct OurCert(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for OurCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// What client configurations are built from, derived once per certificate.
+#[derive(Debug)]
+struct ClientBase {
+    material: Arc<TlsMaterial>,
+    key: Arc<CertifiedKey>,
+    roots: Arc<rustls::RootCertStore>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ClientBase {
+    fn new(material: Arc<TlsMaterial>) -> Result<Self, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let signing = provider
+            .key_provider
+            .load_private_key(material.key.clone_key())
+            .map_err(|e| format!("our key: {e}"))?;
+        Ok(Self {
+            key: Arc::new(CertifiedKey::new(material.chain.clone(), signing)),
+            roots: Arc::new(material.roots.clone()),
+            material,
+            provider,
+        })
+    }
+
+    /// TLS 1.3 only, ALPN `mizzen`, our SVID, the server must be `expected`.
+    fn config(&self, expected: SpiffeId) -> Result<Arc<rustls::ClientConfig>, String> {
+        let verifier = SpiffeServerVerifier {
+            roots: self.roots.clone(),
+            expected,
+            algorithms: self.provider.signature_verification_algorithms,
+        };
+        let mut c = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(Arc::new(OurCert(self.key.clone())));
+        c.alpn_protocols = vec![ALPN.to_vec()];
+        c.enable_sni = false;
+        c.resumption = rustls::client::Resumption::disabled();
+        Ok(Arc::new(c))
+    }
+}
+
+/// The outbound side's shared state.
+#[derive(Debug)]
+pub struct Outbound {
+    pub routes: watch::Receiver<Arc<Routes>>,
+    pub material: watch::Receiver<Option<Arc<TlsMaterial>>>,
+    pub balancer: Balancer,
+    pub metrics: ProxyMetrics,
+    pub connect_timeout: Duration,
+    base: Mutex<Option<Arc<ClientBase>>>,
+}
+
+/// Why an outbound connection failed.
+#[derive(Debug)]
+struct Failed(&'static str, String);
+
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Outbound {
+    pub fn new(
+        routes: watch::Receiver<Arc<Routes>>,
+        material: watch::Receiver<Option<Arc<TlsMaterial>>>,
+        metrics: ProxyMetrics,
+        connect_timeout: Duration,
+    ) -> Self {
+        Self {
+            routes,
+            material,
+            balancer: Balancer::default(),
+            metrics,
+            connect_timeout,
+            base: Mutex::new(None),
+        }
+    }
+
+    /// The client base for the current certificate (rebuilt after rotation).
+    fn base(&self) -> Result<Arc<ClientBase>, Failed> {
+        let material = self
+            .material
+            .borrow()
+            .clone()
+            .ok_or_else(|| Failed("no_certificate_yet", String::new()))?;
+        let mut cached = self.base.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = cached.as_ref()
+            && Arc::ptr_eq(&b.material, &material)
+        {
+            return Ok(b.clone());
+        }
+        let b = Arc::new(ClientBase::new(material).map_err(|e| Failed("tls_config", e))?);
+        *cached = Some(b.clone());
+        Ok(b)
+    }
+
+    async fn connect(&self, b: &Backend) -> Result<(Upstream, String), Failed> {
+        // Refuse before connecting when the destination cannot be verified.
+        let expected = match &b.identity {
+            None => None,
+            Some(Ok(id)) => Some(id.clone()),
+            Some(Err(e)) => return Err(Failed("bad_identity", e.clone())),
+        };
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(b.addr))
+            .await
+            .map_err(|_| {
+                Failed(
+                    "connect_timeout",
+                    format!("no answer from {} within {:?}", b.addr, self.connect_timeout),
+                )
+            })?
+            .map_err(|e| Failed("connect_error", format!("{}: {e}", b.addr)))?;
+        let _ = tcp.set_nodelay(true);
+        let Some(expected) = expected else {
+            return Ok((Upstream::Plain(tcp), String::new()));
+        };
+        let config = self
+            .base()?
+            .config(expected.clone())
+            .map_err(|e| Failed("tls_config", e))?;
+        let name = ServerName::IpAddress(b.addr.ip().into());
+        let tls = tokio::time::timeout(
+            self.connect_timeout,
+            tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| Failed("handshake_timeout", b.addr.to_string()))?
+        .map_err(|e| {
+            let reason = handshake_reason(&e);
+            self.metrics.handshake_failure(Direction::Outbound, reason);
+            Failed("handshake", format!("{} ({reason}): {e}", b.addr))
+        })?;
+        if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
+            return Err(Failed("alpn", format!("{} did not negotiate ALPN mizzen", b.addr)));
+        }
+        Ok((Upstream::Tls(Box::new(tls)), expected.to_string()))
+    }
+
+    async fn handle(&self, mut conn: TcpStream, peer: SocketAddr) -> Result<(), Failed> {
+        let _ = conn.set_nodelay(true);
+        let dst = original_dst(&conn).map_err(|e| Failed("no_original_dst", e.to_string()))?;
+        let destination = self.routes.borrow().resolve(dst);
+        let (backend, upstream, peer_id) = match destination {
+            Destination::Passthrough(addr) => {
+                let b = Backend {
+                    addr,
+                    identity: None,
+                    pod: String::new(),
+                };
+                let (u, id) = self.connect(&b).await?;
+                (b, u, id)
+            }
+            Destination::Pod(b) => {
+                let (u, id) = self.connect(&b).await?;
+                (b, u, id)
+            }
+            Destination::Service(target) => {
+                if target.backends.is_empty() {
+                    return Err(Failed(
+                        "no_endpoints",
+                        format!("{} has no ready endpoints", target.service),
+                    ));
+                }
+                let mut tried = Vec::with_capacity(ATTEMPTS);
+                let mut last = Failed("no_endpoints", String::new());
+                let mut found = None;
+                while tried.len() < ATTEMPTS {
+                    let Some(b) = self.balancer.pick(&target.backends, &tried) else {
+                        break;
+                    };
+                    tried.push(b.addr);
+                    match self.connect(b).await {
+                        Ok((u, id)) => {
+                            found = Some((b.clone(), u, id));
+                            break;
+                        }
+                        Err(e) => {
+                            self.balancer.mark_failed(b.addr);
+                            debug!(service = %target.service, endpoint = %b.addr, reason = e.0, detail = %e.1, "endpoint failed; trying another");
+                            last = e;
+                        }
+                    }
+                }
+                found.ok_or(last)?
+            }
+        };
+        let _load = self.balancer.load(backend.addr);
+        let tls = if peer_id.is_empty() { "plaintext" } else { "mtls" };
+        debug!(%peer, %dst, endpoint = %backend.addr, pod = %backend.pod, tls, peer_id = %peer_id, "outbound connection");
+        self.metrics.connection(Direction::Outbound, tls, peer_id);
+        let carried = match upstream {
+            Upstream::Plain(mut u) => tokio::io::copy_bidirectional(&mut conn, &mut u).await,
+            Upstream::Tls(mut u) => tokio::io::copy_bidirectional(&mut conn, &mut *u).await,
+        };
+        if let Ok((a, b)) = carried {
+            self.metrics.bytes(Direction::Outbound, a + b);
+        }
+        Ok(())
+    }
+}
 
 /// Serves outbound connections until the process ends.
-pub async fn serve(listener: TcpListener, connections: crate::drain::Connections) {
+pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>, connections: crate::drain::Connections) {
+    info!(addr = ?listener.local_addr().ok(), "outbound listening");
     loop {
-        let (mut conn, peer) = match listener.accept().await {
+        let (conn, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "accept failed");
@@ -22,19 +407,69 @@ pub async fn serve(listener: TcpListener, connections: crate::drain::Connections
             }
         };
         let guard = connections.open();
+        let open = outbound.metrics.open(Direction::Outbound);
+        let outbound = outbound.clone();
         tokio::spawn(async move {
-            let _guard = guard;
-            let dst = match original_dst(&conn) {
-                Ok(d) => d,
-                Err(e) => return debug!(%peer, error = %e, "outbound connection without an original destination"),
-            };
-            match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(dst)).await {
-                Ok(Ok(mut upstream)) => {
-                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
-                }
-                Ok(Err(e)) => debug!(%peer, %dst, error = %e, "outbound connect failed"),
-                Err(_) => debug!(%peer, %dst, "outbound connect timed out"),
+            let (_guard, _open) = (guard, open);
+            if let Err(Failed(reason, detail)) = outbound.handle(conn, peer).await {
+                outbound.metrics.refused(Direction::Outbound, reason);
+                info!(%peer, reason, %detail, "outbound connection failed");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backends(n: usize) -> Vec<Backend> {
+        (0..n)
+            .map(|i| Backend {
+                addr: SocketAddr::from(([10, 0, 0, i as u8 + 1], 80)),
+                identity: None,
+                pod: String::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn two_choices_prefer_the_less_loaded() {
+        let b = Balancer::default();
+        let all = backends(2);
+        // Endpoint 0 is busy: with two endpoints both are always compared.
+        let _busy: Vec<Load> = (0..5).map(|_| b.load(all[0].addr)).collect();
+        for _ in 0..50 {
+            assert_eq!(b.pick(&all, &[]).expect("pick").addr, all[1].addr);
+        }
+        assert_eq!(b.open(all[0].addr), 5);
+    }
+
+    #[test]
+    fn load_spreads_and_failed_endpoints_are_skipped() {
+        let b = Balancer::default();
+        let all = backends(4);
+        let mut loads = Vec::new();
+        for _ in 0..400 {
+            let p = b.pick(&all, &[]).expect("pick");
+            loads.push(b.load(p.addr));
+        }
+        for e in &all {
+            let n = b.open(e.addr);
+            assert!((60..=140).contains(&n), "{} got {n} of 400", e.addr);
+        }
+        drop(loads);
+        b.mark_failed(all[2].addr);
+        for _ in 0..100 {
+            assert_ne!(b.pick(&all, &[]).expect("pick").addr, all[2].addr);
+        }
+        // Tried endpoints are excluded; a failed one is used when nothing else is left.
+        let tried: Vec<SocketAddr> = [0, 1, 3].iter().map(|&i| all[i].addr).collect();
+        assert_eq!(b.pick(&all, &tried).expect("last resort").addr, all[2].addr);
+        let every: Vec<SocketAddr> = all.iter().map(|e| e.addr).collect();
+        assert!(b.pick(&all, &every).is_none());
+        let load = b.load(all[0].addr);
+        drop(load);
+        assert_eq!(b.open(all[0].addr), 0, "load released on drop");
     }
 }

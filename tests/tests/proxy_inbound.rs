@@ -228,16 +228,23 @@ async fn inbound_mtls_with_openssl_and_plaintext_by_mode() -> anyhow::Result<()>
     assert!(
         metric(
             &text,
-            &format!("mizzen_proxy_inbound_connections_total{{tls=\"mtls\",peer=\"{client_id}\"}}")
+            &format!("mizzen_proxy_connections_total{{direction=\"inbound\",tls=\"mtls\",peer=\"{client_id}\"}}")
         ) >= 1.0,
         "{text}"
     );
     assert!(
         metric(
             &text,
-            "mizzen_proxy_inbound_refused_total{reason=\"plaintext_in_strict\"}"
+            "mizzen_proxy_refused_total{direction=\"inbound\",reason=\"plaintext_in_strict\"}"
         ) >= 1.0,
         "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "mizzen_proxy_handshake_failures_total{direction=\"inbound\",reason=\"no_client_cert\"}"
+        ) >= 1.0,
+        "the handshake without a client certificate is counted by reason: {text}"
     );
     assert!(
         std::fs::read_to_string(&log)?.contains(&client_id),
@@ -267,7 +274,7 @@ async fn inbound_mtls_with_openssl_and_plaintext_by_mode() -> anyhow::Result<()>
     let plain = |text: &str| {
         metric(
             text,
-            "mizzen_proxy_inbound_connections_total{tls=\"plaintext\",peer=\"\"}",
+            "mizzen_proxy_connections_total{direction=\"inbound\",tls=\"plaintext\",peer=\"\"}",
         )
     };
     let metrics_url = format!("http://{}:15020/metrics", server.ip());
@@ -285,7 +292,10 @@ async fn inbound_mtls_with_openssl_and_plaintext_by_mode() -> anyhow::Result<()>
     .await?;
     let text = http_get(&metrics_url).await?.1;
     assert_eq!(
-        metric(&text, "mizzen_proxy_inbound_refused_total{reason=\"handshake\"}"),
+        metric(
+            &text,
+            "mizzen_proxy_refused_total{direction=\"inbound\",reason=\"handshake\"}"
+        ),
         0.0,
         "{text}"
     );

@@ -24,9 +24,9 @@ pub const INJECT_LABEL: &str = "mizzen.dev/inject";
 /// Annotation recording what was injected.
 pub const STATUS_ANNOTATION: &str = "mizzen.dev/status";
 /// Label marking a pod as meshed (its proxy speaks mTLS).
-pub const TLS_MODE_LABEL: &str = "security.mizzen.dev/tlsMode";
+pub use mizzen_api::mesh::TLS_MODE_LABEL;
 pub const INIT_NAME: &str = "mizzen-init";
-pub const PROXY_NAME: &str = "mizzen-proxy";
+pub use mizzen_api::mesh::PROXY_CONTAINER as PROXY_NAME;
 pub const SOCKET_VOLUME: &str = "mizzen-agent-socket";
 pub const TOKEN_VOLUME: &str = "mizzen-token";
 /// Where the proxy finds the agent's socket and its token.
@@ -568,7 +568,7 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
     pod.metadata
         .labels
         .get_or_insert_with(BTreeMap::new)
-        .insert(TLS_MODE_LABEL.into(), "mizzen".into());
+        .insert(TLS_MODE_LABEL.into(), mizzen_api::mesh::TLS_MODE_MIZZEN.into());
     Ok(pod)
 }
 

@@ -1,0 +1,285 @@
+//! Discovery: the Services and ready endpoints proxies route to, served on
+//! the agent's socket over Envoy's incremental (delta) aggregated discovery
+//! protocol with Mizzen's own resource type
+//! ([`SERVICE_TYPE`](mizzen_api::proto::discovery::SERVICE_TYPE)).
+//!
+//! The agent watches Services, EndpointSlices and Pods, and after each burst
+//! of changes rebuilds one resource per Service ([`build`], pure): its
+//! cluster IPs and ports, and its ready endpoints, each with whether its pod
+//! is meshed and the SPIFFE ID the pod's ServiceAccount gives it. A resource
+//! whose contents did not change keeps its version, so a stream only carries
+//! what changed ([`server`]).
+
+pub mod server;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::discovery::v3::Resource;
+use envoy_types::pb::google::protobuf::Any;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::Api;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use mizzen_api::mesh::{PROXY_CONTAINER, TLS_MODE_LABEL, TLS_MODE_MIZZEN};
+use mizzen_api::proto::discovery::{self as pb, SERVICE_TYPE};
+use mizzen_api::{SpiffeId, TrustDomain};
+use prost::Message;
+use tokio::sync::{Notify, watch};
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+
+/// The label tying an EndpointSlice to its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// All resources, by name, as sent on streams.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Snapshot {
+    pub resources: BTreeMap<String, Arc<Resource>>,
+}
+
+/// What discovery needs of a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodFacts {
+    pub meshed: bool,
+    pub service_account: String,
+}
+
+impl PodFacts {
+    pub fn of(pod: &Pod) -> Self {
+        let labelled = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(TLS_MODE_LABEL))
+            .is_some_and(|v| v == TLS_MODE_MIZZEN);
+        let spec = pod.spec.as_ref();
+        let has_proxy = spec.is_some_and(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+                .any(|c| c.name == PROXY_CONTAINER)
+        });
+        Self {
+            meshed: labelled && has_proxy,
+            service_account: spec
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_else(|| "default".into()),
+        }
+    }
+}
+
+/// The discovery resource of every Service, by `<namespace>/<name>`.
+/// Endpoints come from the Service's EndpointSlices: only ready ones, IP
+/// addresses only; `pod` looks up an endpoint's pod.
+pub fn build(
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+    pod: impl Fn(&str, &str) -> Option<PodFacts>,
+    trust_domain: &TrustDomain,
+) -> BTreeMap<String, pb::Service> {
+    let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        let (Some(ns), Some(name)) = (
+            slice.metadata.namespace.as_ref(),
+            slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)),
+        ) else {
+            continue;
+        };
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            continue;
+        }
+        by_service.entry((ns.clone(), name.clone())).or_default().push(slice);
+    }
+    let mut out = BTreeMap::new();
+    for svc in services {
+        let (Some(ns), Some(name)) = (svc.metadata.namespace.clone(), svc.metadata.name.clone()) else {
+            continue;
+        };
+        let spec = svc.spec.clone().unwrap_or_default();
+        let cluster_ips = spec
+            .cluster_ips
+            .clone()
+            .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
+            .collect();
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| pb::ServicePort {
+                name: p.name.clone().unwrap_or_default(),
+                port: u32::try_from(p.port).unwrap_or(0),
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                app_protocol: p.app_protocol.clone().unwrap_or_default(),
+            })
+            .collect();
+        let mut endpoints = Vec::new();
+        let mut slices = by_service.remove(&(ns.clone(), name.clone())).unwrap_or_default();
+        slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        for slice in slices {
+            let ports: BTreeMap<String, u32> = slice
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| Some((p.name.clone().unwrap_or_default(), u32::try_from(p.port?).ok()?)))
+                .collect();
+            for ep in &slice.endpoints {
+                // Unknown readiness counts as ready (the API's documented meaning).
+                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                if !ready {
+                    continue;
+                }
+                let addresses: Vec<String> = ep
+                    .addresses
+                    .iter()
+                    .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
+                    .cloned()
+                    .collect();
+                if addresses.is_empty() {
+                    continue;
+                }
+                let pod_ref = ep
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .and_then(|r| Some((r.namespace.clone().unwrap_or_else(|| ns.clone()), r.name.clone()?)));
+                let facts = pod_ref.as_ref().and_then(|(pns, pname)| pod(pns, pname));
+                let (meshed, spiffe_id) = match (&pod_ref, &facts) {
+                    (Some((pns, _)), Some(f)) => (
+                        f.meshed,
+                        SpiffeId::workload(trust_domain, pns, &f.service_account)
+                            .map(|id| id.to_string())
+                            .unwrap_or_default(),
+                    ),
+                    _ => (false, String::new()),
+                };
+                endpoints.push(pb::Endpoint {
+                    addresses,
+                    ports: ports.clone().into_iter().collect(),
+                    meshed,
+                    spiffe_id,
+                    pod: pod_ref.map(|(pns, pname)| format!("{pns}/{pname}")).unwrap_or_default(),
+                });
+            }
+        }
+        endpoints.sort_by(|a, b| a.addresses.cmp(&b.addresses));
+        out.insert(
+            format!("{ns}/{name}"),
+            pb::Service {
+                namespace: ns,
+                name,
+                cluster_ips,
+                ports,
+                endpoints,
+            },
+        );
+    }
+    out
+}
+
+/// Packs `services` as delta xDS resources whose version names their contents.
+pub fn snapshot(services: BTreeMap<String, pb::Service>) -> Snapshot {
+    let resources = services
+        .into_iter()
+        .map(|(name, svc)| {
+            let value = svc.encode_to_vec();
+            let digest = ring::digest::digest(&ring::digest::SHA256, &value);
+            let version: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+            let resource = Resource {
+                name: name.clone(),
+                version,
+                resource: Some(Any {
+                    type_url: SERVICE_TYPE.into(),
+                    value,
+                }),
+                ..Default::default()
+            };
+            (name, Arc::new(resource))
+        })
+        .collect();
+    Snapshot { resources }
+}
+
+/// Runs one reflector, waking `changed` after every event.
+async fn reflect<K>(api: Api<K>, writer: reflector::store::Writer<K>, changed: Arc<Notify>, what: &'static str)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let mut events = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff()).boxed();
+    while let Some(ev) = events.next().await {
+        match ev {
+            Ok(_) => changed.notify_one(),
+            Err(e) => warn!(error = %e, what, "watch failed; retrying"),
+        }
+    }
+}
+
+/// Watches Services, EndpointSlices and Pods cluster-wide and publishes a
+/// new [`Snapshot`] on `tx` after each burst of changes (bursts are
+/// gathered for `debounce`). Nothing is published until all three watches
+/// have listed once, so proxies never see a partial cluster.
+pub async fn follow(
+    client: kube::Client,
+    trust_domain: TrustDomain,
+    debounce: Duration,
+    tx: watch::Sender<Option<Arc<Snapshot>>>,
+    metrics: Arc<Metrics>,
+) {
+    let changed = Arc::new(Notify::new());
+    let (services, w1) = reflector::store::<Service>();
+    let (slices, w2) = reflector::store::<EndpointSlice>();
+    let (pods, w3) = reflector::store::<Pod>();
+    tokio::spawn(reflect(Api::all(client.clone()), w1, changed.clone(), "services"));
+    tokio::spawn(reflect(Api::all(client.clone()), w2, changed.clone(), "endpointslices"));
+    tokio::spawn(reflect(Api::all(client), w3, changed.clone(), "pods"));
+    for (store, what) in [
+        (services.wait_until_ready().await.is_ok(), "services"),
+        (slices.wait_until_ready().await.is_ok(), "endpointslices"),
+        (pods.wait_until_ready().await.is_ok(), "pods"),
+    ] {
+        if !store {
+            warn!(what, "discovery store closed before it was ready");
+            return;
+        }
+    }
+    info!("discovery watches synced");
+    loop {
+        let started = std::time::Instant::now();
+        let built = build(
+            &services.state(),
+            &slices.state(),
+            |ns, name| lookup(&pods, ns, name),
+            &trust_domain,
+        );
+        let endpoints: usize = built.values().map(|s| s.endpoints.len()).sum();
+        let next = snapshot(built);
+        metrics.discovery_services.set(next.resources.len() as i64);
+        metrics.discovery_endpoints.set(endpoints as i64);
+        let sent = tx.send_if_modified(|cur| {
+            if cur.as_deref() == Some(&next) {
+                return false;
+            }
+            *cur = Some(Arc::new(next));
+            true
+        });
+        if sent {
+            debug!(took = ?started.elapsed(), "discovery snapshot rebuilt");
+        }
+        changed.notified().await;
+        tokio::time::sleep(debounce).await;
+    }
+}
+
+fn lookup(pods: &Store<Pod>, ns: &str, name: &str) -> Option<PodFacts> {
+    pods.get(&ObjectRef::new(name).within(ns)).map(|p| PodFacts::of(&p))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,195 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_json::json;
+
+use super::server::StreamState;
+use super::*;
+
+fn service(ns: &str, name: &str, ip: &str) -> Arc<Service> {
+    Arc::new(
+        serde_json::from_value(json!({
+            "metadata": {"namespace": ns, "name": name},
+            "spec": {"clusterIP": ip, "clusterIPs": [ip],
+                     "ports": [{"name": "http", "port": 80, "targetPort": "web", "appProtocol": "http"},
+                               {"name": "admin", "port": 9000}]}
+        }))
+        .expect("service"),
+    )
+}
+
+fn slice(ns: &str, svc: &str, name: &str, endpoints: serde_json::Value) -> Arc<EndpointSlice> {
+    Arc::new(
+        serde_json::from_value(json!({
+            "metadata": {"namespace": ns, "name": name, "labels": {SERVICE_NAME_LABEL: svc}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "admin", "port": 9090}],
+            "endpoints": endpoints,
+        }))
+        .expect("slice"),
+    )
+}
+
+fn pods(name: &str) -> Option<PodFacts> {
+    match name {
+        "meshed" => Some(PodFacts {
+            meshed: true,
+            service_account: "web".into(),
+        }),
+        "plain" => Some(PodFacts {
+            meshed: false,
+            service_account: "default".into(),
+        }),
+        _ => None,
+    }
+}
+
+fn built() -> BTreeMap<String, pb::Service> {
+    let services = [
+        service("demo", "web", "10.0.0.10"),
+        service("other", "web", "10.0.0.11"),
+    ];
+    let slices = [
+        slice(
+            "demo",
+            "web",
+            "web-b",
+            json!([
+                {"addresses": ["10.200.0.3"], "conditions": {"ready": true},
+                 "targetRef": {"kind": "Pod", "namespace": "demo", "name": "meshed"}},
+                {"addresses": ["10.200.0.4"], "conditions": {"ready": false},
+                 "targetRef": {"kind": "Pod", "namespace": "demo", "name": "meshed"}},
+            ]),
+        ),
+        slice(
+            "demo",
+            "web",
+            "web-a",
+            json!([
+                {"addresses": ["10.200.0.2"], "targetRef": {"kind": "Pod", "namespace": "demo", "name": "plain"}},
+                {"addresses": ["10.200.0.9"], "conditions": {"ready": true}},
+            ]),
+        ),
+    ];
+    build(&services, &slices, |_, n| pods(n), &TrustDomain::default())
+}
+
+#[test]
+fn services_carry_their_ready_endpoints_with_identity() {
+    let all = built();
+    assert_eq!(all.keys().collect::<Vec<_>>(), ["demo/web", "other/web"]);
+    let web = &all["demo/web"];
+    assert_eq!(web.cluster_ips, ["10.0.0.10"]);
+    assert_eq!(web.ports.len(), 2);
+    assert_eq!((web.ports[0].name.as_str(), web.ports[0].port), ("http", 80));
+    assert_eq!(web.ports[0].app_protocol, "http");
+    assert_eq!(web.ports[1].protocol, "TCP", "protocol defaults to TCP");
+    let addrs: Vec<_> = web.endpoints.iter().map(|e| e.addresses[0].as_str()).collect();
+    assert_eq!(
+        addrs,
+        ["10.200.0.2", "10.200.0.3", "10.200.0.9"],
+        "not-ready 10.200.0.4 left out"
+    );
+    let meshed = &web.endpoints[1];
+    assert!(meshed.meshed);
+    assert_eq!(meshed.spiffe_id, "spiffe://cluster.local/ns/demo/sa/web");
+    assert_eq!(meshed.ports["http"], 8080);
+    assert_eq!(meshed.pod, "demo/meshed");
+    let plain = &web.endpoints[0];
+    assert!(!plain.meshed);
+    assert_eq!(plain.spiffe_id, "spiffe://cluster.local/ns/demo/sa/default");
+    let unknown = &web.endpoints[2];
+    assert!(!unknown.meshed && unknown.spiffe_id.is_empty() && unknown.pod.is_empty());
+    assert!(
+        all["other/web"].endpoints.is_empty(),
+        "slices of another namespace's Service are not mixed in"
+    );
+}
+
+#[test]
+fn meshed_needs_both_the_label_and_the_proxy_container() {
+    let pod = |labels: serde_json::Value, containers: serde_json::Value| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "labels": labels},
+            "spec": {"serviceAccountName": "sa", "containers": containers},
+        }))
+        .expect("pod")
+    };
+    let proxy = json!([{"name": "app"}, {"name": "mizzen-proxy"}]);
+    let label = json!({TLS_MODE_LABEL: "mizzen"});
+    assert!(PodFacts::of(&pod(label.clone(), proxy.clone())).meshed);
+    assert!(!PodFacts::of(&pod(json!({}), proxy.clone())).meshed);
+    assert!(!PodFacts::of(&pod(label.clone(), json!([{"name": "app"}]))).meshed);
+    assert!(!PodFacts::of(&pod(json!({TLS_MODE_LABEL: "disabled"}), proxy)).meshed);
+    assert_eq!(PodFacts::of(&pod(label, json!([]))).service_account, "sa");
+}
+
+fn names(resp: &envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse) -> Vec<&str> {
+    resp.resources.iter().map(|r| r.name.as_str()).collect()
+}
+
+#[test]
+fn streams_carry_only_what_changed() {
+    let first = snapshot(built());
+    let mut state = StreamState::default();
+    state.subscribe(&Default::default(), true);
+    let resp = state.diff(&first, "1".into()).expect("everything at first");
+    assert_eq!(names(&resp), ["demo/web", "other/web"]);
+    assert!(resp.removed_resources.is_empty());
+    assert!(state.diff(&first, "2".into()).is_none(), "nothing changed");
+
+    // One endpoint goes away in demo/web; other/web is deleted.
+    let mut next = built();
+    next.get_mut("demo/web").expect("web").endpoints.pop();
+    next.remove("other/web");
+    let resp = state.diff(&snapshot(next.clone()), "3".into()).expect("a change");
+    assert_eq!(names(&resp), ["demo/web"]);
+    assert_eq!(resp.removed_resources, ["other/web"]);
+    assert_eq!(resp.nonce, "3");
+
+    // A reconnecting client that holds the current versions gets nothing
+    // but what it holds and no longer exists.
+    let snap = snapshot(next);
+    let mut again = StreamState::default();
+    let mut initial: std::collections::HashMap<String, String> = snap
+        .resources
+        .iter()
+        .map(|(k, r)| (k.clone(), r.version.clone()))
+        .collect();
+    initial.insert("gone/svc".into(), "x".into());
+    again.subscribe(
+        &envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest {
+            initial_resource_versions: initial,
+            ..Default::default()
+        },
+        true,
+    );
+    let resp = again.diff(&snap, "1".into()).expect("removal");
+    assert!(resp.resources.is_empty());
+    assert_eq!(resp.removed_resources, ["gone/svc"]);
+}
+
+#[test]
+fn named_subscriptions_get_only_their_names() {
+    let snap = snapshot(built());
+    let mut state = StreamState::default();
+    state.subscribe(
+        &envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest {
+            resource_names_subscribe: vec!["other/web".into()],
+            ..Default::default()
+        },
+        true,
+    );
+    let resp = state.diff(&snap, "1".into()).expect("one");
+    assert_eq!(names(&resp), ["other/web"]);
+    state.subscribe(
+        &envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest {
+            resource_names_unsubscribe: vec!["other/web".into()],
+            ..Default::default()
+        },
+        false,
+    );
+    let resp = state.diff(&snap, "2".into()).expect("removal on unsubscribe");
+    assert_eq!(resp.removed_resources, ["other/web"]);
+}

@@ -1,0 +1,385 @@
+//! Where outbound connections go: the agent's discovery stream (delta xDS
+//! of `mizzen.discovery.v1.Service` resources) turned into [`Routes`].
+//!
+//! The stream subscribes to every Service, applies each response whole or
+//! not at all (a resource that does not decode NACKs the response and
+//! changes nothing), ACKs what it applied, and reconnects with backoff,
+//! telling the agent which versions it already holds.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use mizzen_api::SpiffeId;
+use mizzen_api::proto::discovery::{self as pb, SERVICE_TYPE};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::identity::SdsSource;
+
+/// One place a connection can go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// `Some` when the endpoint is meshed: mutual TLS, and the server must
+    /// prove this identity (an unparsable ID in discovery becomes
+    /// `Some(Err)`, and connections to it fail closed).
+    pub identity: Option<Result<SpiffeId, String>>,
+    /// `<namespace>/<name>` of the pod, when known.
+    pub pod: String,
+}
+
+/// A Service port's ready backends.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `<namespace>/<name>` of the Service.
+    pub service: String,
+    pub backends: Vec<Backend>,
+}
+
+/// What the proxy knows of a pod IP.
+#[derive(Debug, Clone)]
+struct PodInfo {
+    identity: Option<Result<SpiffeId, String>>,
+    pod: String,
+}
+
+/// Where a connection to an original destination goes.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// A Service's cluster IP and port: balance over its backends (empty
+    /// when none is ready).
+    Service(Arc<Target>),
+    /// A known pod's IP: to that address, mTLS if it is meshed.
+    Pod(Backend),
+    /// Outside the mesh's knowledge: plaintext to the address as is.
+    Passthrough(SocketAddr),
+}
+
+/// The index outbound connections are resolved in.
+#[derive(Debug, Default)]
+pub struct Routes {
+    services: HashMap<SocketAddr, Arc<Target>>,
+    pods: HashMap<IpAddr, PodInfo>,
+}
+
+fn identity_of(ep: &pb::Endpoint) -> Option<Result<SpiffeId, String>> {
+    ep.meshed.then(|| {
+        SpiffeId::parse(&ep.spiffe_id).map_err(|e| format!("bad SPIFFE ID {:?} in discovery: {e}", ep.spiffe_id))
+    })
+}
+
+impl Routes {
+    /// Indexes `services` (as received, by resource name).
+    pub fn new(services: &BTreeMap<String, pb::Service>) -> Self {
+        let mut routes = Routes::default();
+        for svc in services.values() {
+            let name = format!("{}/{}", svc.namespace, svc.name);
+            for ep in &svc.endpoints {
+                for a in &ep.addresses {
+                    if let Ok(ip) = a.parse::<IpAddr>() {
+                        routes.pods.entry(ip).or_insert_with(|| PodInfo {
+                            identity: identity_of(ep),
+                            pod: ep.pod.clone(),
+                        });
+                    }
+                }
+            }
+            for port in svc.ports.iter().filter(|p| p.protocol == "TCP") {
+                let Ok(service_port) = u16::try_from(port.port) else {
+                    continue;
+                };
+                for ip in &svc.cluster_ips {
+                    let Ok(vip) = ip.parse::<IpAddr>() else { continue };
+                    let backends = svc
+                        .endpoints
+                        .iter()
+                        .filter_map(|ep| {
+                            let target = u16::try_from(*ep.ports.get(&port.name)?).ok()?;
+                            // The endpoint's address of the VIP's family.
+                            let addr = ep
+                                .addresses
+                                .iter()
+                                .filter_map(|a| a.parse::<IpAddr>().ok())
+                                .find(|a| a.is_ipv4() == vip.is_ipv4())?;
+                            Some(Backend {
+                                addr: SocketAddr::new(addr, target),
+                                identity: identity_of(ep),
+                                pod: ep.pod.clone(),
+                            })
+                        })
+                        .collect();
+                    routes.services.insert(
+                        SocketAddr::new(vip, service_port),
+                        Arc::new(Target {
+                            service: name.clone(),
+                            backends,
+                        }),
+                    );
+                }
+            }
+        }
+        routes
+    }
+
+    /// Where a connection to `dst` goes.
+    pub fn resolve(&self, dst: SocketAddr) -> Destination {
+        if let Some(t) = self.services.get(&dst) {
+            return Destination::Service(t.clone());
+        }
+        match self.pods.get(&dst.ip()) {
+            Some(p) => Destination::Pod(Backend {
+                addr: dst,
+                identity: p.identity.clone(),
+                pod: p.pod.clone(),
+            }),
+            None => Destination::Passthrough(dst),
+        }
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+}
+
+/// Applies one response to `held`, all or nothing.
+pub fn apply(held: &mut BTreeMap<String, (String, pb::Service)>, resp: &DeltaDiscoveryResponse) -> Result<(), String> {
+    if resp.type_url != SERVICE_TYPE {
+        return Err(format!("expected {SERVICE_TYPE}, got {:?}", resp.type_url));
+    }
+    let mut decoded = Vec::with_capacity(resp.resources.len());
+    for r in &resp.resources {
+        let any = r
+            .resource
+            .as_ref()
+            .ok_or_else(|| format!("resource {:?} has no body", r.name))?;
+        if any.type_url != SERVICE_TYPE {
+            return Err(format!("resource {:?} is a {:?}", r.name, any.type_url));
+        }
+        let svc = pb::Service::decode(any.value.as_slice()).map_err(|e| format!("resource {:?}: {e}", r.name))?;
+        decoded.push((r.name.clone(), (r.version.clone(), svc)));
+    }
+    for name in &resp.removed_resources {
+        held.remove(name);
+    }
+    held.extend(decoded);
+    Ok(())
+}
+
+fn request(
+    first: bool,
+    held: &BTreeMap<String, (String, pb::Service)>,
+    nonce: &str,
+    error: Option<String>,
+) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: SERVICE_TYPE.into(),
+        initial_resource_versions: if first {
+            held.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect()
+        } else {
+            Default::default()
+        },
+        response_nonce: nonce.into(),
+        error_detail: error.map(|message| envoy_types::pb::google::rpc::Status {
+            code: 3,
+            message,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn publish(held: &BTreeMap<String, (String, pb::Service)>, tx: &watch::Sender<Arc<Routes>>) {
+    let services = held.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect();
+    tx.send_replace(Arc::new(Routes::new(&services)));
+}
+
+async fn stream_once(
+    src: &SdsSource,
+    held: &mut BTreeMap<String, (String, pb::Service)>,
+    tx: &watch::Sender<Arc<Routes>>,
+) -> Result<(), String> {
+    let channel = src.channel().await?;
+    let (req_tx, req_rx) = mpsc::channel(4);
+    req_tx.send(request(true, held, "", None)).await.map_err(|_| "send")?;
+    let req = src.request(req_rx).await?;
+    let mut inbound = AggregatedDiscoveryServiceClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .delta_aggregated_resources(req)
+        .await
+        .map_err(|s| format!("agent refused the discovery stream: {:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    loop {
+        let resp = inbound
+            .message()
+            .await
+            .map_err(|s| format!("discovery stream failed: {:?}: {}", s.code(), s.message()))?
+            .ok_or("the agent closed the discovery stream")?;
+        let mut next = held.clone();
+        match apply(&mut next, &resp) {
+            Ok(()) => {
+                *held = next;
+                publish(held, tx);
+                debug!(
+                    changed = resp.resources.len(),
+                    removed = resp.removed_resources.len(),
+                    services = held.len(),
+                    "discovery updated"
+                );
+                req_tx
+                    .send(request(false, held, &resp.nonce, None))
+                    .await
+                    .map_err(|_| "send ACK")?;
+            }
+            Err(e) => {
+                warn!(error = %e, nonce = %resp.nonce, "rejecting discovery update (NACK)");
+                req_tx
+                    .send(request(false, held, &resp.nonce, Some(e)))
+                    .await
+                    .map_err(|_| "send NACK")?;
+            }
+        }
+    }
+}
+
+/// Keeps `tx` fed from the agent's discovery stream, forever. Routes are
+/// kept across reconnects (the last known state beats none).
+pub async fn follow(src: SdsSource, tx: watch::Sender<Arc<Routes>>) {
+    let mut held = BTreeMap::new();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let started = std::time::Instant::now();
+        match stream_once(&src, &mut held, &tx).await {
+            Ok(()) => {}
+            Err(e) => warn!(error = %e, retry_in = ?backoff, "discovery stream to the agent ended"),
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(200);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+        info!("reconnecting the discovery stream");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn web() -> pb::Service {
+        pb::Service {
+            namespace: "demo".into(),
+            name: "web".into(),
+            cluster_ips: vec!["10.0.0.10".into()],
+            ports: vec![pb::ServicePort {
+                name: "http".into(),
+                port: 80,
+                protocol: "TCP".into(),
+                app_protocol: String::new(),
+            }],
+            endpoints: vec![
+                pb::Endpoint {
+                    addresses: vec!["10.200.0.2".into()],
+                    ports: [("http".to_string(), 8080)].into(),
+                    meshed: true,
+                    spiffe_id: "spiffe://cluster.local/ns/demo/sa/web".into(),
+                    pod: "demo/web-1".into(),
+                },
+                pb::Endpoint {
+                    addresses: vec!["10.200.0.3".into()],
+                    ports: [("http".to_string(), 8081)].into(),
+                    meshed: false,
+                    spiffe_id: String::new(),
+                    pod: "demo/web-2".into(),
+                },
+                pb::Endpoint {
+                    addresses: vec!["10.200.0.4".into()],
+                    ports: [("metrics".to_string(), 9000)].into(),
+                    meshed: true,
+                    spiffe_id: "not a spiffe id".into(),
+                    pod: "demo/web-3".into(),
+                },
+            ],
+        }
+    }
+
+    fn resp(services: &[pb::Service], removed: &[&str]) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: SERVICE_TYPE.into(),
+            resources: services
+                .iter()
+                .map(|s| envoy_types::pb::envoy::service::discovery::v3::Resource {
+                    name: format!("{}/{}", s.namespace, s.name),
+                    version: "1".into(),
+                    resource: Some(envoy_types::pb::google::protobuf::Any {
+                        type_url: SERVICE_TYPE.into(),
+                        value: s.encode_to_vec(),
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            removed_resources: removed.iter().map(|s| s.to_string()).collect(),
+            nonce: "1".into(),
+            ..Default::default()
+        }
+    }
+
+    fn routes(held: &BTreeMap<String, (String, pb::Service)>) -> Routes {
+        Routes::new(&held.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect())
+    }
+
+    #[test]
+    fn vips_resolve_to_ready_backends_with_their_identity() {
+        let mut held = BTreeMap::new();
+        apply(&mut held, &resp(&[web()], &[])).expect("applies");
+        let r = routes(&held);
+        let Destination::Service(t) = r.resolve("10.0.0.10:80".parse().expect("addr")) else {
+            panic!("VIP not resolved");
+        };
+        assert_eq!(t.service, "demo/web");
+        let addrs: Vec<String> = t.backends.iter().map(|b| b.addr.to_string()).collect();
+        assert_eq!(
+            addrs,
+            ["10.200.0.2:8080", "10.200.0.3:8081"],
+            "an endpoint without the port is skipped"
+        );
+        assert_eq!(
+            t.backends[0].identity.clone().expect("meshed").expect("valid").as_str(),
+            "spiffe://cluster.local/ns/demo/sa/web"
+        );
+        assert!(t.backends[1].identity.is_none(), "unmeshed: plaintext");
+        // Pod IPs are known with their identity; the broken ID fails closed.
+        match r.resolve("10.200.0.4:9000".parse().expect("addr")) {
+            Destination::Pod(b) => assert!(matches!(b.identity, Some(Err(_)))),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            r.resolve("10.0.0.10:81".parse().expect("addr")),
+            Destination::Passthrough(_)
+        ));
+        assert!(matches!(
+            r.resolve("192.0.2.1:80".parse().expect("addr")),
+            Destination::Passthrough(_)
+        ));
+    }
+
+    #[test]
+    fn a_bad_resource_changes_nothing() {
+        let mut held = BTreeMap::new();
+        apply(&mut held, &resp(&[web()], &[])).expect("applies");
+        let mut bad = resp(&[web()], &["demo/web"]);
+        bad.resources[0].resource.as_mut().expect("any").value = vec![0xff, 0xff, 0xff];
+        let before = held.clone();
+        assert!(apply(&mut held, &bad).is_err());
+        assert_eq!(held, before, "neither the removal nor the update applied");
+        let mut wrong = resp(&[web()], &[]);
+        wrong.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
+        assert!(apply(&mut held, &wrong).is_err());
+        apply(&mut held, &resp(&[], &["demo/web"])).expect("removal");
+        assert!(held.is_empty());
+    }
+}

@@ -1,0 +1,140 @@
+//! The proxy's Prometheus metrics, under `mizzen_proxy_`, labelled by
+//! direction (`inbound`: peers to this pod's app; `outbound`: this pod's
+//! app to others).
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+pub type Labels = Vec<(&'static str, String)>;
+
+/// Which way a connection goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// Every metric the proxy exports; cheap to clone (shared families).
+#[derive(Debug, Clone, Default)]
+pub struct ProxyMetrics {
+    /// Connections by direction, TLS mode (`mtls`, `plaintext`) and peer
+    /// SPIFFE ID (the client's inbound, the server's outbound; empty for
+    /// plaintext).
+    connections: Family<Labels, Counter>,
+    /// Connections open now, by direction.
+    open: Family<Labels, Gauge>,
+    /// Connections refused or failed, by direction and reason.
+    refused: Family<Labels, Counter>,
+    /// TLS handshakes that failed, by direction and reason.
+    handshake_failures: Family<Labels, Counter>,
+    /// Bytes carried, by direction.
+    bytes: Family<Labels, Counter>,
+}
+
+impl ProxyMetrics {
+    /// Registers every metric in a new registry.
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("mizzen_proxy");
+        r.register(
+            "connections",
+            "Connections by direction, TLS mode and peer identity",
+            self.connections.clone(),
+        );
+        r.register(
+            "connections_open",
+            "Connections open now, by direction",
+            self.open.clone(),
+        );
+        r.register(
+            "refused",
+            "Connections refused or failed, by direction and reason",
+            self.refused.clone(),
+        );
+        r.register(
+            "handshake_failures",
+            "Failed TLS handshakes, by direction and reason",
+            self.handshake_failures.clone(),
+        );
+        r.register("bytes", "Bytes carried, by direction", self.bytes.clone());
+        r
+    }
+
+    pub fn connection(&self, d: Direction, tls: &'static str, peer: String) {
+        self.connections
+            .get_or_create(&vec![
+                ("direction", d.as_str().into()),
+                ("tls", tls.into()),
+                ("peer", peer),
+            ])
+            .inc();
+    }
+
+    pub fn refused(&self, d: Direction, reason: &'static str) {
+        self.refused
+            .get_or_create(&vec![("direction", d.as_str().into()), ("reason", reason.into())])
+            .inc();
+    }
+
+    pub fn handshake_failure(&self, d: Direction, reason: &'static str) {
+        self.handshake_failures
+            .get_or_create(&vec![("direction", d.as_str().into()), ("reason", reason.into())])
+            .inc();
+    }
+
+    pub fn bytes(&self, d: Direction, n: u64) {
+        self.bytes
+            .get_or_create(&vec![("direction", d.as_str().into())])
+            .inc_by(n);
+    }
+
+    /// Counts a connection as open until the guard drops.
+    pub fn open(&self, d: Direction) -> OpenGuard {
+        let g = self.open.get_or_create(&vec![("direction", d.as_str().into())]).clone();
+        g.inc();
+        OpenGuard(g)
+    }
+}
+
+/// Decrements the open-connections gauge when dropped.
+#[derive(Debug)]
+pub struct OpenGuard(Gauge);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A short reason for a failed handshake, from the error tokio-rustls returned.
+pub fn handshake_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<Error>()) else {
+        return match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => "peer_closed",
+            _ => "io",
+        };
+    };
+    match tls {
+        Error::NoCertificatesPresented => "no_client_cert",
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_ca",
+        Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => "expired",
+        Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => "identity_mismatch",
+        Error::InvalidCertificate(_) => "bad_certificate",
+        Error::AlertReceived(_) => "alert_received",
+        Error::PeerIncompatible(_) | Error::NoApplicationProtocol => "incompatible",
+        _ => "protocol",
+    }
+}
