@@ -13,6 +13,7 @@ declare -A PKG=(
   [setpriv]=util-linux [setsid]=util-linux [nsenter]=util-linux
   [openssl]=openssl [curl]=curl [tac]=coreutils [base64]=coreutils
   [protoc]=protobuf-compiler
+  [tcpdump]=tcpdump [tshark]=tshark [unshare]=util-linux [mount]=mount
 )
 
 missing=()

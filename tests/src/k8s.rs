@@ -20,10 +20,10 @@ pub async fn service_account(client: &kube::Client, ns: &str, name: &str) -> any
 }
 
 /// A pod bound straight to `node` (as if the scheduler had placed it);
-/// nothing runs it.
+/// nothing runs it (a test [`Node`](crate::node::Node) leaves it alone).
 pub async fn pod_on_node(client: &kube::Client, ns: &str, name: &str, sa: &str, node: &str) -> anyhow::Result<Pod> {
     let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
+        "metadata": {"name": name, "annotations": {crate::node::UNMANAGED: "true"}},
         "spec": {"serviceAccountName": sa, "nodeName": node,
                  "containers": [{"name": "app", "image": "mizzen-testapp"}]},
     }))?;

@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod k8s;
 pub mod mesh;
 pub mod netns;
+pub mod node;
 pub mod reaper;
 pub mod sds;
 pub mod tls;

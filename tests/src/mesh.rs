@@ -2,12 +2,15 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
+use serde::Deserialize;
 use tokio::sync::OnceCell;
 
 use crate::daemon::Daemon;
-use crate::{Cluster, eventually_some, free_port, k8s};
+use crate::{Cluster, eventually, eventually_some, free_port, k8s};
 
 /// The namespace Mizzen's components live in.
 pub const SYSTEM: &str = "mizzen-system";
@@ -123,4 +126,94 @@ impl Agent {
             node: node.to_owned(),
         })
     }
+}
+
+/// A running `mizzen-injector`, registered through the manifest's own
+/// MutatingWebhookConfiguration (pointed at its URL: no Service routing
+/// without kube-proxy).
+#[derive(Debug)]
+pub struct Injector {
+    pub daemon: Daemon,
+    /// The webhook's HTTPS port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl Injector {
+    /// Installs `manifests/injector.yaml`, starts `mizzen-injector serve` as
+    /// ServiceAccount `mizzen-system/mizzen-injector` with `config` (the
+    /// template YAML) and waits until it has set its webhooks' caBundle.
+    pub async fn start(cluster: &Cluster, config: &str) -> anyhow::Result<Self> {
+        let client = cluster.client().await?;
+        let port = free_port();
+        install_injector(cluster, port).await?;
+        let file = cluster.dir().join(format!("injector-config-{port}.yaml"));
+        std::fs::write(&file, config)?;
+        let kubeconfig = cluster
+            .kubeconfig_for_service_account(&client, SYSTEM, "mizzen-injector")
+            .await?;
+        let daemon = Daemon::start(
+            "mizzen-injector",
+            &kubeconfig,
+            free_port(),
+            &[
+                "serve".into(),
+                format!("--addr=127.0.0.1:{port}"),
+                "--serving-ip=127.0.0.1".into(),
+                format!("--config={}", file.display()),
+            ],
+        )
+        .await?;
+        let mwcs = Api::<MutatingWebhookConfiguration>::all(client);
+        ca_bundle_set(&mwcs, "the injector to set the webhook caBundle").await?;
+        Ok(Self { daemon, port })
+    }
+}
+
+/// Installs manifests/injector.yaml, with the webhook pointed at
+/// `https://127.0.0.1:port/inject` (no Service routing without kube-proxy).
+async fn install_injector(cluster: &Cluster, port: u16) -> anyhow::Result<()> {
+    let root = crate::cluster::repo_root();
+    cluster
+        .kubectl(["apply", "-f"])
+        .arg(root.join("manifests/namespace.yaml"))
+        .run()
+        .await?;
+    let text = std::fs::read_to_string(root.join("manifests/injector.yaml"))?;
+    let mut rest = String::new();
+    let mut webhook = None;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_json::Value::deserialize(doc)?;
+        if v["kind"] == "MutatingWebhookConfiguration" {
+            webhook = Some(v);
+        } else if !v.is_null() {
+            rest.push_str("---\n");
+            rest.push_str(&serde_yaml::to_string(&v)?);
+        }
+    }
+    cluster.kubectl(["apply", "-f", "-"]).stdin(rest).run().await?;
+    let mut webhook = webhook.context("the manifest has a MutatingWebhookConfiguration")?;
+    for hook in webhook["webhooks"].as_array_mut().context("webhooks")? {
+        hook["clientConfig"] = serde_json::json!({"url": format!("https://127.0.0.1:{port}/inject")});
+    }
+    cluster
+        .kubectl(["apply", "-f", "-"])
+        .stdin(serde_json::to_string(&webhook)?)
+        .run()
+        .await?;
+    Ok(())
+}
+
+/// Waits until every webhook of `mizzen-injector` has a caBundle.
+pub async fn ca_bundle_set(mwcs: &Api<MutatingWebhookConfiguration>, what: &str) -> anyhow::Result<()> {
+    eventually(Duration::from_secs(60), what, || {
+        let mwcs = mwcs.clone();
+        async move {
+            let m = mwcs.get("mizzen-injector").await?;
+            Ok(m.webhooks
+                .iter()
+                .flatten()
+                .all(|w| w.client_config.ca_bundle.as_ref().is_some_and(|b| !b.0.is_empty())))
+        }
+    })
+    .await
 }

@@ -9,48 +9,13 @@ use anyhow::{Context, bail};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
-use mizzen_tests::daemon::{Daemon, metric};
+use mizzen_tests::daemon::metric;
 use mizzen_tests::k8s::secret_value;
-use mizzen_tests::mesh::SYSTEM;
-use mizzen_tests::{Cluster, eventually, eventually_some, free_port};
-use serde::Deserialize;
+use mizzen_tests::mesh::{Injector, SYSTEM, ca_bundle_set};
+use mizzen_tests::{Cluster, eventually, eventually_some};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const IMAGE: &str = "mizzen-proxy:e2e";
-
-/// Installs manifests/injector.yaml, with the webhook pointed at
-/// `https://127.0.0.1:port/inject` (no Service routing without kube-proxy).
-async fn install(cluster: &Cluster, port: u16) -> anyhow::Result<()> {
-    let root = mizzen_tests::cluster::repo_root();
-    cluster
-        .kubectl(["apply", "-f"])
-        .arg(root.join("manifests/namespace.yaml"))
-        .run()
-        .await?;
-    let text = std::fs::read_to_string(root.join("manifests/injector.yaml"))?;
-    let mut rest = String::new();
-    let mut webhook = None;
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v = serde_json::Value::deserialize(doc)?;
-        if v["kind"] == "MutatingWebhookConfiguration" {
-            webhook = Some(v);
-        } else if !v.is_null() {
-            rest.push_str("---\n");
-            rest.push_str(&serde_yaml::to_string(&v)?);
-        }
-    }
-    cluster.kubectl(["apply", "-f", "-"]).stdin(rest).run().await?;
-    let mut webhook = webhook.context("the manifest has a MutatingWebhookConfiguration")?;
-    for hook in webhook["webhooks"].as_array_mut().context("webhooks")? {
-        hook["clientConfig"] = serde_json::json!({"url": format!("https://127.0.0.1:{port}/inject")});
-    }
-    cluster
-        .kubectl(["apply", "-f", "-"])
-        .stdin(serde_json::to_string(&webhook)?)
-        .run()
-        .await?;
-    Ok(())
-}
 
 fn names(containers: Option<&Vec<k8s_openapi::api::core::v1::Container>>) -> Vec<String> {
     containers.into_iter().flatten().map(|c| c.name.clone()).collect()
@@ -110,49 +75,12 @@ fn assert_untouched(pod: &Pod) {
     );
 }
 
-/// Waits until every webhook of `mizzen-injector` has a caBundle.
-async fn ca_bundle_set(mwcs: &Api<MutatingWebhookConfiguration>, what: &str) -> anyhow::Result<()> {
-    eventually(TIMEOUT, what, || {
-        let mwcs = mwcs.clone();
-        async move {
-            let m = mwcs.get("mizzen-injector").await?;
-            Ok(m.webhooks
-                .iter()
-                .flatten()
-                .all(|w| w.client_config.ca_bundle.as_ref().is_some_and(|b| !b.0.is_empty())))
-        }
-    })
-    .await
-}
-
 #[tokio::test]
 async fn labelled_namespace_pods_are_injected_exactly() -> anyhow::Result<()> {
     let cluster = Cluster::get();
     let client = cluster.client().await?;
-    let port = free_port();
-    install(cluster, port).await?;
-
-    let config = cluster.dir().join("injector-config.yaml");
-    std::fs::write(&config, format!("proxyImage: {IMAGE}\n"))?;
-    let kubeconfig = cluster
-        .kubeconfig_for_service_account(&client, SYSTEM, "mizzen-injector")
-        .await?;
-    let injector = Daemon::start(
-        "mizzen-injector",
-        &kubeconfig,
-        free_port(),
-        &[
-            "serve".into(),
-            format!("--addr=127.0.0.1:{port}"),
-            "--serving-ip=127.0.0.1".into(),
-            format!("--config={}", config.display()),
-        ],
-    )
-    .await?;
-
-    // The injector fills in its webhook's caBundle by itself.
+    let injector = Injector::start(cluster, &format!("proxyImage: {IMAGE}\n")).await?;
     let mwcs = Api::<MutatingWebhookConfiguration>::all(client.clone());
-    ca_bundle_set(&mwcs, "the injector to set the webhook caBundle").await?;
 
     let ns = cluster.namespace(&client, "demo", &[]).await?;
     cluster
@@ -319,7 +247,7 @@ spec:
         .await?;
     assert_injected(&stored, &[], &["app"]);
 
-    let text = injector.metrics().await?;
+    let text = injector.daemon.metrics().await?;
     assert!(
         metric(&text, "mizzen_injector_requests_total{result=\"injected\"}") >= 4.0,
         "{text}"
@@ -354,7 +282,7 @@ spec:
                 .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
                 .arg(&ca_file)
                 .args(["-H", "content-type: application/json", "--data-binary", &body])
-                .arg(format!("https://127.0.0.1:{port}/inject"))
+                .arg(format!("https://127.0.0.1:{}/inject", injector.port))
                 .output()
                 .await?;
             Ok::<_, anyhow::Error>(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -375,8 +303,8 @@ spec:
         "200",
         "answered with a refusal"
     );
-    if injector.log_text().contains("panicked") {
-        bail!("the injector panicked:\n{}", injector.log_text());
+    if injector.daemon.log_text().contains("panicked") {
+        bail!("the injector panicked:\n{}", injector.daemon.log_text());
     }
     Ok(())
 }

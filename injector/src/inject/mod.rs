@@ -48,6 +48,9 @@ pub const ANN_PROXY_MEMORY: &str = "mizzen.dev/proxy-memory";
 pub const ANN_PROXY_CPU_LIMIT: &str = "mizzen.dev/proxy-cpu-limit";
 pub const ANN_PROXY_MEMORY_LIMIT: &str = "mizzen.dev/proxy-memory-limit";
 pub const ANN_LOG_LEVEL: &str = "mizzen.dev/log-level";
+/// `strict` or `permissive` (the default): whether the proxy accepts
+/// plaintext inbound. A per-pod setting until PeerAuthentication drives it.
+pub const ANN_MTLS_MODE: &str = "mizzen.dev/mtls-mode";
 
 /// Why a pod is left alone. Not an error: the pod is admitted unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -152,6 +155,7 @@ struct Effective {
     cpu_limit: String,
     memory_limit: String,
     log_level: String,
+    mtls_mode: Option<String>,
 }
 
 fn ann_err(name: &'static str, value: &str, reason: impl Into<String>) -> InjectError {
@@ -227,6 +231,7 @@ fn effective(pod: &Pod, cfg: &InjectConfig) -> Result<Effective, InjectError> {
         cpu_limit: cfg.proxy_cpu_limit.clone(),
         memory_limit: cfg.proxy_memory_limit.clone(),
         log_level: cfg.log_level.clone(),
+        mtls_mode: None,
     };
     if let Some(v) = get(ANN_EXCLUDE_INBOUND_PORTS) {
         e.exclude_inbound_ports
@@ -263,6 +268,12 @@ fn effective(pod: &Pod, cfg: &InjectConfig) -> Result<Effective, InjectError> {
             return Err(ann_err(ANN_LOG_LEVEL, v, "use trace, debug, info, warn or error"));
         }
         e.log_level = v.to_owned();
+    }
+    if let Some(v) = get(ANN_MTLS_MODE) {
+        if !matches!(v, "strict" | "permissive") {
+            return Err(ann_err(ANN_MTLS_MODE, v, "use strict or permissive"));
+        }
+        e.mtls_mode = Some(v.to_owned());
     }
     e.exclude_inbound_ports.sort_unstable();
     e.exclude_inbound_ports.dedup();
@@ -423,6 +434,13 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
             ..Default::default()
         },
     ];
+    if let Some(mode) = &e.mtls_mode {
+        env.push(EnvVar {
+            name: "MIZZEN_MTLS_MODE".into(),
+            value: Some(mode.clone()),
+            ..Default::default()
+        });
+    }
     if !probes.is_empty() {
         env.push(EnvVar {
             name: APP_PROBES_ENV.into(),

@@ -245,6 +245,26 @@ fn annotations_customise_and_bad_values_name_the_annotation() {
         .expect("r");
     assert_eq!(res.requests.expect("req")["memory"], Quantity("64Mi".into()));
 
+    let out = mutate(&with(ANN_MTLS_MODE, "strict"), &InjectConfig::default(), true).expect("ok");
+    let env = out.spec.as_ref().expect("s").init_containers.as_ref().expect("i")[1]
+        .env
+        .clone()
+        .expect("env");
+    assert!(
+        env.iter()
+            .any(|e| e.name == "MIZZEN_MTLS_MODE" && e.value.as_deref() == Some("strict")),
+        "{env:?}"
+    );
+    let out = mutate(&app(), &InjectConfig::default(), true).expect("ok");
+    let env = out.spec.as_ref().expect("s").init_containers.as_ref().expect("i")[1]
+        .env
+        .clone()
+        .expect("env");
+    assert!(
+        !env.iter().any(|e| e.name == "MIZZEN_MTLS_MODE"),
+        "default: the proxy's own (permissive)"
+    );
+
     for (name, value) in [
         (ANN_EXCLUDE_INBOUND_PORTS, "80,http"),
         (ANN_EXCLUDE_INBOUND_PORTS, "0"),
@@ -256,6 +276,7 @@ fn annotations_customise_and_bad_values_name_the_annotation() {
         (ANN_PROXY_MEMORY, "12XB"),
         (ANN_PROXY_IMAGE, "two words"),
         (ANN_LOG_LEVEL, "verbose"),
+        (ANN_MTLS_MODE, "STRICTER"),
     ] {
         match mutate(&with(name, value), &InjectConfig::default(), true) {
             Err(InjectError::Annotation { name: n, .. }) => assert_eq!(n, name, "{value}"),

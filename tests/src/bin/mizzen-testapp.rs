@@ -7,6 +7,11 @@
 //!                                     which shows a REDIRECT's target port)
 //! mizzen-testapp connect ADDR TEXT    send TEXT as one line to ADDR, print the reply
 //! mizzen-testapp whoami               print "uid=<uid> gid=<gid>"
+//! mizzen-testapp load ADDR SECS MS     for SECS seconds, every MS milliseconds,
+//!                                     send a numbered line on a new connection
+//!                                     and on one kept-open connection, and
+//!                                     check each reply; print
+//!                                     "ok=<n> failed=<n>", exit 1 on a failure
 //! ```
 //! The echo server prints `listening <addr>` on stdout once it is bound.
 
@@ -73,18 +78,67 @@ fn connect(addr: &str, text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Sends `text` on `conn` and checks the echo server's reply ends with it.
+fn exchange(conn: &mut BufReader<TcpStream>, text: &str) -> Result<(), String> {
+    writeln!(conn.get_mut(), "{text}").map_err(|e| format!("write: {e}"))?;
+    let mut reply = String::new();
+    conn.read_line(&mut reply).map_err(|e| format!("read: {e}"))?;
+    if !reply.trim_end().ends_with(text) {
+        return Err(format!("reply {reply:?} does not echo {text:?}"));
+    }
+    Ok(())
+}
+
+fn open(addr: &str) -> Result<BufReader<TcpStream>, String> {
+    let sock = addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?;
+    let conn = TcpStream::connect_timeout(&sock, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    Ok(BufReader::new(conn))
+}
+
+fn load(addr: &str, secs: &str, ms: &str) -> Result<(), String> {
+    let secs: u64 = secs.parse().map_err(|_| format!("bad seconds {secs:?}"))?;
+    let ms: u64 = ms.parse().map_err(|_| format!("bad interval {ms:?}"))?;
+    let end = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut kept = open(addr)?;
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut n = 0u64;
+    while std::time::Instant::now() < end {
+        n += 1;
+        let fresh = open(addr).and_then(|mut c| exchange(&mut c, &format!("new-{n}")));
+        let long = exchange(&mut kept, &format!("kept-{n}"));
+        for r in [fresh, long] {
+            match r {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("request {n}: {e}");
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    println!("ok={ok} failed={failed}");
+    if failed > 0 {
+        return Err(format!("{failed} of {} requests failed", ok + failed));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let res = match args.as_slice() {
         ["echo-server", addr] => echo_server(addr),
         ["connect", addr, text] => connect(addr, text),
+        ["load", addr, secs, ms] => load(addr, secs, ms),
         ["whoami"] => {
             let (uid, gid) = ids();
             println!("uid={uid} gid={gid}");
             Ok(())
         }
-        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami".into()),
+        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami | load ADDR SECS MS".into()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
