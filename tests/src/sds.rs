@@ -139,3 +139,19 @@ pub fn request(names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
         ..Default::default()
     }
 }
+
+/// The Python interpreter of the venv `scripts/deps.sh` sets up with grpcio
+/// and Envoy's published protos (xds-protos): the independent gRPC client.
+pub fn python() -> anyhow::Result<std::path::PathBuf> {
+    let cache = std::env::var("MIZZEN_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/mizzen"));
+    let py = cache.join("py/bin/python");
+    if !py.exists() {
+        anyhow::bail!(
+            "{} is missing: run scripts/deps.sh (it installs grpcio and xds-protos)",
+            py.display()
+        );
+    }
+    Ok(py)
+}

@@ -81,26 +81,12 @@ async fn next_certificate(stream: &mut SdsStream, old: Option<&str>) -> anyhow::
     }
 }
 
-fn python_client() -> anyhow::Result<std::path::PathBuf> {
-    let cache = std::env::var("MIZZEN_CACHE")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/mizzen"));
-    let py = cache.join("py/bin/python");
-    if !py.exists() {
-        bail!(
-            "{} is missing: run scripts/deps.sh (it installs grpcio and xds-protos)",
-            py.display()
-        );
-    }
-    Ok(py)
-}
-
 /// The independent client's FetchSecrets, as JSON.
 async fn python_fetch(socket: &Path, token: &str, dir: &Path) -> anyhow::Result<serde_json::Value> {
     let token_file = dir.join(format!("py-token-{}", mizzen_tests::free_port()));
     std::fs::write(&token_file, token)?;
     let script = mizzen_tests::cluster::repo_root().join("tests/sds_client.py");
-    let out = tokio::process::Command::new(python_client()?)
+    let out = tokio::process::Command::new(mizzen_tests::sds::python()?)
         .arg(script)
         .arg(socket)
         .arg(&token_file)
