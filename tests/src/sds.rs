@@ -155,3 +155,21 @@ pub fn python() -> anyhow::Result<std::path::PathBuf> {
     }
     Ok(py)
 }
+
+/// Fetches `token`'s SVID from the agent at `socket`, as a proxy would, and
+/// writes `chain.pem`, `key.pem` and `root.pem` into `dir` for openssl.
+pub async fn svid_files(socket: &Path, token: &str, dir: &Path) -> anyhow::Result<()> {
+    let mut stream = SdsStream::open(socket, token, &["default", "ROOTCA"]).await?;
+    let (mut chain, mut key, mut root) = (None, None, None);
+    while chain.is_none() || root.is_none() {
+        let s = decode(&tokio::time::timeout(std::time::Duration::from_secs(60), stream.next()).await??)?;
+        if let Some((c, k)) = s.certificate {
+            (chain, key) = (Some(c), Some(k));
+        }
+        root = s.roots.or(root);
+    }
+    std::fs::write(dir.join("chain.pem"), chain.context("chain")?)?;
+    std::fs::write(dir.join("key.pem"), key.context("key")?)?;
+    std::fs::write(dir.join("root.pem"), root.context("root")?)?;
+    Ok(())
+}

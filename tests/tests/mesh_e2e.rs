@@ -116,17 +116,19 @@ async fn service_traffic_is_mutual_tls_with_rotation_and_modes() -> anyhow::Resu
     let target = format!("{}:80", vips[0]);
     let strict_target = format!("{}:80", vips[1]);
 
-    create_pod(
-        &client,
-        &ns,
-        app_pod(
-            "server",
-            "server",
-            serde_json::json!({"app": "server"}),
-            serde_json::json!({}),
-        ),
-    )
-    .await?;
+    for name in ["server", "server-2"] {
+        create_pod(
+            &client,
+            &ns,
+            app_pod(
+                name,
+                "server",
+                serde_json::json!({"app": "server"}),
+                serde_json::json!({}),
+            ),
+        )
+        .await?;
+    }
     create_pod(
         &client,
         &ns,
@@ -148,7 +150,7 @@ async fn service_traffic_is_mutual_tls_with_rotation_and_modes() -> anyhow::Resu
         }),
     )
     .await?;
-    for name in ["server", "server-strict", "client"] {
+    for name in ["server", "server-2", "server-strict", "client"] {
         let pod = wait_ready(&client, &ns, name, TIMEOUT).await?;
         let spec = pod.spec.context("spec")?;
         let inits: Vec<&str> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
@@ -180,15 +182,34 @@ async fn service_traffic_is_mutual_tls_with_rotation_and_modes() -> anyhow::Resu
         "{reply}"
     );
 
-    // On the wire between the pods: TLS 1.3 with ALPN mizzen, no plaintext.
-    let (server_netns, _) = node.pod(&ns, "server")?;
-    let capture = cluster.dir().join(format!("{ns}-server.pcap"));
+    // Connections to the VIP spread over both replicas.
+    let (_, server2_ip) = node.pod(&ns, "server-2")?;
+    let want: std::collections::BTreeSet<String> = [format!("{server_ip}:8080"), format!("{server2_ip}:8080")]
+        .into_iter()
+        .collect();
+    let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    eventually(TIMEOUT, "both replicas to serve the VIP", || {
+        let (node, ns, target, seen, want) = (&node, &ns, &target, &seen, &want);
+        async move {
+            let reply = client_app(node, ns, &["connect", target, "spread"]).await?;
+            let local = reply.split_whitespace().nth(2).context("local address")?.to_owned();
+            let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.insert(local);
+            Ok(*seen == *want)
+        }
+    })
+    .await?;
+
+    // On the wire between the pods (captured on the client's interface,
+    // whichever replica answers): TLS 1.3 with ALPN mizzen, no plaintext.
+    let (capture_netns, _) = node.pod(&ns, "client")?;
+    let capture = cluster.dir().join(format!("{ns}-client.pcap"));
     let tcpdump_log = cluster.dir().join(format!("{ns}-tcpdump.log"));
     let mut tcpdump = tokio::process::Command::new("ip")
         .args([
             "netns",
             "exec",
-            &server_netns,
+            &capture_netns,
             "tcpdump",
             "-i",
             "eth0",
@@ -349,16 +370,112 @@ async fn service_traffic_is_mutual_tls_with_rotation_and_modes() -> anyhow::Resu
         "{text}"
     );
 
-    // Deleting the only server pod stops it and removes its endpoint: the
-    // client then gets a prompt refusal, not a hang.
-    eventually(TIMEOUT, "the server pod to be deleted", || {
-        let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns);
+    // Secure naming: discovery says an endpoint is the server pod (SPIFFE ID
+    // of ServiceAccount "server"), but at its address an openssl s_server
+    // answers. With the server's SVID the client's proxy talks to it; with
+    // another valid mesh SVID (the client's own) the handshake is refused
+    // before any app data is sent.
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns);
+    let slices = Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::namespaced(client.clone(), &ns);
+    let mut naming_vips = Vec::new();
+    for (name, port) in [("genuine", 8443), ("impostor", 8444)] {
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name}, "spec": {"ports": [{"name": "tls", "port": 443}]},
+        }))?;
+        let vip = services
+            .create(&PostParams::default(), &svc)
+            .await?
+            .spec
+            .and_then(|s| s.cluster_ip)
+            .context("vip")?;
+        let slice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("{name}-1"), "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "ports": [{"name": "tls", "port": port, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [outsider.ip().to_string()], "conditions": {"ready": true},
+                           "targetRef": {"kind": "Pod", "namespace": ns, "name": "server"}}],
+        }))?;
+        slices.create(&PostParams::default(), &slice).await?;
+        naming_vips.push(format!("{vip}:443"));
+    }
+    let mut s_servers = Vec::new();
+    for (pod_name, sa, port) in [("server", "server", "8443"), ("client", "client", "8444")] {
+        let dir = cluster.dir().join(format!("{ns}-svid-{sa}"));
+        std::fs::create_dir_all(&dir)?;
+        let pod = pods.get(pod_name).await?;
+        let token = mizzen_tests::k8s::token(&client, &ns, sa, Some(&pod), "mizzen-ca").await?;
+        mizzen_tests::sds::svid_files(&agent.socket, &token, &dir).await?;
+        let log = std::fs::File::create(dir.join("s_server.log"))?;
+        s_servers.push(
+            outsider
+                .command("openssl")
+                .args([
+                    "s_server", "-accept", port, "-tls1_3", "-alpn", "mizzen", "-rev", "-quiet",
+                ])
+                .args(["-cert", "chain.pem", "-cert_chain", "chain.pem", "-key", "key.pem"])
+                .args(["-CAfile", "root.pem", "-Verify", "1", "-verify_return_error"])
+                .current_dir(&dir)
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .stdin(std::process::Stdio::piped())
+                .spawn()?,
+        );
+    }
+    let reply = eventually_some(TIMEOUT, "the genuine server to answer over mTLS", || {
+        let (node, ns, dst) = (&node, &ns, &naming_vips[0]);
+        async move { Ok(Some(client_app(node, ns, &["connect", dst, "genuine"]).await?)) }
+    })
+    .await?;
+    assert!(reply.contains("eniuneg"), "openssl s_server reversed our line: {reply}");
+    eventually(TIMEOUT, "the impostor to be refused for its identity", || {
+        let (node, ns, dst) = (&node, &ns, &naming_vips[1]);
         async move {
-            let _ = pods.delete("server", &Default::default()).await;
-            Ok(pods.get_opt("server").await?.is_none())
+            let refused = client_app(node, ns, &["connect", dst, "secret-for-the-server"])
+                .await
+                .is_err();
+            let (_, text) = http_get(&format!("http://{client_ip}:15020/metrics")).await?;
+            Ok(refused
+                && metric(
+                    &text,
+                    "mizzen_proxy_handshake_failures_total{direction=\"outbound\",reason=\"identity_mismatch\"}",
+                ) >= 1.0)
         }
     })
     .await?;
+    let client_log = std::fs::read_to_string(Node::log(cluster, &ns, "client", "mizzen-proxy"))?;
+    assert!(
+        client_log.contains("presented the wrong identity") && client_log.contains(&client_id),
+        "the client's proxy names the identity it was shown"
+    );
+    drop(s_servers);
+
+    // Deleting a replica stops it and removes its endpoint: traffic goes to
+    // the other one. With none left, the client gets a prompt refusal.
+    let delete = |name: &'static str| {
+        let pods = pods.clone();
+        eventually(TIMEOUT, "the pod to be deleted", move || {
+            let pods = pods.clone();
+            async move {
+                let _ = pods.delete(name, &Default::default()).await;
+                Ok(pods.get_opt(name).await?.is_none())
+            }
+        })
+    };
+    delete("server").await?;
+    eventually(TIMEOUT, "ten requests in a row to reach the remaining replica", || {
+        let (node, ns, target) = (&node, &ns, &target);
+        async move {
+            for i in 0..10 {
+                let reply = client_app(node, ns, &["connect", target, &format!("after-{i}")]).await?;
+                if !reply.contains(&format!("{server2_ip}:8080")) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
+    })
+    .await?;
+    delete("server-2").await?;
     eventually(
         TIMEOUT,
         "connections to the VIP without endpoints to be refused",

@@ -11,7 +11,6 @@ use anyhow::Context;
 use mizzen_tests::daemon::{http_get, metric};
 use mizzen_tests::k8s::{pod_on_node, service_account, token};
 use mizzen_tests::mesh::{Agent, Ca, install_manifests};
-use mizzen_tests::sds::{SdsStream, decode};
 use mizzen_tests::{Cluster, NetnsPod, eventually, workspace_bin};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -19,24 +18,6 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn testapp() -> &'static str {
     env!("CARGO_BIN_EXE_mizzen-testapp")
-}
-
-/// Fetches `token`'s SVID from the agent at `socket`, as a proxy would, and
-/// writes `chain.pem`, `key.pem` and `root.pem` into `dir` for openssl.
-async fn svid_files(socket: &Path, token: &str, dir: &Path) -> anyhow::Result<()> {
-    let mut stream = SdsStream::open(socket, token, &["default", "ROOTCA"]).await?;
-    let (mut chain, mut key, mut root) = (None, None, None);
-    while chain.is_none() || root.is_none() {
-        let s = decode(&tokio::time::timeout(TIMEOUT, stream.next()).await??)?;
-        if let Some((c, k)) = s.certificate {
-            (chain, key) = (Some(c), Some(k));
-        }
-        root = s.roots.or(root);
-    }
-    std::fs::write(dir.join("chain.pem"), chain.context("chain")?)?;
-    std::fs::write(dir.join("key.pem"), key.context("key")?)?;
-    std::fs::write(dir.join("root.pem"), root.context("root")?)?;
-    Ok(())
 }
 
 /// What both tests need around a proxy: a namespace with a `server` pod on
@@ -71,7 +52,7 @@ async fn workloads(
         token(&client, &ns, "server", Some(&server_pod), "mizzen-ca").await?,
     )?;
     let client_token = token(&client, &ns, "client", Some(&client_pod), "mizzen-ca").await?;
-    svid_files(&client_agent.socket, &client_token, &dir).await?;
+    mizzen_tests::sds::svid_files(&client_agent.socket, &client_token, &dir).await?;
     Ok(Workloads { ns, dir, server_token })
 }
 
