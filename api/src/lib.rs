@@ -21,12 +21,15 @@
 //! This crate holds data types and their validation only: no I/O, no clients.
 
 pub mod mesh;
+#[cfg(feature = "k8s")]
 pub mod policy;
 pub mod proto;
 pub mod runtime;
 pub mod spiffe;
 pub mod tls;
+#[cfg(feature = "k8s")]
 pub mod tokenreview;
 
+#[cfg(feature = "k8s")]
 pub use policy::{AuthorizationPolicy, PeerAuthentication};
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};

@@ -37,6 +37,9 @@ use tokio::task::JoinHandle;
 
 use crate::{Cluster, NetnsPod};
 
+/// Raises the open-files limit to the hard limit, as container runtimes do.
+const NOFILE: &str = "ulimit -n \"$(ulimit -Hn)\"";
+
 /// Annotation of pods that exist only for their identity (tokens bound to
 /// them): the test node does not run them.
 pub const UNMANAGED: &str = "test.mizzen.dev/unmanaged";
@@ -89,6 +92,7 @@ pub struct Node {
     heartbeat: JoinHandle<()>,
     pods: Arc<Mutex<HashMap<String, JoinHandle<()>>>>,
     netns: Arc<Mutex<HashMap<String, (String, std::net::Ipv4Addr)>>>,
+    pids: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -116,6 +120,8 @@ struct Context_ {
     dir: PathBuf,
     /// `<namespace>/<pod>` → network namespace and pod IP.
     netns: Arc<Mutex<HashMap<String, (String, std::net::Ipv4Addr)>>>,
+    /// `<namespace>/<pod>/<container>` → process ID.
+    pids: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 impl Node {
@@ -132,8 +138,10 @@ impl Node {
         cluster.register_node(&client, name).await?;
         let heartbeat = tokio::spawn(heartbeat(client.clone(), name.to_owned()));
         let netns: Arc<Mutex<HashMap<String, (String, std::net::Ipv4Addr)>>> = Arc::default();
+        let pids: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
         let ctx = Arc::new(Context_ {
             netns: netns.clone(),
+            pids: pids.clone(),
             client: client.clone(),
             node: name.to_owned(),
             images,
@@ -172,6 +180,7 @@ impl Node {
             heartbeat,
             pods,
             netns,
+            pids,
         })
     }
 
@@ -186,13 +195,25 @@ impl Node {
     ) -> anyhow::Result<tokio::process::Command> {
         let (netns, _) = self.pod(ns, name)?;
         let mut cmd = tokio::process::Command::new("ip");
-        cmd.args(["netns", "exec", &netns, "setpriv"])
-            .arg(format!("--reuid={uid}"))
-            .arg(format!("--regid={uid}"))
-            .args(["--clear-groups", "--inh-caps=-all", "--"])
+        // A container's open-files limit, as container runtimes set it.
+        cmd.args(["netns", "exec", &netns, "sh", "-c"])
+            .arg(format!(
+                "{NOFILE} && exec setpriv --reuid={uid} --regid={uid} --clear-groups --inh-caps=-all -- \"$@\""
+            ))
+            .arg("sh")
             .arg(program)
             .kill_on_drop(true);
         Ok(cmd)
+    }
+
+    /// The process ID of `container` in pod `ns/name`, while it runs here.
+    pub fn pid(&self, ns: &str, name: &str, container: &str) -> anyhow::Result<u32> {
+        self.pids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&format!("{ns}/{name}/{container}"))
+            .copied()
+            .with_context(|| format!("no process for {ns}/{name}/{container}"))
     }
 
     /// Pod `ns/name`'s network namespace and IP, while it runs here.
@@ -344,9 +365,11 @@ async fn pod_lifecycle(ctx: &Context_, api: &Api<Pod>, pod: Pod) -> anyhow::Resu
     for c in spec.init_containers.iter().flatten() {
         let mut cmd = container_command(ctx, &net, c, &volumes, &fields, pod_user, pod_group, &dir)?;
         if c.restart_policy.as_deref() == Some("Always") {
+            let child = cmd.spawn().with_context(|| format!("start sidecar {}", c.name))?;
+            record_pid(ctx, &key, &c.name, &child);
             running.push(Running {
                 name: c.name.clone(),
-                child: cmd.spawn().with_context(|| format!("start sidecar {}", c.name))?,
+                child,
                 readiness: c.readiness_probe.clone(),
                 ports: ports(c),
             });
@@ -366,9 +389,11 @@ async fn pod_lifecycle(ctx: &Context_, api: &Api<Pod>, pod: Pod) -> anyhow::Resu
     }
     for c in &spec.containers {
         let mut cmd = container_command(ctx, &net, c, &volumes, &fields, pod_user, pod_group, &dir)?;
+        let child = cmd.spawn().with_context(|| format!("start container {}", c.name))?;
+        record_pid(ctx, &key, &c.name, &child);
         running.push(Running {
             name: c.name.clone(),
-            child: cmd.spawn().with_context(|| format!("start container {}", c.name))?,
+            child,
             readiness: c.readiness_probe.clone(),
             ports: ports(c),
         });
@@ -426,6 +451,10 @@ async fn pod_lifecycle(ctx: &Context_, api: &Api<Pod>, pod: Pod) -> anyhow::Resu
                 .clamp(0, 10);
             stop(&mut running, Duration::from_secs(grace as u64)).await;
             ctx.netns.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+            ctx.pids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|k, _| !k.starts_with(&format!("{key}/")));
             drop(net);
             if current.is_some() {
                 let _ = pods
@@ -465,6 +494,15 @@ async fn pod_lifecycle(ctx: &Context_, api: &Api<Pod>, pod: Pod) -> anyhow::Resu
             last_ready = Some(ready);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn record_pid(ctx: &Context_, pod: &str, container: &str, child: &tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        ctx.pids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(format!("{pod}/{container}"), pid);
     }
 }
 
@@ -652,7 +690,7 @@ fn exec_in(
     let sc = c.security_context.as_ref();
     let uid = sc.and_then(|s| s.run_as_user).or(pod_user).unwrap_or(0);
     let gid = sc.and_then(|s| s.run_as_group).or(pod_group).unwrap_or(uid);
-    let mut script = String::from("set -e\n");
+    let mut script = format!("set -e\n{NOFILE}\n");
     for m in c.volume_mounts.iter().flatten() {
         let src = volumes
             .get(&m.name)

@@ -12,8 +12,19 @@
 //!                                     and on one kept-open connection, and
 //!                                     check each reply; print
 //!                                     "ok=<n> failed=<n>", exit 1 on a failure
+//! mizzen-testapp http-server ADDR     HTTP/1.1 keep-alive server: answers every
+//!                                     request with a 1 KiB body
+//! mizzen-testapp http-load ADDR RATE SECS CONNS
+//!                                     POST 1 KiB bodies over CONNS keep-alive
+//!                                     connections, RATE requests/s in all (0:
+//!                                     as fast as possible), for SECS seconds;
+//!                                     prints one JSON line with the count,
+//!                                     errors and latency percentiles (µs,
+//!                                     from each request's scheduled time)
+//! mizzen-testapp hold ADDR N SECS     open N connections, print "open <n>",
+//!                                     keep them for SECS seconds
 //! ```
-//! The echo server prints `listening <addr>` on stdout once it is bound.
+//! The servers print `listening <addr>` on stdout once it is bound.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -126,6 +137,172 @@ fn load(addr: &str, secs: &str, ms: &str) -> Result<(), String> {
     Ok(())
 }
 
+const BODY: usize = 1024;
+
+/// Reads one HTTP/1.1 message's head and its Content-Length body; `None`
+/// at a clean end of stream.
+fn read_message(conn: &mut BufReader<TcpStream>, body: &mut Vec<u8>) -> Result<Option<String>, String> {
+    use std::io::Read;
+    let mut head = String::new();
+    let mut first = String::new();
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        let n = conn.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return if head.is_empty() { Ok(None) } else { Err("connection closed mid-message".into()) };
+        }
+        if first.is_empty() {
+            first = line.trim_end().to_owned();
+        }
+        head.push_str(&line);
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().map_err(|_| format!("bad content-length {v:?}"))?;
+        }
+        if line == "\r\n" || line == "\n" {
+            break;
+        }
+    }
+    body.resize(length, 0);
+    conn.read_exact(body).map_err(|e| format!("read body: {e}"))?;
+    Ok(Some(first))
+}
+
+fn http_server(addr: &str) -> Result<(), String> {
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    println!("listening {}", listener.local_addr().map_err(|e| e.to_string())?);
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut response = format!("HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {BODY}\r\n\r\n").into_bytes();
+    response.extend(std::iter::repeat_n(b'r', BODY));
+    let response = std::sync::Arc::new(response);
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let response = response.clone();
+        std::thread::spawn(move || {
+            let _ = conn.set_nodelay(true);
+            let Ok(mut writer) = conn.try_clone() else { return };
+            let mut reader = BufReader::new(conn);
+            let mut body = Vec::with_capacity(BODY);
+            while let Ok(Some(_)) = read_message(&mut reader, &mut body) {
+                if writer.write_all(&response).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn http_load(addr: &str, rate: &str, secs: &str, conns: &str) -> Result<(), String> {
+    let rate: f64 = rate.parse().map_err(|_| format!("bad rate {rate:?}"))?;
+    let secs: f64 = secs.parse().map_err(|_| format!("bad seconds {secs:?}"))?;
+    let conns: usize = conns.parse().map_err(|_| format!("bad connection count {conns:?}"))?;
+    let sock: std::net::SocketAddr = addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?;
+    let mut request = format!("POST /echo HTTP/1.1\r\nhost: bench\r\ncontent-length: {BODY}\r\n\r\n").into_bytes();
+    request.extend(std::iter::repeat_n(b'q', BODY));
+    let request = std::sync::Arc::new(request);
+    let start = std::time::Instant::now() + Duration::from_millis(100);
+    let end = start + Duration::from_secs_f64(secs);
+    let workers: Vec<_> = (0..conns)
+        .map(|i| {
+            let request = request.clone();
+            std::thread::spawn(move || -> (Vec<u64>, u64) {
+                let mut latencies = Vec::new();
+                let mut errors = 0u64;
+                let connect = || -> Result<BufReader<TcpStream>, String> {
+                    let c = TcpStream::connect_timeout(&sock, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+                    let _ = c.set_nodelay(true);
+                    c.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+                    Ok(BufReader::new(c))
+                };
+                let mut conn = match connect() {
+                    Ok(c) => Some(c),
+                    Err(_) => None,
+                };
+                // Fixed rate: this connection's share, offset so the
+                // connections interleave.
+                let interval = (rate > 0.0).then(|| Duration::from_secs_f64(conns as f64 / rate));
+                let mut next = start + interval.map(|d| d.mul_f64(i as f64 / conns as f64)).unwrap_or_default();
+                let mut body = Vec::with_capacity(BODY);
+                while next < end {
+                    let now = std::time::Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    }
+                    let scheduled = if interval.is_some() { next } else { std::time::Instant::now() };
+                    let result = match conn.as_mut() {
+                        Some(c) => c
+                            .get_mut()
+                            .write_all(&request)
+                            .map_err(|e| e.to_string())
+                            .and_then(|()| read_message(c, &mut body))
+                            .and_then(|m| match m {
+                                Some(status) if status.starts_with("HTTP/1.1 200") && body.len() == BODY => Ok(()),
+                                other => Err(format!("bad response {other:?}")),
+                            }),
+                        None => Err("not connected".into()),
+                    };
+                    match result {
+                        Ok(()) => latencies.push(scheduled.elapsed().as_micros() as u64),
+                        Err(_) => {
+                            errors += 1;
+                            conn = connect().ok();
+                        }
+                    }
+                    next = match interval {
+                        Some(d) => next + d,
+                        None => std::time::Instant::now(),
+                    };
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for w in workers {
+        let (l, e) = w.join().map_err(|_| "worker panicked".to_string())?;
+        all.extend(l);
+        errors += e;
+    }
+    all.sort_unstable();
+    let elapsed = secs;
+    println!(
+        "{{\"requests\":{},\"errors\":{errors},\"seconds\":{elapsed},\"rps\":{:.1},\"p50_us\":{},\"p90_us\":{},\"p99_us\":{}}}",
+        all.len(),
+        all.len() as f64 / elapsed,
+        percentile(&all, 0.50),
+        percentile(&all, 0.90),
+        percentile(&all, 0.99)
+    );
+    Ok(())
+}
+
+fn hold(addr: &str, n: &str, secs: &str) -> Result<(), String> {
+    let n: usize = n.parse().map_err(|_| format!("bad count {n:?}"))?;
+    let secs: u64 = secs.parse().map_err(|_| format!("bad seconds {secs:?}"))?;
+    let sock: std::net::SocketAddr = addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?;
+    let mut open = Vec::with_capacity(n);
+    for _ in 0..n {
+        match TcpStream::connect_timeout(&sock, Duration::from_secs(5)) {
+            Ok(c) => open.push(c),
+            Err(e) => eprintln!("connect {addr}: {e}"),
+        }
+    }
+    println!("open {}", open.len());
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_secs(secs));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -133,12 +310,15 @@ fn main() -> ExitCode {
         ["echo-server", addr] => echo_server(addr),
         ["connect", addr, text] => connect(addr, text),
         ["load", addr, secs, ms] => load(addr, secs, ms),
+        ["http-server", addr] => http_server(addr),
+        ["http-load", addr, rate, secs, conns] => http_load(addr, rate, secs, conns),
+        ["hold", addr, n, secs] => hold(addr, n, secs),
         ["whoami"] => {
             let (uid, gid) = ids();
             println!("uid={uid} gid={gid}");
             Ok(())
         }
-        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami | load ADDR SECS MS".into()),
+        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami | load ADDR SECS MS | http-server ADDR | http-load ADDR RATE SECS CONNS | hold ADDR N SECS".into()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,286 @@
+//! Benchmark of the data path: HTTP/1.1 keep-alive traffic with 1 KiB
+//! bodies, client → proxy → proxy → server over mutual TLS between
+//! injected pods on the test node, against the same traffic between two
+//! pods without the mesh, in the same run. Prints added latency
+//! (p50/p90/p99) at a fixed 1,000 requests/s, throughput at maximum rate,
+//! CPU seconds per 1,000 requests and peak RSS of each proxy, and the
+//! memory of 1,000 idle connections. Figures are printed, not asserted
+//! (the machine is shared); what is asserted is that every request
+//! succeeded and really crossed both proxies.
+//!
+//! The proxies are the release build (`target/release/mizzen-proxy`;
+//! `scripts/test.sh` builds it). Run alone with
+//! `cargo test -p mizzen-tests --test proxy_bench -- --nocapture`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, PostParams};
+use mizzen_tests::daemon::{http_get, metric};
+use mizzen_tests::k8s::service_account;
+use mizzen_tests::mesh::{Agent, Ca, Injector, install_manifests};
+use mizzen_tests::node::{Images, Node, create_pod, wait_ready};
+use mizzen_tests::{Cluster, eventually, workspace_bin};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+const NODE: &str = "bench-node";
+const APP_UID: u32 = 1000;
+const CONNS: &str = "4";
+
+fn release_proxy() -> anyhow::Result<std::path::PathBuf> {
+    let debug = workspace_bin("mizzen-proxy");
+    let release = debug
+        .parent()
+        .and_then(|d| d.parent())
+        .context("target dir")?
+        .join("release/mizzen-proxy");
+    if !release.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build --release -p mizzen-proxy` (scripts/test.sh does)",
+            release.display()
+        );
+    }
+    Ok(release)
+}
+
+fn pod(name: &str, labels: serde_json::Value, args: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "serviceAccountName": "bench",
+            "nodeSelector": {"kubernetes.io/hostname": NODE},
+            "containers": [{"name": "app", "image": "mizzen-testapp:bench", "args": args,
+                            "ports": [{"name": "http", "containerPort": 8080}],
+                            "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 1}}],
+        },
+    })
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) end with ')'.
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
+/// A `/proc/<pid>/status` memory field, in MiB.
+fn memory_mib(pid: u32, field: &str) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("{field} of {pid}"))?;
+    Ok(kb / 1024.0)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    requests: f64,
+    errors: f64,
+    rps: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+}
+
+async fn http_load(node: &Node, ns: &str, pod: &str, target: &str, rate: &str, secs: &str) -> anyhow::Result<Run> {
+    let out = node
+        .command_as(ns, pod, APP_UID, workspace_bin("mizzen-testapp"))?
+        .args(["http-load", target, rate, secs, CONNS])
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!("http-load: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())?;
+    let n = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    Ok(Run {
+        requests: n("requests"),
+        errors: n("errors"),
+        rps: n("rps"),
+        p50: n("p50_us"),
+        p90: n("p90_us"),
+        p99: n("p99_us"),
+    })
+}
+
+#[tokio::test]
+async fn proxied_against_direct_http() -> anyhow::Result<()> {
+    let proxy = release_proxy()?;
+    let cluster = Cluster::get();
+    install_manifests(cluster).await?;
+    let client = cluster.client().await?;
+    let ca = Ca::start(cluster, None, &[]).await?;
+    let agent = Agent::start(cluster, NODE, ca.grpc_port, &[]).await?;
+    let _injector = Injector::start(cluster, "").await?;
+    let images = Images::new()
+        .with("mizzen-proxy", &proxy)
+        .with("mizzen-testapp", workspace_bin("mizzen-testapp"));
+    let socket_dir = agent.socket.parent().context("socket dir")?.to_path_buf();
+    let node = Node::start(
+        cluster,
+        NODE,
+        images,
+        HashMap::from([("/var/run/mizzen".to_string(), socket_dir)]),
+    )
+    .await?;
+
+    // The mesh: an injected namespace. The baseline: the same pods in a
+    // namespace without injection.
+    let mesh = cluster
+        .namespace(&client, "bench-mesh", &[("mizzen.dev/inject", "enabled")])
+        .await?;
+    let plain = cluster.namespace(&client, "bench-plain", &[]).await?;
+    for ns in [&mesh, &plain] {
+        service_account(&client, ns, "bench").await?;
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "server"},
+            "spec": {"selector": {"app": "server"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
+        }))?;
+        Api::<Service>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &svc)
+            .await?;
+        create_pod(&client, ns, pod("server", serde_json::json!({"app": "server"}), serde_json::json!(["http-server", "0.0.0.0:8080"]))).await?;
+        let mut c = pod("client", serde_json::json!({}), serde_json::json!([]));
+        c["spec"]["containers"][0]["command"] = serde_json::json!(["sleep", "3600"]);
+        c["spec"]["containers"][0]
+            .as_object_mut()
+            .context("container")?
+            .remove("readinessProbe");
+        create_pod(&client, ns, c).await?;
+    }
+    for ns in [&mesh, &plain] {
+        for name in ["server", "client"] {
+            wait_ready(&client, ns, name, TIMEOUT).await?;
+        }
+    }
+    let mesh_vip = Api::<Service>::namespaced(client.clone(), &mesh)
+        .get("server")
+        .await?
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("vip")?;
+    let mesh_target = format!("{mesh_vip}:80");
+    // No kube-proxy: the baseline goes to the server pod's IP directly.
+    let (_, plain_server_ip) = node.pod(&plain, "server")?;
+    let plain_target = format!("{plain_server_ip}:8080");
+    eventually(TIMEOUT, "the mesh route to the server", || {
+        let (node, mesh, t) = (&node, &mesh, &mesh_target);
+        async move { Ok(http_load(node, mesh, "client", t, "100", "1").await?.errors == 0.0) }
+    })
+    .await?;
+
+    let client_proxy = node.pid(&mesh, "client", "mizzen-proxy")?;
+    let server_proxy = node.pid(&mesh, "server", "mizzen-proxy")?;
+    let (_, server_ip) = node.pod(&mesh, "server")?;
+    let (_, client_ip) = node.pod(&mesh, "client")?;
+    let inbound_before = metric(
+        &http_get(&format!("http://{server_ip}:15020/metrics")).await?.1,
+        "mizzen_proxy_bytes_total{direction=\"inbound\"}",
+    );
+
+    // Warm up both paths, then measure: fixed rate, then maximum rate.
+    http_load(&node, &plain, "client", &plain_target, "1000", "2").await?;
+    http_load(&node, &mesh, "client", &mesh_target, "1000", "2").await?;
+    let direct_fixed = http_load(&node, &plain, "client", &plain_target, "1000", "10").await?;
+    let cpu0 = (cpu_seconds(client_proxy)?, cpu_seconds(server_proxy)?);
+    let mesh_fixed = http_load(&node, &mesh, "client", &mesh_target, "1000", "10").await?;
+    let cpu1 = (cpu_seconds(client_proxy)?, cpu_seconds(server_proxy)?);
+    let direct_max = http_load(&node, &plain, "client", &plain_target, "0", "5").await?;
+    let mesh_max = http_load(&node, &mesh, "client", &mesh_target, "0", "5").await?;
+    for (what, r) in [
+        ("direct 1000/s", direct_fixed),
+        ("mesh 1000/s", mesh_fixed),
+        ("direct max", direct_max),
+        ("mesh max", mesh_max),
+    ] {
+        assert_eq!(r.errors, 0.0, "{what}: {r:?}");
+        assert!(r.requests > 1000.0, "{what}: {r:?}");
+    }
+    // The mesh traffic crossed the server's proxy: over 2 KiB per request
+    // (counted when the connections close, at the end of each run).
+    let crossed = (mesh_fixed.requests + mesh_max.requests) * 2048.0;
+    eventually(TIMEOUT, "the server's proxy to have carried every request", || async {
+        let (_, text) = http_get(&format!("http://{server_ip}:15020/metrics")).await?;
+        Ok(metric(&text, "mizzen_proxy_bytes_total{direction=\"inbound\"}") - inbound_before >= crossed)
+    })
+    .await?;
+    let (_, text) = http_get(&format!("http://{client_ip}:15020/metrics")).await?;
+    assert!(
+        metric(
+            &text,
+            &format!(
+                "mizzen_proxy_connections_total{{direction=\"outbound\",tls=\"mtls\",peer=\"spiffe://cluster.local/ns/{mesh}/sa/bench\"}}"
+            )
+        ) >= 4.0,
+        "{text}"
+    );
+
+    // 1,000 idle connections through both proxies.
+    let rss_before = (memory_mib(client_proxy, "VmRSS:")?, memory_mib(server_proxy, "VmRSS:")?);
+    let mut holder = node
+        .command_as(&mesh, "client", APP_UID, workspace_bin("mizzen-testapp"))?
+        .args(["hold", &mesh_target, "1000", "60"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(holder.stdout.take().context("stdout")?).lines();
+        let line = tokio::time::timeout(TIMEOUT, lines.next_line()).await??.unwrap_or_default();
+        assert_eq!(line, "open 1000", "all idle connections opened");
+    }
+    eventually(TIMEOUT, "1,000 connections open through the server's proxy", || async {
+        let (_, text) = http_get(&format!("http://{server_ip}:15020/metrics")).await?;
+        Ok(metric(&text, "mizzen_proxy_connections_open{direction=\"inbound\"}") >= 1000.0)
+    })
+    .await?;
+    let rss_idle = (memory_mib(client_proxy, "VmRSS:")?, memory_mib(server_proxy, "VmRSS:")?);
+    let _ = holder.kill().await;
+    let peak = (memory_mib(client_proxy, "VmHWM:")?, memory_mib(server_proxy, "VmHWM:")?);
+
+    let per_1000 = |cpu: f64| cpu / (mesh_fixed.requests / 1000.0);
+    let ms = |us: f64| us / 1000.0;
+    eprintln!("\n== proxy benchmark: HTTP/1.1 keep-alive, 1 KiB bodies, {CONNS} connections, release proxies ==");
+    eprintln!(
+        "fixed 1000 req/s for 10 s   p50 / p90 / p99 (ms)\n  direct                    {:.3} / {:.3} / {:.3}\n  client→proxy→proxy→server {:.3} / {:.3} / {:.3}\n  added by the two proxies  {:.3} / {:.3} / {:.3}   (target: p99 < 0.2 ms)",
+        ms(direct_fixed.p50),
+        ms(direct_fixed.p90),
+        ms(direct_fixed.p99),
+        ms(mesh_fixed.p50),
+        ms(mesh_fixed.p90),
+        ms(mesh_fixed.p99),
+        ms(mesh_fixed.p50 - direct_fixed.p50),
+        ms(mesh_fixed.p90 - direct_fixed.p90),
+        ms(mesh_fixed.p99 - direct_fixed.p99),
+    );
+    eprintln!(
+        "maximum rate for 5 s: direct {:.0} req/s, mesh {:.0} req/s (ratio {:.2})",
+        direct_max.rps,
+        mesh_max.rps,
+        mesh_max.rps / direct_max.rps
+    );
+    eprintln!(
+        "CPU per 1000 requests (= vCPU at 1000 req/s): client proxy {:.4} s, server proxy {:.4} s   (target < 0.05)",
+        per_1000(cpu1.0 - cpu0.0),
+        per_1000(cpu1.1 - cpu0.1)
+    );
+    eprintln!(
+        "RSS: client proxy {:.1} MiB, server proxy {:.1} MiB before idling; peak {:.1} / {:.1} MiB   (target < 15 MB)",
+        rss_before.0, rss_before.1, peak.0, peak.1
+    );
+    eprintln!(
+        "1000 idle connections: client proxy {:.1} MiB (+{:.1} KiB/conn), server proxy {:.1} MiB (+{:.1} KiB/conn)",
+        rss_idle.0,
+        (rss_idle.0 - rss_before.0) * 1024.0 / 1000.0,
+        rss_idle.1,
+        (rss_idle.1 - rss_before.1) * 1024.0 / 1000.0,
+    );
+    Ok(())
+}
