@@ -188,9 +188,7 @@ async fn handle(
         let mut app = connect_app(dst)
             .await
             .map_err(|e| Refused("app_unreachable", e.to_string()))?;
-        let (a, b) = tokio::io::copy_bidirectional(&mut tls, &mut app)
-            .await
-            .unwrap_or((0, 0));
+        let (a, b) = crate::relay::relay(&mut tls, &mut app).await.unwrap_or((0, 0));
         metrics.bytes(Direction::Inbound, a + b);
         Ok(())
     } else {
@@ -203,9 +201,7 @@ async fn handle(
         let mut app = connect_app(dst)
             .await
             .map_err(|e| Refused("app_unreachable", e.to_string()))?;
-        let (a, b) = tokio::io::copy_bidirectional(&mut conn, &mut app)
-            .await
-            .unwrap_or((0, 0));
+        let (a, b) = crate::relay::relay(&mut conn, &mut app).await.unwrap_or((0, 0));
         metrics.bytes(Direction::Inbound, a + b);
         Ok(())
     }

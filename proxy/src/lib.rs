@@ -8,6 +8,7 @@
 //!   endpoints, with mutual TLS and secure naming to meshed ones.
 //! - [`probes`]: kubelet's rewritten app probes, run against the app.
 //! - [`metrics`]: connections and bytes by direction, failures by reason.
+//! - [`relay`]: the bidirectional copy, with pooled buffers.
 //! - [`drain`]: graceful shutdown.
 
 pub mod discovery;
@@ -18,3 +19,4 @@ pub mod init;
 pub mod metrics;
 pub mod outbound;
 pub mod probes;
+pub mod relay;

@@ -384,8 +384,8 @@ impl Outbound {
         debug!(%peer, %dst, endpoint = %backend.addr, pod = %backend.pod, tls, peer_id = %peer_id, "outbound connection");
         self.metrics.connection(Direction::Outbound, tls, peer_id);
         let carried = match upstream {
-            Upstream::Plain(mut u) => tokio::io::copy_bidirectional(&mut conn, &mut u).await,
-            Upstream::Tls(mut u) => tokio::io::copy_bidirectional(&mut conn, &mut *u).await,
+            Upstream::Plain(mut u) => crate::relay::relay(&mut conn, &mut u).await,
+            Upstream::Tls(mut u) => crate::relay::relay(&mut conn, &mut *u).await,
         };
         if let Ok((a, b)) = carried {
             self.metrics.bytes(Direction::Outbound, a + b);

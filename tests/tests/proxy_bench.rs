@@ -98,8 +98,8 @@ async fn http_load(node: &Node, ns: &str, pod: &str, target: &str, rate: &str, s
     if !out.status.success() {
         bail!("http-load: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())?;
     let n = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     Ok(Run {
         requests: n("requests"),
@@ -147,7 +147,16 @@ async fn proxied_against_direct_http() -> anyhow::Result<()> {
         Api::<Service>::namespaced(client.clone(), ns)
             .create(&PostParams::default(), &svc)
             .await?;
-        create_pod(&client, ns, pod("server", serde_json::json!({"app": "server"}), serde_json::json!(["http-server", "0.0.0.0:8080"]))).await?;
+        create_pod(
+            &client,
+            ns,
+            pod(
+                "server",
+                serde_json::json!({"app": "server"}),
+                serde_json::json!(["http-server", "0.0.0.0:8080"]),
+            ),
+        )
+        .await?;
         let mut c = pod("client", serde_json::json!({}), serde_json::json!([]));
         c["spec"]["containers"][0]["command"] = serde_json::json!(["sleep", "3600"]);
         c["spec"]["containers"][0]
@@ -189,7 +198,12 @@ async fn proxied_against_direct_http() -> anyhow::Result<()> {
     // Warm up both paths, then measure: fixed rate, then maximum rate.
     http_load(&node, &plain, "client", &plain_target, "1000", "2").await?;
     http_load(&node, &mesh, "client", &mesh_target, "1000", "2").await?;
+    // The direct server app's CPU is the baseline: the same requests, read
+    // and answered once, on this machine, in this run.
+    let plain_app = node.pid(&plain, "server", "app")?;
+    let app0 = cpu_seconds(plain_app)?;
     let direct_fixed = http_load(&node, &plain, "client", &plain_target, "1000", "10").await?;
+    let app_cpu = cpu_seconds(plain_app)? - app0;
     let cpu0 = (cpu_seconds(client_proxy)?, cpu_seconds(server_proxy)?);
     let mesh_fixed = http_load(&node, &mesh, "client", &mesh_target, "1000", "10").await?;
     let cpu1 = (cpu_seconds(client_proxy)?, cpu_seconds(server_proxy)?);
@@ -223,6 +237,8 @@ async fn proxied_against_direct_http() -> anyhow::Result<()> {
         "{text}"
     );
 
+    let peak_load = (memory_mib(client_proxy, "VmHWM:")?, memory_mib(server_proxy, "VmHWM:")?);
+
     // 1,000 idle connections through both proxies.
     let rss_before = (memory_mib(client_proxy, "VmRSS:")?, memory_mib(server_proxy, "VmRSS:")?);
     let mut holder = node
@@ -233,7 +249,9 @@ async fn proxied_against_direct_http() -> anyhow::Result<()> {
     {
         use tokio::io::AsyncBufReadExt;
         let mut lines = tokio::io::BufReader::new(holder.stdout.take().context("stdout")?).lines();
-        let line = tokio::time::timeout(TIMEOUT, lines.next_line()).await??.unwrap_or_default();
+        let line = tokio::time::timeout(TIMEOUT, lines.next_line())
+            .await??
+            .unwrap_or_default();
         assert_eq!(line, "open 1000", "all idle connections opened");
     }
     eventually(TIMEOUT, "1,000 connections open through the server's proxy", || async {
@@ -243,7 +261,6 @@ async fn proxied_against_direct_http() -> anyhow::Result<()> {
     .await?;
     let rss_idle = (memory_mib(client_proxy, "VmRSS:")?, memory_mib(server_proxy, "VmRSS:")?);
     let _ = holder.kill().await;
-    let peak = (memory_mib(client_proxy, "VmHWM:")?, memory_mib(server_proxy, "VmHWM:")?);
 
     let per_1000 = |cpu: f64| cpu / (mesh_fixed.requests / 1000.0);
     let ms = |us: f64| us / 1000.0;
@@ -266,14 +283,18 @@ async fn proxied_against_direct_http() -> anyhow::Result<()> {
         mesh_max.rps,
         mesh_max.rps / direct_max.rps
     );
+    let app_per_1000 = app_cpu / (direct_fixed.requests / 1000.0);
     eprintln!(
-        "CPU per 1000 requests (= vCPU at 1000 req/s): client proxy {:.4} s, server proxy {:.4} s   (target < 0.05)",
+        "CPU per 1000 requests (= vCPU at 1000 req/s): client proxy {:.3} s, server proxy {:.3} s   (target < 0.05)\n  baseline: the direct server app {:.3} s (proxy/app {:.1}x, {:.1}x); /proc ticks are 10 ms",
         per_1000(cpu1.0 - cpu0.0),
-        per_1000(cpu1.1 - cpu0.1)
+        per_1000(cpu1.1 - cpu0.1),
+        app_per_1000,
+        per_1000(cpu1.0 - cpu0.0) / app_per_1000,
+        per_1000(cpu1.1 - cpu0.1) / app_per_1000,
     );
     eprintln!(
-        "RSS: client proxy {:.1} MiB, server proxy {:.1} MiB before idling; peak {:.1} / {:.1} MiB   (target < 15 MB)",
-        rss_before.0, rss_before.1, peak.0, peak.1
+        "peak RSS under load: client proxy {:.1} MiB, server proxy {:.1} MiB   (target < 15 MB)",
+        peak_load.0, peak_load.1
     );
     eprintln!(
         "1000 idle connections: client proxy {:.1} MiB (+{:.1} KiB/conn), server proxy {:.1} MiB (+{:.1} KiB/conn)",

@@ -150,7 +150,11 @@ fn read_message(conn: &mut BufReader<TcpStream>, body: &mut Vec<u8>) -> Result<O
         let mut line = String::new();
         let n = conn.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
         if n == 0 {
-            return if head.is_empty() { Ok(None) } else { Err("connection closed mid-message".into()) };
+            return if head.is_empty() {
+                Ok(None)
+            } else {
+                Err("connection closed mid-message".into())
+            };
         }
         if first.is_empty() {
             first = line.trim_end().to_owned();
@@ -172,7 +176,9 @@ fn http_server(addr: &str) -> Result<(), String> {
     let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
     println!("listening {}", listener.local_addr().map_err(|e| e.to_string())?);
     std::io::stdout().flush().map_err(|e| e.to_string())?;
-    let mut response = format!("HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {BODY}\r\n\r\n").into_bytes();
+    let mut response =
+        format!("HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {BODY}\r\n\r\n")
+            .into_bytes();
     response.extend(std::iter::repeat_n(b'r', BODY));
     let response = std::sync::Arc::new(response);
     for conn in listener.incoming() {
@@ -220,7 +226,8 @@ fn http_load(addr: &str, rate: &str, secs: &str, conns: &str) -> Result<(), Stri
                 let connect = || -> Result<BufReader<TcpStream>, String> {
                     let c = TcpStream::connect_timeout(&sock, Duration::from_secs(5)).map_err(|e| e.to_string())?;
                     let _ = c.set_nodelay(true);
-                    c.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+                    c.set_read_timeout(Some(Duration::from_secs(5)))
+                        .map_err(|e| e.to_string())?;
                     Ok(BufReader::new(c))
                 };
                 let mut conn = match connect() {
@@ -237,7 +244,11 @@ fn http_load(addr: &str, rate: &str, secs: &str, conns: &str) -> Result<(), Stri
                     if next > now {
                         std::thread::sleep(next - now);
                     }
-                    let scheduled = if interval.is_some() { next } else { std::time::Instant::now() };
+                    let scheduled = if interval.is_some() {
+                        next
+                    } else {
+                        std::time::Instant::now()
+                    };
                     let result = match conn.as_mut() {
                         Some(c) => c
                             .get_mut()
