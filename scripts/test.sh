@@ -13,8 +13,10 @@ for d in "${TMPDIR:-/tmp}"/mizzen-cluster-*; do
   if [ -d "$d" ] && ! ls "$d/pids/"* >/dev/null 2>&1; then rm -rf "$d"; fi
 done
 
-# End-to-end tests run the components' real binaries.
+# End-to-end tests run the components' real binaries; the proxy benchmark
+# measures the release build of the proxy.
 cargo build --workspace --bins --locked
+cargo build --release --locked -p mizzen-proxy
 
 rc=0
 cargo test --workspace --locked "$@" || rc=$?

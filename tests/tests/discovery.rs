@@ -178,7 +178,7 @@ async fn services_and_endpoints_stream_incrementally_to_an_independent_client() 
         .await?;
     assert_eq!(first["type_url"], SERVICE_TYPE);
     let web = decode(&first, &web_name)?;
-    assert_eq!(web.cluster_ips, [vip.clone()]);
+    assert_eq!(web.cluster_ips, std::slice::from_ref(&vip));
     assert_eq!((web.ports[0].port, web.ports[0].app_protocol.as_str()), (80, "http"));
     let meshed = web
         .endpoints

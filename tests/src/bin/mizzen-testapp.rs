@@ -230,10 +230,7 @@ fn http_load(addr: &str, rate: &str, secs: &str, conns: &str) -> Result<(), Stri
                         .map_err(|e| e.to_string())?;
                     Ok(BufReader::new(c))
                 };
-                let mut conn = match connect() {
-                    Ok(c) => Some(c),
-                    Err(_) => None,
-                };
+                let mut conn = connect().ok();
                 // Fixed rate: this connection's share, offset so the
                 // connections interleave.
                 let interval = (rate > 0.0).then(|| Duration::from_secs_f64(conns as f64 / rate));
