@@ -7,11 +7,11 @@
 //! SPIFFE ID. Anything else (plaintext, or the app's own TLS) is passed
 //! through untouched in PERMISSIVE mode and refused in STRICT. The app
 //! is reached at the connection's original destination (the pod's own IP
-//! and port, from SO_ORIGINAL_DST) from source 127.0.0.6, which the capture
+//! and port, from SO_ORIGINAL_DST) from source 127.0.0.6 (::6 on IPv6), which the capture
 //! rules never redirect again; an app listening only on localhost is
 //! therefore not exposed through the proxy.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -28,6 +28,8 @@ use crate::metrics::{Direction, ProxyMetrics, handshake_reason};
 pub const ALPN: &[u8] = b"mizzen";
 /// The source address of connections to the app.
 pub const APP_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+/// The IPv6 source address of connections to the app.
+pub const APP_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 
 /// Whether plaintext is accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -59,20 +61,62 @@ pub fn server_config(m: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, Strin
     Ok(Arc::new(config))
 }
 
-/// The connection's destination before the capture rules redirected it.
+/// The connection's destination before the capture rules redirected it
+/// (`SO_ORIGINAL_DST`, or `IP6T_SO_ORIGINAL_DST` on IPv6).
 pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
-    let addr =
-        nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::OriginalDst).map_err(std::io::Error::from)?;
-    let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
-    Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(addr.sin_port))))
+    use nix::sys::socket::{getsockopt, sockopt};
+    if stream.local_addr()?.is_ipv6() {
+        let a = getsockopt(stream, sockopt::Ip6tOriginalDst).map_err(std::io::Error::from)?;
+        return Ok(SocketAddr::V6(SocketAddrV6::new(
+            Ipv6Addr::from(a.sin6_addr.s6_addr),
+            u16::from_be(a.sin6_port),
+            0,
+            a.sin6_scope_id,
+        )));
+    }
+    let a = getsockopt(stream, sockopt::OriginalDst).map_err(std::io::Error::from)?;
+    let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+    Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(a.sin_port))))
 }
 
+/// Connects to the app at `dst` from 127.0.0.6 (IPv4) or ::6 (IPv6), the
+/// sources the capture rules never redirect. `::6` is not configured on
+/// loopback, so it is bound with IP_FREEBIND.
 async fn connect_app(dst: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(APP_SOURCE.into(), 0))?;
+    let socket = if dst.is_ipv4() {
+        let s = tokio::net::TcpSocket::new_v4()?;
+        s.bind(SocketAddr::new(APP_SOURCE.into(), 0))?;
+        s
+    } else {
+        let s = tokio::net::TcpSocket::new_v6()?;
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpFreebind, &true).map_err(std::io::Error::from)?;
+        s.bind(SocketAddr::new(APP_SOURCE_V6.into(), 0))?;
+        s
+    };
     tokio::time::timeout(Duration::from_secs(5), socket.connect(dst))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the app timed out"))?
+}
+
+/// Binds `port` on 0.0.0.0 and, when this network namespace has IPv6, on
+/// `[::]` (IPv6 only, so each family has its own listener and original
+/// destination).
+pub fn bind_listeners(port: u16) -> std::io::Result<Vec<TcpListener>> {
+    let v4 = tokio::net::TcpSocket::new_v4()?;
+    v4.set_reuseaddr(true)?;
+    v4.bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
+    let mut out = vec![v4.listen(1024)?];
+    let v6 = tokio::net::TcpSocket::new_v6().and_then(|s| {
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv6V6Only, &true).map_err(std::io::Error::from)?;
+        s.set_reuseaddr(true)?;
+        s.bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))?;
+        s.listen(1024)
+    });
+    match v6 {
+        Ok(l) => out.push(l),
+        Err(e) => debug!(port, error = %e, "no IPv6 listener (IPv6 is off here)"),
+    }
+    Ok(out)
 }
 
 /// Serves inbound connections until the process ends.
@@ -184,25 +228,23 @@ async fn handle(
             .ok_or_else(|| Refused("no_client_cert", String::new()))?;
         let peer_id: SpiffeId = spiffe_id_of(leaf).map_err(|e| Refused("peer_identity", e))?;
         info!(%peer, peer_id = %peer_id, %dst, "inbound mTLS connection");
-        metrics.connection(Direction::Inbound, "mtls", peer_id.to_string());
+        let bytes = metrics.connection(Direction::Inbound, "mtls", peer_id.to_string());
         let mut app = connect_app(dst)
             .await
             .map_err(|e| Refused("app_unreachable", e.to_string()))?;
-        let (a, b) = crate::relay::relay(&mut tls, &mut app).await.unwrap_or((0, 0));
-        metrics.bytes(Direction::Inbound, a + b);
+        let _ = crate::relay::relay(&mut tls, &mut app, &bytes).await;
         Ok(())
     } else {
         if mode == MtlsMode::Strict {
             return Err(Refused("plaintext_in_strict", String::new()));
         }
         info!(%peer, %dst, "inbound plaintext connection (passed through)");
-        metrics.connection(Direction::Inbound, "plaintext", String::new());
+        let bytes = metrics.connection(Direction::Inbound, "plaintext", String::new());
         let mut conn = conn;
         let mut app = connect_app(dst)
             .await
             .map_err(|e| Refused("app_unreachable", e.to_string()))?;
-        let (a, b) = crate::relay::relay(&mut conn, &mut app).await.unwrap_or((0, 0));
-        metrics.bytes(Direction::Inbound, a + b);
+        let _ = crate::relay::relay(&mut conn, &mut app, &bytes).await;
         Ok(())
     }
 }

@@ -150,7 +150,7 @@ pub fn missing_jumps(saved: &str) -> Vec<String> {
 /// Why the rules could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    #[error("{tool} is not installed: the init image needs iptables (apt-get install iptables)")]
+    #[error("{tool} is not installed: the init image needs iptables and iproute2 (apt-get install iptables iproute2)")]
     Missing { tool: &'static str },
     #[error(
         "{tool} failed ({status}): {stderr}{hint}",
@@ -212,6 +212,11 @@ pub fn apply(cfg: &InitConfig, family: Family) -> Result<String, InitError> {
         input.insert_str(at, &(jumps.join("\n") + "\n"));
     }
     run(family.restore(), &["--noflush"], Some(&input))?;
+    if family == Family::V6 {
+        // IPv4's 127.0.0.6 is loopback already; ::6 must be added, or the
+        // app's replies to the proxy's ::6 connections would be routed away.
+        run("ip", &["-6", "addr", "replace", "::6/128", "dev", "lo"], None)?;
+    }
     Ok(input)
 }
 

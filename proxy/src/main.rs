@@ -197,12 +197,8 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
         .context("bind health port")?;
     tokio::spawn(async move { axum::serve(health_listener, health).await });
 
-    let inbound_listener = tokio::net::TcpListener::bind(("0.0.0.0", a.inbound_port))
-        .await
-        .context("bind inbound port")?;
-    let outbound_listener = tokio::net::TcpListener::bind(("0.0.0.0", a.outbound_port))
-        .await
-        .context("bind outbound port")?;
+    let inbound_listeners = inbound::bind_listeners(a.inbound_port).context("bind inbound port")?;
+    let outbound_listeners = inbound::bind_listeners(a.outbound_port).context("bind outbound port")?;
     let connections = Connections::default();
     let outbound = Arc::new(Outbound::new(
         routes_rx,
@@ -210,16 +206,19 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
         metrics.clone(),
         std::time::Duration::from_millis(a.connect_timeout_ms),
     ));
-    let accepting = [
-        tokio::spawn(outbound::serve(outbound_listener, outbound, connections.clone())),
-        tokio::spawn(inbound::serve(
-            inbound_listener,
-            rx,
+    let mut accepting = Vec::new();
+    for l in outbound_listeners {
+        accepting.push(tokio::spawn(outbound::serve(l, outbound.clone(), connections.clone())));
+    }
+    for l in inbound_listeners {
+        accepting.push(tokio::spawn(inbound::serve(
+            l,
+            rx.clone(),
             a.mtls_mode,
-            metrics,
+            metrics.clone(),
             connections.clone(),
-        )),
-    ];
+        )));
+    }
     runtime::shutdown_signal().await;
     // Drain: not ready, no new connections, open ones may finish.
     ready_flag.store(false, Ordering::Relaxed);

@@ -38,7 +38,8 @@ pub struct ProxyMetrics {
     refused: Family<Labels, Counter>,
     /// TLS handshakes that failed, by direction and reason.
     handshake_failures: Family<Labels, Counter>,
-    /// Bytes carried, by direction.
+    /// Bytes carried (both ways), by direction, TLS mode and peer, counted
+    /// as they flow.
     bytes: Family<Labels, Counter>,
 }
 
@@ -66,18 +67,12 @@ impl ProxyMetrics {
             "Failed TLS handshakes, by direction and reason",
             self.handshake_failures.clone(),
         );
-        r.register("bytes", "Bytes carried, by direction", self.bytes.clone());
+        r.register(
+            "bytes",
+            "Bytes carried as they flow, by direction, TLS mode and peer identity",
+            self.bytes.clone(),
+        );
         r
-    }
-
-    pub fn connection(&self, d: Direction, tls: &'static str, peer: String) {
-        self.connections
-            .get_or_create(&vec![
-                ("direction", d.as_str().into()),
-                ("tls", tls.into()),
-                ("peer", peer),
-            ])
-            .inc();
     }
 
     pub fn refused(&self, d: Direction, reason: &'static str) {
@@ -92,10 +87,11 @@ impl ProxyMetrics {
             .inc();
     }
 
-    pub fn bytes(&self, d: Direction, n: u64) {
-        self.bytes
-            .get_or_create(&vec![("direction", d.as_str().into())])
-            .inc_by(n);
+    /// Counts a connection and returns the counter its bytes go to.
+    pub fn connection(&self, d: Direction, tls: &'static str, peer: String) -> Counter {
+        let labels = vec![("direction", d.as_str().into()), ("tls", tls.into()), ("peer", peer)];
+        self.connections.get_or_create(&labels).inc();
+        self.bytes.get_or_create(&labels).clone()
     }
 
     /// Counts a connection as open until the guard drops.

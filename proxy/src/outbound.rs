@@ -382,14 +382,11 @@ impl Outbound {
         let _load = self.balancer.load(backend.addr);
         let tls = if peer_id.is_empty() { "plaintext" } else { "mtls" };
         debug!(%peer, %dst, endpoint = %backend.addr, pod = %backend.pod, tls, peer_id = %peer_id, "outbound connection");
-        self.metrics.connection(Direction::Outbound, tls, peer_id);
-        let carried = match upstream {
-            Upstream::Plain(mut u) => crate::relay::relay(&mut conn, &mut u).await,
-            Upstream::Tls(mut u) => crate::relay::relay(&mut conn, &mut *u).await,
+        let bytes = self.metrics.connection(Direction::Outbound, tls, peer_id);
+        let _ = match upstream {
+            Upstream::Plain(mut u) => crate::relay::relay(&mut conn, &mut u, &bytes).await,
+            Upstream::Tls(mut u) => crate::relay::relay(&mut conn, &mut *u, &bytes).await,
         };
-        if let Ok((a, b)) = carried {
-            self.metrics.bytes(Direction::Outbound, a + b);
-        }
         Ok(())
     }
 }

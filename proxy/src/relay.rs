@@ -15,6 +15,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const BUF_SIZE: usize = 16 * 1024;
@@ -61,7 +62,7 @@ impl Drop for Half {
 }
 
 impl Half {
-    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W, bytes: &Counter) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
@@ -104,6 +105,7 @@ impl Half {
                     }
                     self.pos += n;
                     self.copied += n as u64;
+                    bytes.inc_by(n as u64);
                     self.need_flush = true;
                 }
                 if let Some(b) = self.buf.take() {
@@ -120,9 +122,9 @@ impl Half {
 }
 
 /// Copies `a` → `b` and `b` → `a` until both directions reach end of
-/// stream; returns the bytes copied each way. An error in either direction
-/// ends the relay.
-pub async fn relay<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+/// stream; returns the bytes copied each way and adds them to `bytes` as
+/// they are written. An error in either direction ends the relay.
+pub async fn relay<A, B>(a: &mut A, b: &mut B, bytes: &Counter) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -130,14 +132,14 @@ where
     let (mut ab, mut ba) = (Half::default(), Half::default());
     poll_fn(|cx| {
         if !ab.done {
-            match ab.poll_copy(cx, a, b) {
+            match ab.poll_copy(cx, a, b, bytes) {
                 Poll::Ready(Ok(())) => ab.done = true,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {}
             }
         }
         if !ba.done {
-            match ba.poll_copy(cx, b, a) {
+            match ba.poll_copy(cx, b, a, bytes) {
                 Poll::Ready(Ok(())) => ba.done = true,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {}
@@ -161,7 +163,9 @@ mod tests {
     async fn copies_both_ways_with_half_close() {
         let (mut app, mut proxy_a) = tokio::io::duplex(1024);
         let (mut proxy_b, mut server) = tokio::io::duplex(1024);
-        let relay = tokio::spawn(async move { relay(&mut proxy_a, &mut proxy_b).await });
+        let bytes = Counter::default();
+        let counted = bytes.clone();
+        let relay = tokio::spawn(async move { relay(&mut proxy_a, &mut proxy_b, &counted).await });
         // More than one buffer's worth, through a small pipe.
         let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let sent = big.clone();
@@ -181,6 +185,7 @@ mod tests {
         assert_eq!(writer.await.expect("join"), b"reply after half close");
         let (ab, ba) = relay.await.expect("join").expect("relay");
         assert_eq!((ab, ba), (100_000, 22));
+        assert_eq!(bytes.get(), 100_022, "the counter saw every byte");
     }
 
     #[tokio::test]
@@ -188,7 +193,7 @@ mod tests {
         POOL.with(|p| p.borrow_mut().clear());
         let (mut app, mut proxy_a) = tokio::io::duplex(64);
         let (mut proxy_b, mut server) = tokio::io::duplex(64);
-        let relay = tokio::spawn(async move { relay(&mut proxy_a, &mut proxy_b).await });
+        let relay = tokio::spawn(async move { relay(&mut proxy_a, &mut proxy_b, &Counter::default()).await });
         app.write_all(b"ping").await.expect("write");
         let mut buf = [0u8; 4];
         server.read_exact(&mut buf).await.expect("read");

@@ -73,12 +73,21 @@ fn create_bridge() -> anyhow::Result<Bridge> {
     run("ip", &["link", "add", &name, "type", "bridge"])?;
     let gw = format!("{}.{}.{}.1/24", prefix[0], prefix[1], prefix[2]);
     run("ip", &["addr", "add", &gw, "dev", &name])?;
+    // An IPv6 ULA /64 for dual-stack pods, without duplicate address
+    // detection (which would leave addresses unusable for a second).
+    let gw6 = format!("{}1/64", v6_prefix(prefix));
+    run("ip", &["-6", "addr", "add", &gw6, "dev", &name, "nodad"])?;
     run("ip", &["link", "set", &name, "up"])?;
     Ok(Bridge {
         name,
         prefix,
         next_host: Mutex::new(1),
     })
+}
+
+/// The bridge's IPv6 /64, as `fd00:<a><b>:<c>::` (ending in `::`).
+fn v6_prefix(p: [u8; 3]) -> String {
+    format!("fd00:{:02x}{:02x}:{:02x}::", p[0], p[1], p[2])
 }
 
 fn bridge() -> anyhow::Result<&'static Bridge> {
@@ -95,12 +104,22 @@ pub struct NetnsPod {
     netns: String,
     ip: Ipv4Addr,
     gateway: Ipv4Addr,
+    ip6: Option<std::net::Ipv6Addr>,
 }
 
 impl NetnsPod {
     /// Creates a network namespace named after `label` (for humans reading
     /// `ip netns`), wired to the test bridge.
     pub fn create(label: &str) -> anyhow::Result<Self> {
+        Self::create_with(label, false)
+    }
+
+    /// Like [`create`](Self::create), with an IPv6 address and route too.
+    pub fn create_dual_stack(label: &str) -> anyhow::Result<Self> {
+        Self::create_with(label, true)
+    }
+
+    fn create_with(label: &str, dual_stack: bool) -> anyhow::Result<Self> {
         let br = bridge()?;
         let host = {
             let mut next = br.next_host.lock().unwrap_or_else(|p| p.into_inner());
@@ -124,7 +143,15 @@ impl NetnsPod {
         // Interface names are limited to 15 bytes.
         let host_if = format!("mzv{pid:x}-{host}");
         let tmp_if = format!("mzp{pid:x}-{host}");
-        let pod = NetnsPod { netns, ip, gateway };
+        let ip6 = dual_stack
+            .then(|| format!("{}{host:x}", v6_prefix(br.prefix)).parse::<std::net::Ipv6Addr>())
+            .transpose()?;
+        let pod = NetnsPod {
+            netns,
+            ip,
+            gateway,
+            ip6,
+        };
         reaper::at_exit(&cleanup_command(&pod.netns));
         let ns = pod.netns.as_str();
         run("ip", &["netns", "add", ns])?;
@@ -144,12 +171,28 @@ impl NetnsPod {
         in_ns(&["link", "set", "eth0", "up"])?;
         in_ns(&["link", "set", "lo", "up"])?;
         in_ns(&["route", "add", "default", "via", &gateway.to_string()])?;
+        if let Some(ip6) = pod.ip6 {
+            in_ns(&["-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+            in_ns(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("{}1", v6_prefix(br.prefix)),
+            ])?;
+        }
         Ok(pod)
     }
 
     /// The pod's IP on the test bridge.
     pub fn ip(&self) -> Ipv4Addr {
         self.ip
+    }
+
+    /// The pod's IPv6 address, for a dual-stack pod.
+    pub fn ip6(&self) -> Option<std::net::Ipv6Addr> {
+        self.ip6
     }
 
     /// The bridge address in the root namespace (the node's IP, seen from
@@ -207,11 +250,11 @@ impl NetnsPod {
         Ok(child)
     }
 
-    /// Runs `mizzen-proxy init` (IPv4, the proxy's ports excluded) in the pod.
+    /// Runs `mizzen-proxy init` (IPv6 too when the pod has it; the proxy's ports excluded) in the pod.
     pub async fn capture(&self) -> anyhow::Result<()> {
         let out = self
             .command(crate::workspace_bin("mizzen-proxy"))
-            .args(["init", "--exclude-inbound-ports=15020,15021", "--ipv6=off"])
+            .args(["init", "--exclude-inbound-ports=15020,15021", "--ipv6=auto"])
             .output()
             .await?;
         if !out.status.success() {

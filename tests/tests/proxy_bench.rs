@@ -190,9 +190,12 @@ async fn proxied_against_direct_http() -> anyhow::Result<()> {
     let server_proxy = node.pid(&mesh, "server", "mizzen-proxy")?;
     let (_, server_ip) = node.pod(&mesh, "server")?;
     let (_, client_ip) = node.pod(&mesh, "client")?;
+    let inbound_bytes = format!(
+        "mizzen_proxy_bytes_total{{direction=\"inbound\",tls=\"mtls\",peer=\"spiffe://cluster.local/ns/{mesh}/sa/bench\"}}"
+    );
     let inbound_before = metric(
         &http_get(&format!("http://{server_ip}:15020/metrics")).await?.1,
-        "mizzen_proxy_bytes_total{direction=\"inbound\"}",
+        &inbound_bytes,
     );
 
     // Warm up both paths, then measure: fixed rate, then maximum rate.
@@ -218,12 +221,12 @@ async fn proxied_against_direct_http() -> anyhow::Result<()> {
         assert_eq!(r.errors, 0.0, "{what}: {r:?}");
         assert!(r.requests > 1000.0, "{what}: {r:?}");
     }
-    // The mesh traffic crossed the server's proxy: over 2 KiB per request
-    // (counted when the connections close, at the end of each run).
+    // The mesh traffic crossed the server's proxy, from the client's
+    // identity: over 2 KiB per request.
     let crossed = (mesh_fixed.requests + mesh_max.requests) * 2048.0;
     eventually(TIMEOUT, "the server's proxy to have carried every request", || async {
         let (_, text) = http_get(&format!("http://{server_ip}:15020/metrics")).await?;
-        Ok(metric(&text, "mizzen_proxy_bytes_total{direction=\"inbound\"}") - inbound_before >= crossed)
+        Ok(metric(&text, &inbound_bytes) - inbound_before >= crossed)
     })
     .await?;
     let (_, text) = http_get(&format!("http://{client_ip}:15020/metrics")).await?;

@@ -406,3 +406,73 @@ async fn rotation_keeps_open_connections() -> anyhow::Result<()> {
     assert!(exited.success(), "clean exit after draining: {exited}");
     Ok(())
 }
+
+/// IPv6: a dual-stack pod's capture rules cover IPv6 too; the proxy
+/// terminates mTLS from `openssl s_client` over IPv6 and reaches the app
+/// from ::6; the app's own outbound IPv6 connections leave through the
+/// proxy's IPv6 outbound listener.
+#[tokio::test]
+async fn ipv6_inbound_mtls_and_outbound() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    install_manifests(cluster).await?;
+    let node = "proxy-v6-node";
+    cluster.register_node(&client, node).await?;
+    let ca = Ca::start(cluster, None, &[]).await?;
+    let agent = Agent::start(cluster, node, ca.grpc_port, &[]).await?;
+    let Workloads { dir, server_token, .. } = workloads(cluster, "proxy-v6", node, node, &agent).await?;
+
+    let server = NetnsPod::create_dual_stack("proxy-v6-server")?;
+    let peer = NetnsPod::create_dual_stack("proxy-v6-peer")?;
+    let server6 = server.ip6().context("server IPv6")?;
+    let peer6 = peer.ip6().context("peer IPv6")?;
+    server.capture().await?;
+    let rules = server.command("ip6tables-save").args(["-t", "nat"]).output().await?;
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(
+        rules.contains("MIZZEN_INBOUND") && rules.contains("::6/128"),
+        "IPv6 capture rules: {rules}"
+    );
+    // The app listens on both families ([::] accepts IPv4 too).
+    let _app = server.spawn_echo(1000, "[::]:8080").await?;
+    let log = dir.join("proxy-v6.log");
+    let _proxy = start_proxy(&server, &agent, &server_token, "permissive", &log).await?;
+
+    let target = format!("[{server6}]:8080");
+    let out = s_client(&peer, &target, &dir, true).await?;
+    assert!(
+        out.contains("1000 [::6]:") && out.contains("hello-through-mtls"),
+        "mTLS over IPv6, app reached from ::6: {out}\n--- proxy log ---\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let out = s_client(&peer, &target, &dir, false).await?;
+    assert!(
+        !out.contains("hello-through-mtls"),
+        "no client certificate, refused: {out}"
+    );
+
+    // The app's outbound IPv6 connection goes through the proxy (which the
+    // peer sees as the source: the proxy's own connection, as UID 1337) to
+    // an address the mesh does not know: plaintext passthrough.
+    let _outside = peer.spawn_echo(1000, "[::]:9000").await?;
+    let out = server
+        .command_as(1000, 1000, testapp())
+        .args(["connect", &format!("[{peer6}]:9000"), "out-over-v6"])
+        .output()
+        .await?;
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && reply.contains(&format!("[{server6}]:")) && reply.contains("out-over-v6"),
+        "outbound over IPv6: {reply}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, text) = http_get(&format!("http://{}:15020/metrics", server.ip())).await?;
+    assert!(
+        metric(
+            &text,
+            "mizzen_proxy_connections_total{direction=\"outbound\",tls=\"plaintext\",peer=\"\"}"
+        ) >= 1.0,
+        "the outbound IPv6 connection went through the proxy: {text}"
+    );
+    Ok(())
+}
