@@ -207,12 +207,19 @@ pub fn snapshot(services: BTreeMap<String, pb::Service>) -> Snapshot {
     Snapshot { resources }
 }
 
-/// Runs one reflector, waking `changed` after every event.
-async fn reflect<K>(api: Api<K>, writer: reflector::store::Writer<K>, changed: Arc<Notify>, what: &'static str)
-where
+/// Runs one reflector, waking `changed` after every event. `trim` drops
+/// what discovery does not need before an object is stored.
+async fn reflect<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    changed: Arc<Notify>,
+    what: &'static str,
+    trim: fn(&mut K),
+) where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
-    let mut events = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff()).boxed();
+    let stream = watcher(api, watcher::Config::default()).default_backoff().modify(trim);
+    let mut events = reflector::reflector(writer, stream).boxed();
     while let Some(ev) = events.next().await {
         match ev {
             Ok(_) => changed.notify_one(),
@@ -236,9 +243,28 @@ pub async fn follow(
     let (services, w1) = reflector::store::<Service>();
     let (slices, w2) = reflector::store::<EndpointSlice>();
     let (pods, w3) = reflector::store::<Pod>();
-    tokio::spawn(reflect(Api::all(client.clone()), w1, changed.clone(), "services"));
-    tokio::spawn(reflect(Api::all(client.clone()), w2, changed.clone(), "endpointslices"));
-    tokio::spawn(reflect(Api::all(client), w3, changed.clone(), "pods"));
+    tokio::spawn(reflect(
+        Api::all(client.clone()),
+        w1,
+        changed.clone(),
+        "services",
+        |s| {
+            s.metadata.managed_fields = None;
+            s.metadata.annotations = None;
+            s.status = None;
+        },
+    ));
+    tokio::spawn(reflect(
+        Api::all(client.clone()),
+        w2,
+        changed.clone(),
+        "endpointslices",
+        |s| {
+            s.metadata.managed_fields = None;
+            s.metadata.annotations = None;
+        },
+    ));
+    tokio::spawn(reflect(Api::all(client), w3, changed.clone(), "pods", trim_pod));
     for (store, what) in [
         (services.wait_until_ready().await.is_ok(), "services"),
         (slices.wait_until_ready().await.is_ok(), "endpointslices"),
@@ -274,6 +300,27 @@ pub async fn follow(
         }
         changed.notified().await;
         tokio::time::sleep(debounce).await;
+    }
+}
+
+/// Keeps of a pod only what [`PodFacts`] reads: every agent holds every
+/// pod of the cluster, so the rest (status, env, volumes, ...) is dropped.
+fn trim_pod(p: &mut Pod) {
+    p.metadata.managed_fields = None;
+    p.metadata.annotations = None;
+    p.metadata.owner_references = None;
+    p.status = None;
+    if let Some(spec) = p.spec.as_mut() {
+        let keep = |c: &k8s_openapi::api::core::v1::Container| k8s_openapi::api::core::v1::Container {
+            name: c.name.clone(),
+            ..Default::default()
+        };
+        *spec = k8s_openapi::api::core::v1::PodSpec {
+            service_account_name: spec.service_account_name.clone(),
+            containers: spec.containers.iter().map(keep).collect(),
+            init_containers: spec.init_containers.as_ref().map(|cs| cs.iter().map(keep).collect()),
+            ..Default::default()
+        };
     }
 }
 

@@ -122,7 +122,25 @@ fn meshed_needs_both_the_label_and_the_proxy_container() {
     assert!(!PodFacts::of(&pod(json!({}), proxy.clone())).meshed);
     assert!(!PodFacts::of(&pod(label.clone(), json!([{"name": "app"}]))).meshed);
     assert!(!PodFacts::of(&pod(json!({TLS_MODE_LABEL: "disabled"}), proxy)).meshed);
-    assert_eq!(PodFacts::of(&pod(label, json!([]))).service_account, "sa");
+    assert_eq!(PodFacts::of(&pod(label.clone(), json!([]))).service_account, "sa");
+    // What the agent stores of a pod still gives the same facts.
+    let mut full: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "p", "labels": label, "annotations": {"big": "x"}},
+        "spec": {"serviceAccountName": "sa", "volumes": [{"name": "v", "emptyDir": {}}],
+                 "initContainers": [{"name": "mizzen-proxy", "image": "i", "env": [{"name": "A", "value": "b"}]}],
+                 "containers": [{"name": "app", "image": "i", "args": ["serve"]}]},
+        "status": {"podIP": "10.0.0.1"},
+    }))
+    .expect("pod");
+    let before = PodFacts::of(&full);
+    trim_pod(&mut full);
+    assert_eq!(PodFacts::of(&full), before);
+    assert!(full.status.is_none() && full.metadata.annotations.is_none());
+    assert!(
+        full.spec
+            .as_ref()
+            .is_some_and(|s| s.volumes.is_none() && s.containers[0].image.is_none())
+    );
 }
 
 fn names(resp: &envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse) -> Vec<&str> {
