@@ -193,15 +193,15 @@ fn request(
     }
 }
 
-fn publish(held: &BTreeMap<String, (String, pb::Service)>, tx: &watch::Sender<Arc<Routes>>) {
+fn publish(held: &BTreeMap<String, (String, pb::Service)>, tx: &watch::Sender<Option<Arc<Routes>>>) {
     let services = held.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect();
-    tx.send_replace(Arc::new(Routes::new(&services)));
+    tx.send_replace(Some(Arc::new(Routes::new(&services))));
 }
 
 async fn stream_once(
     src: &SdsSource,
     held: &mut BTreeMap<String, (String, pb::Service)>,
-    tx: &watch::Sender<Arc<Routes>>,
+    tx: &watch::Sender<Option<Arc<Routes>>>,
 ) -> Result<(), String> {
     let channel = src.channel().await?;
     let (req_tx, req_rx) = mpsc::channel(4);
@@ -246,9 +246,11 @@ async fn stream_once(
     }
 }
 
-/// Keeps `tx` fed from the agent's discovery stream, forever. Routes are
-/// kept across reconnects (the last known state beats none).
-pub async fn follow(src: SdsSource, tx: watch::Sender<Arc<Routes>>) {
+/// Keeps `tx` fed from the agent's discovery stream, forever: `None` until
+/// the first response (the agent sends it once it has listed the whole
+/// cluster). Routes are kept across reconnects (the last known state beats
+/// none).
+pub async fn follow(src: SdsSource, tx: watch::Sender<Option<Arc<Routes>>>) {
     let mut held = BTreeMap::new();
     let mut backoff = Duration::from_millis(200);
     loop {

@@ -156,20 +156,20 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
     };
     let (tx, rx) = watch::channel(None);
     tokio::spawn(identity::follow(source.clone(), tx));
-    let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::default()));
+    let (routes_tx, routes_rx) = watch::channel(None::<Arc<Routes>>);
     tokio::spawn(discovery::follow(source, routes_tx));
 
     let ready = Arc::new(AtomicBool::new(false));
     {
-        let (mut rx, ready) = (rx.clone(), ready.clone());
+        let (mut certs, mut routes, ready) = (rx.clone(), routes_rx.clone(), ready.clone());
         tokio::spawn(async move {
-            while rx.borrow_and_update().is_none() {
-                if rx.changed().await.is_err() {
-                    return;
-                }
+            // Ready once it holds a certificate and the mesh's routes: an
+            // app connection before then could not be secured.
+            if certs.wait_for(Option::is_some).await.is_err() || routes.wait_for(Option::is_some).await.is_err() {
+                return;
             }
             ready.store(true, Ordering::Relaxed);
-            info!("ready: holding a certificate");
+            info!("ready: holding a certificate and the mesh's routes");
         });
     }
     let metrics = ProxyMetrics::default();
@@ -184,14 +184,17 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
     runtime::serve_admin_with(
         ([0, 0, 0, 0], a.admin_port).into(),
         ready.clone(),
-        "no certificate yet\n",
+        "no certificate or routes yet\n",
         move || runtime::encode_metrics(&registry),
         app_health,
     )
     .await
     .with_context(|| format!("bind admin port {}", a.admin_port))?;
     let ready_flag = ready.clone();
-    let health = Router::new().route("/healthz/ready", runtime::ready_route(ready, "no certificate yet\n"));
+    let health = Router::new().route(
+        "/healthz/ready",
+        runtime::ready_route(ready, "no certificate or routes yet\n"),
+    );
     let health_listener = tokio::net::TcpListener::bind(("0.0.0.0", a.health_port))
         .await
         .context("bind health port")?;

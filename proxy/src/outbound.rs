@@ -237,7 +237,8 @@ impl ClientBase {
 /// The outbound side's shared state.
 #[derive(Debug)]
 pub struct Outbound {
-    pub routes: watch::Receiver<Arc<Routes>>,
+    /// `None` until the first discovery response.
+    pub routes: watch::Receiver<Option<Arc<Routes>>>,
     pub material: watch::Receiver<Option<Arc<TlsMaterial>>>,
     pub balancer: Balancer,
     pub metrics: ProxyMetrics,
@@ -256,7 +257,7 @@ enum Upstream {
 
 impl Outbound {
     pub fn new(
-        routes: watch::Receiver<Arc<Routes>>,
+        routes: watch::Receiver<Option<Arc<Routes>>>,
         material: watch::Receiver<Option<Arc<TlsMaterial>>>,
         metrics: ProxyMetrics,
         connect_timeout: Duration,
@@ -334,7 +335,14 @@ impl Outbound {
     async fn handle(&self, mut conn: TcpStream, peer: SocketAddr) -> Result<(), Failed> {
         let _ = conn.set_nodelay(true);
         let dst = original_dst(&conn).map_err(|e| Failed("no_original_dst", e.to_string()))?;
-        let destination = self.routes.borrow().resolve(dst);
+        // Before the first discovery response nothing is known to be
+        // outside the mesh: wait for it rather than guess plaintext.
+        let mut routes = self.routes.clone();
+        let destination = match tokio::time::timeout(self.connect_timeout, routes.wait_for(Option::is_some)).await {
+            Ok(Ok(r)) => r.as_ref().map(|r| r.resolve(dst)),
+            _ => None,
+        }
+        .ok_or_else(|| Failed("no_routes_yet", "no discovery data from the agent yet".into()))?;
         let (backend, upstream, peer_id) = match destination {
             Destination::Passthrough(addr) => {
                 let b = Backend {

@@ -12,7 +12,7 @@
 //! the namespace, in its own mount namespace with its volumes bind-mounted
 //! at their mount paths, as the container's UID/GID, with its environment
 //! (literal values and the usual field references), honouring `postStart`
-//! exec hooks. Images map to local binaries ([`Images`]). Readiness probes
+//! exec hooks and sidecars' startup probes (HTTP GET, TCP). Images map to local binaries ([`Images`]). Readiness probes
 //! (HTTP GET, TCP) run from the node as the kubelet's do, and the pod's
 //! Ready condition follows them, so the real EndpointSlice controller
 //! publishes its endpoints. Deleting the pod stops its processes (SIGTERM,
@@ -365,8 +365,31 @@ async fn pod_lifecycle(ctx: &Context_, api: &Api<Pod>, pod: Pod) -> anyhow::Resu
     for c in spec.init_containers.iter().flatten() {
         let mut cmd = container_command(ctx, &net, c, &volumes, &fields, pod_user, pod_group, &dir)?;
         if c.restart_policy.as_deref() == Some("Always") {
-            let child = cmd.spawn().with_context(|| format!("start sidecar {}", c.name))?;
+            let mut child = cmd.spawn().with_context(|| format!("start sidecar {}", c.name))?;
             record_pid(ctx, &key, &c.name, &child);
+            // The next containers start once the sidecar's startup probe passes.
+            if let Some(p) = &c.startup_probe {
+                let period = Duration::from_secs(p.period_seconds.unwrap_or(10).max(1) as u64);
+                let tries = p.failure_threshold.unwrap_or(3).max(1);
+                let mut passed = false;
+                for _ in 0..tries {
+                    if probe(p, &pod_ip, &ports(c)).await {
+                        passed = true;
+                        break;
+                    }
+                    if !matches!(child.try_wait(), Ok(None)) {
+                        break;
+                    }
+                    tokio::time::sleep(period.min(Duration::from_millis(500))).await;
+                }
+                if !passed {
+                    bail!(
+                        "sidecar {} did not pass its startup probe; see {}",
+                        c.name,
+                        dir.join(format!("{}.log", c.name)).display()
+                    );
+                }
+            }
             running.push(Running {
                 name: c.name.clone(),
                 child,

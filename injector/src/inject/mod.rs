@@ -524,6 +524,21 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
     let status;
     if native {
         proxy.restart_policy = Some("Always".into());
+        // The kubelet starts the next containers only once a native
+        // sidecar's startup probe passes: the app starts with the proxy
+        // holding its certificate and the mesh's routes.
+        if cfg.hold_application_until_proxy_starts {
+            proxy.startup_probe = Some(Probe {
+                http_get: Some(HTTPGetAction {
+                    path: Some("/healthz/ready".into()),
+                    port: IntOrString::Int(i32::from(cfg.health_port)),
+                    ..Default::default()
+                }),
+                period_seconds: Some(1),
+                failure_threshold: Some(600),
+                ..Default::default()
+            });
+        }
         // Before the user's init containers, so they (and the app) run with the proxy up.
         inits.splice(0..0, [init, proxy]);
         status = Status {

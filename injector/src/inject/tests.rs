@@ -100,6 +100,13 @@ fn native_sidecar_comes_first_among_init_containers() {
     assert_eq!(names, ["app"]);
     let proxy = &spec.init_containers.as_ref().expect("inits")[1];
     assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
+    let startup = proxy
+        .startup_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .expect("the app waits for the proxy's startup probe");
+    assert_eq!(startup.path.as_deref(), Some("/healthz/ready"));
+    assert_eq!(startup.port, IntOrString::Int(15021));
     let sc = proxy.security_context.as_ref().expect("sc");
     assert_eq!(
         (sc.run_as_user, sc.run_as_group, sc.run_as_non_root),
