@@ -184,11 +184,7 @@ fn request(
             Default::default()
         },
         response_nonce: nonce.into(),
-        error_detail: error.map(|message| envoy_types::pb::google::rpc::Status {
-            code: 3,
-            message,
-            ..Default::default()
-        }),
+        error_detail: error.map(crate::identity::nack_status),
         ..Default::default()
     }
 }

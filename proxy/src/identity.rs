@@ -170,17 +170,22 @@ impl SdsSource {
     }
 }
 
+/// The `error_detail` of a NACK: INVALID_ARGUMENT with `message`.
+pub(crate) fn nack_status(message: String) -> envoy_types::pb::google::rpc::Status {
+    envoy_types::pb::google::rpc::Status {
+        code: tonic::Code::InvalidArgument as i32,
+        message,
+        ..Default::default()
+    }
+}
+
 fn request(version: &str, nonce: &str, error: Option<String>) -> DiscoveryRequest {
     DiscoveryRequest {
         type_url: SECRET_TYPE.into(),
         resource_names: NAMES.iter().map(|s| s.to_string()).collect(),
         version_info: version.into(),
         response_nonce: nonce.into(),
-        error_detail: error.map(|message| envoy_types::pb::google::rpc::Status {
-            code: 3,
-            message,
-            ..Default::default()
-        }),
+        error_detail: error.map(nack_status),
         ..Default::default()
     }
 }

@@ -108,3 +108,10 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// The value of `series` in the proxy's metrics at `ip` (admin port
+/// 15020), with the whole text for assertion messages.
+pub async fn proxy_metric(ip: impl std::fmt::Display, series: &str) -> anyhow::Result<(f64, String)> {
+    let (_, text) = http_get(&format!("http://{ip}:15020/metrics")).await?;
+    Ok((metric(&text, series), text))
+}

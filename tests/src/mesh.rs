@@ -217,3 +217,47 @@ pub async fn ca_bundle_set(mwcs: &Api<MutatingWebhookConfiguration>, what: &str)
     })
     .await
 }
+
+/// The whole mesh on one test node: the CA, the node's agent, the injector
+/// (default template) and a [`Node`](crate::node::Node) that runs pods
+/// with `proxy` as the `mizzen-proxy` image and `mizzen-testapp` for
+/// application images, the agent's socket directory mounted where the
+/// injected pods expect it.
+#[derive(Debug)]
+pub struct MeshNode {
+    pub ca: Ca,
+    pub agent: Agent,
+    pub injector: Injector,
+    pub node: crate::node::Node,
+}
+
+impl MeshNode {
+    pub async fn start(
+        cluster: &Cluster,
+        node: &str,
+        proxy: &std::path::Path,
+        agent_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        install_manifests(cluster).await?;
+        let ca = Ca::start(cluster, None, &[]).await?;
+        let agent = Agent::start(cluster, node, ca.grpc_port, agent_args).await?;
+        let injector = Injector::start(cluster, "").await?;
+        let images = crate::node::Images::new()
+            .with("mizzen-proxy", proxy)
+            .with("mizzen-testapp", crate::workspace_bin("mizzen-testapp"));
+        let socket_dir = agent.socket.parent().context("agent socket dir")?.to_path_buf();
+        let node = crate::node::Node::start(
+            cluster,
+            node,
+            images,
+            std::collections::HashMap::from([("/var/run/mizzen".to_string(), socket_dir)]),
+        )
+        .await?;
+        Ok(Self {
+            ca,
+            agent,
+            injector,
+            node,
+        })
+    }
+}

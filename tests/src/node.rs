@@ -360,10 +360,15 @@ async fn pod_lifecycle(ctx: &Context_, api: &Api<Pod>, pod: Pod) -> anyhow::Resu
         sa: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
         node: ctx.node.clone(),
     };
-    let pod_user = spec.security_context.as_ref().and_then(|s| s.run_as_user);
-    let pod_group = spec.security_context.as_ref().and_then(|s| s.run_as_group);
+    let run = PodRun {
+        net: &net,
+        volumes: &volumes,
+        fields: &fields,
+        user: spec.security_context.as_ref().and_then(|s| s.run_as_user),
+        group: spec.security_context.as_ref().and_then(|s| s.run_as_group),
+    };
     for c in spec.init_containers.iter().flatten() {
-        let mut cmd = container_command(ctx, &net, c, &volumes, &fields, pod_user, pod_group, &dir)?;
+        let mut cmd = container_command(ctx, &run, c, &dir)?;
         if c.restart_policy.as_deref() == Some("Always") {
             let mut child = cmd.spawn().with_context(|| format!("start sidecar {}", c.name))?;
             record_pid(ctx, &key, &c.name, &child);
@@ -411,7 +416,7 @@ async fn pod_lifecycle(ctx: &Context_, api: &Api<Pod>, pod: Pod) -> anyhow::Resu
         }
     }
     for c in &spec.containers {
-        let mut cmd = container_command(ctx, &net, c, &volumes, &fields, pod_user, pod_group, &dir)?;
+        let mut cmd = container_command(ctx, &run, c, &dir)?;
         let child = cmd.spawn().with_context(|| format!("start container {}", c.name))?;
         record_pid(ctx, &key, &c.name, &child);
         running.push(Running {
@@ -427,7 +432,7 @@ async fn pod_lifecycle(ctx: &Context_, api: &Api<Pod>, pod: Pod) -> anyhow::Resu
             .and_then(|h| h.exec.as_ref())
             .and_then(|e| e.command.clone());
         if let Some(hook) = hook {
-            let mut h = exec_in(ctx, &net, c, &volumes, &fields, pod_user, pod_group, &hook)?;
+            let mut h = exec_in(ctx, &run, c, &hook)?;
             let out = h.output().await.with_context(|| format!("postStart of {}", c.name))?;
             if !out.status.success() {
                 bail!(
@@ -696,20 +701,25 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// What every container of one pod runs with.
+struct PodRun<'a> {
+    net: &'a NetnsPod,
+    volumes: &'a HashMap<String, PathBuf>,
+    fields: &'a Fields,
+    /// The pod's securityContext runAsUser/runAsGroup.
+    user: Option<i64>,
+    group: Option<i64>,
+}
+
 /// `argv` run in the pod's network namespace, in a private mount namespace
 /// with the container's volumes mounted, as the container's user.
-#[allow(clippy::too_many_arguments)]
 fn exec_in(
     ctx: &Context_,
-    net: &NetnsPod,
+    pod: &PodRun<'_>,
     c: &Container,
-    volumes: &HashMap<String, PathBuf>,
-    fields: &Fields,
-    pod_user: Option<i64>,
-    pod_group: Option<i64>,
     argv: &[String],
 ) -> anyhow::Result<tokio::process::Command> {
-    let _ = ctx;
+    let (net, volumes, fields, pod_user, pod_group) = (pod.net, pod.volumes, pod.fields, pod.user, pod.group);
     let sc = c.security_context.as_ref();
     let uid = sc.and_then(|s| s.run_as_user).or(pod_user).unwrap_or(0);
     let gid = sc.and_then(|s| s.run_as_group).or(pod_group).unwrap_or(uid);
@@ -760,15 +770,10 @@ fn exec_in(
 }
 
 /// The container's process, its output to `<dir>/<container>.log`.
-#[allow(clippy::too_many_arguments)]
 fn container_command(
     ctx: &Context_,
-    net: &NetnsPod,
+    pod: &PodRun<'_>,
     c: &Container,
-    volumes: &HashMap<String, PathBuf>,
-    fields: &Fields,
-    pod_user: Option<i64>,
-    pod_group: Option<i64>,
     dir: &Path,
 ) -> anyhow::Result<tokio::process::Command> {
     let image = c.image.as_deref().unwrap_or_default();
@@ -783,7 +788,7 @@ fn container_command(
         _ => argv.push(binary.to_string_lossy().into_owned()),
     }
     argv.extend(c.args.iter().flatten().cloned());
-    let mut cmd = exec_in(ctx, net, c, volumes, fields, pod_user, pod_group, &argv)?;
+    let mut cmd = exec_in(ctx, pod, c, &argv)?;
     let log = std::fs::File::create(dir.join(format!("{}.log", c.name)))?;
     cmd.stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))

@@ -12,7 +12,6 @@
 //! `scripts/test.sh` builds it). Run alone with
 //! `cargo test -p mizzen-tests --test proxy_bench -- --nocapture`.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -20,8 +19,8 @@ use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, PostParams};
 use mizzen_tests::daemon::{http_get, metric};
 use mizzen_tests::k8s::service_account;
-use mizzen_tests::mesh::{Agent, Ca, Injector, install_manifests};
-use mizzen_tests::node::{Images, Node, create_pod, wait_ready};
+use mizzen_tests::mesh::MeshNode;
+use mizzen_tests::node::{Node, create_pod, wait_ready};
 use mizzen_tests::{Cluster, eventually, workspace_bin};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -115,22 +114,9 @@ async fn http_load(node: &Node, ns: &str, pod: &str, target: &str, rate: &str, s
 async fn proxied_against_direct_http() -> anyhow::Result<()> {
     let proxy = release_proxy()?;
     let cluster = Cluster::get();
-    install_manifests(cluster).await?;
     let client = cluster.client().await?;
-    let ca = Ca::start(cluster, None, &[]).await?;
-    let agent = Agent::start(cluster, NODE, ca.grpc_port, &[]).await?;
-    let _injector = Injector::start(cluster, "").await?;
-    let images = Images::new()
-        .with("mizzen-proxy", &proxy)
-        .with("mizzen-testapp", workspace_bin("mizzen-testapp"));
-    let socket_dir = agent.socket.parent().context("socket dir")?.to_path_buf();
-    let node = Node::start(
-        cluster,
-        NODE,
-        images,
-        HashMap::from([("/var/run/mizzen".to_string(), socket_dir)]),
-    )
-    .await?;
+    let mesh_node = MeshNode::start(cluster, NODE, &proxy, &[]).await?;
+    let node = &mesh_node.node;
 
     // The mesh: an injected namespace. The baseline: the same pods in a
     // namespace without injection.
@@ -199,19 +185,19 @@ async fn proxied_against_direct_http() -> anyhow::Result<()> {
     );
 
     // Warm up both paths, then measure: fixed rate, then maximum rate.
-    http_load(&node, &plain, "client", &plain_target, "1000", "2").await?;
-    http_load(&node, &mesh, "client", &mesh_target, "1000", "2").await?;
+    http_load(node, &plain, "client", &plain_target, "1000", "2").await?;
+    http_load(node, &mesh, "client", &mesh_target, "1000", "2").await?;
     // The direct server app's CPU is the baseline: the same requests, read
     // and answered once, on this machine, in this run.
     let plain_app = node.pid(&plain, "server", "app")?;
     let app0 = cpu_seconds(plain_app)?;
-    let direct_fixed = http_load(&node, &plain, "client", &plain_target, "1000", "10").await?;
+    let direct_fixed = http_load(node, &plain, "client", &plain_target, "1000", "10").await?;
     let app_cpu = cpu_seconds(plain_app)? - app0;
     let cpu0 = (cpu_seconds(client_proxy)?, cpu_seconds(server_proxy)?);
-    let mesh_fixed = http_load(&node, &mesh, "client", &mesh_target, "1000", "10").await?;
+    let mesh_fixed = http_load(node, &mesh, "client", &mesh_target, "1000", "10").await?;
     let cpu1 = (cpu_seconds(client_proxy)?, cpu_seconds(server_proxy)?);
-    let direct_max = http_load(&node, &plain, "client", &plain_target, "0", "5").await?;
-    let mesh_max = http_load(&node, &mesh, "client", &mesh_target, "0", "5").await?;
+    let direct_max = http_load(node, &plain, "client", &plain_target, "0", "5").await?;
+    let mesh_max = http_load(node, &mesh, "client", &mesh_target, "0", "5").await?;
     for (what, r) in [
         ("direct 1000/s", direct_fixed),
         ("mesh 1000/s", mesh_fixed),
