@@ -59,12 +59,17 @@ fn pod(name: &str, labels: serde_json::Value, args: serde_json::Value) -> serde_
 
 /// CPU seconds (user + system) a process has used.
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let (user, system) = cpu_split(pid)?;
+    Ok(user + system)
+}
+
+/// CPU seconds in user space and in the kernel.
+fn cpu_split(pid: u32) -> anyhow::Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) end with ')'.
     let rest = stat.rsplit_once(')').context("stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
+    Ok((f[11].parse::<f64>()? / 100.0, f[12].parse::<f64>()? / 100.0))
 }
 
 /// A `/proc/<pid>/status` memory field, in MiB.
@@ -194,8 +199,10 @@ async fn proxied_against_direct_http() -> anyhow::Result<()> {
     let direct_fixed = http_load(node, &plain, "client", &plain_target, "1000", "10").await?;
     let app_cpu = cpu_seconds(plain_app)? - app0;
     let cpu0 = (cpu_seconds(client_proxy)?, cpu_seconds(server_proxy)?);
+    let split0 = cpu_split(client_proxy)?;
     let mesh_fixed = http_load(node, &mesh, "client", &mesh_target, "1000", "10").await?;
     let cpu1 = (cpu_seconds(client_proxy)?, cpu_seconds(server_proxy)?);
+    let split1 = cpu_split(client_proxy)?;
     let direct_max = http_load(node, &plain, "client", &plain_target, "0", "5").await?;
     let mesh_max = http_load(node, &mesh, "client", &mesh_target, "0", "5").await?;
     for (what, r) in [
@@ -280,6 +287,11 @@ async fn proxied_against_direct_http() -> anyhow::Result<()> {
         app_per_1000,
         per_1000(cpu1.0 - cpu0.0) / app_per_1000,
         per_1000(cpu1.1 - cpu0.1) / app_per_1000,
+    );
+    eprintln!(
+        "  client proxy: {:.3} s user, {:.3} s kernel (TCP, veth and TLS syscalls) per 1000 requests",
+        per_1000(split1.0 - split0.0),
+        per_1000(split1.1 - split0.1)
     );
     eprintln!(
         "peak RSS under load: client proxy {:.1} MiB, server proxy {:.1} MiB   (target < 15 MB)",
