@@ -3,14 +3,17 @@
 #
 #   scripts/run-local.sh up     install (cached) and start the control plane,
 #                               install Mizzen's manifests, start the built
-#                               components as local processes
+#                               components as local processes, and a test
+#                               node that runs pods as processes in network
+#                               namespaces (the tests' kubelet stand-in)
 #   scripts/run-local.sh down   stop everything
 #
 # State lives in $MIZZEN_LOCAL_DIR (default ~/.cache/mizzen/local); component
 # logs in its logs/ folder. Ports: CA gRPC $MIZZEN_CA_PORT (15012), CA admin
 # $MIZZEN_CA_ADMIN_PORT (15014), agent admin $MIZZEN_AGENT_ADMIN_PORT (15030),
 # injector webhook $MIZZEN_INJECTOR_PORT (15017) and admin (15018).
-# The agent serves SDS on $DIR/agent.sock for node "local-node".
+# The agent serves SDS on $DIR/run/agent.sock for node "local-node"; pods the
+# scheduler binds there run under $DIR/pods/<namespace>_<pod>/ (logs too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR="${MIZZEN_LOCAL_DIR:-$HOME/.cache/mizzen/local}"
@@ -26,10 +29,12 @@ die() { printf '[run-local] error: %s\n' "$*" >&2; exit 1; }
 
 stop_components() {
   local pid c
-  for c in mizzen-injector mizzen-agent mizzen-ca; do
+  for c in mizzen-test-node mizzen-injector mizzen-agent mizzen-ca; do
     pid=$(cat "$DIR/pids/$c" 2>/dev/null) || continue
     if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q "$c"; then
       kill -TERM "$pid" 2>/dev/null || true
+      # The test node removes its pods' namespaces before it exits.
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     fi
     rm -f "$DIR/pids/$c"
   done
@@ -94,7 +99,7 @@ metadata: {name: $NODE, labels: {kubernetes.io/hostname: $NODE}}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: mizzen-agent-local, namespace: mizzen-system}
+metadata: {name: mizzen-agent-local, namespace: mizzen-system, annotations: {test.mizzen.dev/unmanaged: "true"}}
 spec:
   serviceAccountName: mizzen-agent
   nodeName: $NODE
@@ -104,9 +109,9 @@ NODE_AND_POD
     $KUBECTL -n mizzen-system create token mizzen-agent --audience mizzen-ca --duration 24h \
       --bound-object-kind Pod --bound-object-name mizzen-agent-local --bound-object-uid "$uid" > "$DIR/agent-token"
     start mizzen-agent "$AGENT_ADMIN_PORT" "$(sa_kubeconfig mizzen-agent)" \
-      --socket "$DIR/agent.sock" --node-name "$NODE" --namespace mizzen-system \
+      --socket "$DIR/run/agent.sock" --node-name "$NODE" --namespace mizzen-system \
       --ca-addr "https://127.0.0.1:$CA_PORT" --agent-token-file "$DIR/agent-token"
-    log "mizzen-agent is serving SDS on $DIR/agent.sock (metrics: http://127.0.0.1:$AGENT_ADMIN_PORT/metrics)"
+    log "mizzen-agent is serving SDS on $DIR/run/agent.sock (metrics: http://127.0.0.1:$AGENT_ADMIN_PORT/metrics)"
 
     # The injector: every document of its manifest but the webhook
     # configuration, which points at the local process instead of the
@@ -118,6 +123,17 @@ NODE_AND_POD
     start mizzen-injector "$INJECTOR_ADMIN_PORT" "$(sa_kubeconfig mizzen-injector)" serve \
       --addr "127.0.0.1:$INJECTOR_PORT" --serving-ip 127.0.0.1 --config "$DIR/injector-config.yaml"
     log "mizzen-injector is serving the webhook on 127.0.0.1:$INJECTOR_PORT; label a namespace with mizzen.dev/inject=enabled"
+
+    # The node's kubelet stand-in: runs the pods bound to local-node, with
+    # the built proxy for Mizzen's image and mizzen-testapp for app images.
+    KUBECONFIG=$DIR/kubeconfig setsid target/debug/mizzen-test-node --node "$NODE" --pods-dir "$DIR/pods" \
+      --image "mizzen-proxy=$PWD/target/debug/mizzen-proxy" --image "mizzen-testapp=$PWD/target/debug/mizzen-testapp" \
+      --host-path "/var/run/mizzen=$DIR/run" > "$DIR/logs/mizzen-test-node.log" 2>&1 < /dev/null &
+    echo $! > "$DIR/pids/mizzen-test-node"
+    sleep 1
+    kill -0 "$(cat "$DIR/pids/mizzen-test-node")" 2>/dev/null \
+      || { cat "$DIR/logs/mizzen-test-node.log" >&2; die "mizzen-test-node exited"; }
+    log "pods scheduled to $NODE run as local processes (image mizzen-testapp = target/debug/mizzen-testapp); their logs: $DIR/pods/"
     log "Use the cluster with:"
     log "  export KUBECONFIG=$DIR/kubeconfig PATH=$(scripts/kube.sh bin):\$PATH"
     log "  kubectl get configmap mizzen-root-ca -n default -o jsonpath='{.data.root-cert\\.pem}'"

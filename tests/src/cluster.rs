@@ -225,32 +225,7 @@ impl Cluster {
     /// so the scheduler binds pods to it. Nothing runs pods on it; callers
     /// that need pods to run play the kubelet themselves.
     pub async fn register_node(&self, client: &kube::Client, name: &str) -> anyhow::Result<()> {
-        let nodes = Api::<Node>::all(client.clone());
-        let node: Node = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
-        }))?;
-        match nodes.create(&PostParams::default(), &node).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(e).context(format!("create node {name}")),
-        }
-        let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        let status = serde_json::json!({
-            "status": {
-                "capacity": {"cpu": "8", "memory": "16Gi", "pods": "250"},
-                "allocatable": {"cpu": "8", "memory": "16Gi", "pods": "250"},
-                "conditions": [{
-                    "type": "Ready", "status": "True", "reason": "KubeletReady",
-                    "message": "mizzen test node", "lastHeartbeatTime": now, "lastTransitionTime": now,
-                }],
-                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": name}],
-            }
-        });
-        nodes
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-            .await
-            .with_context(|| format!("set status of node {name}"))?;
-        Ok(())
+        register_node(client, name).await
     }
 
     /// Registers a mutating admission webhook served at `url` (an
@@ -364,4 +339,34 @@ impl Kubectl {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         ))
     }
+}
+
+/// Registers node `name` (Ready, with capacity), as a kubelet would.
+pub async fn register_node(client: &kube::Client, name: &str) -> anyhow::Result<()> {
+    let nodes = Api::<Node>::all(client.clone());
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+    }))?;
+    match nodes.create(&PostParams::default(), &node).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e).context(format!("create node {name}")),
+    }
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let status = serde_json::json!({
+        "status": {
+            "capacity": {"cpu": "8", "memory": "16Gi", "pods": "250"},
+            "allocatable": {"cpu": "8", "memory": "16Gi", "pods": "250"},
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "KubeletReady",
+                "message": "mizzen test node", "lastHeartbeatTime": now, "lastTransitionTime": now,
+            }],
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": name}],
+        }
+    });
+    nodes
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .with_context(|| format!("set status of node {name}"))?;
+    Ok(())
 }

@@ -135,7 +135,20 @@ impl Node {
         host_paths: HashMap<String, PathBuf>,
     ) -> anyhow::Result<Node> {
         let client = cluster.client().await?;
-        cluster.register_node(&client, name).await?;
+        Self::start_with(client, name, images, host_paths, cluster.dir().join("pods")).await
+    }
+
+    /// [`start`](Self::start) against any cluster: `client` needs to manage
+    /// nodes, leases, pods and their status, and request tokens; pod
+    /// volumes and logs go under `pods_dir`.
+    pub async fn start_with(
+        client: kube::Client,
+        name: &str,
+        images: Images,
+        host_paths: HashMap<String, PathBuf>,
+        pods_dir: PathBuf,
+    ) -> anyhow::Result<Node> {
+        crate::cluster::register_node(&client, name).await?;
         let heartbeat = tokio::spawn(heartbeat(client.clone(), name.to_owned()));
         let netns: Arc<Mutex<HashMap<String, (String, std::net::Ipv4Addr)>>> = Arc::default();
         let pids: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
@@ -146,7 +159,7 @@ impl Node {
             node: name.to_owned(),
             images,
             host_paths,
-            dir: cluster.dir().join("pods"),
+            dir: pods_dir,
         });
         let pods: Arc<Mutex<HashMap<String, JoinHandle<()>>>> = Arc::default();
         let watch = {
@@ -443,9 +456,18 @@ async fn pod_lifecycle(ctx: &Context_, api: &Api<Pod>, pod: Pod) -> anyhow::Resu
             }
         }
     }
-    let statuses = |ready: &HashMap<String, bool>| -> serde_json::Value {
+    // Native sidecars are reported with the init containers, as kubectl
+    // counts them in READY.
+    let sidecars: Vec<Container> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+        .cloned()
+        .collect();
+    let statuses = |containers: &[Container], ready: &HashMap<String, bool>| -> serde_json::Value {
         serde_json::Value::Array(
-            spec.containers
+            containers
                 .iter()
                 .map(|c| {
                     serde_json::json!({"name": c.name, "image": c.image, "imageID": "", "restartCount": 0,
@@ -514,7 +536,8 @@ async fn pod_lifecycle(ctx: &Context_, api: &Api<Pod>, pod: Pod) -> anyhow::Resu
         if last_ready != Some(ready) {
             let status = serde_json::json!({"status": {
                 "phase": "Running", "conditions": conditions(true, ready),
-                "containerStatuses": statuses(&ready_by),
+                "containerStatuses": statuses(&spec.containers, &ready_by),
+                "initContainerStatuses": statuses(&sidecars, &ready_by),
             }});
             api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
                 .await
