@@ -217,56 +217,37 @@ fn annotations_customise_and_bad_values_name_the_annotation() {
         p.metadata.annotations = Some(labels(&[(k, v)]));
         p
     };
-    let out = mutate(
-        &with(ANN_EXCLUDE_INBOUND_PORTS, "9090, 9091"),
-        &InjectConfig::default(),
-        true,
-    )
-    .expect("ok");
-    let args = out.spec.as_ref().expect("s").init_containers.as_ref().expect("i")[0]
-        .args
-        .clone()
-        .expect("args");
+    // Init container 0 is mizzen-init, 1 the native proxy.
+    let injected = |k: &str, v: &str, i: usize| -> Container {
+        mutate(&with(k, v), &InjectConfig::default(), true)
+            .expect("ok")
+            .spec
+            .and_then(|s| s.init_containers)
+            .expect("init containers")
+            .swap_remove(i)
+    };
+    let args = injected(ANN_EXCLUDE_INBOUND_PORTS, "9090, 9091", 0).args.expect("args");
     assert!(
         args.contains(&"--exclude-inbound-ports=9090,9091,15020,15021".to_string()),
         "{args:?}"
     );
-    let out = mutate(
-        &with(ANN_EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/8,fd00::/8"),
-        &InjectConfig::default(),
-        true,
-    )
-    .expect("ok");
-    let args = out.spec.as_ref().expect("s").init_containers.as_ref().expect("i")[0]
+    let args = injected(ANN_EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/8,fd00::/8", 0)
         .args
-        .clone()
         .expect("args");
     assert!(
         args.contains(&"--exclude-outbound-cidrs=10.0.0.0/8,fd00::/8".to_string()),
         "{args:?}"
     );
-    let out = mutate(&with(ANN_PROXY_MEMORY, "64Mi"), &InjectConfig::default(), true).expect("ok");
-    let res = out.spec.as_ref().expect("s").init_containers.as_ref().expect("i")[1]
-        .resources
-        .clone()
-        .expect("r");
+    let res = injected(ANN_PROXY_MEMORY, "64Mi", 1).resources.expect("r");
     assert_eq!(res.requests.expect("req")["memory"], Quantity("64Mi".into()));
 
-    let out = mutate(&with(ANN_MTLS_MODE, "strict"), &InjectConfig::default(), true).expect("ok");
-    let env = out.spec.as_ref().expect("s").init_containers.as_ref().expect("i")[1]
-        .env
-        .clone()
-        .expect("env");
+    let env = injected(ANN_MTLS_MODE, "strict", 1).env.expect("env");
     assert!(
         env.iter()
             .any(|e| e.name == "MIZZEN_MTLS_MODE" && e.value.as_deref() == Some("strict")),
         "{env:?}"
     );
-    let out = mutate(&app(), &InjectConfig::default(), true).expect("ok");
-    let env = out.spec.as_ref().expect("s").init_containers.as_ref().expect("i")[1]
-        .env
-        .clone()
-        .expect("env");
+    let env = injected(ANN_LOG_LEVEL, "debug", 1).env.expect("env");
     assert!(
         !env.iter().any(|e| e.name == "MIZZEN_MTLS_MODE"),
         "default: the proxy's own (permissive)"
