@@ -20,6 +20,24 @@ impl Connections {
         ConnGuard(self.0.clone())
     }
 
+    /// Accepts the next connection on `listener` and counts it as open. An
+    /// accept error (e.g. out of file descriptors) is logged and retried
+    /// after a pause rather than ending the listener.
+    pub async fn accept(
+        &self,
+        listener: &tokio::net::TcpListener,
+    ) -> (tokio::net::TcpStream, std::net::SocketAddr, ConnGuard) {
+        loop {
+            match listener.accept().await {
+                Ok((conn, peer)) => return (conn, peer, self.open()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
     pub fn count(&self) -> usize {
         self.0.load(Ordering::Relaxed)
     }

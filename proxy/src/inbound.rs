@@ -19,7 +19,7 @@ use std::time::Duration;
 use mizzen_api::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::identity::{TlsMaterial, spiffe_id_of};
 use crate::metrics::{Direction, ProxyMetrics, handshake_reason};
@@ -129,18 +129,10 @@ pub async fn serve(
 ) {
     let ids = AtomicU64::new(0);
     loop {
-        let (conn, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (conn, peer, guard) = connections.accept(&listener).await;
         let material = material.borrow().clone();
         let metrics = metrics.clone();
         let n = ids.fetch_add(1, Ordering::Relaxed);
-        let guard = connections.open();
         let open = metrics.open(Direction::Inbound);
         tokio::spawn(async move {
             let (_guard, _open) = (guard, open);

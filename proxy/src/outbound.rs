@@ -403,15 +403,7 @@ impl Outbound {
 pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>, connections: crate::drain::Connections) {
     info!(addr = ?listener.local_addr().ok(), "outbound listening");
     loop {
-        let (conn, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let guard = connections.open();
+        let (conn, peer, guard) = connections.accept(&listener).await;
         let open = outbound.metrics.open(Direction::Outbound);
         let outbound = outbound.clone();
         tokio::spawn(async move {
