@@ -47,3 +47,11 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("bind 127.0.0.1:0")
 }
+
+/// The `p` quantile (0 to 1, nearest rank) of `sorted`, an ascending
+/// slice; `None` when it is empty.
+pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+    let last = sorted.len().checked_sub(1)?;
+    let i = (last as f64 * p).round() as usize;
+    sorted.get(i.min(last)).copied()
+}

@@ -218,6 +218,16 @@ pub async fn ca_bundle_set(mwcs: &Api<MutatingWebhookConfiguration>, what: &str)
     .await
 }
 
+/// The manifests installed, node `node` registered, and a CA with that
+/// node's agent (started with `agent_args`) running.
+pub async fn ca_and_agent(cluster: &Cluster, node: &str, agent_args: &[&str]) -> anyhow::Result<(Ca, Agent)> {
+    install_manifests(cluster).await?;
+    crate::cluster::register_node(&cluster.client().await?, node).await?;
+    let ca = Ca::start(cluster, None, &[]).await?;
+    let agent = Agent::start(cluster, node, ca.grpc_port, agent_args).await?;
+    Ok((ca, agent))
+}
+
 /// The whole mesh on one test node: the CA, the node's agent, the injector
 /// (default template) and a [`Node`](crate::node::Node) that runs pods
 /// with `proxy` as the `mizzen-proxy` image and `mizzen-testapp` for
@@ -238,9 +248,7 @@ impl MeshNode {
         proxy: &std::path::Path,
         agent_args: &[&str],
     ) -> anyhow::Result<Self> {
-        install_manifests(cluster).await?;
-        let ca = Ca::start(cluster, None, &[]).await?;
-        let agent = Agent::start(cluster, node, ca.grpc_port, agent_args).await?;
+        let (ca, agent) = ca_and_agent(cluster, node, agent_args).await?;
         let injector = Injector::start(cluster, "").await?;
         let images = crate::node::Images::new()
             .with("mizzen-proxy", proxy)

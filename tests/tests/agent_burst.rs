@@ -10,26 +10,22 @@ use futures::future::join_all;
 use mizzen_tests::Cluster;
 use mizzen_tests::daemon::metric;
 use mizzen_tests::k8s::{pod_on_node, service_account, token};
-use mizzen_tests::mesh::{Agent, Ca, install_manifests};
+use mizzen_tests::mesh::ca_and_agent;
 use mizzen_tests::sds::{SdsStream, decode};
 
 const PODS: usize = 200;
 const IDENTITIES: usize = 10;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
+    mizzen_tests::percentile(sorted, p).expect("latencies were measured")
 }
 
 #[tokio::test]
 async fn two_hundred_pods_starting_at_once() -> anyhow::Result<()> {
     let cluster = Cluster::get();
     let client = cluster.client().await?;
-    install_manifests(cluster).await?;
     let node = "burst-node";
-    cluster.register_node(&client, node).await?;
-    let ca = Ca::start(cluster, None, &[]).await?;
-    let agent = Agent::start(cluster, node, ca.grpc_port, &[]).await?;
+    let (ca, agent) = ca_and_agent(cluster, node, &[]).await?;
 
     // Pods and their projected-style tokens exist before the burst starts.
     let ns = cluster.namespace(&client, "burst", &[]).await?;

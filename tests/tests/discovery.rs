@@ -13,7 +13,7 @@ use kube::api::{Api, DeleteParams, PostParams};
 use mizzen_api::proto::discovery::{SERVICE_TYPE, Service as DiscoveredService};
 use mizzen_tests::daemon::metric;
 use mizzen_tests::k8s::{pod_on_node, service_account, token};
-use mizzen_tests::mesh::{Agent, Ca, install_manifests};
+use mizzen_tests::mesh::ca_and_agent;
 use mizzen_tests::{Cluster, eventually};
 use prost::Message;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -104,10 +104,8 @@ fn decode(resp: &serde_json::Value, name: &str) -> anyhow::Result<DiscoveredServ
 #[tokio::test]
 async fn services_and_endpoints_stream_incrementally_to_an_independent_client() -> anyhow::Result<()> {
     let cluster = Cluster::get();
-    install_manifests(cluster).await?;
     let client = cluster.client().await?;
-    let ca = Ca::start(cluster, None, &[]).await?;
-    let agent = Agent::start(cluster, NODE, ca.grpc_port, &[]).await?;
+    let (_ca, agent) = ca_and_agent(cluster, NODE, &[]).await?;
     let ns = cluster.namespace(&client, "disco", &[]).await?;
     for sa in ["caller", "web"] {
         service_account(&client, &ns, sa).await?;

@@ -105,7 +105,7 @@ async fn drive(
 }
 
 fn pct(v: &[Duration], p: f64) -> Duration {
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
+    mizzen_tests::percentile(v, p).expect("latencies were measured")
 }
 
 #[tokio::test]

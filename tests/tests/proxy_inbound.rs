@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use mizzen_tests::daemon::{http_get, metric};
 use mizzen_tests::k8s::{pod_on_node, service_account, token};
-use mizzen_tests::mesh::{Agent, Ca, install_manifests};
+use mizzen_tests::mesh::{Agent, Ca, ca_and_agent, install_manifests};
 use mizzen_tests::{Cluster, NetnsPod, eventually, workspace_bin};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -141,12 +141,8 @@ async fn s_client(pod: &NetnsPod, addr: &str, dir: &Path, with_cert: bool) -> an
 #[tokio::test]
 async fn inbound_mtls_with_openssl_and_plaintext_by_mode() -> anyhow::Result<()> {
     let cluster = Cluster::get();
-    let client = cluster.client().await?;
-    install_manifests(cluster).await?;
     let node = "proxy-node";
-    cluster.register_node(&client, node).await?;
-    let ca = Ca::start(cluster, None, &[]).await?;
-    let agent = Agent::start(cluster, node, ca.grpc_port, &[]).await?;
+    let (_ca, agent) = ca_and_agent(cluster, node, &[]).await?;
 
     let Workloads { ns, dir, server_token } = workloads(cluster, "proxy-in", node, node, &agent).await?;
 
@@ -414,12 +410,8 @@ async fn rotation_keeps_open_connections() -> anyhow::Result<()> {
 #[tokio::test]
 async fn ipv6_inbound_mtls_and_outbound() -> anyhow::Result<()> {
     let cluster = Cluster::get();
-    let client = cluster.client().await?;
-    install_manifests(cluster).await?;
     let node = "proxy-v6-node";
-    cluster.register_node(&client, node).await?;
-    let ca = Ca::start(cluster, None, &[]).await?;
-    let agent = Agent::start(cluster, node, ca.grpc_port, &[]).await?;
+    let (_ca, agent) = ca_and_agent(cluster, node, &[]).await?;
     let Workloads { dir, server_token, .. } = workloads(cluster, "proxy-v6", node, node, &agent).await?;
 
     let server = NetnsPod::create_dual_stack("proxy-v6-server")?;

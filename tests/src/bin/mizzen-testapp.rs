@@ -200,11 +200,7 @@ fn http_server(addr: &str) -> Result<(), String> {
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+    mizzen_tests::percentile(sorted, p).unwrap_or(0)
 }
 
 fn http_load(addr: &str, rate: &str, secs: &str, conns: &str) -> Result<(), String> {
