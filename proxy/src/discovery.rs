@@ -74,10 +74,10 @@ fn identity_of(ep: &pb::Endpoint) -> Option<Result<SpiffeId, String>> {
 }
 
 impl Routes {
-    /// Indexes `services` (as received, by resource name).
-    pub fn new(services: &BTreeMap<String, pb::Service>) -> Self {
+    /// Indexes `services`.
+    pub fn new<'a>(services: impl IntoIterator<Item = &'a pb::Service>) -> Self {
         let mut routes = Routes::default();
-        for svc in services.values() {
+        for svc in services {
             let name = format!("{}/{}", svc.namespace, svc.name);
             for ep in &svc.endpoints {
                 for a in &ep.addresses {
@@ -190,8 +190,7 @@ fn request(
 }
 
 fn publish(held: &BTreeMap<String, (String, pb::Service)>, tx: &watch::Sender<Option<Arc<Routes>>>) {
-    let services = held.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect();
-    tx.send_replace(Some(Arc::new(Routes::new(&services))));
+    tx.send_replace(Some(Arc::new(Routes::new(held.values().map(|(_, s)| s)))));
 }
 
 async fn stream_once(
@@ -215,10 +214,9 @@ async fn stream_once(
             .await
             .map_err(|s| format!("discovery stream failed: {:?}: {}", s.code(), s.message()))?
             .ok_or("the agent closed the discovery stream")?;
-        let mut next = held.clone();
-        match apply(&mut next, &resp) {
+        // `apply` changes nothing unless the whole response is usable.
+        match apply(held, &resp) {
             Ok(()) => {
-                *held = next;
                 publish(held, tx);
                 debug!(
                     changed = resp.resources.len(),
@@ -327,7 +325,7 @@ mod tests {
     }
 
     fn routes(held: &BTreeMap<String, (String, pb::Service)>) -> Routes {
-        Routes::new(&held.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect())
+        Routes::new(held.values().map(|(_, s)| s))
     }
 
     #[test]
