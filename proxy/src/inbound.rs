@@ -119,6 +119,10 @@ pub fn bind_listeners(port: u16) -> std::io::Result<Vec<TcpListener>> {
     Ok(out)
 }
 
+/// The server configuration for the current certificate, or why it
+/// could not be built.
+type ServerTls = Result<Arc<rustls::ServerConfig>, String>;
+
 /// Serves inbound connections until the process ends.
 pub async fn serve(
     listener: TcpListener,
@@ -128,15 +132,25 @@ pub async fn serve(
     connections: crate::drain::Connections,
 ) {
     let ids = AtomicU64::new(0);
+    // Built once per certificate (rotation), not per connection.
+    let mut cached: Option<(Arc<TlsMaterial>, ServerTls)> = None;
     loop {
         let (conn, peer, guard) = connections.accept(&listener).await;
-        let material = material.borrow().clone();
+        let current = material.borrow().clone();
+        let config = current.map(|m| match &cached {
+            Some((built_for, config)) if Arc::ptr_eq(built_for, &m) => config.clone(),
+            _ => {
+                let config = server_config(&m);
+                cached = Some((m, config.clone()));
+                config
+            }
+        });
         let metrics = metrics.clone();
         let n = ids.fetch_add(1, Ordering::Relaxed);
         let open = metrics.open(Direction::Inbound);
         tokio::spawn(async move {
             let (_guard, _open) = (guard, open);
-            if let Err(reason) = handle(conn, peer, material, mode, &metrics).await {
+            if let Err(reason) = handle(conn, peer, config, mode, &metrics).await {
                 metrics.refused(Direction::Inbound, reason.0);
                 debug!(conn = n, %peer, reason = reason.0, detail = %reason.1, "inbound connection refused");
             }
@@ -190,15 +204,16 @@ async fn is_mesh_hello(conn: &TcpStream) -> Result<bool, Refused> {
 async fn handle(
     conn: TcpStream,
     peer: SocketAddr,
-    material: Option<Arc<TlsMaterial>>,
+    config: Option<ServerTls>,
     mode: MtlsMode,
     metrics: &ProxyMetrics,
 ) -> Result<(), Refused> {
     let _ = conn.set_nodelay(true);
     let dst = original_dst(&conn).map_err(|e| Refused("no_original_dst", e.to_string()))?;
     if is_mesh_hello(&conn).await? {
-        let m = material.ok_or_else(|| Refused("no_certificate_yet", String::new()))?;
-        let config = server_config(&m).map_err(|e| Refused("tls_config", e))?;
+        let config = config
+            .ok_or_else(|| Refused("no_certificate_yet", String::new()))?
+            .map_err(|e| Refused("tls_config", e))?;
         let mut tls = tokio::time::timeout(
             Duration::from_secs(10),
             tokio_rustls::TlsAcceptor::from(config).accept(conn),
