@@ -42,47 +42,47 @@ const ATTEMPTS: usize = 3;
 /// Per-endpoint load and health, shared by all connections.
 #[derive(Debug, Default)]
 pub struct Balancer {
-    endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
+    endpoints: Mutex<HashMap<SocketAddr, Entry>>,
 }
 
 #[derive(Debug, Default)]
-struct EndpointState {
-    open: AtomicUsize,
-    failed_until: Mutex<Option<Instant>>,
+struct Entry {
+    /// Open connections; each [`Load`] holds a reference.
+    open: Arc<AtomicUsize>,
+    failed_until: Option<Instant>,
 }
 
 /// Counts one open connection to an endpoint until dropped.
 #[derive(Debug)]
-pub struct Load(Arc<EndpointState>);
+pub struct Load(Arc<AtomicUsize>);
 
 impl Drop for Load {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl Balancer {
-    fn state(&self, addr: SocketAddr) -> Arc<EndpointState> {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Entry>> {
         let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 4096 {
             // Forget idle endpoints, which discovery may long have dropped.
-            map.retain(|_, s| Arc::strong_count(s) > 1 || s.open.load(Ordering::Relaxed) > 0);
+            let now = Instant::now();
+            map.retain(|_, e| Arc::strong_count(&e.open) > 1 || e.failed_until.is_some_and(|t| now < t));
         }
-        map.entry(addr).or_default().clone()
-    }
-
-    fn failed(&self, addr: SocketAddr) -> bool {
-        let s = self.state(addr);
-        let until = *s.failed_until.lock().unwrap_or_else(|p| p.into_inner());
-        until.is_some_and(|t| Instant::now() < t)
+        map
     }
 
     /// Picks among `backends` not in `tried`: two at random, the one with
     /// fewer open connections; endpoints that failed recently only when
     /// nothing else is left.
     pub fn pick<'a>(&self, backends: &'a [Backend], tried: &[SocketAddr]) -> Option<&'a Backend> {
+        let now = Instant::now();
+        let map = self.entries();
+        let failed = |b: &Backend| map.get(&b.addr).and_then(|e| e.failed_until).is_some_and(|t| now < t);
+        let open = |b: &Backend| map.get(&b.addr).map_or(0, |e| e.open.load(Ordering::Relaxed));
         let left: Vec<&Backend> = backends.iter().filter(|b| !tried.contains(&b.addr)).collect();
-        let healthy: Vec<&Backend> = left.iter().copied().filter(|b| !self.failed(b.addr)).collect();
+        let healthy: Vec<&Backend> = left.iter().copied().filter(|b| !failed(b)).collect();
         let pool = if healthy.is_empty() { left } else { healthy };
         match pool.len() {
             0 => None,
@@ -94,27 +94,30 @@ impl Balancer {
                 if b >= a {
                     b += 1;
                 }
-                let load = |i: usize| self.state(pool[i].addr).open.load(Ordering::Relaxed);
-                Some(if load(b) < load(a) { pool[b] } else { pool[a] })
+                Some(if open(pool[b]) < open(pool[a]) {
+                    pool[b]
+                } else {
+                    pool[a]
+                })
             }
         }
     }
 
     /// Counts a connection to `addr` as open.
     pub fn load(&self, addr: SocketAddr) -> Load {
-        let s = self.state(addr);
-        s.open.fetch_add(1, Ordering::Relaxed);
-        Load(s)
+        let open = self.entries().entry(addr).or_default().open.clone();
+        open.fetch_add(1, Ordering::Relaxed);
+        Load(open)
     }
 
     /// Skips `addr` for a while.
     pub fn mark_failed(&self, addr: SocketAddr) {
-        *self.state(addr).failed_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + FAILURE_HOLD);
+        self.entries().entry(addr).or_default().failed_until = Some(Instant::now() + FAILURE_HOLD);
     }
 
     /// Open connections to `addr` (for tests and metrics).
     pub fn open(&self, addr: SocketAddr) -> usize {
-        self.state(addr).open.load(Ordering::Relaxed)
+        self.entries().get(&addr).map_or(0, |e| e.open.load(Ordering::Relaxed))
     }
 }
 
