@@ -10,7 +10,7 @@ die() { printf '[deps.sh] error: %s\n' "$*" >&2; exit 1; }
 declare -A PKG=(
   [ip]=iproute2 [ss]=iproute2
   [iptables]=iptables [iptables-restore]=iptables [ip6tables]=iptables
-  [setpriv]=util-linux [setsid]=util-linux [nsenter]=util-linux
+  [setpriv]=util-linux [setsid]=util-linux [nsenter]=util-linux [flock]=util-linux
   [openssl]=openssl [curl]=curl [tac]=coreutils [base64]=coreutils
   [protoc]=protobuf-compiler
   [tcpdump]=tcpdump [tshark]=tshark [unshare]=util-linux [mount]=mount

@@ -120,21 +120,6 @@ cmd_install() {
 
 # ---------------------------------------------------------------- start/stop
 
-used_ports=" "
-free_port() {
-  local p i
-  for i in $(seq 1 200); do
-    p=$(( (RANDOM * 32768 + RANDOM) % 25000 + 30000 ))
-    case "$used_ports" in *" $p "*) continue ;; esac
-    if [ -z "$(ss -Htan "( sport = :$p or dport = :$p )" 2>/dev/null)" ]; then
-      used_ports+="$p "
-      echo "$p"
-      return 0
-    fi
-  done
-  die "no free TCP port found on 127.0.0.1"
-}
-
 # gen_cert NAME SUBJECT EXTENSIONS: an ECDSA P-256 key and a certificate signed by the test CA.
 gen_cert() {
   local pki=$1 name=$2 subj=$3 ext=$4
@@ -211,26 +196,17 @@ wait_until() {
   done
 }
 
-cmd_start() {
-  local dir=${1:?usage: kube.sh start DIR}
-  installed || die "the control plane is not installed: run scripts/kube.sh install first"
-  need openssl "apt-get install openssl"
-  need ss "apt-get install iproute2"
-  need curl "apt-get install curl"
-  mkdir -p "$dir"
-  dir=$(cd "$dir" && pwd)
-  local n
-  for n in etcd kube-apiserver kube-controller-manager kube-scheduler; do
-    alive "$dir" "$n" && die "$n is already running for $dir: run scripts/kube.sh stop $dir first"
-  done
+# start_once DIR: one attempt at starting the control plane on fresh ports
+# from scripts/ports.sh. `kube.sh start` runs it as its own process
+# (`start-once`), so that `set -e` holds in it and `die` ends only the attempt.
+start_once() {
+  local dir=$1 t0=$SECONDS pki=$1/pki
   rm -rf "$dir/pids" "$dir/etcd" "$dir/pki"
   mkdir -p "$dir/logs" "$dir/pids"
-  local t0=$SECONDS pki=$dir/pki
   gen_pki "$pki"
-  local etcd_port peer_port api_port kcm_port sched_port
-  etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
-  kcm_port=$(free_port); sched_port=$(free_port)
-
+  local ports etcd_port peer_port api_port kcm_port sched_port
+  ports=$("$(dirname "$0")/ports.sh" 5) || die "no ports for the control plane"
+  read -r etcd_port peer_port api_port kcm_port sched_port <<< "$(echo $ports)"
   spawn "$dir" etcd "$BIN_DIR/etcd" --name=mizzen-test --data-dir="$dir/etcd" \
     --listen-client-urls="http://127.0.0.1:$etcd_port" --advertise-client-urls="http://127.0.0.1:$etcd_port" \
     --listen-peer-urls="http://127.0.0.1:$peer_port" --initial-advertise-peer-urls="http://127.0.0.1:$peer_port" \
@@ -279,6 +255,33 @@ ENV
   log "control plane $K8S_VERSION up in $((SECONDS - t0)) s: export KUBECONFIG=$dir/kubeconfig"
 }
 
+cmd_start() {
+  local dir=${1:?usage: kube.sh start DIR}
+  installed || die "the control plane is not installed: run scripts/kube.sh install first"
+  need openssl "apt-get install openssl"
+  need ss "apt-get install iproute2"
+  need curl "apt-get install curl"
+  need flock "apt-get install util-linux"
+  mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd)
+  local n attempt
+  for n in etcd kube-apiserver kube-controller-manager kube-scheduler; do
+    alive "$dir" "$n" && die "$n is already running for $dir: run scripts/kube.sh stop $dir first"
+  done
+  # The ports come from outside the kernel's ephemeral range, so nothing
+  # but a foreign server can hold one; if one did, try other ports.
+  for attempt in 1 2 3; do
+    "$0" start-once "$dir" && return 0
+    cmd_stop "$dir"
+    grep -qs 'address already in use' "$dir"/logs/*.log ||
+      die "the control plane did not start (logs in $dir/logs)"
+    log "a port was taken (address already in use): starting again on other ports (attempt $((attempt + 1)) of 3)"
+    rm -f "$dir"/logs/*.log
+  done
+  die "the control plane did not start: its ports were taken three times (logs in $dir/logs)"
+}
+
+
 # stop_group DIR NAME...: SIGTERM these daemons together, wait, then SIGKILL stragglers.
 stop_group() {
   local dir=$1 n pid i; shift
@@ -312,6 +315,7 @@ cmd_stop() {
 case "${1:-}" in
   install) cmd_install ;;
   start) shift; cmd_start "$@" ;;
+  start-once) shift; start_once "$@" ;;
   stop) shift; cmd_stop "$@" ;;
   bin) echo "$BIN_DIR" ;;
   *) die "usage: $0 install|start DIR|stop DIR|bin" ;;

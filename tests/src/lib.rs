@@ -40,12 +40,41 @@ pub fn workspace_bin(name: &str) -> std::path::PathBuf {
     path
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 for a server a test starts, from
+/// `scripts/ports.sh`: below the kernel's ephemeral range, so no outgoing
+/// connection on the machine can take it before the server binds it, and
+/// never handed to two servers of concurrent tests (see the script).
+///
+/// Panics when the script fails (it says why).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    static PORTS: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut ports = PORTS.lock().unwrap_or_else(|p| p.into_inner());
+    if ports.is_empty() {
+        *ports = reserve_ports(16);
+        ports.reverse();
+    }
+    ports.pop().expect("reserve_ports returns as many ports as asked")
+}
+
+fn reserve_ports(n: usize) -> Vec<u16> {
+    let script = cluster::repo_root().join("scripts/ports.sh");
+    let out = std::process::Command::new(&script)
+        .arg(n.to_string())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ports: Vec<u16> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.parse().unwrap_or_else(|e| panic!("{}: bad port {l:?}: {e}", script.display())))
+        .collect();
+    assert_eq!(ports.len(), n, "{} printed {ports:?}", script.display());
+    ports
 }
 
 /// The `p` quantile (0 to 1, nearest rank) of `sorted`, an ascending

@@ -218,7 +218,13 @@ async fn service_traffic_is_mutual_tls_with_rotation_and_modes() -> anyhow::Resu
     let marker = "PLAINTEXT-MARKER-7f3a";
     let reply = client_app(node, &ns, &["connect", &target, marker]).await?;
     assert!(reply.contains(marker), "the marker went through: {reply}");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // tcpdump writes each packet as it sees it (-U); the exchange is over,
+    // so wait for its packets to reach the file rather than for a while.
+    eventually(Duration::from_secs(10), "tcpdump to write the exchange", || {
+        let len = std::fs::metadata(&capture).map(|m| m.len()).unwrap_or(0);
+        async move { Ok(len > 200) }
+    })
+    .await?;
     let _ = std::process::Command::new("kill")
         .args(["-INT", &tcpdump.id().context("pid")?.to_string()])
         .status();
