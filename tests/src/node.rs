@@ -762,6 +762,9 @@ fn exec_in(
             "mkdir -p {target}\nmount --bind {} {target}\n",
             shell_quote(&src.to_string_lossy())
         ));
+        if m.read_only == Some(true) {
+            script.push_str(&format!("mount -o remount,bind,ro {target}\n"));
+        }
     }
     let (program, rest) = argv.split_first().context("empty command")?;
     let mut cmd = tokio::process::Command::new("ip");

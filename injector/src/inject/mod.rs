@@ -95,8 +95,75 @@ pub enum InjectError {
     NoSpec,
     #[error("pod already has a container named {0:?}; rename it to inject the mesh")]
     NameClash(String),
+    #[error(
+        "container {container:?} mounts volume {volume:?}: only the injected {PROXY_NAME} container may \
+         mount Mizzen's volumes (mizzen-*), which hold the node agent's socket and the proxy's token"
+    )]
+    ReservedVolume { container: String, volume: String },
+    #[error(
+        "volume {volume:?} mounts the node agent's socket directory {path:?} from the host; only the \
+         injected proxy may reach it"
+    )]
+    AgentHostPath { volume: String, path: String },
     #[error("BUG: cannot serialise the pod: {0}")]
     Serialize(String),
+}
+
+/// Prefix of the volumes the injector adds; reserved for them.
+pub const RESERVED_VOLUME_PREFIX: &str = "mizzen-";
+
+/// Whether hostPath `path` is `dir` or inside it, however it is written
+/// (repeated slashes, `.` segments, a trailing slash), with `/var/run` and
+/// `/run` taken as one directory (a symlink on most hosts). The API server
+/// refuses `..` in hostPath, so segments are only ever dropped, not popped.
+fn within_host_dir(path: &str, dir: &str) -> bool {
+    fn segments(p: &str) -> Vec<&str> {
+        let s: Vec<&str> = p.split('/').filter(|s| !s.is_empty() && *s != ".").collect();
+        match s.as_slice() {
+            ["var", "run", ..] => s[1..].to_vec(),
+            _ => s,
+        }
+    }
+    let (path, dir) = (segments(path), segments(dir));
+    path.len() >= dir.len() && path[..dir.len()] == dir[..]
+}
+
+/// Refuses a pod whose own containers could reach what the proxy alone may:
+/// a mount of a `mizzen-*` volume, or its own hostPath to the agent's socket
+/// directory (with which it could replace the socket and collect every
+/// proxy's token on the node).
+fn check_reserved(spec: &k8s_openapi::api::core::v1::PodSpec, agent_socket_dir: &str) -> Result<(), InjectError> {
+    for v in spec.volumes.iter().flatten() {
+        if v.name.starts_with(RESERVED_VOLUME_PREFIX) {
+            return Err(InjectError::NameClash(v.name.clone()));
+        }
+        if let Some(h) = v.host_path.as_ref().filter(|h| within_host_dir(&h.path, agent_socket_dir)) {
+            return Err(InjectError::AgentHostPath {
+                volume: v.name.clone(),
+                path: h.path.clone(),
+            });
+        }
+    }
+    let mounts = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .flat_map(|c| c.volume_mounts.iter().flatten().map(move |m| (&c.name, m)))
+        .chain(
+            spec.ephemeral_containers
+                .iter()
+                .flatten()
+                .flat_map(|c| c.volume_mounts.iter().flatten().map(move |m| (&c.name, m))),
+        );
+    for (container, m) in mounts {
+        if m.name.starts_with(RESERVED_VOLUME_PREFIX) {
+            return Err(InjectError::ReservedVolume {
+                container: container.clone(),
+                volume: m.name.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// What `mizzen.dev/status` records, so injection is idempotent and removable.
@@ -371,11 +438,7 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
             return Err(InjectError::NameClash(c.name.clone()));
         }
     }
-    for v in spec.volumes.iter().flatten() {
-        if v.name == SOCKET_VOLUME || v.name == TOKEN_VOLUME {
-            return Err(InjectError::NameClash(v.name.clone()));
-        }
-    }
+    check_reserved(spec, &cfg.agent_socket_dir)?;
     let uid = i64::from(cfg.proxy_uid);
     let mut inbound_excluded = vec![cfg.admin_port, cfg.health_port];
     inbound_excluded.extend(e.exclude_inbound_ports.iter().copied());
@@ -505,9 +568,12 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
             ..Default::default()
         }),
         volume_mounts: Some(vec![
+            // Read-only: connecting to the socket needs no write access, and
+            // nothing in the pod may replace it.
             VolumeMount {
                 name: SOCKET_VOLUME.into(),
                 mount_path: SOCKET_MOUNT.into(),
+                read_only: Some(true),
                 ..Default::default()
             },
             VolumeMount {

@@ -304,6 +304,105 @@ fn name_clashes_are_errors() {
 }
 
 #[test]
+fn agent_host_dir_is_recognised_however_written() {
+    let dir = "/var/run/mizzen";
+    for (path, within) in [
+        ("/var/run/mizzen", true),
+        ("/var/run/mizzen/", true),
+        ("//var//run/./mizzen", true),
+        ("/run/mizzen", true),
+        ("/run/mizzen/agent.sock", true),
+        ("/var/run/mizzen/sub/dir", true),
+        ("/var/run", false),
+        ("/var/run/mizzen2", false),
+        ("/var/lib/mizzen", false),
+        ("/", false),
+    ] {
+        assert_eq!(within_host_dir(path, dir), within, "{path}");
+    }
+}
+
+fn with_app_mount(volume: &str) -> Pod {
+    let mut p = app();
+    let spec = p.spec.as_mut().expect("spec");
+    spec.containers[0].volume_mounts = Some(vec![VolumeMount {
+        name: volume.into(),
+        mount_path: "/s".into(),
+        ..Default::default()
+    }]);
+    p
+}
+
+#[test]
+fn an_app_container_mounting_the_agent_socket_volume_is_refused() {
+    // The hijack: the volume does not exist yet when the pod is sent; the
+    // injector adds it, so the container would get the socket's directory.
+    assert_eq!(
+        mutate(&with_app_mount(SOCKET_VOLUME), &InjectConfig::default(), true),
+        Err(InjectError::ReservedVolume {
+            container: "app".into(),
+            volume: SOCKET_VOLUME.into()
+        })
+    );
+}
+
+#[test]
+fn an_init_container_mounting_the_token_volume_is_refused() {
+    let mut p = app();
+    p.spec.as_mut().expect("spec").init_containers = Some(vec![Container {
+        name: "setup".into(),
+        volume_mounts: Some(vec![VolumeMount {
+            name: TOKEN_VOLUME.into(),
+            mount_path: "/t".into(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }]);
+    assert!(matches!(
+        mutate(&p, &InjectConfig::default(), false),
+        Err(InjectError::ReservedVolume { container, .. }) if container == "setup"
+    ));
+}
+
+#[test]
+fn a_pod_hostpath_to_the_agent_directory_is_refused() {
+    let mut p = with_app_mount("sock");
+    p.spec.as_mut().expect("spec").volumes = Some(vec![Volume {
+        name: "sock".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: "/run/mizzen/".into(),
+            type_: None,
+        }),
+        ..Default::default()
+    }]);
+    assert!(matches!(
+        mutate(&p, &InjectConfig::default(), true),
+        Err(InjectError::AgentHostPath { volume, .. }) if volume == "sock"
+    ));
+}
+
+#[test]
+fn the_proxy_mounts_the_agent_socket_read_only() {
+    for native in [true, false] {
+        let pod = mutate(&app(), &InjectConfig::default(), native).expect("injects");
+        let spec = pod.spec.expect("spec");
+        let proxy = spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .find(|c| c.name == PROXY_NAME)
+            .expect("proxy");
+        let mount = proxy
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == SOCKET_VOLUME)
+            .expect("socket mount");
+        assert_eq!(mount.read_only, Some(true), "native={native}");
+    }
+}
+
+#[test]
 fn quantities() {
     for ok in ["100m", "0.5", "1", "128Mi", "1Gi", "2e3", "1E+2"] {
         assert!(is_quantity(ok), "{ok}");
