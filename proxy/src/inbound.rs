@@ -11,7 +11,7 @@
 //! rules never redirect again; an app listening only on localhost is
 //! therefore not exposed through the proxy.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -23,6 +23,7 @@ use tracing::{debug, info};
 
 use crate::identity::{TlsMaterial, spiffe_id_of};
 use crate::metrics::{Direction, ProxyMetrics, handshake_reason};
+use crate::net::captured_dst;
 
 /// The ALPN protocol proxies speak to each other.
 pub const ALPN: &[u8] = b"mizzen";
@@ -59,24 +60,6 @@ pub fn server_config(m: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, Strin
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
-}
-
-/// The connection's destination before the capture rules redirected it
-/// (`SO_ORIGINAL_DST`, or `IP6T_SO_ORIGINAL_DST` on IPv6).
-pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
-    use nix::sys::socket::{getsockopt, sockopt};
-    if stream.local_addr()?.is_ipv6() {
-        let a = getsockopt(stream, sockopt::Ip6tOriginalDst).map_err(std::io::Error::from)?;
-        return Ok(SocketAddr::V6(SocketAddrV6::new(
-            Ipv6Addr::from(a.sin6_addr.s6_addr),
-            u16::from_be(a.sin6_port),
-            0,
-            a.sin6_scope_id,
-        )));
-    }
-    let a = getsockopt(stream, sockopt::OriginalDst).map_err(std::io::Error::from)?;
-    let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-    Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(a.sin_port))))
 }
 
 /// Connects to the app at `dst` from 127.0.0.6 (IPv4) or ::6 (IPv6), the
@@ -209,7 +192,7 @@ async fn handle(
     metrics: &ProxyMetrics,
 ) -> Result<(), Refused> {
     let _ = conn.set_nodelay(true);
-    let dst = original_dst(&conn).map_err(|e| Refused("no_original_dst", e.to_string()))?;
+    let dst = captured_dst(&conn).map_err(|e| Refused(e.reason(), e.to_string()))?;
     if is_mesh_hello(&conn).await? {
         let config = config
             .ok_or_else(|| Refused("no_certificate_yet", String::new()))?

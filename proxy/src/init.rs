@@ -94,8 +94,15 @@ pub fn rules(cfg: &InitConfig, family: Family) -> String {
     for c in CHAINS {
         r.push_str(&format!(":{c} - [0:0]\n"));
     }
-    // Inbound.
-    for p in &cfg.exclude_inbound_ports {
+    // Inbound. The proxy's own capture ports are never redirected: a
+    // connection to podIP:15006 redirected to 15006 would have the proxy
+    // forward it to itself, again and again. Uncaptured, it reaches the
+    // listener directly, which refuses it (see `net::captured_dst`).
+    let mut not_captured = vec![cfg.inbound_port, cfg.outbound_port];
+    not_captured.extend(&cfg.exclude_inbound_ports);
+    not_captured.sort_unstable();
+    not_captured.dedup();
+    for p in not_captured {
         r.push_str(&format!("-A MIZZEN_INBOUND -p tcp --dport {p} -j RETURN\n"));
     }
     r.push_str("-A MIZZEN_INBOUND -p tcp -j MIZZEN_IN_REDIRECT\n");
@@ -254,6 +261,8 @@ mod tests {
         let r = rules(&cfg(), Family::V4);
         for want in [
             "-A MIZZEN_INBOUND -p tcp --dport 15021 -j RETURN",
+            "-A MIZZEN_INBOUND -p tcp --dport 15006 -j RETURN",
+            "-A MIZZEN_INBOUND -p tcp --dport 15001 -j RETURN",
             "-A MIZZEN_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006",
             "-A MIZZEN_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
             "-A MIZZEN_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN",

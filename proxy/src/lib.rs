@@ -1,6 +1,7 @@
 //! Mizzen's sidecar proxy.
 //!
 //! - [`init`]: the pod's traffic capture (the init container).
+//! - [`net`]: where a captured connection was going.
 //! - [`identity`]: certificates from the node agent over SDS.
 //! - [`discovery`]: Services and endpoints from the node agent, as routes.
 //! - [`inbound`]: mutual TLS termination for peers, forwarding to the app.
@@ -17,6 +18,7 @@ pub mod identity;
 pub mod inbound;
 pub mod init;
 pub mod metrics;
+pub mod net;
 pub mod outbound;
 pub mod probes;
 pub mod relay;

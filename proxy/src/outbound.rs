@@ -31,7 +31,8 @@ use tracing::{debug, info, warn};
 
 use crate::discovery::{Backend, Destination, Routes};
 use crate::identity::{TlsMaterial, spiffe_id_of};
-use crate::inbound::{ALPN, original_dst};
+use crate::inbound::ALPN;
+use crate::net::captured_dst;
 use crate::metrics::{Direction, ProxyMetrics, handshake_reason};
 
 /// How long an endpoint that failed a connection is skipped.
@@ -337,7 +338,7 @@ impl Outbound {
 
     async fn handle(&self, mut conn: TcpStream, peer: SocketAddr) -> Result<(), Failed> {
         let _ = conn.set_nodelay(true);
-        let dst = original_dst(&conn).map_err(|e| Failed("no_original_dst", e.to_string()))?;
+        let dst = captured_dst(&conn).map_err(|e| Failed(e.reason(), e.to_string()))?;
         // Before the first discovery response nothing is known to be
         // outside the mesh: wait for it rather than guess plaintext.
         let mut routes = self.routes.clone();

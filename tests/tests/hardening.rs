@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use mizzen_tests::mesh::{Injector, MeshNode, install_manifests};
 use mizzen_tests::node::{Node, UNMANAGED, create_pod, wait_ready};
+use mizzen_tests::daemon::proxy_metric;
 use mizzen_tests::{Cluster, eventually_some, workspace_bin};
 
 const INJECTED: &[(&str, &str)] = &[("mizzen.dev/inject", "enabled")];
@@ -204,5 +205,66 @@ async fn a_read_only_mount_cannot_replace_the_agent_socket() -> anyhow::Result<(
     let dir = mesh.agent.socket.parent().context("socket dir")?;
     assert!(mesh.agent.socket.exists(), "the agent's socket is still there");
     assert!(!dir.join("real.sock").exists() && !dir.join("planted").exists());
+    Ok(())
+}
+
+/// A meshed pod on `node` running the test app's echo server on 8080.
+fn meshed_app(name: &str, node: &str) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {
+            "nodeName": node,
+            "containers": [{
+                "name": "app", "image": "mizzen-testapp",
+                "args": ["echo-server", "0.0.0.0:8080"],
+                "ports": [{"name": "echo", "containerPort": 8080}],
+                "readinessProbe": {"tcpSocket": {"port": "echo"}, "periodSeconds": 1},
+            }],
+        },
+    })
+}
+
+// Issue #10, item 5, as reproduced: one byte from a meshed pod to another
+// pod's proxy port (:15006 inbound, :15001 outbound) made that proxy
+// connect to itself until it ran out of file descriptors. Now each is one
+// refused connection.
+#[tokio::test]
+async fn a_connection_to_a_proxy_port_is_refused_not_looped() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    let mesh = MeshNode::start(cluster, "node-loop", &workspace_bin("mizzen-proxy"), &[]).await?;
+    let ns = cluster.namespace(&client, "loop", INJECTED).await?;
+    for name in ["target", "sender"] {
+        create_pod(&client, &ns, meshed_app(name, &mesh.node.name)).await?;
+    }
+    for name in ["target", "sender"] {
+        wait_ready(&client, &ns, name, Duration::from_secs(90)).await?;
+    }
+    let (_, target_ip) = mesh.node.pod(&ns, "target")?;
+    for (port, direction) in [(15006, "inbound"), (15001, "outbound")] {
+        // The sender's app (not the proxy's UID: its traffic is captured).
+        let out = mesh
+            .node
+            .command_as(&ns, "sender", 1000, workspace_bin("mizzen-testapp"))?
+            .args(["connect", &format!("{target_ip}:{port}"), "x"])
+            .output()
+            .await?;
+        assert!(!out.status.success(), "nothing answers on :{port}: {out:?}");
+        let series = format!("mizzen_proxy_refused_total{{direction=\"{direction}\",reason=\"to_proxy_port\"}}");
+        eventually_some(Duration::from_secs(20), &format!("the refusal on :{port}"), || {
+            let series = series.clone();
+            async move {
+                let (n, _) = proxy_metric(target_ip, &series).await?;
+                Ok((n >= 1.0).then_some(()))
+            }
+        })
+        .await?;
+    }
+    // The loop would have shown as thousands of connections by now; the
+    // readiness checks of the node add none (they go to the health port).
+    let (opened, text) = proxy_metric(target_ip, "mizzen_proxy_connections_total").await?;
+    assert!(opened <= 2.0, "the target proxy forwarded {opened} connections:\n{text}");
+    let (refused, text) = proxy_metric(target_ip, "mizzen_proxy_refused_total").await?;
+    assert_eq!(refused, 2.0, "one refusal per attempt:\n{text}");
     Ok(())
 }

@@ -1,0 +1,85 @@
+//! Where a captured connection was going.
+//!
+//! The capture rules redirect a connection to one of the proxy's listeners
+//! and the kernel remembers where it was going (`SO_ORIGINAL_DST`). A
+//! connection that reaches a listener *without* being redirected (someone
+//! dialled `podIP:15006` or `127.0.0.1:15001` directly) has the listener
+//! itself as its original destination; forwarding it there would have the
+//! proxy connect to itself for ever (one byte to a peer's `:15006` once made
+//! a proxy open ~10,000 connections). [`captured_dst`] refuses those.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+use tokio::net::TcpStream;
+
+/// Why a connection has no destination the proxy may forward to.
+#[derive(Debug, thiserror::Error)]
+pub enum DestinationError {
+    #[error("no original destination (was the connection captured?): {0}")]
+    NoOriginalDst(#[source] std::io::Error),
+    #[error("connection made straight to the proxy's own listener {0}; forwarding it would loop")]
+    ProxyListener(SocketAddr),
+}
+
+impl DestinationError {
+    /// The metric label (`reason`) of the refusal.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DestinationError::NoOriginalDst(_) => "no_original_dst",
+            DestinationError::ProxyListener(_) => "to_proxy_port",
+        }
+    }
+}
+
+/// The connection's destination before the capture rules redirected it
+/// (`SO_ORIGINAL_DST`, or `IP6T_SO_ORIGINAL_DST` on IPv6).
+pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    if stream.local_addr()?.is_ipv6() {
+        let a = getsockopt(stream, sockopt::Ip6tOriginalDst).map_err(std::io::Error::from)?;
+        return Ok(SocketAddr::V6(SocketAddrV6::new(
+            Ipv6Addr::from(a.sin6_addr.s6_addr),
+            u16::from_be(a.sin6_port),
+            0,
+            a.sin6_scope_id,
+        )));
+    }
+    let a = getsockopt(stream, sockopt::OriginalDst).map_err(std::io::Error::from)?;
+    let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+    Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(a.sin_port))))
+}
+
+/// The original destination of a connection the capture rules redirected
+/// to us; refused when it is the listener it arrived on (not redirected).
+pub fn captured_dst(stream: &TcpStream) -> Result<SocketAddr, DestinationError> {
+    let dst = original_dst(stream).map_err(DestinationError::NoOriginalDst)?;
+    let local = stream.local_addr().map_err(DestinationError::NoOriginalDst)?;
+    if is_listener(dst, local) {
+        return Err(DestinationError::ProxyListener(dst));
+    }
+    Ok(dst)
+}
+
+/// Whether original destination `dst` is `local`, the listener's own
+/// address (scope IDs aside).
+fn is_listener(dst: SocketAddr, local: SocketAddr) -> bool {
+    dst.ip() == local.ip() && dst.port() == local.port()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_listener_itself_is_a_loop() {
+        let pod: SocketAddr = "10.1.0.5:15006".parse().expect("addr");
+        // Dialled directly: the destination is the listener.
+        assert!(is_listener(pod, pod));
+        // Redirected from the app's port: forwarded.
+        assert!(!is_listener("10.1.0.5:8080".parse().expect("addr"), pod));
+        // The hairpin (the proxy to its own pod IP) arrives on 127.0.0.1.
+        assert!(!is_listener(pod, "127.0.0.1:15006".parse().expect("addr")));
+        let v6: SocketAddr = "[fd00::5]:15001".parse().expect("addr");
+        assert!(is_listener(v6, v6));
+    }
+}
