@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use mizzen_api::SpiffeId;
+use mizzen_api::{SpiffeId, TrustDomain};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info};
@@ -120,6 +120,7 @@ pub async fn serve(
     loop {
         let (conn, peer, guard) = connections.accept(&listener).await;
         let current = material.borrow().clone();
+        let trust_domain = current.as_ref().map(|m| m.id.trust_domain());
         let config = current.map(|m| match &cached {
             Some((built_for, config)) if Arc::ptr_eq(built_for, &m) => config.clone(),
             _ => {
@@ -133,7 +134,7 @@ pub async fn serve(
         let open = metrics.open(Direction::Inbound);
         tokio::spawn(async move {
             let (_guard, _open) = (guard, open);
-            if let Err(reason) = handle(conn, peer, config, mode, &metrics).await {
+            if let Err(reason) = handle(conn, peer, config, trust_domain, mode, &metrics).await {
                 metrics.refused(Direction::Inbound, reason.0);
                 debug!(conn = n, %peer, reason = reason.0, detail = %reason.1, "inbound connection refused");
             }
@@ -188,6 +189,7 @@ async fn handle(
     conn: TcpStream,
     peer: SocketAddr,
     config: Option<ServerTls>,
+    trust_domain: Option<TrustDomain>,
     mode: MtlsMode,
     metrics: &ProxyMetrics,
 ) -> Result<(), Refused> {
@@ -217,6 +219,14 @@ async fn handle(
             .and_then(|c| c.first())
             .ok_or_else(|| Refused("no_client_cert", String::new()))?;
         let peer_id: SpiffeId = spiffe_id_of(leaf).map_err(|e| Refused("peer_identity", e))?;
+        // Only identities of our own trust domain: two clusters sharing a
+        // root are still two identity spaces.
+        if trust_domain.as_ref().map(TrustDomain::as_str) != Some(peer_id.trust_domain_name()) {
+            return Err(Refused(
+                "foreign_trust_domain",
+                format!("{peer_id} is outside trust domain {trust_domain:?}"),
+            ));
+        }
         info!(%peer, peer_id = %peer_id, %dst, "inbound mTLS connection");
         let bytes = metrics.connection(Direction::Inbound, "mtls", peer_id.to_string());
         let mut app = connect_app(dst)

@@ -314,10 +314,16 @@ impl Outbound {
         let Some(expected) = expected else {
             return Ok((Upstream::Plain(tcp), String::new()));
         };
-        let config = self
-            .base()?
-            .config(expected.clone())
-            .map_err(|e| Failed("tls_config", e))?;
+        let base = self.base()?;
+        // Only identities of our own trust domain: two clusters sharing a
+        // root are still two identity spaces.
+        if expected.trust_domain_name() != base.material.id.trust_domain_name() {
+            return Err(Failed(
+                "foreign_trust_domain",
+                format!("{} is {expected}, outside trust domain {}", b.addr, base.material.id.trust_domain_name()),
+            ));
+        }
+        let config = base.config(expected.clone()).map_err(|e| Failed("tls_config", e))?;
         let name = ServerName::IpAddress(b.addr.ip().into());
         let tls = tokio::time::timeout(
             self.connect_timeout,

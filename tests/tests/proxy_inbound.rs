@@ -468,3 +468,67 @@ async fn ipv6_inbound_mtls_and_outbound() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Issue #10, item 4: two clusters that share a root (a plugged-in CA) but
+/// not a trust domain are two identity spaces. A certificate signed by this
+/// mesh's own CA for `spiffe://other.example/...` chains to the bundle and
+/// is still refused: only our trust domain's identities get in.
+#[tokio::test]
+async fn a_peer_of_another_trust_domain_is_refused_under_our_own_root() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let node = "proxy-td-node";
+    let (_ca, agent) = ca_and_agent(cluster, node, &[]).await?;
+    let Workloads { ns, dir, server_token } = workloads(cluster, "proxy-td", node, node, &agent).await?;
+    let server = NetnsPod::create("td-server")?;
+    let peer = NetnsPod::create("td-client")?;
+    server.capture().await?;
+    let _app = server.spawn_echo(1000, "0.0.0.0:8080").await?;
+    let log = dir.join("proxy-td.log");
+    let _proxy = start_proxy(&server, &agent, &server_token, "strict", &log).await?;
+    let target = format!("{}:8080", server.ip());
+    let out = s_client(&peer, &target, &dir, true).await?;
+    assert!(out.contains("hello-through-mtls"), "our own trust domain gets in: {out}");
+
+    // The mesh CA's own signing key, as a second cluster sharing it would hold.
+    let client = cluster.client().await?;
+    let foreign = dir.join("foreign");
+    std::fs::create_dir_all(&foreign)?;
+    for key in ["ca-cert.pem", "ca-key.pem", "cert-chain.pem"] {
+        let bytes = mizzen_tests::k8s::secret_value(&client, "mizzen-system", "mizzen-ca", key, TIMEOUT).await?;
+        std::fs::write(foreign.join(key), bytes)?;
+    }
+    std::fs::copy(dir.join("root.pem"), foreign.join("root.pem"))?;
+    let script = format!(
+        r#"set -e
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout key.pem -out leaf.csr -subj "/O=other"
+printf 'subjectAltName=critical,URI:spiffe://other.example/ns/{ns}/sa/client\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment,keyAgreement\nextendedKeyUsage=clientAuth,serverAuth\n' > leaf.ext
+openssl x509 -req -in leaf.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 1 -extfile leaf.ext -out leaf.pem
+cat leaf.pem cert-chain.pem > chain.pem
+openssl verify -CAfile root.pem -untrusted cert-chain.pem leaf.pem
+"#
+    );
+    let out = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .current_dir(&foreign)
+        .output()
+        .await?;
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+
+    let out = s_client(&peer, &target, &foreign, true).await?;
+    assert!(
+        !out.contains("hello-through-mtls"),
+        "a foreign trust domain must not reach the app: {out}"
+    );
+    let url = format!("http://{}:15020/metrics", server.ip());
+    eventually(TIMEOUT, "the refusal to be counted", || {
+        let url = url.clone();
+        async move {
+            let (_, text) = http_get(&url).await?;
+            Ok(metric(&text, "mizzen_proxy_refused_total{direction=\"inbound\",reason=\"foreign_trust_domain\"}") == 1.0)
+        }
+    })
+    .await
+    .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    Ok(())
+}
