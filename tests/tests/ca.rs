@@ -180,6 +180,7 @@ async fn ca_issues_svids_and_refuses_bad_requests() -> anyhow::Result<()> {
     assert_eq!(issued_before, 1.0);
     let other_aud = token(&client, &ns, "web", Some(&web_a), "someone-else").await?;
     let web_b_token = token(&client, &ns, "web", Some(&web_b), "mizzen-ca").await?;
+    let minted = token(&client, &ns, "web", None, "mizzen-ca").await?;
     let dns_name = SanType::DnsName("web.demo.svc".try_into()?);
     let admin_id = format!("spiffe://cluster.local/ns/{ns}/sa/admin");
     let cases: Vec<(&str, tonic::Request<IstioCertificateRequest>, Code, &str)> = vec![
@@ -212,6 +213,14 @@ async fn ca_issues_svids_and_refuses_bad_requests() -> anyhow::Result<()> {
             request(&good.pem, Some(&workload_token), Some(&workload_token)),
             Code::PermissionDenied,
             "not a trusted node agent",
+        ),
+        (
+            // Issue #10 item 3: `kubectl create token web --audience mizzen-ca`
+            // names no pod and no node; a trusted agent may not forward it.
+            "minted token without a pod",
+            request(&good.pem, Some(&minted), Some(&agent_token)),
+            Code::PermissionDenied,
+            "not bound to a pod",
         ),
         (
             "pod on another node",
@@ -325,6 +334,7 @@ async fn ca_issues_svids_and_refuses_bad_requests() -> anyhow::Result<()> {
         "direct_not_allowed",
         "untrusted_agent",
         "node_mismatch",
+        "not_pod_bound",
         "wrong_identity",
         "extra_sans",
         "ca_requested",

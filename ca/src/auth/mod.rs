@@ -31,6 +31,11 @@ pub enum Denied {
     DirectNotAllowed,
     #[error("{0} is not a trusted node agent")]
     UntrustedAgent(String),
+    #[error(
+        "the token of {0} is not bound to a pod on a node (a projected token is; `kubectl create token` \
+         without --bound-object-kind Pod is not): agents may forward only pod-bound tokens"
+    )]
+    NotPodBound(String),
     #[error("workload pod is on node {workload:?} but the agent's token names no node")]
     AgentNodeUnknown { workload: String },
     #[error("workload pod is on node {workload:?}, not on the agent's node {agent:?}")]
@@ -45,6 +50,7 @@ impl Denied {
         match self {
             Denied::DirectNotAllowed => "direct_not_allowed",
             Denied::UntrustedAgent(_) => "untrusted_agent",
+            Denied::NotPodBound(_) => "not_pod_bound",
             Denied::AgentNodeUnknown { .. } => "agent_node_unknown",
             Denied::NodeMismatch { .. } => "node_mismatch",
             Denied::BadIdentity(..) => "bad_identity",
@@ -62,19 +68,22 @@ pub fn authorize(workload: &Reviewed, agent: Option<&Reviewed>, policy: &Policy)
             if !policy.trusted_agents.iter().any(|t| *t == agent.name()) {
                 return Err(Denied::UntrustedAgent(agent.name()));
             }
-            if let Some(node) = &workload.node_name {
-                match &agent.node_name {
-                    None => {
-                        return Err(Denied::AgentNodeUnknown { workload: node.clone() });
-                    }
-                    Some(a) if a != node => {
-                        return Err(Denied::NodeMismatch {
-                            workload: node.clone(),
-                            agent: a.clone(),
-                        });
-                    }
-                    Some(_) => {}
+            // A token minted by hand (`kubectl create token`) names no pod
+            // and no node, so nothing would tie it to the agent's node.
+            let Some(node) = &workload.node_name else {
+                return Err(Denied::NotPodBound(workload.name()));
+            };
+            match &agent.node_name {
+                None => {
+                    return Err(Denied::AgentNodeUnknown { workload: node.clone() });
                 }
+                Some(a) if a != node => {
+                    return Err(Denied::NodeMismatch {
+                        workload: node.clone(),
+                        agent: a.clone(),
+                    });
+                }
+                Some(_) => {}
             }
         }
     }

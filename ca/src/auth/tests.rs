@@ -7,6 +7,7 @@ fn reviewed(ns: &str, sa: &str, node: Option<&str>) -> Reviewed {
         pod_name: None,
         pod_uid: None,
         node_name: node.map(Into::into),
+        expires_at: None,
     }
 }
 
@@ -26,7 +27,11 @@ fn authorization_decisions() {
     let want = Ok("spiffe://cluster.local/ns/demo/sa/web".parse().expect("id"));
 
     assert_eq!(authorize(&web_a, Some(&agent_a), &policy), want);
-    assert_eq!(authorize(&web_unbound, Some(&agent_a), &policy), want);
+    assert_eq!(
+        authorize(&web_unbound, Some(&agent_a), &policy),
+        Err(Denied::NotPodBound("demo/web".into())),
+        "a minted token without a pod is refused through an agent"
+    );
     assert_eq!(authorize(&web_a, None, &policy), Err(Denied::DirectNotAllowed));
     assert_eq!(
         authorize(&web_a, Some(&impostor), &policy),
