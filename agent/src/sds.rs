@@ -19,7 +19,7 @@
 use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
@@ -40,7 +40,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
-use crate::secrets::{SecretManager, Signer, SvidWatch};
+use crate::secrets::{SecretManager, Signer, SvidWatch, TokenLease};
 
 /// The type URL of SDS resources.
 pub const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
@@ -137,8 +137,11 @@ impl<S> std::fmt::Debug for Sds<S> {
 struct Subscription {
     id: SpiffeId,
     token: String,
+    expires_at: Option<SystemTime>,
     names: BTreeSet<String>,
     cert: Option<SvidWatch>,
+    /// Offers the token for renewals while the stream lives.
+    lease: Option<TokenLease>,
     roots: watch::Receiver<Option<Arc<String>>>,
 }
 
@@ -154,7 +157,9 @@ impl Subscription {
         }
         self.names = names.iter().cloned().collect();
         if self.names.contains(DEFAULT) && self.cert.is_none() {
-            self.cert = Some(mgr.subscribe(&self.id, &self.token));
+            let (cert, lease) = mgr.subscribe(&self.id, &self.token, self.expires_at);
+            self.cert = Some(cert);
+            self.lease = Some(lease);
         }
         Ok(())
     }
@@ -209,24 +214,61 @@ async fn changed<T>(rx: &mut Option<watch::Receiver<T>>) {
     }
 }
 
+/// A proxy on the socket, as the API server vouched for its token.
+pub struct Caller {
+    pub id: SpiffeId,
+    /// The bearer token it presented (renewals are signed with it).
+    pub token: String,
+    /// When the token expires: the stream ends then, so that nothing is
+    /// served on an expired token; the proxy reconnects with the fresh one
+    /// the kubelet wrote.
+    pub expires_at: Option<SystemTime>,
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caller")
+            .field("id", &self.id)
+            .field("token", &"...")
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+impl Caller {
+    /// Resolves when the caller's token expires (never, for a token
+    /// without an `exp` claim).
+    pub async fn token_expired(&self) {
+        match self.expires_at {
+            Some(at) => tokio::time::sleep(at.duration_since(SystemTime::now()).unwrap_or_default()).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The status a stream ends with when the token expired.
+    pub fn expired_status(&self) -> Status {
+        Status::unauthenticated(format!(
+            "the token of {} expired; reconnect with the fresh token the kubelet wrote",
+            self.id
+        ))
+    }
+}
+
 /// Reviews the token in a stream's `authorization` metadata and returns the
-/// caller's identity and token; a refusal is counted and logged.
+/// caller; a refusal is counted and logged.
 pub async fn authenticate_caller(
     authenticator: &Authenticator,
     policy: &CallerPolicy,
     metrics: &Metrics,
     metadata: &tonic::metadata::MetadataMap,
-) -> Result<(SpiffeId, String), Status> {
+) -> Result<Caller, Status> {
     let header = metadata
         .get("authorization")
         .map(|v| v.to_str().map_err(|_| AuthError::Malformed("authorization")))
         .transpose()
         .and_then(|h| bearer("authorization", h));
     let result = match header {
-        Ok(token) => match authenticator.review(&token).await {
-            Ok(reviewed) => caller_identity(&reviewed, policy).map(|id| (id, token)),
-            Err(e) => Err(e.into()),
-        },
+        Ok(token) => review_caller(authenticator, policy, token).await,
         Err(e) => Err(CallerError::Auth(e)),
     };
     result.map_err(|e: CallerError| {
@@ -236,8 +278,18 @@ pub async fn authenticate_caller(
     })
 }
 
+async fn review_caller(authenticator: &Authenticator, policy: &CallerPolicy, token: String) -> Result<Caller, CallerError> {
+    let reviewed = authenticator.review(&token).await?;
+    let id = caller_identity(&reviewed, policy)?;
+    Ok(Caller {
+        id,
+        token,
+        expires_at: reviewed.expires_at,
+    })
+}
+
 impl<S: Signer> Sds<S> {
-    async fn authenticate<T>(&self, req: &Request<T>) -> Result<(SpiffeId, String), Status> {
+    async fn authenticate<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         authenticate_caller(&self.authenticator, &self.policy, &self.metrics, req.metadata()).await
     }
 }
@@ -251,17 +303,21 @@ impl<S: Signer> SecretDiscoveryService for Sds<S> {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let (id, token) = self.authenticate(&request).await?;
+        let caller = self.authenticate(&request).await?;
+        let id = caller.id.clone();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<DiscoveryResponse, Status>>(4);
         let mut sub = Subscription {
             id: id.clone(),
-            token,
+            token: caller.token.clone(),
+            expires_at: caller.expires_at,
             names: BTreeSet::new(),
             cert: None,
+            lease: None,
             roots: self.roots.clone(),
         };
         let (manager, metrics) = (self.manager.clone(), self.metrics.clone());
+        let (authenticator, policy) = (self.authenticator.clone(), self.policy.clone());
         metrics.streams_open.inc();
         info!(%id, "SDS stream opened");
         tokio::spawn(async move {
@@ -272,6 +328,7 @@ impl<S: Signer> SecretDiscoveryService for Sds<S> {
                 loop {
                     let mut cert = sub.cert.clone();
                     let mut roots = Some(sub.roots.clone());
+                    let mut refused = sub.lease.as_ref().map(TokenLease::refused);
                     tokio::select! {
                         msg = inbound.message() => {
                             let Some(req) = msg? else { return Ok(()) };
@@ -297,8 +354,23 @@ impl<S: Signer> SecretDiscoveryService for Sds<S> {
                                 last_version.clear();
                             }
                         }
-                        _ = changed(&mut cert) => {}
+                        _ = changed(&mut cert) => {
+                            // A new key goes only to a caller whose token
+                            // still holds: not to a deleted pod's stream.
+                            if let Err(e) = review_caller(&authenticator, &policy, caller.token.clone()).await {
+                                metrics.reject(e.label());
+                                return Err(e.status());
+                            }
+                        }
                         _ = changed(&mut roots) => {}
+                        _ = changed(&mut refused) => {
+                            if refused.as_ref().is_some_and(|r| *r.borrow()) {
+                                metrics.reject("token_refused_by_ca");
+                                return Err(Status::unauthenticated(format!(
+                                    "the CA refused the token of {id}: its pod is gone or the token expired")));
+                            }
+                        }
+                        _ = caller.token_expired() => return Err(caller.expired_status()),
                     }
                     let started = Instant::now();
                     let (resources, version) = sub.snapshot();
@@ -339,7 +411,7 @@ impl<S: Signer> SecretDiscoveryService for Sds<S> {
     }
 
     async fn fetch_secrets(&self, request: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
-        let (id, token) = self.authenticate(&request).await?;
+        let Caller { id, token, expires_at } = self.authenticate(&request).await?;
         let req = request.into_inner();
         if !req.type_url.is_empty() && req.type_url != SECRET_TYPE {
             return Err(Status::invalid_argument(format!("this service serves {SECRET_TYPE}")));
@@ -347,8 +419,10 @@ impl<S: Signer> SecretDiscoveryService for Sds<S> {
         let mut sub = Subscription {
             id,
             token,
+            expires_at,
             names: BTreeSet::new(),
             cert: None,
+            lease: None,
             roots: self.roots.clone(),
         };
         sub.set_names(&req.resource_names, &self.manager)?;
@@ -398,6 +472,7 @@ mod tests {
             pod_name: Some("web-1".into()),
             pod_uid: None,
             node_name: node.map(Into::into),
+            expires_at: None,
         }
     }
 

@@ -9,7 +9,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
@@ -17,7 +16,7 @@ use mizzen_api::SpiffeId;
 use mizzen_api::proto::discovery::{self as pb, SERVICE_TYPE};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::identity::SdsSource;
 
@@ -193,15 +192,19 @@ fn publish(held: &BTreeMap<String, (String, pb::Service)>, tx: &watch::Sender<Op
     tx.send_replace(Some(Arc::new(Routes::new(held.values().map(|(_, s)| s)))));
 }
 
-async fn stream_once(
-    src: &SdsSource,
-    held: &mut BTreeMap<String, (String, pb::Service)>,
-    tx: &watch::Sender<Option<Arc<Routes>>>,
-) -> Result<(), String> {
+/// What the discovery stream keeps across reconnections: the Services
+/// held (sent as initial versions on reconnect) and where routes go.
+struct Following {
+    held: BTreeMap<String, (String, pb::Service)>,
+    tx: watch::Sender<Option<Arc<Routes>>>,
+}
+
+async fn stream_once(src: &SdsSource, state: &mut Following, token: String) -> Result<(), String> {
+    let Following { held, tx } = state;
     let channel = src.channel().await?;
     let (req_tx, req_rx) = mpsc::channel(4);
     req_tx.send(request(true, held, "", None)).await.map_err(|_| "send")?;
-    let req = src.request(req_rx).await?;
+    let req = src.request(&token, req_rx)?;
     let mut inbound = AggregatedDiscoveryServiceClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .delta_aggregated_resources(req)
@@ -245,21 +248,12 @@ async fn stream_once(
 /// cluster). Routes are kept across reconnects (the last known state beats
 /// none).
 pub async fn follow(src: SdsSource, tx: watch::Sender<Option<Arc<Routes>>>) {
-    let mut held = BTreeMap::new();
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        let started = std::time::Instant::now();
-        match stream_once(&src, &mut held, &tx).await {
-            Ok(()) => {}
-            Err(e) => warn!(error = %e, retry_in = ?backoff, "discovery stream to the agent ended"),
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(200);
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
-        info!("reconnecting the discovery stream");
-    }
+    let mut state = Following {
+        held: BTreeMap::new(),
+        tx,
+    };
+    src.follow("discovery", &mut state, |src, state, token| Box::pin(stream_once(src, state, token)))
+        .await;
 }
 
 #[cfg(test)]

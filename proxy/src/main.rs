@@ -127,6 +127,10 @@ struct ProxyArgs {
     /// The pod's projected ServiceAccount token (audience mizzen-ca).
     #[arg(long, default_value = "/var/run/secrets/mizzen/token")]
     token_file: PathBuf,
+    /// How often to look for the kubelet's rotation of the token file, in
+    /// seconds; the agent's streams are reopened with the new token.
+    #[arg(long, default_value_t = identity::DEFAULT_TOKEN_POLL.as_secs())]
+    token_poll_seconds: u64,
     /// Whether plaintext inbound connections are accepted.
     #[arg(long, value_enum, env = "MIZZEN_MTLS_MODE", default_value = "permissive")]
     mtls_mode: MtlsMode,
@@ -153,6 +157,8 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
     let source = SdsSource {
         socket: a.agent_socket.clone(),
         token_file: a.token_file.clone(),
+        workload: identity::Workload::from_env(),
+        token_poll: std::time::Duration::from_secs(a.token_poll_seconds.max(1)),
     };
     let (tx, rx) = watch::channel(None);
     tokio::spawn(identity::follow(source.clone(), tx));
@@ -173,6 +179,23 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
         });
     }
     let metrics = ProxyMetrics::default();
+    {
+        let (mut certs, metrics) = (rx.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let mut bundle: Option<String> = None;
+            while certs.changed().await.is_ok() {
+                let Some(m) = certs.borrow_and_update().clone() else { continue };
+                metrics.certificate(m.not_after);
+                // The bundle changes only when the operator rotates the
+                // mesh's root; anything else deserves a look.
+                if bundle.as_ref().is_some_and(|b| *b != m.roots_pem) {
+                    metrics.trust_bundle_changed();
+                    tracing::warn!(id = %m.id, "the trust bundle changed: expected only during a CA rotation");
+                }
+                bundle = Some(m.roots_pem.clone());
+            }
+        });
+    }
     let registry = metrics.registry();
     let registry = Arc::new(registry);
     let pod_ip = std::env::var("INSTANCE_IP").ok().and_then(|ip| ip.parse().ok());

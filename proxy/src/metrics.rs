@@ -41,6 +41,12 @@ pub struct ProxyMetrics {
     /// Bytes carried (both ways), by direction, TLS mode and peer, counted
     /// as they flow.
     bytes: Family<Labels, Counter>,
+    /// Certificates received from the agent (the first and each renewal).
+    certificate_updates: Counter,
+    /// When the certificate in use expires, in Unix seconds.
+    certificate_expiry: Gauge,
+    /// Changes of the trust bundle after the first one received.
+    trust_bundle_changes: Counter,
 }
 
 impl ProxyMetrics {
@@ -72,7 +78,36 @@ impl ProxyMetrics {
             "Bytes carried as they flow, by direction, TLS mode and peer identity",
             self.bytes.clone(),
         );
+        r.register(
+            "certificate_updates",
+            "Certificates received from the node agent (the first and each renewal)",
+            self.certificate_updates.clone(),
+        );
+        r.register(
+            "certificate_expiry_seconds",
+            "When the certificate in use expires, in Unix seconds",
+            self.certificate_expiry.clone(),
+        );
+        r.register(
+            "trust_bundle_changes",
+            "Changes of the trust bundle the agent sent, after the first (CA rotations; anything else is suspect)",
+            self.trust_bundle_changes.clone(),
+        );
         r
+    }
+
+    /// Records a change of the trust bundle.
+    pub fn trust_bundle_changed(&self) {
+        self.trust_bundle_changes.inc();
+    }
+
+    /// Records a new certificate that expires at `not_after`.
+    pub fn certificate(&self, not_after: std::time::SystemTime) {
+        self.certificate_updates.inc();
+        let secs = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.certificate_expiry.set(i64::try_from(secs).unwrap_or(i64::MAX));
     }
 
     pub fn refused(&self, d: Direction, reason: &'static str) {

@@ -42,6 +42,18 @@ pub async fn token(
     pod: Option<&Pod>,
     audience: &str,
 ) -> anyhow::Result<String> {
+    token_for(client, ns, sa, pod, audience, 3600).await
+}
+
+/// Like [`token`], valid for `seconds` (the API server's minimum is 600).
+pub async fn token_for(
+    client: &kube::Client,
+    ns: &str,
+    sa: &str,
+    pod: Option<&Pod>,
+    audience: &str,
+    seconds: i64,
+) -> anyhow::Result<String> {
     let bound = pod.map(|p| BoundObjectReference {
         api_version: Some("v1".into()),
         kind: Some("Pod".into()),
@@ -52,7 +64,7 @@ pub async fn token(
         spec: TokenRequestSpec {
             audiences: vec![audience.into()],
             bound_object_ref: bound,
-            expiration_seconds: Some(3600),
+            expiration_seconds: Some(seconds),
         },
         ..Default::default()
     };

@@ -248,8 +248,19 @@ impl MeshNode {
         proxy: &std::path::Path,
         agent_args: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start_with(cluster, node, proxy, agent_args, "").await
+    }
+
+    /// [`MeshNode::start`] with the injector's configuration (YAML).
+    pub async fn start_with(
+        cluster: &Cluster,
+        node: &str,
+        proxy: &std::path::Path,
+        agent_args: &[&str],
+        injector_config: &str,
+    ) -> anyhow::Result<Self> {
         let (ca, agent) = ca_and_agent(cluster, node, agent_args).await?;
-        let injector = Injector::start(cluster, "").await?;
+        let injector = Injector::start(cluster, injector_config).await?;
         let images = crate::node::Images::new()
             .with("mizzen-proxy", proxy)
             .with("mizzen-testapp", crate::workspace_bin("mizzen-testapp"));

@@ -318,7 +318,7 @@ fn conditions(initialized: bool, ready: bool) -> serde_json::Value {
     ])
 }
 
-async fn pod_lifecycle(ctx: &Context_, api: &Api<Pod>, pod: Pod) -> anyhow::Result<()> {
+async fn pod_lifecycle(ctx: &Arc<Context_>, api: &Api<Pod>, pod: Pod) -> anyhow::Result<()> {
     let name = pod.metadata.name.clone().context("pod name")?;
     let ns = pod.metadata.namespace.clone().context("pod namespace")?;
     let uid = pod.metadata.uid.clone().context("pod uid")?;
@@ -362,7 +362,8 @@ async fn pod_lifecycle(ctx: &Context_, api: &Api<Pod>, pod: Pod) -> anyhow::Resu
 
     let dir = ctx.dir.join(format!("{ns}_{name}"));
     std::fs::create_dir_all(&dir)?;
-    let volumes = prepare_volumes(ctx, &pod, &dir).await?;
+    let (volumes, tokens) = prepare_volumes(ctx, &pod, &dir).await?;
+    let _rotation = TokenRotation::start(ctx.clone(), pod.clone(), tokens);
     let mut running: Vec<Running> = Vec::new();
     let fields = Fields {
         name: name.clone(),
@@ -647,13 +648,72 @@ fn env_value(e: &EnvVar, f: &Fields) -> anyhow::Result<String> {
     })
 }
 
-/// Volume name → directory on this machine.
-async fn prepare_volumes(ctx: &Context_, pod: &Pod, dir: &Path) -> anyhow::Result<HashMap<String, PathBuf>> {
+/// A projected ServiceAccount token the node keeps fresh, as the kubelet
+/// does: rewritten at 80 % of its lifetime.
+#[derive(Debug, Clone)]
+struct ProjectedToken {
+    path: PathBuf,
+    audience: String,
+    seconds: i64,
+}
+
+/// The token of `pod` for `t`, written to its file (atomically, as the
+/// kubelet swaps a projected volume's contents).
+async fn write_token(ctx: &Context_, pod: &Pod, t: &ProjectedToken) -> anyhow::Result<()> {
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let sa = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
+    let token = crate::k8s::token_for(&ctx.client, &ns, &sa, Some(pod), &t.audience, t.seconds).await?;
+    let tmp = t.path.with_extension("tmp");
+    write_file(&tmp, token.as_bytes())?;
+    std::fs::rename(&tmp, &t.path)?;
+    Ok(())
+}
+
+/// Rewrites every projected token of `pod` at 80 % of its lifetime, until
+/// dropped (the pod stops).
+struct TokenRotation(JoinHandle<()>);
+
+impl TokenRotation {
+    fn start(ctx: Arc<Context_>, pod: Pod, tokens: Vec<ProjectedToken>) -> Self {
+        Self(tokio::spawn(async move {
+            let Some(shortest) = tokens.iter().map(|t| t.seconds).min() else {
+                return;
+            };
+            let period = Duration::from_secs((shortest.max(1) as u64) * 8 / 10);
+            loop {
+                tokio::time::sleep(period).await;
+                for t in &tokens {
+                    if let Err(e) = write_token(&ctx, &pod, t).await {
+                        eprintln!("test node {}: rotating {}: {e:#}", ctx.node, t.path.display());
+                    }
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for TokenRotation {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Volume name → directory on this machine, and the projected tokens to
+/// keep fresh.
+async fn prepare_volumes(
+    ctx: &Context_,
+    pod: &Pod,
+    dir: &Path,
+) -> anyhow::Result<(HashMap<String, PathBuf>, Vec<ProjectedToken>)> {
     use std::os::unix::fs::PermissionsExt;
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let spec = pod.spec.as_ref().context("pod spec")?;
-    let sa = spec.service_account_name.clone().unwrap_or_else(|| "default".into());
     let mut out = HashMap::new();
+    let mut tokens = Vec::new();
     for v in spec.volumes.iter().flatten() {
         let path = dir.join("volumes").join(&v.name);
         if let Some(h) = &v.host_path {
@@ -672,12 +732,16 @@ async fn prepare_volumes(ctx: &Context_, pod: &Pod, dir: &Path) -> anyhow::Resul
         } else if let Some(p) = &v.projected {
             for source in p.sources.iter().flatten() {
                 if let Some(t) = &source.service_account_token {
-                    let audience = t
-                        .audience
-                        .clone()
-                        .unwrap_or_else(|| "https://kubernetes.default.svc.cluster.local".into());
-                    let token = crate::k8s::token(&ctx.client, &ns, &sa, Some(pod), &audience).await?;
-                    write_file(&path.join(&t.path), token.as_bytes())?;
+                    let token = ProjectedToken {
+                        path: path.join(&t.path),
+                        audience: t
+                            .audience
+                            .clone()
+                            .unwrap_or_else(|| "https://kubernetes.default.svc.cluster.local".into()),
+                        seconds: t.expiration_seconds.unwrap_or(3600),
+                    };
+                    write_token(ctx, pod, &token).await?;
+                    tokens.push(token);
                 }
                 if let Some(c) = &source.config_map {
                     let cm = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
@@ -707,7 +771,7 @@ async fn prepare_volumes(ctx: &Context_, pod: &Pod, dir: &Path) -> anyhow::Resul
         }
         out.insert(v.name.clone(), path);
     }
-    Ok(out)
+    Ok((out, tokens))
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {

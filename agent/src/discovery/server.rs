@@ -144,8 +144,8 @@ impl AggregatedDiscoveryService for Discovery {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let (id, _token) =
-            authenticate_caller(&self.authenticator, &self.policy, &self.metrics, request.metadata()).await?;
+        let caller = authenticate_caller(&self.authenticator, &self.policy, &self.metrics, request.metadata()).await?;
+        let id = caller.id.clone();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<DeltaDiscoveryResponse, Status>>(4);
         let mut snapshots = self.snapshots.clone();
@@ -179,6 +179,7 @@ impl AggregatedDiscoveryService for Discovery {
                             first = false;
                         }
                         _ = changed(&mut snapshots), if !first => {}
+                        _ = caller.token_expired() => return Err(caller.expired_status()),
                     }
                     let Some(snap) = snapshots.borrow_and_update().clone() else {
                         continue;

@@ -75,10 +75,89 @@ pub struct Rotation {
     pub backoff_max: Duration,
 }
 
+/// A verified token of a proxy holding an identity, and when it expires.
+struct Token {
+    token: Zeroizing<String>,
+    expires_at: Option<SystemTime>,
+    /// Set once the CA refused the token (expired, or its pod is gone).
+    refused: watch::Sender<bool>,
+}
+
+impl Token {
+    /// Whether renewals should prefer `self` to `other`: the token that
+    /// stays valid longest (one without `exp` counts as newest).
+    fn outlives(&self, other: &Token) -> bool {
+        match (self.expires_at, other.expires_at) {
+            (Some(a), Some(b)) => a >= b,
+            (None, _) => true,
+            (Some(_), None) => false,
+        }
+    }
+}
+
+/// The tokens of the live subscribers of one identity.
+#[derive(Default)]
+struct Tokens {
+    next: u64,
+    live: HashMap<u64, Token>,
+}
+
 struct Entry {
     tx: watch::Sender<Option<Arc<Svid>>>,
-    /// The newest verified token presented for this identity.
-    token: Mutex<Zeroizing<String>>,
+    tokens: Mutex<Tokens>,
+}
+
+impl Entry {
+    fn tokens(&self) -> std::sync::MutexGuard<'_, Tokens> {
+        self.tokens.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The key and value of the token renewals should use now.
+    fn best_token(&self) -> Option<(u64, Zeroizing<String>)> {
+        let tokens = self.tokens();
+        let mut best: Option<(&u64, &Token)> = None;
+        for (k, t) in &tokens.live {
+            if best.is_none_or(|(_, b)| t.outlives(b)) {
+                best = Some((k, t));
+            }
+        }
+        best.map(|(k, t)| (*k, t.token.clone()))
+    }
+
+    /// The CA refused token `key`: tell its stream, and never use it again.
+    fn refuse(&self, key: u64) {
+        if let Some(t) = self.tokens().live.remove(&key) {
+            t.refused.send_replace(true);
+        }
+    }
+}
+
+/// A subscriber's token, offered for the identity's renewals until the
+/// subscriber drops it (its stream ended).
+pub struct TokenLease {
+    entry: Arc<Entry>,
+    key: u64,
+    refused: watch::Receiver<bool>,
+}
+
+impl TokenLease {
+    /// Becomes `true` once the CA refused this token: its pod is gone or
+    /// it expired, and the stream that presented it must end.
+    pub fn refused(&self) -> watch::Receiver<bool> {
+        self.refused.clone()
+    }
+}
+
+impl Drop for TokenLease {
+    fn drop(&mut self) {
+        self.entry.tokens().live.remove(&self.key);
+    }
+}
+
+impl std::fmt::Debug for TokenLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenLease").field("key", &self.key).finish_non_exhaustive()
+    }
 }
 
 /// The agent's certificate cache.
@@ -110,23 +189,49 @@ impl<S: Signer> SecretManager<S> {
     }
 
     /// Subscribes to the certificate of `id`, whose holder proved it with
-    /// `token` (already reviewed). Starts issuance if nobody holds it yet.
-    pub fn subscribe(self: &Arc<Self>, id: &SpiffeId, token: &str) -> SvidWatch {
+    /// `token` (already reviewed), valid until `expires_at`. Starts issuance
+    /// if nobody holds it yet. Renewals are signed with the live
+    /// subscriber's token that stays valid longest.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        id: &SpiffeId,
+        token: &str,
+        expires_at: Option<SystemTime>,
+    ) -> (SvidWatch, TokenLease) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = entries.get(id) {
-            *e.token.lock().unwrap_or_else(|p| p.into_inner()) = Zeroizing::new(token.to_owned());
-            return e.tx.subscribe();
-        }
-        let (tx, rx) = watch::channel(None);
-        let entry = Arc::new(Entry {
-            tx,
-            token: Mutex::new(Zeroizing::new(token.to_owned())),
-        });
-        entries.insert(id.clone(), entry.clone());
-        self.metrics.certificates_cached.set(entries.len() as i64);
+        let (entry, rx, new) = match entries.get(id) {
+            Some(e) => (e.clone(), e.tx.subscribe(), false),
+            None => {
+                let (tx, rx) = watch::channel(None);
+                let e = Arc::new(Entry {
+                    tx,
+                    tokens: Mutex::default(),
+                });
+                entries.insert(id.clone(), e.clone());
+                self.metrics.certificates_cached.set(entries.len() as i64);
+                (e, rx, true)
+            }
+        };
         drop(entries);
-        tokio::spawn(self.clone().worker(id.clone(), entry));
-        rx
+        let (refused_tx, refused) = watch::channel(false);
+        let key = {
+            let mut tokens = entry.tokens();
+            let key = tokens.next;
+            tokens.next += 1;
+            tokens.live.insert(
+                key,
+                Token {
+                    token: Zeroizing::new(token.to_owned()),
+                    expires_at,
+                    refused: refused_tx,
+                },
+            );
+            key
+        };
+        if new {
+            tokio::spawn(self.clone().worker(id.clone(), entry.clone()));
+        }
+        (rx, TokenLease { entry, key, refused })
     }
 
     /// Seconds until the soonest expiry among cached certificates.
@@ -145,9 +250,21 @@ impl<S: Signer> SecretManager<S> {
             .await
             .map_err(|e| SignError::Local(e.to_string()))?;
         let kc = identity::new_key_and_csr(id).map_err(|e| SignError::Local(e.to_string()))?;
-        let token = entry.token.lock().unwrap_or_else(|p| p.into_inner()).to_string();
-        self.metrics.ca_calls.inc();
-        let chain = self.signer.sign(kc.csr_pem, token, self.rotation.ttl).await?;
+        // Expired tokens and those of deleted pods are refused by the CA:
+        // drop each, ending its stream, and try the next best.
+        let chain = loop {
+            let (key, token) = entry
+                .best_token()
+                .ok_or_else(|| SignError::Unauthenticated("no proxy of this identity holds a valid token".into()))?;
+            self.metrics.ca_calls.inc();
+            match self.signer.sign(kc.csr_pem.clone(), token.to_string(), self.rotation.ttl).await {
+                Err(SignError::Unauthenticated(e)) => {
+                    warn!(%id, error = %e, "the CA refused a proxy's token; its stream ends");
+                    entry.refuse(key);
+                }
+                other => break other?,
+            }
+        };
         Svid::from_ca(id, chain, kc.key_pem).map_err(|e| SignError::BadResponse(e.to_string()))
     }
 

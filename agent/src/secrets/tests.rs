@@ -12,6 +12,10 @@ struct FakeCa {
     calls: AtomicUsize,
     down: AtomicBool,
     delay: Duration,
+    /// Tokens it treats as expired or of a deleted pod.
+    refused: Mutex<Vec<String>>,
+    /// Tokens it was called with, in order.
+    seen: Mutex<Vec<String>>,
 }
 
 impl FakeCa {
@@ -24,6 +28,8 @@ impl FakeCa {
             calls: AtomicUsize::new(0),
             down: AtomicBool::new(false),
             delay,
+            refused: Mutex::default(),
+            seen: Mutex::default(),
         })
     }
 }
@@ -35,7 +41,10 @@ impl Signer for Arc<FakeCa> {
         if self.down.load(Ordering::SeqCst) {
             return Err(SignError::Unavailable("fake CA is down".into()));
         }
-        assert_eq!(token, "token", "the subscriber's token is forwarded");
+        self.seen.lock().expect("lock").push(token.clone());
+        if self.refused.lock().expect("lock").contains(&token) {
+            return Err(SignError::Unauthenticated("token expired".into()));
+        }
         let mut csr = CertificateSigningRequestParams::from_pem(&csr_pem).expect("csr");
         let now = time::OffsetDateTime::now_utc();
         csr.params.not_before = now;
@@ -78,15 +87,15 @@ async fn a_burst_with_one_identity_costs_one_ca_call() {
         Arc::new(Metrics::new()),
     );
     let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/web".parse().expect("id");
-    let mut rxs: Vec<_> = (0..50).map(|_| mgr.subscribe(&id, "token")).collect();
+    let mut rxs: Vec<_> = (0..50).map(|_| mgr.subscribe(&id, "token", None)).collect();
     let mut serials = std::collections::HashSet::new();
-    for rx in &mut rxs {
+    for (rx, _) in &mut rxs {
         serials.insert(first(rx).await.serial.clone());
     }
     assert_eq!(serials.len(), 1, "all 50 share one certificate");
     assert_eq!(ca.calls.load(Ordering::SeqCst), 1);
     let other: SpiffeId = "spiffe://cluster.local/ns/a/sa/db".parse().expect("id");
-    let mut rx = mgr.subscribe(&other, "token");
+    let (mut rx, _lease) = mgr.subscribe(&other, "token", None);
     assert_eq!(first(&mut rx).await.id, other);
     assert_eq!(ca.calls.load(Ordering::SeqCst), 2);
 }
@@ -101,7 +110,7 @@ async fn rotates_before_expiry_and_survives_an_outage() {
         Arc::new(Metrics::new()),
     );
     let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/web".parse().expect("id");
-    let mut rx = mgr.subscribe(&id, "token");
+    let (mut rx, _lease) = mgr.subscribe(&id, "token", None);
     let one = first(&mut rx).await;
     // A new certificate arrives on the same watch before the first expires.
     tokio::time::timeout(Duration::from_secs(10), rx.changed())
@@ -129,4 +138,49 @@ async fn rotates_before_expiry_and_survives_an_outage() {
         .expect("recovered")
         .expect("alive");
     assert_ne!(rx.borrow().as_ref().map(|s| s.serial.clone()), Some(two.serial.clone()));
+}
+
+#[test]
+fn renewals_use_the_token_that_stays_valid_longest() {
+    let at = |s: u64| Some(SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+    let t = |exp| Token {
+        token: Zeroizing::new("t".into()),
+        expires_at: exp,
+        refused: watch::channel(false).0,
+    };
+    assert!(t(at(20)).outlives(&t(at(10))), "a rotated token replaces its predecessor");
+    assert!(!t(at(10)).outlives(&t(at(20))), "an older token does not");
+    assert!(t(None).outlives(&t(at(10))), "a token without exp is taken as newest");
+}
+
+#[tokio::test]
+async fn a_refused_token_is_dropped_and_renewals_use_another_live_one() {
+    let ca = FakeCa::new(Duration::ZERO);
+    let mgr = SecretManager::new(
+        ca.clone(),
+        rotation(Duration::from_secs(2)),
+        4,
+        Arc::new(Metrics::new()),
+    );
+    let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/web".parse().expect("id");
+    let at = |s: u64| Some(SystemTime::now() + Duration::from_secs(s));
+    let (mut live, _live_lease) = mgr.subscribe(&id, "live", at(600));
+    first(&mut live).await;
+    // A second pod of the identity, with a token that outlives the first.
+    let (_gone, gone_lease) = mgr.subscribe(&id, "gone", at(900));
+    let mut refused = gone_lease.refused();
+    // Its pod is deleted: the CA refuses its token from now on.
+    ca.refused.lock().expect("lock").push("gone".into());
+    tokio::time::timeout(Duration::from_secs(10), refused.wait_for(|r| *r))
+        .await
+        .expect("the refused stream is told")
+        .expect("alive");
+    let before = live.borrow_and_update().as_ref().map(|s| s.serial.clone());
+    tokio::time::timeout(Duration::from_secs(10), live.changed())
+        .await
+        .expect("renewed with the live token")
+        .expect("alive");
+    assert_ne!(live.borrow().as_ref().map(|s| s.serial.clone()), before);
+    let seen = ca.seen.lock().expect("lock").clone();
+    assert_eq!(seen.last().map(String::as_str), Some("live"), "{seen:?}");
 }

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::{Api, PostParams};
@@ -30,6 +30,9 @@ pub struct Reviewed {
     pub pod_name: Option<String>,
     pub pod_uid: Option<String>,
     pub node_name: Option<String>,
+    /// When the reviewed token expires (its `exp` claim); `None` for a
+    /// token without one. Whatever the token grants ends then.
+    pub expires_at: Option<SystemTime>,
 }
 
 impl Reviewed {
@@ -129,7 +132,24 @@ pub fn parse_review(status: &TokenReviewStatus, audience: &str) -> Result<Review
         pod_name: extra(EXTRA_POD_NAME),
         pod_uid: extra(EXTRA_POD_UID),
         node_name: extra(EXTRA_NODE_NAME),
+        expires_at: None,
     })
+}
+
+/// When JWT `token` expires, from its `exp` claim. The signature is not
+/// checked: use it only on a token the API server has just accepted, and
+/// only to limit what the token may do, never to grant anything.
+pub fn token_expiry(token: &str) -> Option<SystemTime> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let exp = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()?
+        .get("exp")?
+        .as_u64()?;
+    UNIX_EPOCH.checked_add(Duration::from_secs(exp))
 }
 
 /// Reviews tokens with the API server, caching successes briefly.
@@ -191,8 +211,14 @@ impl Authenticator {
             .map_err(|e| AuthError::Unavailable(e.to_string()))?
             .status
             .ok_or_else(|| AuthError::Unavailable("TokenReview without status".into()))?;
-        let reviewed = parse_review(&status, &self.audience)?;
-        if !self.cache_ttl.is_zero() {
+        let mut reviewed = parse_review(&status, &self.audience)?;
+        reviewed.expires_at = token_expiry(token);
+        // Never remember a token as good past its expiry.
+        let until_expiry = reviewed
+            .expires_at
+            .map(|e| e.duration_since(SystemTime::now()).unwrap_or_default());
+        let ttl = until_expiry.map_or(self.cache_ttl, |u| u.min(self.cache_ttl));
+        if !ttl.is_zero() {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             if cache.len() >= MAX_CACHE_ENTRIES {
                 cache.retain(|_, (_, exp)| *exp > now);
@@ -200,7 +226,7 @@ impl Authenticator {
                     cache.clear();
                 }
             }
-            cache.insert(key, (reviewed.clone(), now + self.cache_ttl));
+            cache.insert(key, (reviewed.clone(), now + ttl));
         }
         Ok(reviewed)
     }

@@ -54,6 +54,7 @@ fn reviews_are_parsed_strictly() {
             pod_name: Some("web-1".into()),
             pod_uid: Some("uid-1".into()),
             node_name: Some("node-a".into()),
+            expires_at: None,
         }
     );
 
@@ -97,4 +98,22 @@ fn reviews_are_parsed_strictly() {
     )
     .expect("valid");
     assert_eq!(two.node_name, None);
+}
+
+#[test]
+fn token_expiry_reads_the_exp_claim() {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let token = format!(
+        "{}.{}.sig",
+        b64(r#"{"alg":"RS256"}"#),
+        b64(r#"{"aud":["mizzen-ca"],"exp":1700000600}"#)
+    );
+    assert_eq!(
+        token_expiry(&token),
+        Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_600))
+    );
+    for bad in ["", "a.b.c", "x", &format!("h.{}.s", b64(r#"{"exp":"soon"}"#))] {
+        assert_eq!(token_expiry(bad), None, "{bad}");
+    }
 }
