@@ -23,6 +23,7 @@ use tracing::{debug, info};
 
 use crate::identity::{TlsMaterial, spiffe_id_of};
 use crate::metrics::{Direction, ProxyMetrics, handshake_reason};
+use crate::detect::{Place, Protocol, Undecided, detect};
 use crate::net::captured_dst;
 
 /// The ALPN protocol proxies speak to each other.
@@ -106,6 +107,15 @@ pub fn bind_listeners(port: u16) -> std::io::Result<Vec<TcpListener>> {
 /// could not be built.
 type ServerTls = Result<Arc<rustls::ServerConfig>, String>;
 
+/// How new connections are sorted before anything else happens to them.
+#[derive(Debug, Clone)]
+pub struct Detection {
+    /// The connections being sorted, bounded.
+    pub undecided: Arc<Undecided>,
+    /// How long a client has to make clear what it speaks.
+    pub timeout: Duration,
+}
+
 /// Serves inbound connections until the process ends.
 pub async fn serve(
     listener: TcpListener,
@@ -113,12 +123,16 @@ pub async fn serve(
     mode: MtlsMode,
     metrics: ProxyMetrics,
     connections: crate::drain::Connections,
+    detection: Detection,
 ) {
     let ids = AtomicU64::new(0);
     // Built once per certificate (rotation), not per connection.
     let mut cached: Option<(Arc<TlsMaterial>, ServerTls)> = None;
     loop {
         let (conn, peer, guard) = connections.accept(&listener).await;
+        // Taken at once, so a flood of undecided connections is bounded
+        // before their tasks even run.
+        let place = detection.undecided.enter();
         let current = material.borrow().clone();
         let trust_domain = current.as_ref().map(|m| m.id.trust_domain());
         let config = current.map(|m| match &cached {
@@ -132,9 +146,16 @@ pub async fn serve(
         let metrics = metrics.clone();
         let n = ids.fetch_add(1, Ordering::Relaxed);
         let open = metrics.open(Direction::Inbound);
+        let timeout = detection.timeout;
         tokio::spawn(async move {
             let (_guard, _open) = (guard, open);
-            if let Err(reason) = handle(conn, peer, config, trust_domain, mode, &metrics).await {
+            let accepted = Accepted {
+                conn,
+                peer,
+                place,
+                detect_timeout: timeout,
+            };
+            if let Err(reason) = handle(accepted, config, trust_domain, mode, &metrics).await {
                 metrics.refused(Direction::Inbound, reason.0);
                 debug!(conn = n, %peer, reason = reason.0, detail = %reason.1, "inbound connection refused");
             }
@@ -144,58 +165,33 @@ pub async fn serve(
 
 struct Refused(&'static str, String);
 
-/// Largest ClientHello looked at.
-const MAX_HELLO: usize = 16 * 1024;
-
-/// Whether the connection starts with a TLS ClientHello offering ALPN
-/// `mizzen`, read with `peek` so the bytes stay for whoever handles them.
-async fn is_mesh_hello(conn: &TcpStream) -> Result<bool, Refused> {
-    let mut buf = vec![0u8; MAX_HELLO];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let n = tokio::time::timeout_at(deadline, conn.peek(&mut buf))
-            .await
-            .map_err(|_| Refused("first_bytes_timeout", String::new()))?
-            .map_err(|e| Refused("io", e.to_string()))?;
-        if n == 0 || buf[0] != 0x16 {
-            return Ok(false);
-        }
-        let mut acceptor = rustls::server::Acceptor::default();
-        let mut bytes = &buf[..n];
-        while !bytes.is_empty() {
-            if acceptor
-                .read_tls(&mut bytes)
-                .map_err(|e| Refused("io", e.to_string()))?
-                == 0
-            {
-                break;
-            }
-        }
-        match acceptor.accept() {
-            Ok(Some(hello)) => {
-                return Ok(hello
-                    .client_hello()
-                    .alpn()
-                    .is_some_and(|mut protos| protos.any(|p| p == ALPN)));
-            }
-            Ok(None) if n < MAX_HELLO => tokio::time::sleep(Duration::from_millis(5)).await,
-            // Not a ClientHello rustls understands: not ours.
-            _ => return Ok(false),
-        }
-    }
+/// A new connection and its place among those being sorted.
+struct Accepted {
+    conn: TcpStream,
+    peer: SocketAddr,
+    place: Place,
+    detect_timeout: Duration,
 }
 
 async fn handle(
-    conn: TcpStream,
-    peer: SocketAddr,
+    accepted: Accepted,
     config: Option<ServerTls>,
     trust_domain: Option<TrustDomain>,
     mode: MtlsMode,
     metrics: &ProxyMetrics,
 ) -> Result<(), Refused> {
+    let Accepted {
+        conn,
+        peer,
+        place,
+        detect_timeout,
+    } = accepted;
     let _ = conn.set_nodelay(true);
     let dst = captured_dst(&conn).map_err(|e| Refused(e.reason(), e.to_string()))?;
-    if is_mesh_hello(&conn).await? {
+    let (protocol, conn) = detect(conn, place, detect_timeout)
+        .await
+        .map_err(|e| Refused(e.reason(), e.to_string()))?;
+    if protocol == Protocol::MeshTls {
         let config = config
             .ok_or_else(|| Refused("no_certificate_yet", String::new()))?
             .map_err(|e| Refused("tls_config", e))?;

@@ -4,6 +4,7 @@
 //! - [`net`]: where a captured connection was going.
 //! - [`identity`]: certificates from the node agent over SDS.
 //! - [`discovery`]: Services and endpoints from the node agent, as routes.
+//! - [`detect`]: sorting new inbound connections, bounded.
 //! - [`inbound`]: mutual TLS termination for peers, forwarding to the app.
 //! - [`outbound`]: the app's connections, balanced over a Service's
 //!   endpoints, with mutual TLS and secure naming to meshed ones.
@@ -12,6 +13,7 @@
 //! - [`relay`]: the bidirectional copy, with pooled buffers.
 //! - [`drain`]: graceful shutdown.
 
+pub mod detect;
 pub mod discovery;
 pub mod drain;
 pub mod identity;

@@ -134,6 +134,15 @@ struct ProxyArgs {
     /// Whether plaintext inbound connections are accepted.
     #[arg(long, value_enum, env = "MIZZEN_MTLS_MODE", default_value = "permissive")]
     mtls_mode: MtlsMode,
+    /// Inbound: how long a client has to send its first bytes (a whole
+    /// ClientHello for TLS), in milliseconds. Server-first protocols (MySQL,
+    /// SMTP) need their ports excluded from capture.
+    #[arg(long, default_value_t = 5_000)]
+    detect_timeout_ms: u64,
+    /// Inbound: most connections still sending their first bytes; a new
+    /// one beyond this closes the oldest.
+    #[arg(long, default_value_t = 1024)]
+    max_undecided: usize,
     /// Outbound connect (and TLS handshake) timeout, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     connect_timeout_ms: u64,
@@ -236,6 +245,10 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
     for l in outbound_listeners {
         accepting.push(tokio::spawn(outbound::serve(l, outbound.clone(), connections.clone())));
     }
+    let detection = inbound::Detection {
+        undecided: mizzen_proxy::detect::Undecided::new(a.max_undecided),
+        timeout: std::time::Duration::from_millis(a.detect_timeout_ms),
+    };
     for l in inbound_listeners {
         accepting.push(tokio::spawn(inbound::serve(
             l,
@@ -243,6 +256,7 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
             a.mtls_mode,
             metrics.clone(),
             connections.clone(),
+            detection.clone(),
         )));
     }
     runtime::shutdown_signal().await;

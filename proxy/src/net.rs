@@ -8,8 +8,12 @@
 //! proxy connect to itself for ever (one byte to a peer's `:15006` once made
 //! a proxy open ~10,000 connections). [`captured_dst`] refuses those.
 
+use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Why a connection has no destination the proxy may forward to.
@@ -66,6 +70,68 @@ fn is_listener(dst: SocketAddr, local: SocketAddr) -> bool {
     dst.ip() == local.ip() && dst.port() == local.port()
 }
 
+/// A stream whose first bytes were already read: they are read again
+/// first, then the stream itself. Writes go straight to the stream.
+#[derive(Debug)]
+pub struct Rewind<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Self { prefix, pos: 0, inner }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = buf.remaining().min(self.prefix.len() - self.pos);
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            if self.pos == self.prefix.len() {
+                self.prefix = Vec::new(); // give the memory back
+                self.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +147,15 @@ mod tests {
         assert!(!is_listener(pod, "127.0.0.1:15006".parse().expect("addr")));
         let v6: SocketAddr = "[fd00::5]:15001".parse().expect("addr");
         assert!(is_listener(v6, v6));
+    }
+
+    #[tokio::test]
+    async fn rewind_reads_the_prefix_then_the_stream() {
+        use tokio::io::AsyncReadExt;
+        let rest: &[u8] = b" world";
+        let mut r = Rewind::new(b"hello".to_vec(), rest);
+        let mut out = String::new();
+        r.read_to_string(&mut out).await.expect("read");
+        assert_eq!(out, "hello world");
     }
 }

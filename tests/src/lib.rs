@@ -77,6 +77,17 @@ fn reserve_ports(n: usize) -> Vec<u16> {
     ports
 }
 
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS:`, `VmHWM:`).
+pub fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<f64> {
+    use anyhow::Context;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("{field} of {pid}"))
+}
+
 /// The `p` quantile (0 to 1, nearest rank) of `sorted`, an ascending
 /// slice; `None` when it is empty.
 pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {

@@ -12,7 +12,8 @@ use mizzen_tests::mesh::{Injector, MeshNode, ca_and_agent, install_manifests};
 use mizzen_tests::sds::{SdsStream, decode};
 use mizzen_tests::node::{Node, UNMANAGED, create_pod, wait_ready};
 use mizzen_tests::daemon::proxy_metric;
-use mizzen_tests::{Cluster, eventually_some, workspace_bin};
+use mizzen_tests::{Cluster, NetnsPod, eventually_some, workspace_bin};
+use tokio::io::AsyncBufReadExt;
 
 const INJECTED: &[(&str, &str)] = &[("mizzen.dev/inject", "enabled")];
 
@@ -404,5 +405,85 @@ async fn a_deleted_pods_sds_stream_gets_no_new_certificate() -> anyhow::Result<(
     .await
     .context("the stream of the deleted pod kept receiving certificates")??;
     assert_eq!(ended.code(), tonic::Code::Unauthenticated, "{ended:?}");
+    Ok(())
+}
+
+// Issue #10, item 6: every undecided inbound connection cost 16 KiB and a
+// 5 ms re-peek for up to 10 s. 20,000 connections that each send one 0x16
+// byte (the start of a TLS record) and wait must not take the proxy's
+// memory over 64 MiB, and a real client is still served meanwhile.
+#[tokio::test]
+async fn a_flood_of_partial_client_hellos_is_bounded_and_the_proxy_keeps_serving() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    let mesh = MeshNode::start(cluster, "node-flood", &workspace_bin("mizzen-proxy"), &[]).await?;
+    let ns = cluster.namespace(&client, "flood", INJECTED).await?;
+    let mut target = meshed_app("target", &mesh.node.name);
+    target["metadata"]["labels"] = serde_json::json!({"app": "target"});
+    create_pod(&client, &ns, target).await?;
+    create_pod(&client, &ns, meshed_app("client", &mesh.node.name)).await?;
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "target"},
+        "spec": {"selector": {"app": "target"}, "ports": [{"name": "tcp-echo", "port": 80, "targetPort": 8080}]},
+    }))?;
+    let vip = Api::<Service>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &svc)
+        .await?
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("cluster IP")?;
+    for name in ["target", "client"] {
+        wait_ready(&client, &ns, name, Duration::from_secs(90)).await?;
+    }
+    let (_, target_ip) = mesh.node.pod(&ns, "target")?;
+    let proxy_pid = mesh.node.pid(&ns, "target", "mizzen-proxy")?;
+
+    // Outside the mesh, on the same network: 20,000 connections to the
+    // app's port (captured by the proxy), one 0x16 byte each, held; from
+    // two processes, as a process may hold at most 20,000 files here.
+    let flooder = NetnsPod::create("flooder")?;
+    let mut floods = Vec::new();
+    for _ in 0..2 {
+        let mut flood = flooder
+            .command("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -n \"$(ulimit -Hn)\" && exec {} hold {target_ip}:8080 10000 120 16",
+                workspace_bin("mizzen-testapp").display()
+            ))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let stdout = flood.stdout.take().context("stdout")?;
+        floods.push((flood, tokio::io::BufReader::new(stdout).lines()));
+    }
+    let mut opened = 0;
+    for (flood, lines) in &mut floods {
+        let line = tokio::time::timeout(Duration::from_secs(300), lines.next_line())
+            .await
+            .context("the flood did not finish connecting")??;
+        let Some(line) = line else {
+            anyhow::bail!("a flooder exited: {:?}", flood.try_wait());
+        };
+        opened += line.trim_start_matches("open ").parse::<usize>()?;
+    }
+    assert!(opened >= 19_000, "the flood connected: {opened}");
+
+    // A meshed client is served over mTLS while the flood is held.
+    let out = mesh
+        .node
+        .command_as(&ns, "client", 1000, workspace_bin("mizzen-testapp"))?
+        .args(["connect", &format!("{vip}:80"), "during-the-flood"])
+        .output()
+        .await?;
+    assert!(out.status.success(), "served during the flood: {out:?}");
+    let peak_mib = mizzen_tests::proc_status_kib(proxy_pid, "VmHWM:")? / 1024.0;
+    assert!(peak_mib < 64.0, "the proxy's peak RSS was {peak_mib:.1} MiB");
+    let (shed, text) = proxy_metric(target_ip, "mizzen_proxy_refused_total{direction=\"inbound\",reason=\"detect_overload\"}").await?;
+    assert!(shed >= 10_000.0, "the oldest undecided connections were shed:\n{text}");
+    println!("20,000 partial ClientHellos: proxy peak RSS {peak_mib:.1} MiB, {shed} shed");
+    for (mut flood, _) in floods {
+        let _ = flood.kill().await;
+    }
     Ok(())
 }

@@ -74,13 +74,7 @@ fn cpu_split(pid: u32) -> anyhow::Result<(f64, f64)> {
 
 /// A `/proc/<pid>/status` memory field, in MiB.
 fn memory_mib(pid: u32, field: &str) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("{field} of {pid}"))?;
-    Ok(kb / 1024.0)
+    Ok(mizzen_tests::proc_status_kib(pid, field)? / 1024.0)
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -21,7 +21,7 @@
 //!                                     prints one JSON line with the count,
 //!                                     errors and latency percentiles (µs,
 //!                                     from each request's scheduled time)
-//! mizzen-testapp hold ADDR N SECS     open N connections, print "open <n>",
+//! mizzen-testapp hold ADDR N SECS [HEX]  open N connections (writing HEX bytes on each), print "open <n>",
 //!                                     keep them for SECS seconds
 //! ```
 //! The servers print `listening <addr>` on stdout once it is bound.
@@ -290,14 +290,25 @@ fn http_load(addr: &str, rate: &str, secs: &str, conns: &str) -> Result<(), Stri
     Ok(())
 }
 
-fn hold(addr: &str, n: &str, secs: &str) -> Result<(), String> {
+/// Opens `n` connections to `addr`, writes `first` (hex) on each, and
+/// holds them for `secs` seconds.
+fn hold(addr: &str, n: &str, secs: &str, first: &str) -> Result<(), String> {
     let n: usize = n.parse().map_err(|_| format!("bad count {n:?}"))?;
     let secs: u64 = secs.parse().map_err(|_| format!("bad seconds {secs:?}"))?;
     let sock: std::net::SocketAddr = addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?;
+    let first = (0..first.len())
+        .step_by(2)
+        .map(|i| first.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect::<Option<Vec<u8>>>()
+        .ok_or_else(|| format!("bad hex bytes {first:?}"))?;
     let mut open = Vec::with_capacity(n);
     for _ in 0..n {
         match TcpStream::connect_timeout(&sock, Duration::from_secs(5)) {
-            Ok(c) => open.push(c),
+            Ok(mut c) => {
+                // The peer may close it at once (e.g. to shed load): fine.
+                let _ = c.write_all(&first);
+                open.push(c);
+            }
             Err(e) => eprintln!("connect {addr}: {e}"),
         }
     }
@@ -316,13 +327,14 @@ fn main() -> ExitCode {
         ["load", addr, secs, ms] => load(addr, secs, ms),
         ["http-server", addr] => http_server(addr),
         ["http-load", addr, rate, secs, conns] => http_load(addr, rate, secs, conns),
-        ["hold", addr, n, secs] => hold(addr, n, secs),
+        ["hold", addr, n, secs] => hold(addr, n, secs, ""),
+        ["hold", addr, n, secs, first] => hold(addr, n, secs, first),
         ["whoami"] => {
             let (uid, gid) = ids();
             println!("uid={uid} gid={gid}");
             Ok(())
         }
-        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami | load ADDR SECS MS | http-server ADDR | http-load ADDR RATE SECS CONNS | hold ADDR N SECS".into()),
+        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami | load ADDR SECS MS | http-server ADDR | http-load ADDR RATE SECS CONNS | hold ADDR N SECS [HEX-BYTES]".into()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
