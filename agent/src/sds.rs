@@ -278,7 +278,11 @@ pub async fn authenticate_caller(
     })
 }
 
-async fn review_caller(authenticator: &Authenticator, policy: &CallerPolicy, token: String) -> Result<Caller, CallerError> {
+async fn review_caller(
+    authenticator: &Authenticator,
+    policy: &CallerPolicy,
+    token: String,
+) -> Result<Caller, CallerError> {
     let reviewed = authenticator.review(&token).await?;
     let id = caller_identity(&reviewed, policy)?;
     Ok(Caller {

@@ -252,8 +252,10 @@ pub async fn follow(src: SdsSource, tx: watch::Sender<Option<Arc<Routes>>>) {
         held: BTreeMap::new(),
         tx,
     };
-    src.follow("discovery", &mut state, |src, state, token| Box::pin(stream_once(src, state, token)))
-        .await;
+    src.follow("discovery", &mut state, |src, state, token| {
+        Box::pin(stream_once(src, state, token))
+    })
+    .await;
 }
 
 #[cfg(test)]

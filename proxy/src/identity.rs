@@ -241,7 +241,10 @@ impl SdsSource {
             };
             match ended {
                 Ended::TokenRotated => {
-                    info!(stream = what, "the kubelet rotated the token: reopening the stream with it");
+                    info!(
+                        stream = what,
+                        "the kubelet rotated the token: reopening the stream with it"
+                    );
                     continue;
                 }
                 Ended::Failed(e) => warn!(stream = what, error = %e, retry_in = ?backoff, "stream to the agent ended"),
@@ -293,7 +296,11 @@ fn request(version: &str, nonce: &str, error: Option<String>) -> DiscoveryReques
     }
 }
 
-async fn stream_once(src: &SdsSource, tx: &mut watch::Sender<Option<Arc<TlsMaterial>>>, token: String) -> Result<(), String> {
+async fn stream_once(
+    src: &SdsSource,
+    tx: &mut watch::Sender<Option<Arc<TlsMaterial>>>,
+    token: String,
+) -> Result<(), String> {
     let channel = src.channel().await?;
     let (req_tx, req_rx) = mpsc::channel(4);
     req_tx.send(request("", "", None)).await.map_err(|_| "send")?;
@@ -316,9 +323,7 @@ async fn stream_once(src: &SdsSource, tx: &mut watch::Sender<Option<Arc<TlsMater
             key_pem: partial.key_pem.clone(),
             roots_pem: partial.roots_pem.clone(),
         };
-        let outcome = next
-            .update(&resp)
-            .and_then(|()| next.material(src.workload.as_ref()));
+        let outcome = next.update(&resp).and_then(|()| next.material(src.workload.as_ref()));
         match outcome {
             Ok(material) => {
                 partial = next;
@@ -380,7 +385,10 @@ mod tests {
     #[test]
     fn a_certificate_for_the_pods_own_service_account_is_used() {
         let p = partial("spiffe://cluster.local/ns/demo/sa/web");
-        let m = p.material(Some(&workload("demo", "web"))).expect("usable").expect("complete");
+        let m = p
+            .material(Some(&workload("demo", "web")))
+            .expect("usable")
+            .expect("complete");
         assert_eq!(m.id.as_str(), "spiffe://cluster.local/ns/demo/sa/web");
     }
 

@@ -21,9 +21,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info};
 
+use crate::detect::{Place, Protocol, Undecided, detect};
 use crate::identity::{TlsMaterial, spiffe_id_of};
 use crate::metrics::{Direction, ProxyMetrics, handshake_reason};
-use crate::detect::{Place, Protocol, Undecided, detect};
 use crate::net::captured_dst;
 
 /// The ALPN protocol proxies speak to each other.

@@ -193,7 +193,9 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let mut bundle: Option<String> = None;
             while certs.changed().await.is_ok() {
-                let Some(m) = certs.borrow_and_update().clone() else { continue };
+                let Some(m) = certs.borrow_and_update().clone() else {
+                    continue;
+                };
                 metrics.certificate(m.not_after);
                 // The bundle changes only when the operator rotates the
                 // mesh's root; anything else deserves a look.

@@ -32,8 +32,8 @@ use tracing::{debug, info, warn};
 use crate::discovery::{Backend, Destination, Routes};
 use crate::identity::{TlsMaterial, spiffe_id_of};
 use crate::inbound::ALPN;
-use crate::net::captured_dst;
 use crate::metrics::{Direction, ProxyMetrics, handshake_reason};
+use crate::net::captured_dst;
 
 /// How long an endpoint that failed a connection is skipped.
 const FAILURE_HOLD: Duration = Duration::from_secs(5);
@@ -320,7 +320,11 @@ impl Outbound {
         if expected.trust_domain_name() != base.material.id.trust_domain_name() {
             return Err(Failed(
                 "foreign_trust_domain",
-                format!("{} is {expected}, outside trust domain {}", b.addr, base.material.id.trust_domain_name()),
+                format!(
+                    "{} is {expected}, outside trust domain {}",
+                    b.addr,
+                    base.material.id.trust_domain_name()
+                ),
             ));
         }
         let config = base.config(expected.clone()).map_err(|e| Failed("tls_config", e))?;

@@ -71,7 +71,10 @@ fn reserve_ports(n: usize) -> Vec<u16> {
     );
     let ports: Vec<u16> = String::from_utf8_lossy(&out.stdout)
         .lines()
-        .map(|l| l.parse().unwrap_or_else(|e| panic!("{}: bad port {l:?}: {e}", script.display())))
+        .map(|l| {
+            l.parse()
+                .unwrap_or_else(|e| panic!("{}: bad port {l:?}: {e}", script.display()))
+        })
         .collect();
     assert_eq!(ports.len(), n, "{} printed {ports:?}", script.display());
     ports

@@ -7,11 +7,11 @@ use std::time::Duration;
 use anyhow::Context;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use mizzen_tests::daemon::proxy_metric;
 use mizzen_tests::k8s;
 use mizzen_tests::mesh::{Injector, MeshNode, ca_and_agent, install_manifests};
-use mizzen_tests::sds::{SdsStream, decode};
 use mizzen_tests::node::{Node, UNMANAGED, create_pod, wait_ready};
-use mizzen_tests::daemon::proxy_metric;
+use mizzen_tests::sds::{SdsStream, decode};
 use mizzen_tests::{Cluster, NetnsPod, eventually_some, workspace_bin};
 use tokio::io::AsyncBufReadExt;
 
@@ -38,7 +38,11 @@ async fn refusal(
 
 /// The refusal of `pod`, waiting for a newly applied admission policy to
 /// reach the API server's admission chain.
-async fn eventually_refused(client: &kube::Client, ns: &str, pod: serde_json::Value) -> anyhow::Result<kube::core::Status> {
+async fn eventually_refused(
+    client: &kube::Client,
+    ns: &str,
+    pod: serde_json::Value,
+) -> anyhow::Result<kube::core::Status> {
     eventually_some(Duration::from_secs(20), "the pod to be refused", || {
         let (client, ns, pod) = (client.clone(), ns.to_owned(), pod.clone());
         async move { refusal(&client, &ns, &pod).await }
@@ -101,9 +105,14 @@ async fn a_writable_mount_of_the_agent_directory_is_refused_in_any_namespace() -
     let client = cluster.client().await?;
     install_manifests(cluster).await?;
     let ns = cluster.namespace(&client, "hostpath", &[]).await?;
-    for (i, path) in ["/var/run/mizzen", "//var/run/./mizzen/", "/run/mizzen", "/var/run/mizzen/agent.sock"]
-        .into_iter()
-        .enumerate()
+    for (i, path) in [
+        "/var/run/mizzen",
+        "//var/run/./mizzen/",
+        "/run/mizzen",
+        "/var/run/mizzen/agent.sock",
+    ]
+    .into_iter()
+    .enumerate()
     {
         let pod = pod_mounting(
             &format!("thief-{i}"),
@@ -199,7 +208,11 @@ async fn a_read_only_mount_cannot_replace_the_agent_socket() -> anyhow::Result<(
         .parent()
         .context("pod dir")?
         .join("volumes/out");
-    assert_ne!(written_number(out.join("mv")).await?, 0, "mv of the agent's socket must fail");
+    assert_ne!(
+        written_number(out.join("mv")).await?,
+        0,
+        "mv of the agent's socket must fail"
+    );
     assert_ne!(
         written_number(out.join("touch")).await?,
         0,
@@ -266,7 +279,10 @@ async fn a_connection_to_a_proxy_port_is_refused_not_looped() -> anyhow::Result<
     // The loop would have shown as thousands of connections by now; the
     // readiness checks of the node add none (they go to the health port).
     let (opened, text) = proxy_metric(target_ip, "mizzen_proxy_connections_total").await?;
-    assert!(opened <= 2.0, "the target proxy forwarded {opened} connections:\n{text}");
+    assert!(
+        opened <= 2.0,
+        "the target proxy forwarded {opened} connections:\n{text}"
+    );
     let (refused, text) = proxy_metric(target_ip, "mizzen_proxy_refused_total").await?;
     assert_eq!(refused, 2.0, "one refusal per attempt:\n{text}");
     Ok(())
@@ -479,7 +495,11 @@ async fn a_flood_of_partial_client_hellos_is_bounded_and_the_proxy_keeps_serving
     assert!(out.status.success(), "served during the flood: {out:?}");
     let peak_mib = mizzen_tests::proc_status_kib(proxy_pid, "VmHWM:")? / 1024.0;
     assert!(peak_mib < 64.0, "the proxy's peak RSS was {peak_mib:.1} MiB");
-    let (shed, text) = proxy_metric(target_ip, "mizzen_proxy_refused_total{direction=\"inbound\",reason=\"detect_overload\"}").await?;
+    let (shed, text) = proxy_metric(
+        target_ip,
+        "mizzen_proxy_refused_total{direction=\"inbound\",reason=\"detect_overload\"}",
+    )
+    .await?;
     assert!(shed >= 10_000.0, "the oldest undecided connections were shed:\n{text}");
     println!("20,000 partial ClientHellos: proxy peak RSS {peak_mib:.1} MiB, {shed} shed");
     for (mut flood, _) in floods {

@@ -487,7 +487,10 @@ async fn a_peer_of_another_trust_domain_is_refused_under_our_own_root() -> anyho
     let _proxy = start_proxy(&server, &agent, &server_token, "strict", &log).await?;
     let target = format!("{}:8080", server.ip());
     let out = s_client(&peer, &target, &dir, true).await?;
-    assert!(out.contains("hello-through-mtls"), "our own trust domain gets in: {out}");
+    assert!(
+        out.contains("hello-through-mtls"),
+        "our own trust domain gets in: {out}"
+    );
 
     // The mesh CA's own signing key, as a second cluster sharing it would hold.
     let client = cluster.client().await?;
@@ -513,7 +516,11 @@ openssl verify -CAfile root.pem -untrusted cert-chain.pem leaf.pem
         .current_dir(&foreign)
         .output()
         .await?;
-    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let out = s_client(&peer, &target, &foreign, true).await?;
     assert!(
@@ -525,7 +532,10 @@ openssl verify -CAfile root.pem -untrusted cert-chain.pem leaf.pem
         let url = url.clone();
         async move {
             let (_, text) = http_get(&url).await?;
-            Ok(metric(&text, "mizzen_proxy_refused_total{direction=\"inbound\",reason=\"foreign_trust_domain\"}") == 1.0)
+            Ok(metric(
+                &text,
+                "mizzen_proxy_refused_total{direction=\"inbound\",reason=\"foreign_trust_domain\"}",
+            ) == 1.0)
         }
     })
     .await

@@ -156,7 +156,9 @@ impl Drop for TokenLease {
 
 impl std::fmt::Debug for TokenLease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenLease").field("key", &self.key).finish_non_exhaustive()
+        f.debug_struct("TokenLease")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
     }
 }
 
@@ -257,7 +259,11 @@ impl<S: Signer> SecretManager<S> {
                 .best_token()
                 .ok_or_else(|| SignError::Unauthenticated("no proxy of this identity holds a valid token".into()))?;
             self.metrics.ca_calls.inc();
-            match self.signer.sign(kc.csr_pem.clone(), token.to_string(), self.rotation.ttl).await {
+            match self
+                .signer
+                .sign(kc.csr_pem.clone(), token.to_string(), self.rotation.ttl)
+                .await
+            {
                 Err(SignError::Unauthenticated(e)) => {
                     warn!(%id, error = %e, "the CA refused a proxy's token; its stream ends");
                     entry.refuse(key);

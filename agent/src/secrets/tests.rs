@@ -148,7 +148,10 @@ fn renewals_use_the_token_that_stays_valid_longest() {
         expires_at: exp,
         refused: watch::channel(false).0,
     };
-    assert!(t(at(20)).outlives(&t(at(10))), "a rotated token replaces its predecessor");
+    assert!(
+        t(at(20)).outlives(&t(at(10))),
+        "a rotated token replaces its predecessor"
+    );
     assert!(!t(at(10)).outlives(&t(at(20))), "an older token does not");
     assert!(t(None).outlives(&t(at(10))), "a token without exp is taken as newest");
 }

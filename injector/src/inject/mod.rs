@@ -137,7 +137,11 @@ fn check_reserved(spec: &k8s_openapi::api::core::v1::PodSpec, agent_socket_dir: 
         if v.name.starts_with(RESERVED_VOLUME_PREFIX) {
             return Err(InjectError::NameClash(v.name.clone()));
         }
-        if let Some(h) = v.host_path.as_ref().filter(|h| within_host_dir(&h.path, agent_socket_dir)) {
+        if let Some(h) = v
+            .host_path
+            .as_ref()
+            .filter(|h| within_host_dir(&h.path, agent_socket_dir))
+        {
             return Err(InjectError::AgentHostPath {
                 volume: v.name.clone(),
                 path: h.path.clone(),
