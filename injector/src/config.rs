@@ -26,6 +26,10 @@ pub enum NativeSidecars {
 pub struct InjectConfig {
     /// Image of both the init container and the proxy (`mizzen-proxy`).
     pub proxy_image: String,
+    /// Whether a pod may choose its own proxy image with the
+    /// `mizzen.dev/proxy-image` annotation (false: the init container runs
+    /// as root with NET_ADMIN, so its image is the operator's choice).
+    pub allow_proxy_image_annotation: bool,
     pub image_pull_policy: String,
     /// UID and GID of the proxy; its traffic is not redirected.
     pub proxy_uid: u32,
@@ -58,6 +62,7 @@ impl Default for InjectConfig {
     fn default() -> Self {
         Self {
             proxy_image: "ghcr.io/mizzen-mesh/mizzen-proxy:0.1.0".into(),
+            allow_proxy_image_annotation: false,
             image_pull_policy: "IfNotPresent".into(),
             proxy_uid: 1337,
             inbound_capture_port: 15006,

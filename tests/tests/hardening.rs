@@ -507,3 +507,70 @@ async fn a_flood_of_partial_client_hellos_is_bounded_and_the_proxy_keeps_serving
     }
     Ok(())
 }
+
+/// A pod in a meshed namespace, not run by any node.
+fn app_pod(name: &str) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"containers": [{"name": "app", "image": "app", "command": ["sleep", "3600"]}]},
+    })
+}
+
+// Issue #10, item 11: `mizzen.dev/status` set by the pod's author skipped
+// injection: a pod could leave the mesh in a meshed namespace.
+#[tokio::test]
+async fn a_forged_injection_status_does_not_skip_the_mesh() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    let _injector = Injector::start(cluster, "").await?;
+    let ns = cluster.namespace(&client, "forged", INJECTED).await?;
+    let mut pod = app_pod("forged");
+    pod["metadata"]["annotations"] = serde_json::json!({
+        "mizzen.dev/status": r#"{"initContainers":["mizzen-init","mizzen-proxy"],"containers":[],"volumes":["mizzen-agent-socket","mizzen-token"],"nativeSidecar":true}"#,
+        UNMANAGED: "true",
+    });
+    let created = create_pod(&client, &ns, pod).await?;
+    let spec = created.spec.context("spec")?;
+    let names: Vec<String> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .map(|c| c.name.clone())
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "mizzen-proxy") && names.iter().any(|n| n == "mizzen-init"),
+        "injected despite the forged status: {names:?}"
+    );
+    Ok(())
+}
+
+// Item 11: the proxy's UID (1337) is exempt from capture, so an app
+// running as it would bypass the mesh.
+#[tokio::test]
+async fn an_app_running_as_the_proxy_uid_is_refused() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    let _injector = Injector::start(cluster, "").await?;
+    let ns = cluster.namespace(&client, "uid", INJECTED).await?;
+    let mut pod = app_pod("sneaky");
+    pod["spec"]["securityContext"] = serde_json::json!({"runAsUser": 1337});
+    let status = eventually_refused(&client, &ns, pod).await?;
+    assert!(status.message.contains("1337"), "{status:?}");
+    Ok(())
+}
+
+// Item 11: `mizzen.dev/proxy-image` chose the image of a root init
+// container with NET_ADMIN; off unless the mesh config allows it.
+#[tokio::test]
+async fn the_proxy_image_annotation_is_refused_by_default() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    let _injector = Injector::start(cluster, "").await?;
+    let ns = cluster.namespace(&client, "image", INJECTED).await?;
+    let mut pod = app_pod("custom");
+    pod["metadata"]["annotations"] = serde_json::json!({"mizzen.dev/proxy-image": "evil.example/shell:1"});
+    let status = eventually_refused(&client, &ns, pod).await?;
+    assert!(status.message.contains("mizzen.dev/proxy-image"), "{status:?}");
+    Ok(())
+}

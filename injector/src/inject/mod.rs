@@ -105,8 +105,33 @@ pub enum InjectError {
          injected proxy may reach it"
     )]
     AgentHostPath { volume: String, path: String },
+    #[error(
+        "container {container:?} runs as UID or GID {uid}, the proxy's: its traffic would bypass the mesh; \
+         run it as another user"
+    )]
+    ProxyUid { container: String, uid: u32 },
     #[error("BUG: cannot serialise the pod: {0}")]
     Serialize(String),
+}
+
+/// Refuses a pod whose own containers would run as the proxy's UID or GID:
+/// the capture rules let that traffic through untouched (Istio documents
+/// the same hazard). An image's own `USER 1337` is invisible here.
+fn check_not_proxy_uid(spec: &k8s_openapi::api::core::v1::PodSpec, proxy_uid: u32) -> Result<(), InjectError> {
+    let id = i64::from(proxy_uid);
+    let pod = spec.security_context.as_ref();
+    for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
+        let sc = c.security_context.as_ref();
+        let uid = sc.and_then(|s| s.run_as_user).or(pod.and_then(|p| p.run_as_user));
+        let gid = sc.and_then(|s| s.run_as_group).or(pod.and_then(|p| p.run_as_group));
+        if uid == Some(id) || gid == Some(id) {
+            return Err(InjectError::ProxyUid {
+                container: c.name.clone(),
+                uid: proxy_uid,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Prefix of the volumes the injector adds; reserved for them.
@@ -203,15 +228,45 @@ pub fn decide(pod: &Pod, namespace: &str, ns_labels: &BTreeMap<String, String>) 
     if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
         return Err(Skip::HostNetwork);
     }
-    if pod
-        .metadata
-        .annotations
-        .as_ref()
-        .is_some_and(|a| a.contains_key(STATUS_ANNOTATION))
-    {
+    if is_injected(pod) {
         return Err(Skip::AlreadyInjected);
     }
     Ok(())
+}
+
+/// Whether the pod holds what its `mizzen.dev/status` says was injected.
+/// The annotation alone proves nothing: a pod could carry it to skip the
+/// mesh; one whose contents disagree is injected (and the annotation
+/// rewritten).
+fn is_injected(pod: &Pod) -> bool {
+    let Some(status) = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(STATUS_ANNOTATION))
+        .and_then(|s| serde_json::from_str::<Status>(s).ok())
+    else {
+        return false;
+    };
+    let Some(spec) = pod.spec.as_ref() else {
+        return false;
+    };
+    let has = |names: &[String], present: &mut dyn Iterator<Item = &String>| {
+        let present: Vec<&String> = present.collect();
+        !names.is_empty() && names.iter().all(|n| present.contains(&n))
+    };
+    let proxy_present = status
+        .containers
+        .iter()
+        .chain(&status.init_containers)
+        .any(|n| n == PROXY_NAME);
+    proxy_present
+        && has(
+            &status.init_containers,
+            &mut spec.init_containers.iter().flatten().map(|c| &c.name),
+        )
+        && (status.containers.is_empty() || has(&status.containers, &mut spec.containers.iter().map(|c| &c.name)))
+        && has(&status.volumes, &mut spec.volumes.iter().flatten().map(|v| &v.name))
 }
 
 /// Per-pod settings after annotations.
@@ -316,6 +371,14 @@ fn effective(pod: &Pod, cfg: &InjectConfig) -> Result<Effective, InjectError> {
             .extend(parse_cidrs(ANN_EXCLUDE_OUTBOUND_CIDRS, v)?);
     }
     if let Some(v) = get(ANN_PROXY_IMAGE) {
+        if !cfg.allow_proxy_image_annotation {
+            return Err(ann_err(
+                ANN_PROXY_IMAGE,
+                v,
+                "choosing the proxy image per pod is off in this mesh (allowProxyImageAnnotation in the \
+                 injector's config): the init container runs as root with NET_ADMIN",
+            ));
+        }
         if v.len() > 512 || v.contains(char::is_whitespace) {
             return Err(ann_err(ANN_PROXY_IMAGE, v, "not an image reference"));
         }
@@ -443,6 +506,7 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
         }
     }
     check_reserved(spec, &cfg.agent_socket_dir)?;
+    check_not_proxy_uid(spec, cfg.proxy_uid)?;
     let uid = i64::from(cfg.proxy_uid);
     let mut inbound_excluded = vec![cfg.admin_port, cfg.health_port];
     inbound_excluded.extend(e.exclude_inbound_ports.iter().copied());

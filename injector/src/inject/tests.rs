@@ -34,8 +34,13 @@ fn decisions() {
     };
     let mut host = app();
     host.spec.as_mut().expect("spec").host_network = Some(true);
-    let mut injected = app();
-    injected.metadata.annotations = Some(labels(&[(STATUS_ANNOTATION, "{}")]));
+    let injected = mutate(&app(), &InjectConfig::default(), true).expect("injects");
+    // The status a pod could carry to skip the mesh, with nothing injected.
+    let mut forged = app();
+    let claim = r#"{"initContainers":["mizzen-init","mizzen-proxy"],"containers":[],"volumes":["mizzen-agent-socket","mizzen-token"],"nativeSidecar":true}"#;
+    forged.metadata.annotations = Some(labels(&[(STATUS_ANNOTATION, claim)]));
+    let mut garbage = app();
+    garbage.metadata.annotations = Some(labels(&[(STATUS_ANNOTATION, "{}")]));
 
     type Case<'a> = (&'a str, Pod, &'a str, &'a BTreeMap<String, String>, Result<(), Skip>);
     let cases: Vec<Case<'_>> = vec![
@@ -63,6 +68,14 @@ fn decisions() {
             "demo",
             &enabled,
             Err(Skip::AlreadyInjected),
+        ),
+        ("a forged status is not injection", forged, "demo", &enabled, Ok(())),
+        (
+            "an unreadable status is not injection",
+            garbage,
+            "demo",
+            &enabled,
+            Ok(()),
         ),
         (
             "kube-system",
@@ -399,6 +412,57 @@ fn the_proxy_mounts_the_agent_socket_read_only() {
             .find(|m| m.name == SOCKET_VOLUME)
             .expect("socket mount");
         assert_eq!(mount.read_only, Some(true), "native={native}");
+    }
+}
+
+#[test]
+fn the_proxy_image_annotation_is_refused_unless_the_mesh_allows_it() {
+    let mut p = app();
+    p.metadata.annotations = Some(labels(&[(ANN_PROXY_IMAGE, "evil.example/root-shell:1")]));
+    assert!(matches!(
+        mutate(&p, &InjectConfig::default(), true),
+        Err(InjectError::Annotation {
+            name: ANN_PROXY_IMAGE,
+            ..
+        })
+    ));
+    let allowed = InjectConfig {
+        allow_proxy_image_annotation: true,
+        ..InjectConfig::default()
+    };
+    let pod = mutate(&p, &allowed, true).expect("allowed by the mesh config");
+    let images: Vec<_> = pod
+        .spec
+        .expect("spec")
+        .init_containers
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.image)
+        .collect();
+    assert!(images.iter().all(|i| i == "evil.example/root-shell:1"), "{images:?}");
+}
+
+#[test]
+fn an_app_running_as_the_proxy_uid_is_refused() {
+    for (container_uid, pod_gid) in [(Some(1337), None), (None, Some(1337))] {
+        let mut p = app();
+        let spec = p.spec.as_mut().expect("spec");
+        spec.containers[0].security_context = Some(SecurityContext {
+            run_as_user: container_uid,
+            ..Default::default()
+        });
+        spec.security_context = Some(k8s_openapi::api::core::v1::PodSecurityContext {
+            run_as_group: pod_gid,
+            ..Default::default()
+        });
+        assert_eq!(
+            mutate(&p, &InjectConfig::default(), true),
+            Err(InjectError::ProxyUid {
+                container: "app".into(),
+                uid: 1337
+            }),
+            "uid {container_uid:?} gid {pod_gid:?}"
+        );
     }
 }
 
