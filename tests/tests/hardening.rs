@@ -349,7 +349,11 @@ async fn certificates_keep_renewing_past_the_tokens_first_expiry() -> anyhow::Re
                 .map_err(anyhow::Error::from)
         }
     };
-    assert!(connect().await?.status.success(), "traffic flows at the start");
+    // Once the client's proxy knows the Service's endpoints.
+    eventually_some(Duration::from_secs(30), "traffic to flow at the start", || async {
+        Ok(connect().await?.status.success().then_some(()))
+    })
+    .await?;
 
     let mut ips = Vec::new();
     for name in ["server", "client"] {
@@ -485,14 +489,20 @@ async fn a_flood_of_partial_client_hellos_is_bounded_and_the_proxy_keeps_serving
     }
     assert!(opened >= 19_000, "the flood connected: {opened}");
 
-    // A meshed client is served over mTLS while the flood is held.
-    let out = mesh
-        .node
-        .command_as(&ns, "client", 1000, workspace_bin("mizzen-testapp"))?
-        .args(["connect", &format!("{vip}:80"), "during-the-flood"])
-        .output()
-        .await?;
-    assert!(out.status.success(), "served during the flood: {out:?}");
+    // A meshed client is served over mTLS while the flood is held (once
+    // its proxy knows the Service's endpoints).
+    eventually_some(Duration::from_secs(30), "the client to be served during the flood", || {
+        let (node, ns, vip) = (&mesh.node, ns.clone(), vip.clone());
+        async move {
+            let out = node
+                .command_as(&ns, "client", 1000, workspace_bin("mizzen-testapp"))?
+                .args(["connect", &format!("{vip}:80"), "during-the-flood"])
+                .output()
+                .await?;
+            Ok(out.status.success().then_some(()))
+        }
+    })
+    .await?;
     let peak_mib = mizzen_tests::proc_status_kib(proxy_pid, "VmHWM:")? / 1024.0;
     assert!(peak_mib < 64.0, "the proxy's peak RSS was {peak_mib:.1} MiB");
     let (shed, text) = proxy_metric(
