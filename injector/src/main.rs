@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -23,7 +22,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use mizzen_api::runtime;
 use mizzen_injector::config::{NativeSidecars, SharedConfig};
-use mizzen_injector::webhook::{self, NamespaceLabels, Verdict};
+use mizzen_injector::webhook::{self, LookupError, NamespaceLabels, Verdict};
 use mizzen_injector::{manual, tls};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -100,6 +99,17 @@ struct ServeArgs {
     /// IP addresses in the serving certificate.
     #[arg(long = "serving-ip", value_delimiter = ',')]
     serving_ips: Vec<IpAddr>,
+    /// Most webhook connections open at once; more are closed at once.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+    /// Most reviews parsed and answered at once (each holds its pod in memory).
+    #[arg(long, default_value_t = 16)]
+    max_concurrent_reviews: usize,
+    /// Time a client has to send a request's headers, and then its body
+    /// (the API server sends both at once; it gives up after the webhook's
+    /// timeoutSeconds, 10).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
     /// Log format: text or json. Levels come from RUST_LOG (default info).
     #[arg(long, env = "MIZZEN_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -111,6 +121,8 @@ struct Metrics {
     registry: Registry,
     requests: Family<Labels, Counter>,
     latency: Histogram,
+    /// Connections closed at once because --max-connections were open.
+    connections_refused: Counter,
 }
 
 impl Metrics {
@@ -124,10 +136,17 @@ impl Metrics {
             "Time to answer an admission review",
             latency.clone(),
         );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Webhook connections closed at once because --max-connections were open",
+            connections_refused.clone(),
+        );
         Self {
             registry,
             requests,
             latency,
+            connections_refused,
         }
     }
 }
@@ -141,15 +160,18 @@ struct Namespaces {
 }
 
 impl NamespaceLabels for Namespaces {
-    async fn labels(&self, namespace: &str) -> Option<BTreeMap<String, String>> {
+    async fn labels(&self, namespace: &str) -> Result<BTreeMap<String, String>, LookupError> {
         if let Some(ns) = self.store.get(&ObjectRef::new(namespace)) {
-            return Some(ns.metadata.labels.clone().unwrap_or_default());
+            return Ok(ns.metadata.labels.clone().unwrap_or_default());
         }
         match self.api.get_opt(namespace).await {
-            Ok(ns) => ns.map(|n| n.metadata.labels.unwrap_or_default()),
+            Ok(ns) => Ok(ns.and_then(|n| n.metadata.labels).unwrap_or_default()),
             Err(e) => {
                 warn!(%namespace, error = %e, "cannot read namespace labels");
-                None
+                Err(LookupError {
+                    namespace: namespace.to_owned(),
+                    reason: e.to_string(),
+                })
             }
         }
     }
@@ -161,10 +183,56 @@ struct App {
     native: bool,
     namespaces: Namespaces,
     metrics: Arc<Metrics>,
+    /// Bounds reviews in flight, and so the memory their pods take.
+    reviews: Arc<tokio::sync::Semaphore>,
+    request_timeout: Duration,
 }
 
-async fn inject_handler(State(app): State<App>, body: Bytes) -> Response {
+/// Counts a request that got no review and answers it with `code`.
+fn shed(app: &App, result: &'static str, code: StatusCode, why: &str) -> Response {
+    app.metrics.requests.get_or_create(&vec![("result", result)]).inc();
+    warn!(result, "admission request not reviewed: {why}");
+    (code, format!("{why}\n")).into_response()
+}
+
+async fn inject_handler(State(app): State<App>, body: axum::body::Body) -> Response {
+    use http_body_util::BodyExt;
     let start = Instant::now();
+    let deadline = tokio::time::Instant::now() + app.request_timeout;
+    // The body within the size limit and the deadline: a client sending
+    // slowly holds a connection, not the injector.
+    let body = match tokio::time::timeout_at(
+        deadline,
+        http_body_util::Limited::new(body, webhook::MAX_BODY).collect(),
+    )
+    .await
+    {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) => {
+            return shed(
+                &app,
+                "body_refused",
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body: {e}"),
+            );
+        }
+        Err(_) => {
+            return shed(
+                &app,
+                "body_timeout",
+                StatusCode::REQUEST_TIMEOUT,
+                "request body too slow",
+            );
+        }
+    };
+    let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, app.reviews.acquire()).await else {
+        return shed(
+            &app,
+            "overloaded",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many reviews in flight",
+        );
+    };
     let cfg = app.config.get();
     let result = webhook::review(&body, &app.namespaces, &cfg, app.native).await;
     app.metrics.latency.observe(start.elapsed().as_secs_f64());
@@ -253,13 +321,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         native,
         namespaces: Namespaces { store, api: ns_api },
         metrics: metrics.clone(),
+        reviews: Arc::new(tokio::sync::Semaphore::new(args.max_concurrent_reviews.max(1))),
+        request_timeout: args.request_timeout,
     };
     let router = Router::new()
         .route("/inject", post(inject_handler))
         .layer(DefaultBodyLimit::max(webhook::MAX_BODY))
         .with_state(app);
+    let connections = Arc::new(tokio::sync::Semaphore::new(args.max_connections.max(1)));
+    let exported = metrics.clone();
     runtime::serve_admin(args.admin_addr, ready.clone(), "not ready\n", move || {
-        runtime::encode_metrics(&metrics.registry)
+        runtime::encode_metrics(&exported.registry)
     })
     .await
     .with_context(|| format!("bind {}", args.admin_addr))?;
@@ -280,16 +352,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             },
             _ = &mut shutdown => break,
         };
+        let Ok(slot) = connections.clone().try_acquire_owned() else {
+            metrics.connections_refused.inc();
+            debug!(%peer, "too many webhook connections: closing this one");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, router) = (acceptor.clone(), router.clone());
+        let (acceptor, router, timeout) = (acceptor.clone(), router.clone(), args.request_timeout);
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+            let _slot = slot;
+            let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => return debug!(%peer, "TLS handshake timed out"),
             };
             let svc = hyper_util::service::TowerToHyperService::new(router);
+            // Headers must arrive within the timeout, also on a kept-alive
+            // connection waiting for its next request.
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(timeout)
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                 .await
             {

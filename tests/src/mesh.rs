@@ -16,12 +16,16 @@ use crate::{Cluster, eventually, eventually_some, free_port, k8s};
 pub const SYSTEM: &str = "mizzen-system";
 
 static INSTALLED: OnceCell<()> = OnceCell::const_new();
+/// Held while manifests are applied: `kubectl apply` reads, then creates,
+/// so two tests applying the same object at once race to AlreadyExists.
+static APPLYING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Applies the namespace, CA and agent manifests (ServiceAccounts and RBAC)
 /// with kubectl, once per test binary.
 pub async fn install_manifests(cluster: &Cluster) -> anyhow::Result<()> {
     INSTALLED
         .get_or_try_init(|| async {
+            let _applying = APPLYING.lock().await;
             let root = crate::cluster::repo_root();
             for m in ["manifests/namespace.yaml", "manifests/ca.yaml", "manifests/agent.yaml"] {
                 cluster.kubectl(["apply", "-f"]).arg(root.join(m)).run().await?;
@@ -139,6 +143,25 @@ pub struct Injector {
 }
 
 impl Injector {
+    /// The test binary's injector with the default configuration, started
+    /// on first use and stopped when the binary exits. The webhook
+    /// configuration names one injector, so tests that run at once and
+    /// each started their own would send pods to each other's, and to
+    /// ones already stopped; tests in one binary share this one instead.
+    pub async fn shared(cluster: &Cluster) -> anyhow::Result<&'static Injector> {
+        static SHARED: OnceCell<Injector> = OnceCell::const_new();
+        SHARED
+            .get_or_try_init(|| async {
+                let injector = Self::start(cluster, "").await?;
+                // Never dropped (a static): the reaper stops it.
+                if let Some(pid) = injector.daemon.pid() {
+                    crate::reaper::at_exit(&format!("kill {pid} 2>/dev/null"));
+                }
+                Ok(injector)
+            })
+            .await
+    }
+
     /// Installs `manifests/injector.yaml`, starts `mizzen-injector serve` as
     /// ServiceAccount `mizzen-system/mizzen-injector` with `config` (the
     /// template YAML) and waits until it has set its webhooks' caBundle.
@@ -172,6 +195,7 @@ impl Injector {
 /// Installs manifests/injector.yaml, with the webhook pointed at
 /// `https://127.0.0.1:port/inject` (no Service routing without kube-proxy).
 async fn install_injector(cluster: &Cluster, port: u16) -> anyhow::Result<()> {
+    let _applying = APPLYING.lock().await;
     let root = crate::cluster::repo_root();
     cluster
         .kubectl(["apply", "-f"])
@@ -237,7 +261,9 @@ pub async fn ca_and_agent(cluster: &Cluster, node: &str, agent_args: &[&str]) ->
 pub struct MeshNode {
     pub ca: Ca,
     pub agent: Agent,
-    pub injector: Injector,
+    /// An injector of its own when it asked for a particular configuration;
+    /// otherwise the binary's [`Injector::shared`] one injects its pods.
+    _own_injector: Option<Injector>,
     pub node: crate::node::Node,
 }
 
@@ -260,7 +286,12 @@ impl MeshNode {
         injector_config: &str,
     ) -> anyhow::Result<Self> {
         let (ca, agent) = ca_and_agent(cluster, node, agent_args).await?;
-        let injector = Injector::start(cluster, injector_config).await?;
+        let own_injector = if injector_config.is_empty() {
+            Injector::shared(cluster).await?;
+            None
+        } else {
+            Some(Injector::start(cluster, injector_config).await?)
+        };
         let images = crate::node::Images::new()
             .with("mizzen-proxy", proxy)
             .with("mizzen-testapp", crate::workspace_bin("mizzen-testapp"));
@@ -275,8 +306,25 @@ impl MeshNode {
         Ok(Self {
             ca,
             agent,
-            injector,
+            _own_injector: own_injector,
             node,
         })
     }
+}
+
+/// A pod bound to `node` running the test app's echo server on 8080, with
+/// a readiness probe on it; injected when its namespace is meshed.
+pub fn echo_pod(name: &str, node: &str) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {
+            "nodeName": node,
+            "containers": [{
+                "name": "app", "image": "mizzen-testapp",
+                "args": ["echo-server", "0.0.0.0:8080"],
+                "ports": [{"name": "echo", "containerPort": 8080}],
+                "readinessProbe": {"tcpSocket": {"port": "echo"}, "periodSeconds": 1},
+            }],
+        },
+    })
 }

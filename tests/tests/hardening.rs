@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use mizzen_tests::daemon::proxy_metric;
 use mizzen_tests::k8s;
-use mizzen_tests::mesh::{Injector, MeshNode, ca_and_agent, install_manifests};
+use mizzen_tests::mesh::{Injector, MeshNode, ca_and_agent, echo_pod, install_manifests};
 use mizzen_tests::node::{Node, UNMANAGED, create_pod, wait_ready};
 use mizzen_tests::sds::{SdsStream, decode};
 use mizzen_tests::{Cluster, NetnsPod, eventually_some, workspace_bin};
@@ -78,7 +78,7 @@ fn pod_mounting(name: &str, volumes: serde_json::Value, mounts: serde_json::Valu
 async fn an_app_container_cannot_mount_the_injected_agent_socket_volume() -> anyhow::Result<()> {
     let cluster = Cluster::get();
     let client = cluster.client().await?;
-    let _injector = Injector::start(cluster, "").await?;
+    Injector::shared(cluster).await?;
     let ns = cluster.namespace(&client, "hijack", INJECTED).await?;
     let status = eventually_refused(
         &client,
@@ -224,22 +224,6 @@ async fn a_read_only_mount_cannot_replace_the_agent_socket() -> anyhow::Result<(
     Ok(())
 }
 
-/// A meshed pod on `node` running the test app's echo server on 8080.
-fn meshed_app(name: &str, node: &str) -> serde_json::Value {
-    serde_json::json!({
-        "metadata": {"name": name},
-        "spec": {
-            "nodeName": node,
-            "containers": [{
-                "name": "app", "image": "mizzen-testapp",
-                "args": ["echo-server", "0.0.0.0:8080"],
-                "ports": [{"name": "echo", "containerPort": 8080}],
-                "readinessProbe": {"tcpSocket": {"port": "echo"}, "periodSeconds": 1},
-            }],
-        },
-    })
-}
-
 // Issue #10, item 5, as reproduced: one byte from a meshed pod to another
 // pod's proxy port (:15006 inbound, :15001 outbound) made that proxy
 // connect to itself until it ran out of file descriptors. Now each is one
@@ -251,7 +235,7 @@ async fn a_connection_to_a_proxy_port_is_refused_not_looped() -> anyhow::Result<
     let mesh = MeshNode::start(cluster, "node-loop", &workspace_bin("mizzen-proxy"), &[]).await?;
     let ns = cluster.namespace(&client, "loop", INJECTED).await?;
     for name in ["target", "sender"] {
-        create_pod(&client, &ns, meshed_app(name, &mesh.node.name)).await?;
+        create_pod(&client, &ns, echo_pod(name, &mesh.node.name)).await?;
     }
     for name in ["target", "sender"] {
         wait_ready(&client, &ns, name, Duration::from_secs(90)).await?;
@@ -285,107 +269,6 @@ async fn a_connection_to_a_proxy_port_is_refused_not_looped() -> anyhow::Result<
     );
     let (refused, text) = proxy_metric(target_ip, "mizzen_proxy_refused_total").await?;
     assert_eq!(refused, 2.0, "one refusal per attempt:\n{text}");
-    Ok(())
-}
-
-/// `series` of the proxy of the pod at `ip`, once it answers.
-async fn proxy_value(ip: std::net::Ipv4Addr, series: &str) -> anyhow::Result<f64> {
-    Ok(proxy_metric(ip, series).await?.0)
-}
-
-// Issue #10, item 2: the proxy read its token once per stream and the agent
-// renewed with the token it was given then, so once the token expired
-// (an hour in production) renewals failed and the pod lost mTLS when its
-// certificate ran out. With the shortest token the API server issues
-// (600 s, rotated by the node at 80 %) and 30 s certificates, both proxies
-// still receive certificates issued after the first token expired, and
-// traffic between them still flows over mTLS.
-#[tokio::test]
-async fn certificates_keep_renewing_past_the_tokens_first_expiry() -> anyhow::Result<()> {
-    let cluster = Cluster::get();
-    let client = cluster.client().await?;
-    let mesh = MeshNode::start_with(
-        cluster,
-        "node-renew",
-        &workspace_bin("mizzen-proxy"),
-        &["--cert-ttl=30s"],
-        "tokenExpirationSeconds: 600\n",
-    )
-    .await?;
-    let ns = cluster.namespace(&client, "renew", INJECTED).await?;
-    let mut server = meshed_app("server", &mesh.node.name);
-    server["metadata"]["labels"] = serde_json::json!({"app": "server"});
-    create_pod(&client, &ns, server).await?;
-    create_pod(&client, &ns, meshed_app("client", &mesh.node.name)).await?;
-    let svc: Service = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "server"},
-        "spec": {"selector": {"app": "server"}, "ports": [{"name": "tcp-echo", "port": 80, "targetPort": 8080}]},
-    }))?;
-    let vip = Api::<Service>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &svc)
-        .await?
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .context("cluster IP")?;
-    for name in ["server", "client"] {
-        wait_ready(&client, &ns, name, Duration::from_secs(90)).await?;
-    }
-    let token_file = Node::log(cluster, &ns, "client", "mizzen-proxy")
-        .parent()
-        .context("pod dir")?
-        .join("volumes/mizzen-token/token");
-    let first_token = std::fs::read_to_string(&token_file)?;
-    let first_expiry = mizzen_api::tokenreview::token_expiry(first_token.trim())
-        .context("the projected token has an exp claim")?
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs_f64();
-    let connect = || {
-        let (node, ns, vip) = (&mesh.node, ns.clone(), vip.clone());
-        async move {
-            node.command_as(&ns, "client", 1000, workspace_bin("mizzen-testapp"))?
-                .args(["connect", &format!("{vip}:80"), "after-expiry"])
-                .output()
-                .await
-                .map_err(anyhow::Error::from)
-        }
-    };
-    // Once the client's proxy knows the Service's endpoints.
-    eventually_some(Duration::from_secs(30), "traffic to flow at the start", || async {
-        Ok(connect().await?.status.success().then_some(()))
-    })
-    .await?;
-
-    let mut ips = Vec::new();
-    for name in ["server", "client"] {
-        ips.push(mesh.node.pod(&ns, name)?.1);
-    }
-    // A certificate that expires 30 s after the first token did was issued
-    // after it expired, with the token the node rotated in.
-    for ip in ips.iter().copied() {
-        eventually_some(
-            Duration::from_secs(900),
-            "a certificate issued after the pod's first token expired",
-            || async move {
-                let expiry = proxy_value(ip, "mizzen_proxy_certificate_expiry_seconds").await?;
-                Ok((expiry >= first_expiry + 30.0).then_some(()))
-            },
-        )
-        .await?;
-    }
-    assert_ne!(
-        std::fs::read_to_string(&token_file)?,
-        first_token,
-        "the node rotated the token"
-    );
-    let out = connect().await?;
-    assert!(out.status.success(), "traffic flows after the token expired: {out:?}");
-    let (_, text) = proxy_metric(ips[0], "mizzen_proxy_connections_total").await?;
-    let mtls: f64 = text
-        .lines()
-        .filter(|l| l.starts_with("mizzen_proxy_connections_total{direction=\"inbound\",tls=\"mtls\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert!(mtls >= 2.0, "both connections reached the server over mTLS:\n{text}");
     Ok(())
 }
 
@@ -438,10 +321,10 @@ async fn a_flood_of_partial_client_hellos_is_bounded_and_the_proxy_keeps_serving
     let client = cluster.client().await?;
     let mesh = MeshNode::start(cluster, "node-flood", &workspace_bin("mizzen-proxy"), &[]).await?;
     let ns = cluster.namespace(&client, "flood", INJECTED).await?;
-    let mut target = meshed_app("target", &mesh.node.name);
+    let mut target = echo_pod("target", &mesh.node.name);
     target["metadata"]["labels"] = serde_json::json!({"app": "target"});
     create_pod(&client, &ns, target).await?;
-    create_pod(&client, &ns, meshed_app("client", &mesh.node.name)).await?;
+    create_pod(&client, &ns, echo_pod("client", &mesh.node.name)).await?;
     let svc: Service = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "target"},
         "spec": {"selector": {"app": "target"}, "ports": [{"name": "tcp-echo", "port": 80, "targetPort": 8080}]},
@@ -491,17 +374,21 @@ async fn a_flood_of_partial_client_hellos_is_bounded_and_the_proxy_keeps_serving
 
     // A meshed client is served over mTLS while the flood is held (once
     // its proxy knows the Service's endpoints).
-    eventually_some(Duration::from_secs(30), "the client to be served during the flood", || {
-        let (node, ns, vip) = (&mesh.node, ns.clone(), vip.clone());
-        async move {
-            let out = node
-                .command_as(&ns, "client", 1000, workspace_bin("mizzen-testapp"))?
-                .args(["connect", &format!("{vip}:80"), "during-the-flood"])
-                .output()
-                .await?;
-            Ok(out.status.success().then_some(()))
-        }
-    })
+    eventually_some(
+        Duration::from_secs(30),
+        "the client to be served during the flood",
+        || {
+            let (node, ns, vip) = (&mesh.node, ns.clone(), vip.clone());
+            async move {
+                let out = node
+                    .command_as(&ns, "client", 1000, workspace_bin("mizzen-testapp"))?
+                    .args(["connect", &format!("{vip}:80"), "during-the-flood"])
+                    .output()
+                    .await?;
+                Ok(out.status.success().then_some(()))
+            }
+        },
+    )
     .await?;
     let peak_mib = mizzen_tests::proc_status_kib(proxy_pid, "VmHWM:")? / 1024.0;
     assert!(peak_mib < 64.0, "the proxy's peak RSS was {peak_mib:.1} MiB");
@@ -532,7 +419,7 @@ fn app_pod(name: &str) -> serde_json::Value {
 async fn a_forged_injection_status_does_not_skip_the_mesh() -> anyhow::Result<()> {
     let cluster = Cluster::get();
     let client = cluster.client().await?;
-    let _injector = Injector::start(cluster, "").await?;
+    Injector::shared(cluster).await?;
     let ns = cluster.namespace(&client, "forged", INJECTED).await?;
     let mut pod = app_pod("forged");
     pod["metadata"]["annotations"] = serde_json::json!({
@@ -561,7 +448,7 @@ async fn a_forged_injection_status_does_not_skip_the_mesh() -> anyhow::Result<()
 async fn an_app_running_as_the_proxy_uid_is_refused() -> anyhow::Result<()> {
     let cluster = Cluster::get();
     let client = cluster.client().await?;
-    let _injector = Injector::start(cluster, "").await?;
+    Injector::shared(cluster).await?;
     let ns = cluster.namespace(&client, "uid", INJECTED).await?;
     let mut pod = app_pod("sneaky");
     pod["spec"]["securityContext"] = serde_json::json!({"runAsUser": 1337});
@@ -576,11 +463,124 @@ async fn an_app_running_as_the_proxy_uid_is_refused() -> anyhow::Result<()> {
 async fn the_proxy_image_annotation_is_refused_by_default() -> anyhow::Result<()> {
     let cluster = Cluster::get();
     let client = cluster.client().await?;
-    let _injector = Injector::start(cluster, "").await?;
+    Injector::shared(cluster).await?;
     let ns = cluster.namespace(&client, "image", INJECTED).await?;
     let mut pod = app_pod("custom");
     pod["metadata"]["annotations"] = serde_json::json!({"mizzen.dev/proxy-image": "evil.example/shell:1"});
     let status = eventually_refused(&client, &ns, pod).await?;
     assert!(status.message.contains("mizzen.dev/proxy-image"), "{status:?}");
+    Ok(())
+}
+
+/// The injector's webhook CA, written to a file for curl and openssl.
+async fn injector_ca_file(client: &kube::Client, name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let pem = k8s::secret_value(
+        client,
+        "mizzen-system",
+        "mizzen-injector-ca",
+        "ca-cert.pem",
+        Duration::from_secs(30),
+    )
+    .await?;
+    let path = Cluster::get().dir().join(format!("{name}-injector-ca.pem"));
+    std::fs::write(&path, pem)?;
+    Ok(path)
+}
+
+// Issue #10, item 10: a client that sends its headers slowly held a
+// webhook connection for ever. openssl completes the handshake, sends half
+// a request and waits: the injector closes it.
+#[tokio::test]
+async fn the_injector_closes_a_connection_whose_headers_never_finish() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    let injector = Injector::shared(cluster).await?;
+    let ca = injector_ca_file(&client, "slow").await?;
+    let mut s_client = tokio::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-connect",
+            &format!("127.0.0.1:{}", injector.port),
+        ])
+        .arg("-CAfile")
+        .arg(&ca)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stdin = s_client.stdin.take().context("stdin")?;
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, b"POST /inject HTTP/1.1\r\nHost: injector\r\n").await?;
+    // openssl exits when the server closes; stdin stays open meanwhile.
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), s_client.wait())
+        .await
+        .context("the injector kept the half-sent request open for 30 s")??;
+    println!("half-sent headers closed after {:?}", started.elapsed());
+    drop(stdin);
+    Ok(())
+}
+
+// Item 10: a review body that inflates when parsed into a generic JSON tree
+// (2 MiB of `{}`s, about 35 times its size as a tree), 32 at once. The
+// injector parses straight into a Pod, skips what a Pod does not have, and
+// reviews at most 16 at once.
+#[tokio::test]
+async fn inflating_review_bodies_do_not_exhaust_the_injector() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    let injector = Injector::shared(cluster).await?;
+    let ns = cluster.namespace(&client, "inflate", INJECTED).await?;
+    let ca = injector_ca_file(&client, "inflate").await?;
+    let junk = vec!["{}"; 600_000].join(",");
+    let body = format!(
+        r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{{"uid":"u","kind":{{"group":"","version":"v1","kind":"Pod"}},"resource":{{"group":"","version":"v1","resource":"pods"}},"namespace":"{ns}","operation":"CREATE","userInfo":{{"username":"x"}},"object":{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"p","namespace":"{ns}"}},"spec":{{"containers":[{{"name":"app","image":"app"}}]}},"junk":[{junk}]}}}}}}"#
+    );
+    assert!(body.len() < 2 * 1024 * 1024, "within the size limit: {}", body.len());
+    let file = Cluster::get().dir().join(format!("{ns}-inflate.json"));
+    std::fs::write(&file, body)?;
+    let pid = injector.daemon.pid().context("injector pid")?;
+    let before = mizzen_tests::proc_status_kib(pid, "VmRSS:")? / 1024.0;
+    let url = format!("https://127.0.0.1:{}/inject", injector.port);
+    let mut answered = 0;
+    for _ in 0..3 {
+        let mut curls = Vec::new();
+        for _ in 0..32 {
+            curls.push(
+                tokio::process::Command::new("curl")
+                    .args([
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "-H",
+                        "content-type: application/json",
+                    ])
+                    .arg("--cacert")
+                    .arg(&ca)
+                    .arg("--data-binary")
+                    .arg(format!("@{}", file.display()))
+                    .arg(&url)
+                    .output(),
+            );
+        }
+        for out in futures::future::join_all(curls).await {
+            if String::from_utf8_lossy(&out?.stdout) == "200" {
+                answered += 1;
+            }
+        }
+    }
+    let peak = mizzen_tests::proc_status_kib(pid, "VmHWM:")? / 1024.0;
+    println!("96 inflating reviews: injector RSS {before:.1} MiB before, peak {peak:.1} MiB, {answered} answered");
+    assert!(
+        answered >= 90,
+        "the reviews were answered (and the pod injected): {answered}"
+    );
+    assert!(
+        peak < before + 100.0,
+        "the injector's peak RSS rose from {before:.1} to {peak:.1} MiB"
+    );
     Ok(())
 }

@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 
 use crate::config::InjectConfig;
@@ -40,14 +39,69 @@ impl Verdict {
     }
 }
 
+/// Just enough of a review to answer it: everything else is skipped.
+#[derive(serde::Deserialize)]
+struct Envelope {
+    request: Option<EnvelopeRequest>,
+}
+
+#[derive(serde::Deserialize)]
+struct EnvelopeRequest {
+    uid: String,
+    kind: Option<EnvelopeKind>,
+    operation: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct EnvelopeKind {
+    #[serde(default)]
+    group: String,
+    #[serde(default)]
+    kind: String,
+}
+
+#[derive(serde::Deserialize)]
+struct UidOnly {
+    request: Option<UidRequest>,
+}
+
+#[derive(serde::Deserialize)]
+struct UidRequest {
+    uid: String,
+}
+
+/// The uid of a review that did not parse, and whether it may be a pod
+/// CREATE (the only request judged; unsure counts as yes).
+fn envelope(body: &[u8]) -> Option<(String, bool)> {
+    if let Ok(Envelope { request: Some(r) }) = serde_json::from_slice::<Envelope>(body) {
+        let pod = r.kind.as_ref().is_none_or(|k| k.kind == "Pod" && k.group.is_empty());
+        let create = r.operation.as_deref().is_none_or(|o| o == "CREATE");
+        return Some((r.uid, pod && create));
+    }
+    let uid = serde_json::from_slice::<UidOnly>(body).ok()?.request?.uid;
+    Some((uid, true))
+}
+
 /// A request body that cannot be answered at all.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Unanswerable(pub String);
 
-/// What [`review`] needs to know about the request's namespace.
+/// The namespace's labels could not be read.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot read the labels of namespace {namespace:?}: {reason}")]
+pub struct LookupError {
+    pub namespace: String,
+    pub reason: String,
+}
+
+/// What [`review`] needs to know about the request's namespace: its labels
+/// (none for a namespace that does not exist), or why they are unknown.
 pub trait NamespaceLabels {
-    fn labels(&self, namespace: &str) -> impl std::future::Future<Output = Option<BTreeMap<String, String>>> + Send;
+    fn labels(
+        &self,
+        namespace: &str,
+    ) -> impl std::future::Future<Output = Result<BTreeMap<String, String>, LookupError>> + Send;
 }
 
 fn respond(resp: AdmissionResponse) -> Result<Vec<u8>, Unanswerable> {
@@ -61,20 +115,32 @@ pub async fn review(
     cfg: &InjectConfig,
     native: bool,
 ) -> Result<(Vec<u8>, Verdict), Unanswerable> {
-    let parsed: Result<AdmissionReview<DynamicObject>, _> = serde_json::from_slice(body);
-    let req: AdmissionRequest<DynamicObject> = match parsed.map_err(|e| e.to_string()).and_then(|r| {
+    // Parsed straight into a Pod: fields a Pod does not have are skipped
+    // without being kept, so a crafted body cannot inflate in memory the
+    // way a generic JSON tree of it would.
+    let parsed: Result<AdmissionReview<Pod>, _> = serde_json::from_slice(body);
+    let req: AdmissionRequest<Pod> = match parsed.map_err(|e| e.to_string()).and_then(|r| {
         r.try_into()
             .map_err(|e: kube::core::admission::ConvertAdmissionReviewError| e.to_string())
     }) {
         Ok(req) => req,
         Err(reason) => {
             // Answer the request's UID if there is one to answer.
-            let uid = serde_json::from_slice::<serde_json::Value>(body)
-                .ok()
-                .and_then(|v| v.pointer("/request/uid").and_then(|u| u.as_str()).map(str::to_owned))
+            let (uid, pod_create) = envelope(body)
                 .ok_or_else(|| Unanswerable(format!("not an AdmissionReview with a request uid: {reason}")))?;
-            let mut resp = AdmissionResponse::invalid(format!("malformed AdmissionReview: {reason}"));
+            let message = if pod_create {
+                format!("malformed AdmissionReview, or the pod does not parse: {reason}")
+            } else {
+                format!("malformed AdmissionReview: {reason}")
+            };
+            let mut resp = AdmissionResponse::invalid(message);
             resp.uid = uid;
+            if !pod_create {
+                // Not ours to judge (another kind, or not a CREATE).
+                resp.allowed = true;
+                resp.result = Default::default();
+                return Ok((respond(resp)?, Verdict::Ignored));
+            }
             let verdict = Verdict::Invalid(reason);
             return Ok((respond(resp)?, verdict));
         }
@@ -83,27 +149,25 @@ pub async fn review(
     if req.kind.kind != "Pod" || !req.kind.group.is_empty() || req.operation != Operation::Create {
         return Ok((respond(base)?, Verdict::Ignored));
     }
-    let pod: Pod = match req
-        .object
-        .as_ref()
-        .map(|o| serde_json::to_value(o).and_then(serde_json::from_value))
-    {
-        Some(Ok(p)) => p,
-        Some(Err(e)) => {
-            let reason = format!("the pod does not parse: {e}");
-            return Ok((respond(base.deny(&reason))?, Verdict::Invalid(reason)));
-        }
-        None => {
-            let reason = "the request carries no pod".to_string();
-            return Ok((respond(base.deny(&reason))?, Verdict::Invalid(reason)));
-        }
+    let Some(pod) = req.object.clone() else {
+        let reason = "the request carries no pod".to_string();
+        return Ok((respond(base.deny(&reason))?, Verdict::Invalid(reason)));
     };
     let namespace = req
         .namespace
         .clone()
         .or_else(|| pod.metadata.namespace.clone())
         .unwrap_or_default();
-    let labels = namespaces.labels(&namespace).await.unwrap_or_default();
+    // Unknown labels are not "no labels": the webhook is only called for
+    // pods that should be meshed, so refuse rather than admit one unmeshed.
+    let labels = match namespaces.labels(&namespace).await {
+        Ok(l) => l,
+        Err(e) => {
+            let reason =
+                format!("mizzen sidecar injection: {e}; refusing the pod rather than starting it outside the mesh");
+            return Ok((respond(base.deny(&reason))?, Verdict::Denied(reason)));
+        }
+    };
     match inject::inject(&pod, &namespace, &labels, cfg, native) {
         Ok(Outcome::Inject(patch)) => match base.clone().with_patch(patch) {
             Ok(resp) => Ok((respond(resp)?, Verdict::Injected)),

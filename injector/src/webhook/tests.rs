@@ -6,9 +6,38 @@ use super::*;
 struct Labels(BTreeMap<String, String>);
 
 impl NamespaceLabels for Labels {
-    async fn labels(&self, _ns: &str) -> Option<BTreeMap<String, String>> {
-        Some(self.0.clone())
+    async fn labels(&self, _ns: &str) -> Result<BTreeMap<String, String>, LookupError> {
+        Ok(self.0.clone())
     }
+}
+
+/// An API server that cannot be reached.
+struct Unreachable;
+
+impl NamespaceLabels for Unreachable {
+    async fn labels(&self, ns: &str) -> Result<BTreeMap<String, String>, LookupError> {
+        Err(LookupError {
+            namespace: ns.into(),
+            reason: "connection refused".into(),
+        })
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_namespace_fails_closed() {
+    let body = serde_json::to_vec(&admission(pod_json(), "Pod", "CREATE")).expect("json");
+    let (out, verdict) = review(&body, &Unreachable, &InjectConfig::default(), true)
+        .await
+        .expect("answered");
+    assert!(matches!(verdict, Verdict::Denied(_)), "{verdict:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+    assert_eq!(v["response"]["allowed"], false, "{v}");
+    assert!(
+        v["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("labels")
+    );
 }
 
 fn enabled() -> Labels {
