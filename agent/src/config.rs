@@ -92,6 +92,14 @@ pub struct Config {
     #[arg(long, default_value = "10s", value_parser = duration)]
     pub token_review_cache_ttl: Duration,
 
+    /// Most SDS and discovery streams open at once on the socket.
+    #[arg(long, default_value_t = 4096)]
+    pub max_streams: usize,
+
+    /// Most streams open at once for one identity (a pod opens two).
+    #[arg(long, default_value_t = 512)]
+    pub max_streams_per_identity: usize,
+
     /// How long discovery gathers a burst of Service/endpoint changes before pushing.
     #[arg(long, default_value = "100ms", value_parser = duration)]
     pub discovery_debounce: Duration,

@@ -15,6 +15,7 @@ pub mod ca_client;
 pub mod config;
 pub mod discovery;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod roots;
 pub mod sds;

@@ -12,6 +12,7 @@ use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server
 use mizzen_agent::ca_client::CaSigner;
 use mizzen_agent::config::Config;
 use mizzen_agent::discovery::server::Discovery;
+use mizzen_agent::limits::StreamLimits;
 use mizzen_agent::metrics::Metrics;
 use mizzen_agent::sds::{CallerPolicy, Sds};
 use mizzen_agent::secrets::{Rotation, SecretManager};
@@ -131,11 +132,13 @@ async fn main() -> anyhow::Result<()> {
         trust_domain: config.trust_domain.clone(),
         node_name: Some(config.node_name.clone()).filter(|n| !n.is_empty()),
     };
+    let limits = StreamLimits::new(config.max_streams, config.max_streams_per_identity);
     let discovery = Discovery {
         snapshots: snapshots_rx,
         authenticator: authenticator.clone(),
         policy: policy.clone(),
         metrics: metrics.clone(),
+        limits: limits.clone(),
     };
     let sds = Sds {
         manager,
@@ -143,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
         roots: roots_rx,
         policy,
         metrics,
+        limits,
     };
 
     let listener = bind_socket(&config)?;

@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use crate::limits::StreamLimits;
 use crate::metrics::Metrics;
 use crate::secrets::{SecretManager, Signer, SvidWatch, TokenLease};
 
@@ -123,6 +124,8 @@ pub struct Sds<S> {
     pub roots: watch::Receiver<Option<Arc<String>>>,
     pub policy: CallerPolicy,
     pub metrics: Arc<Metrics>,
+    /// Shared with discovery: streams per identity and in total.
+    pub limits: Arc<StreamLimits>,
 }
 
 impl<S> std::fmt::Debug for Sds<S> {
@@ -309,6 +312,10 @@ impl<S: Signer> SecretDiscoveryService for Sds<S> {
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let caller = self.authenticate(&request).await?;
         let id = caller.id.clone();
+        let slot = self
+            .limits
+            .admit(&id)
+            .inspect_err(|_| self.metrics.reject("too_many_streams"))?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<DiscoveryResponse, Status>>(4);
         let mut sub = Subscription {
@@ -325,6 +332,7 @@ impl<S: Signer> SecretDiscoveryService for Sds<S> {
         metrics.streams_open.inc();
         info!(%id, "SDS stream opened");
         tokio::spawn(async move {
+            let _slot = slot;
             let mut nonce: u64 = 0;
             let mut last_nonce = String::new();
             let mut last_version = String::new();

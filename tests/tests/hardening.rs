@@ -584,3 +584,45 @@ async fn inflating_review_bodies_do_not_exhaust_the_injector() -> anyhow::Result
     );
     Ok(())
 }
+
+// Issue #10, item 13: any pod on the node holds a valid token, so the
+// streams one identity may keep open on the agent's socket are bounded.
+#[tokio::test]
+async fn one_identity_cannot_open_unbounded_streams_on_the_agent() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    let (_ca, agent) = ca_and_agent(cluster, "node-streams", &["--max-streams-per-identity=4"]).await?;
+    let ns = cluster.namespace(&client, "streams", &[]).await?;
+    let pod = k8s::pod_on_node(&client, &ns, "greedy", "default", &agent.node).await?;
+    let token = k8s::token(&client, &ns, "default", Some(&pod), "mizzen-ca").await?;
+    let names = ["ROOTCA"];
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let mut s = SdsStream::open(&agent.socket, &token, &names).await?;
+        tokio::time::timeout(Duration::from_secs(30), s.next()).await??;
+        open.push(s);
+    }
+    let refused = match SdsStream::open(&agent.socket, &token, &names).await {
+        Ok(mut s) => tokio::time::timeout(Duration::from_secs(30), s.next())
+            .await?
+            .expect_err("a fifth stream must not be served"),
+        Err(status) => status,
+    };
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    // Closing one makes room.
+    open.pop();
+    eventually_some(Duration::from_secs(20), "room for a new stream", || {
+        let (socket, token) = (agent.socket.clone(), token.clone());
+        async move {
+            Ok(match SdsStream::open(&socket, &token, &names).await {
+                Ok(mut s) => tokio::time::timeout(Duration::from_secs(10), s.next())
+                    .await?
+                    .ok()
+                    .map(|_| ()),
+                Err(_) => None,
+            })
+        }
+    })
+    .await?;
+    Ok(())
+}

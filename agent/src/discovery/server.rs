@@ -26,6 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use super::Snapshot;
+use crate::limits::{MAX_NAME_LEN, MAX_NAMES_PER_STREAM, MAX_VERSION_LEN, StreamLimits};
 use crate::metrics::Metrics;
 use crate::sds::{CallerPolicy, authenticate_caller};
 
@@ -38,6 +39,8 @@ pub struct Discovery {
     pub authenticator: Arc<Authenticator>,
     pub policy: CallerPolicy,
     pub metrics: Arc<Metrics>,
+    /// Shared with SDS: streams per identity and in total.
+    pub limits: Arc<StreamLimits>,
 }
 
 impl std::fmt::Debug for Discovery {
@@ -60,8 +63,35 @@ pub struct StreamState {
 impl StreamState {
     /// Applies a request's subscription changes; `first` marks the
     /// stream's first request (where an empty subscription means all).
-    pub fn subscribe(&mut self, req: &DeltaDiscoveryRequest, first: bool) {
+    /// Refuses names and versions that cannot be ours, and more of them
+    /// than [`MAX_NAMES_PER_STREAM`]: any local caller may ask.
+    pub fn subscribe(&mut self, req: &DeltaDiscoveryRequest, first: bool) -> Result<(), Status> {
+        let too_long = |n: &String| n.len() > MAX_NAME_LEN;
+        if let Some(n) = req
+            .resource_names_subscribe
+            .iter()
+            .chain(&req.resource_names_unsubscribe)
+            .chain(req.initial_resource_versions.keys())
+            .find(|n| too_long(n))
+        {
+            return Err(Status::invalid_argument(format!(
+                "resource name of {} bytes: names are <namespace>/<service>, at most {MAX_NAME_LEN}",
+                n.len()
+            )));
+        }
+        if req
+            .initial_resource_versions
+            .values()
+            .any(|v| v.len() > MAX_VERSION_LEN)
+        {
+            return Err(Status::invalid_argument(format!(
+                "a resource version is longer than {MAX_VERSION_LEN} bytes"
+            )));
+        }
         if first {
+            if req.initial_resource_versions.len() > MAX_NAMES_PER_STREAM {
+                return Err(too_many());
+            }
             self.wildcard = req.resource_names_subscribe.is_empty();
             self.sent = req
                 .initial_resource_versions
@@ -83,6 +113,10 @@ impl StreamState {
                 self.names.remove(n);
             }
         }
+        if self.names.len() > MAX_NAMES_PER_STREAM {
+            return Err(too_many());
+        }
+        Ok(())
     }
 
     /// The response that brings the client from what it holds to `snap`,
@@ -120,6 +154,12 @@ impl StreamState {
     }
 }
 
+fn too_many() -> Status {
+    Status::invalid_argument(format!(
+        "more than {MAX_NAMES_PER_STREAM} resource names on one stream: subscribe to everything (*) instead"
+    ))
+}
+
 async fn changed<T>(rx: &mut watch::Receiver<T>) {
     if rx.changed().await.is_err() {
         std::future::pending::<()>().await;
@@ -146,6 +186,10 @@ impl AggregatedDiscoveryService for Discovery {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let caller = authenticate_caller(&self.authenticator, &self.policy, &self.metrics, request.metadata()).await?;
         let id = caller.id.clone();
+        let slot = self
+            .limits
+            .admit(&id)
+            .inspect_err(|_| self.metrics.reject("too_many_streams"))?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<DeltaDiscoveryResponse, Status>>(4);
         let mut snapshots = self.snapshots.clone();
@@ -153,6 +197,7 @@ impl AggregatedDiscoveryService for Discovery {
         metrics.discovery_streams_open.inc();
         info!(%id, "discovery stream opened");
         tokio::spawn(async move {
+            let _slot = slot;
             let mut state = StreamState::default();
             let mut first = true;
             let mut nonce: u64 = 0;
@@ -175,7 +220,7 @@ impl AggregatedDiscoveryService for Discovery {
                                     None => debug!(%id, nonce = %req.response_nonce, "ACK"),
                                 }
                             }
-                            state.subscribe(&req, first);
+                            state.subscribe(&req, first)?;
                             first = false;
                         }
                         _ = changed(&mut snapshots), if !first => {}
