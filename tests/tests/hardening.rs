@@ -626,3 +626,91 @@ async fn one_identity_cannot_open_unbounded_streams_on_the_agent() -> anyhow::Re
     .await?;
     Ok(())
 }
+
+// Issue #10, item 7: anyone who may write EndpointSlices could list a
+// meshed pod's IP under a Service of their own, with a targetRef to an
+// unmeshed pod, and sort first: clients then sent that pod plaintext. The
+// identity of a pod IP now comes from the Pod holding it.
+#[tokio::test]
+async fn a_foreign_endpointslice_cannot_downgrade_a_pod_ip_to_plaintext() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    let mesh = MeshNode::start(cluster, "node-shadow", &workspace_bin("mizzen-proxy"), &[]).await?;
+    let victim_ns = cluster.namespace(&client, "zz-victim", INJECTED).await?;
+    let evil_ns = cluster.namespace(&client, "aa-evil", &[]).await?;
+    let mut victim = echo_pod("victim", &mesh.node.name);
+    victim["metadata"]["labels"] = serde_json::json!({"app": "victim"});
+    create_pod(&client, &victim_ns, victim).await?;
+    create_pod(&client, &victim_ns, echo_pod("client", &mesh.node.name)).await?;
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "victim"},
+        "spec": {"selector": {"app": "victim"}, "ports": [{"name": "tcp-echo", "port": 80, "targetPort": 8080}]},
+    }))?;
+    Api::<Service>::namespaced(client.clone(), &victim_ns)
+        .create(&PostParams::default(), &svc)
+        .await?;
+    for name in ["victim", "client"] {
+        wait_ready(&client, &victim_ns, name, Duration::from_secs(90)).await?;
+    }
+    let (_, victim_ip) = mesh.node.pod(&victim_ns, "victim")?;
+    // The shadow: a selector-less Service and a hand-written slice.
+    let shadow: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "shadow"},
+        "spec": {"ports": [{"name": "tcp", "port": 80, "targetPort": 8080}]},
+    }))?;
+    Api::<Service>::namespaced(client.clone(), &evil_ns)
+        .create(&PostParams::default(), &shadow)
+        .await?;
+    let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "shadow-1", "labels": {"kubernetes.io/service-name": "shadow"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "tcp", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [victim_ip.to_string()], "conditions": {"ready": true},
+                       "targetRef": {"kind": "Pod", "namespace": evil_ns, "name": "decoy"}}],
+    }))?;
+    Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::namespaced(client.clone(), &evil_ns)
+        .create(&PostParams::default(), &slice)
+        .await?;
+    // The agent publishes the shadow's endpoint (and pushes it to the
+    // client's proxy) before the client calls.
+    let before = discovery_endpoints(&mesh).await?;
+    eventually_some(
+        Duration::from_secs(30),
+        "the shadow slice to reach discovery",
+        || async { Ok((discovery_endpoints(&mesh).await? > before).then_some(())) },
+    )
+    .await?;
+    // The client calls the victim's pod IP: it must be mutual TLS.
+    eventually_some(Duration::from_secs(30), "the client to reach the victim", || {
+        let (node, ns) = (&mesh.node, victim_ns.clone());
+        async move {
+            let out = node
+                .command_as(&ns, "client", 1000, workspace_bin("mizzen-testapp"))?
+                .args(["connect", &format!("{victim_ip}:8080"), "secret"])
+                .output()
+                .await?;
+            Ok(out.status.success().then_some(()))
+        }
+    })
+    .await?;
+    let (_, text) = proxy_metric(victim_ip, "mizzen_proxy_connections_total").await?;
+    let inbound = |tls: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with(&format!(
+                    "mizzen_proxy_connections_total{{direction=\"inbound\",tls=\"{tls}\""
+                ))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(inbound("plaintext"), 0.0, "the victim got plaintext:\n{text}");
+    assert!(inbound("mtls") >= 1.0, "the call was mutual TLS:\n{text}");
+    Ok(())
+}
+
+/// Endpoints the node's agent publishes now.
+async fn discovery_endpoints(mesh: &MeshNode) -> anyhow::Result<f64> {
+    let text = mesh.agent.daemon.metrics().await?;
+    Ok(mizzen_tests::daemon::metric(&text, "mizzen_agent_discovery_endpoints"))
+}

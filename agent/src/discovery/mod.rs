@@ -22,7 +22,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector;
 use kube::runtime::{WatchStreamExt, watcher};
 use mizzen_api::mesh::{PROXY_CONTAINER, TLS_MODE_LABEL, TLS_MODE_MIZZEN};
 use mizzen_api::proto::discovery::{self as pb, SERVICE_TYPE};
@@ -45,8 +45,51 @@ pub struct Snapshot {
 /// What discovery needs of a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodFacts {
+    pub namespace: String,
+    pub name: String,
     pub meshed: bool,
     pub service_account: String,
+}
+
+/// Who holds an endpoint's IP address, as the Pods say (`status.podIPs`),
+/// whatever the EndpointSlice claims: anyone may write an EndpointSlice
+/// listing another pod's IP, but not that pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpOwner {
+    /// No pod holds it (an address outside the pod network, or a pod the
+    /// agent has not seen yet).
+    Unknown,
+    Pod(PodFacts),
+    /// Two pods claim it (one just replacing another): its identity is
+    /// unknown, and meshed clients refuse to connect rather than guess.
+    Conflict,
+}
+
+/// Pod IP → owner, from every pod that has one of its own (not host
+/// network, not finished).
+pub fn ip_owners<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> HashMap<String, IpOwner> {
+    let mut owners: HashMap<String, IpOwner> = HashMap::new();
+    for pod in pods {
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        if spec.and_then(|s| s.host_network) == Some(true)
+            || matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+        {
+            continue;
+        }
+        let ips = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .map(|ips| ips.iter().map(|i| i.ip.clone()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let facts = PodFacts::of(pod);
+        for ip in ips {
+            owners
+                .entry(ip)
+                .and_modify(|o| *o = IpOwner::Conflict)
+                .or_insert_with(|| IpOwner::Pod(facts.clone()));
+        }
+    }
+    owners
 }
 
 impl PodFacts {
@@ -65,6 +108,8 @@ impl PodFacts {
                 .any(|c| c.name == PROXY_CONTAINER)
         });
         Self {
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
             meshed: labelled && has_proxy,
             service_account: spec
                 .and_then(|s| s.service_account_name.clone())
@@ -75,11 +120,13 @@ impl PodFacts {
 
 /// The discovery resource of every Service, by `<namespace>/<name>`.
 /// Endpoints come from the Service's EndpointSlices: only ready ones, IP
-/// addresses only; `pod` looks up an endpoint's pod.
+/// addresses only; `owner` says which pod holds an address. An endpoint's
+/// identity and whether it is meshed come from that pod only, never from
+/// the slice's `targetRef`.
 pub fn build(
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],
-    pod: impl Fn(&str, &str) -> Option<PodFacts>,
+    owner: impl Fn(&str) -> IpOwner,
     trust_domain: &TrustDomain,
 ) -> BTreeMap<String, pb::Service> {
     let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
@@ -145,27 +192,33 @@ pub fn build(
                 if addresses.is_empty() {
                     continue;
                 }
-                let pod_ref = ep
-                    .target_ref
-                    .as_ref()
-                    .filter(|r| r.kind.as_deref() == Some("Pod"))
-                    .and_then(|r| Some((r.namespace.clone().unwrap_or_else(|| ns.clone()), r.name.clone()?)));
-                let facts = pod_ref.as_ref().and_then(|(pns, pname)| pod(pns, pname));
-                let (meshed, spiffe_id) = match (&pod_ref, &facts) {
-                    (Some((pns, _)), Some(f)) => (
+                // Every address of an endpoint (dual stack) must be the
+                // same pod's; anything else is a conflict.
+                let mut owners = addresses.iter().map(|a| owner(a));
+                let first = owners.next().unwrap_or(IpOwner::Unknown);
+                let holder = if owners.all(|o| o == first) {
+                    first
+                } else {
+                    IpOwner::Conflict
+                };
+                let (meshed, spiffe_id, pod) = match holder {
+                    IpOwner::Pod(f) => (
                         f.meshed,
-                        SpiffeId::workload(trust_domain, pns, &f.service_account)
+                        SpiffeId::workload(trust_domain, &f.namespace, &f.service_account)
                             .map(|id| id.to_string())
                             .unwrap_or_default(),
+                        format!("{}/{}", f.namespace, f.name),
                     ),
-                    _ => (false, String::new()),
+                    IpOwner::Unknown => (false, String::new(), String::new()),
+                    // Meshed without an identity: proxies refuse to connect.
+                    IpOwner::Conflict => (true, String::new(), String::new()),
                 };
                 endpoints.push(pb::Endpoint {
                     addresses,
                     ports: ports.clone().into_iter().collect(),
                     meshed,
                     spiffe_id,
-                    pod: pod_ref.map(|(pns, pname)| format!("{pns}/{pname}")).unwrap_or_default(),
+                    pod,
                 });
             }
         }
@@ -278,10 +331,12 @@ pub async fn follow(
     info!("discovery watches synced");
     loop {
         let started = std::time::Instant::now();
+        let all_pods = pods.state();
+        let owners = ip_owners(all_pods.iter().map(|p| &**p));
         let built = build(
             &services.state(),
             &slices.state(),
-            |ns, name| lookup(&pods, ns, name),
+            |ip| owners.get(ip).cloned().unwrap_or(IpOwner::Unknown),
             &trust_domain,
         );
         let endpoints: usize = built.values().map(|s| s.endpoints.len()).sum();
@@ -309,7 +364,12 @@ fn trim_pod(p: &mut Pod) {
     p.metadata.managed_fields = None;
     p.metadata.annotations = None;
     p.metadata.owner_references = None;
-    p.status = None;
+    // Its IPs and phase say which addresses it holds.
+    p.status = p.status.take().map(|s| k8s_openapi::api::core::v1::PodStatus {
+        phase: s.phase,
+        pod_ips: s.pod_ips,
+        ..Default::default()
+    });
     if let Some(spec) = p.spec.as_mut() {
         let keep = |c: &k8s_openapi::api::core::v1::Container| k8s_openapi::api::core::v1::Container {
             name: c.name.clone(),
@@ -317,15 +377,12 @@ fn trim_pod(p: &mut Pod) {
         };
         *spec = k8s_openapi::api::core::v1::PodSpec {
             service_account_name: spec.service_account_name.clone(),
+            host_network: spec.host_network,
             containers: spec.containers.iter().map(keep).collect(),
             init_containers: spec.init_containers.as_ref().map(|cs| cs.iter().map(keep).collect()),
             ..Default::default()
         };
     }
-}
-
-fn lookup(pods: &Store<Pod>, ns: &str, name: &str) -> Option<PodFacts> {
-    pods.get(&ObjectRef::new(name).within(ns)).map(|p| PodFacts::of(&p))
 }
 
 #[cfg(test)]

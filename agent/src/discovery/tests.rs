@@ -31,25 +31,50 @@ fn slice(ns: &str, svc: &str, name: &str, endpoints: serde_json::Value) -> Arc<E
     )
 }
 
-fn pods(name: &str) -> Option<PodFacts> {
-    match name {
-        "meshed" => Some(PodFacts {
-            meshed: true,
-            service_account: "web".into(),
-        }),
-        "plain" => Some(PodFacts {
-            meshed: false,
-            service_account: "default".into(),
-        }),
-        _ => None,
+fn pod(ns: &str, name: &str, ip: &str, meshed: bool, sa: &str) -> Pod {
+    let mut p: Pod = serde_json::from_value(json!({
+        "metadata": {"namespace": ns, "name": name},
+        "spec": {"serviceAccountName": sa, "containers": [{"name": "app"}]},
+        "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
+    }))
+    .expect("pod");
+    if meshed {
+        p.metadata.labels = Some([(TLS_MODE_LABEL.to_string(), TLS_MODE_MIZZEN.to_string())].into());
+        if let Some(spec) = p.spec.as_mut() {
+            spec.containers.push(k8s_openapi::api::core::v1::Container {
+                name: PROXY_CONTAINER.into(),
+                ..Default::default()
+            });
+        }
     }
+    p
 }
 
-fn built() -> BTreeMap<String, pb::Service> {
+/// The pods holding the addresses the slices below list.
+fn cluster_pods() -> Vec<Pod> {
+    vec![
+        pod("demo", "meshed", "10.200.0.3", true, "web"),
+        pod("demo", "meshed-2", "10.200.0.4", true, "web"),
+        pod("demo", "plain", "10.200.0.2", false, "default"),
+    ]
+}
+
+fn build_with(pods: &[Pod], slices: &[Arc<EndpointSlice>]) -> BTreeMap<String, pb::Service> {
     let services = [
         service("demo", "web", "10.0.0.10"),
         service("other", "web", "10.0.0.11"),
+        service("evil", "shadow", "10.0.0.12"),
     ];
+    let owners = ip_owners(pods);
+    build(
+        &services,
+        slices,
+        |ip| owners.get(ip).cloned().unwrap_or(IpOwner::Unknown),
+        &TrustDomain::default(),
+    )
+}
+
+fn built() -> BTreeMap<String, pb::Service> {
     let slices = [
         slice(
             "demo",
@@ -59,7 +84,7 @@ fn built() -> BTreeMap<String, pb::Service> {
                 {"addresses": ["10.200.0.3"], "conditions": {"ready": true},
                  "targetRef": {"kind": "Pod", "namespace": "demo", "name": "meshed"}},
                 {"addresses": ["10.200.0.4"], "conditions": {"ready": false},
-                 "targetRef": {"kind": "Pod", "namespace": "demo", "name": "meshed"}},
+                 "targetRef": {"kind": "Pod", "namespace": "demo", "name": "meshed-2"}},
             ]),
         ),
         slice(
@@ -72,7 +97,9 @@ fn built() -> BTreeMap<String, pb::Service> {
             ]),
         ),
     ];
-    build(&services, &slices, |_, n| pods(n), &TrustDomain::default())
+    let mut all = build_with(&cluster_pods(), &slices);
+    all.remove("evil/shadow");
+    all
 }
 
 #[test]
@@ -129,13 +156,15 @@ fn meshed_needs_both_the_label_and_the_proxy_container() {
         "spec": {"serviceAccountName": "sa", "volumes": [{"name": "v", "emptyDir": {}}],
                  "initContainers": [{"name": "mizzen-proxy", "image": "i", "env": [{"name": "A", "value": "b"}]}],
                  "containers": [{"name": "app", "image": "i", "args": ["serve"]}]},
-        "status": {"podIP": "10.0.0.1"},
+        "status": {"phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}],
+                   "conditions": [{"type": "Ready", "status": "True"}]},
     }))
     .expect("pod");
-    let before = PodFacts::of(&full);
+    let before = (PodFacts::of(&full), ip_owners([&full]));
     trim_pod(&mut full);
-    assert_eq!(PodFacts::of(&full), before);
-    assert!(full.status.is_none() && full.metadata.annotations.is_none());
+    assert_eq!((PodFacts::of(&full), ip_owners([&full])), before);
+    let status = full.status.as_ref().expect("the IPs and phase stay");
+    assert!(status.conditions.is_none() && status.pod_ip.is_none() && full.metadata.annotations.is_none());
     assert!(
         full.spec
             .as_ref()
@@ -258,4 +287,44 @@ fn a_stream_may_not_subscribe_to_unbounded_names_or_versions() {
         )
         .expect_err("too long a name");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+// Issue #10, item 7: anyone may write an EndpointSlice. One in namespace
+// `evil` lists the meshed demo pod's IP and points its targetRef at an
+// unmeshed pod of its own: the IP must keep its real pod's identity (no
+// plaintext downgrade), whichever Service lists it.
+#[test]
+fn a_foreign_endpointslice_cannot_change_a_pod_ips_identity() {
+    let mut pods = cluster_pods();
+    pods.push(pod("evil", "decoy", "10.200.0.66", false, "evil"));
+    let slices = [
+        slice(
+            "demo",
+            "web",
+            "web-a",
+            json!([{"addresses": ["10.200.0.3"], "targetRef": {"kind": "Pod", "namespace": "demo", "name": "meshed"}}]),
+        ),
+        slice(
+            "evil",
+            "shadow",
+            "shadow-a",
+            json!([{"addresses": ["10.200.0.3"], "targetRef": {"kind": "Pod", "namespace": "evil", "name": "decoy"}}]),
+        ),
+    ];
+    let all = build_with(&pods, &slices);
+    for svc in ["demo/web", "evil/shadow"] {
+        let ep = &all[svc].endpoints[0];
+        assert!(ep.meshed, "{svc}: the IP's pod is meshed");
+        assert_eq!(ep.spiffe_id, "spiffe://cluster.local/ns/demo/sa/web", "{svc}");
+        assert_eq!(ep.pod, "demo/meshed", "{svc}");
+    }
+}
+
+#[test]
+fn an_ip_two_pods_claim_is_meshed_without_identity() {
+    let mut pods = cluster_pods();
+    pods.push(pod("evil", "twin", "10.200.0.3", false, "evil"));
+    let slices = [slice("demo", "web", "web-a", json!([{"addresses": ["10.200.0.3"]}]))];
+    let ep = &build_with(&pods, &slices)["demo/web"].endpoints[0];
+    assert!(ep.meshed && ep.spiffe_id.is_empty(), "fails closed: {ep:?}");
 }
