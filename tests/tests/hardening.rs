@@ -714,3 +714,87 @@ async fn discovery_endpoints(mesh: &MeshNode) -> anyhow::Result<f64> {
     let text = mesh.agent.daemon.metrics().await?;
     Ok(mizzen_tests::daemon::metric(&text, "mizzen_agent_discovery_endpoints"))
 }
+
+/// A client authenticated as ServiceAccount `mizzen-system/<sa>`.
+async fn client_as(cluster: &Cluster, sa: &str) -> anyhow::Result<kube::Client> {
+    let admin = cluster.client().await?;
+    let path = cluster
+        .kubeconfig_for_service_account(&admin, "mizzen-system", sa)
+        .await?;
+    let kc = kube::config::Kubeconfig::read_from(&path)?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// The refusal of creating `obj` as `client` (a dry run), once a newly
+/// applied admission policy is in force; an error if it is admitted.
+async fn refused_write<K>(client: &kube::Client, ns: &str, obj: K) -> anyhow::Result<kube::core::Status>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api = Api::<K>::namespaced(client.clone(), ns);
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    eventually_some(Duration::from_secs(20), "the write to be refused", || {
+        let (api, obj, dry_run) = (api.clone(), obj.clone(), dry_run.clone());
+        async move {
+            Ok(match api.create(&dry_run, &obj).await {
+                Err(kube::Error::Api(s)) if s.code == 403 => Some(*s),
+                _ => None,
+            })
+        }
+    })
+    .await
+}
+
+// Issue #10, item 12: RBAC cannot limit `create` by name, so the CA could
+// create a token Secret for the injector's ServiceAccount (which controls
+// the webhook) or write the injector's template ConfigMap.
+#[tokio::test]
+async fn the_ca_cannot_mint_a_token_secret_for_another_service_account() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    install_manifests(cluster).await?;
+    let ca = client_as(cluster, "mizzen-ca").await?;
+    let mut secret = k8s_openapi::api::core::v1::Secret::default();
+    secret.metadata.name = Some("injector-token".into());
+    secret.metadata.annotations = Some(
+        [(
+            "kubernetes.io/service-account.name".to_string(),
+            "mizzen-injector".to_string(),
+        )]
+        .into(),
+    );
+    secret.type_ = Some("kubernetes.io/service-account-token".into());
+    let status = refused_write(&ca, "mizzen-system", secret).await?;
+    // The policy's refusal, not RBAC's (which allows creating Secrets here).
+    assert!(
+        status.message.contains("may write only its own root Secret"),
+        "{status:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_ca_cannot_write_the_injectors_template() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    install_manifests(cluster).await?;
+    let ca = client_as(cluster, "mizzen-ca").await?;
+    let mut cm = k8s_openapi::api::core::v1::ConfigMap::default();
+    cm.metadata.name = Some("mizzen-injector-config".into());
+    cm.data = Some(
+        [(
+            "config.yaml".to_string(),
+            "proxyImage: evil.example/shell:1\n".to_string(),
+        )]
+        .into(),
+    );
+    let status = refused_write(&ca, "mizzen-system", cm).await?;
+    assert!(status.message.contains("may write only the trust bundle"), "{status:?}");
+    Ok(())
+}
