@@ -82,7 +82,9 @@ impl CallerError {
 
     fn status(&self) -> Status {
         match self {
-            CallerError::Auth(AuthError::Unavailable(_)) => Status::unavailable(self.to_string()),
+            CallerError::Auth(AuthError::Unavailable(_) | AuthError::Overloaded) => {
+                Status::unavailable(self.to_string())
+            }
             CallerError::Auth(_) => Status::unauthenticated(self.to_string()),
             _ => Status::permission_denied(self.to_string()),
         }

@@ -80,6 +80,20 @@ pub struct Config {
     #[arg(long, default_value = "10s", value_parser = duration)]
     pub token_review_cache_ttl: Duration,
 
+    /// Most TokenReviews in flight at once, for agents' tokens and again
+    /// for workloads' (more wait up to 2 s, then get UNAVAILABLE).
+    #[arg(long, default_value_t = 16)]
+    pub max_concurrent_reviews: usize,
+
+    /// Most client connections open at once (TLS handshakes included);
+    /// more are closed at once.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Time a client has to complete its TLS handshake.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+
     /// DNS names in the CA's serving certificate.
     #[arg(
         long = "serving-dns",

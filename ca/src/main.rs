@@ -102,10 +102,17 @@ async fn main() -> anyhow::Result<()> {
 
     let service = CaService {
         authority,
-        authenticator: Arc::new(Authenticator::new(
+        agents: Arc::new(Authenticator::with_limit(
+            client.clone(),
+            config.audience.clone(),
+            config.token_review_cache_ttl,
+            config.max_concurrent_reviews,
+        )),
+        workloads: Arc::new(Authenticator::with_limit(
             client,
             config.audience.clone(),
             config.token_review_cache_ttl,
+            config.max_concurrent_reviews,
         )),
         policy: Policy {
             trust_domain: config.trust_domain.clone(),
@@ -116,16 +123,30 @@ async fn main() -> anyhow::Result<()> {
             default: config.default_ttl,
             max: config.max_ttl,
         },
-        metrics,
+        metrics: metrics.clone(),
     };
+    let incoming = serving::incoming(
+        listener,
+        tls,
+        serving::ConnectionLimits {
+            max: config.max_connections,
+            handshake_timeout: config.handshake_timeout,
+        },
+        metrics.connections_refused.clone(),
+    );
     let grpc = IstioCertificateServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     info!(addr = %config.grpc_addr, "gRPC server listening");
     ready.store(true, Ordering::Relaxed);
+    // Connections are recycled every half hour (clients reconnect at once),
+    // so an idle one cannot hold its place for ever.
     tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
         .concurrency_limit_per_connection(256)
+        .max_connection_age(Duration::from_secs(1800))
+        .max_connection_age_grace(Duration::from_secs(60))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
         .add_service(grpc)
-        .serve_with_incoming_shutdown(serving::incoming(listener, tls), async {
+        .serve_with_incoming_shutdown(incoming, async {
             runtime::shutdown_signal().await;
             ready.store(false, Ordering::Relaxed);
         })

@@ -21,6 +21,8 @@ pub struct Metrics {
     /// 1 when the signing certificate expires within the warning window.
     pub signing_expiring: Gauge,
     pub root_configmaps_published: Counter,
+    /// Connections closed at once because --max-connections were open.
+    pub connections_refused: Counter,
 }
 
 impl Metrics {
@@ -33,6 +35,12 @@ impl Metrics {
             "requests_rejected",
             "CreateCertificate requests refused, by reason",
             rejected.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because --max-connections were open",
+            connections_refused.clone(),
         );
         let token_review_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         registry.register(
@@ -73,6 +81,7 @@ impl Metrics {
             signing_expiry_timestamp,
             signing_expiring,
             root_configmaps_published,
+            connections_refused,
         }
     }
 

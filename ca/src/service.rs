@@ -37,7 +37,12 @@ impl Ttls {
 #[derive(Debug)]
 pub struct CaService {
     pub authority: Arc<Authority>,
-    pub authenticator: Arc<Authenticator>,
+    /// Reviews node agents' tokens (cached: a few agents call often).
+    pub agents: Arc<Authenticator>,
+    /// Reviews workload tokens, only for callers already admitted: a flood
+    /// of unauthenticated calls cannot take the reviews legitimate
+    /// issuance needs.
+    pub workloads: Arc<Authenticator>,
     pub policy: Policy,
     pub ttls: Ttls,
     pub metrics: Arc<Metrics>,
@@ -45,7 +50,7 @@ pub struct CaService {
 
 fn auth_status(e: &AuthError) -> Status {
     match e {
-        AuthError::Unavailable(_) => Status::unavailable(e.to_string()),
+        AuthError::Unavailable(_) | AuthError::Overloaded => Status::unavailable(e.to_string()),
         _ => Status::unauthenticated(e.to_string()),
     }
 }
@@ -60,9 +65,9 @@ fn csr_status(e: &Reject) -> Status {
 }
 
 impl CaService {
-    async fn review(&self, token: &str) -> Result<auth::Reviewed, AuthError> {
+    async fn review(&self, reviewer: &Authenticator, token: &str) -> Result<auth::Reviewed, AuthError> {
         let start = Instant::now();
-        let r = self.authenticator.review(token).await;
+        let r = reviewer.review(token).await;
         self.metrics.token_review_seconds.observe(start.elapsed().as_secs_f64());
         r
     }
@@ -112,17 +117,22 @@ impl IstioCertificateService for CaService {
             .transpose()
             .map_err(|e| self.reject(e.label(), auth_status(&e), &peer))?;
 
-        let (workload, agent) = match &agent_token {
-            Some(t) => {
-                let (w, a) = tokio::join!(self.review(&workload_token), self.review(t));
-                (w, Some(a))
-            }
-            None => (self.review(&workload_token).await, None),
+        // The agent first: a caller that is not a trusted agent costs at
+        // most one review (none for garbage), and never one of a workload's.
+        let agent = match &agent_token {
+            Some(t) => Some(
+                self.review(&self.agents, t)
+                    .await
+                    .map_err(|e| self.reject(e.label(), auth_status(&e), &format!("{peer} (agent token)")))?,
+            ),
+            None => None,
         };
-        let agent = agent
-            .transpose()
-            .map_err(|e| self.reject(e.label(), auth_status(&e), &format!("{peer} (agent token)")))?;
-        let workload = workload.map_err(|e| self.reject(e.label(), auth_status(&e), &peer))?;
+        auth::admit_caller(agent.as_ref(), &self.policy)
+            .map_err(|e| self.reject(e.label(), Status::permission_denied(e.to_string()), &peer))?;
+        let workload = self
+            .review(&self.workloads, &workload_token)
+            .await
+            .map_err(|e| self.reject(e.label(), auth_status(&e), &peer))?;
         let caller = match &agent {
             Some(a) => format!("agent {} on {}", a.name(), a.node_name.as_deref().unwrap_or("?")),
             None => format!("workload {} at {peer}", workload.name()),

@@ -63,6 +63,8 @@ pub fn server_config(resolver: &Resolver) -> anyhow::Result<rustls::ServerConfig
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     peer: SocketAddr,
+    /// Its place among the open connections, freed when it closes.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl tonic::transport::server::Connected for TlsConn {
@@ -93,15 +95,27 @@ impl AsyncWrite for TlsConn {
     }
 }
 
+/// How many connections the CA holds, and for how long before TLS.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Open connections, handshakes included; more are closed at once.
+    pub max: usize,
+    /// A handshake that fails or takes longer is dropped.
+    pub handshake_timeout: Duration,
+}
+
 /// Accepts TCP connections and completes TLS handshakes off the accept loop,
-/// yielding finished connections. A handshake that fails or takes longer
-/// than 10 s is dropped.
+/// yielding finished connections, at most `limits.max` at a time
+/// (`refused` counts those closed for want of room).
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
+    limits: ConnectionLimits,
+    refused: prometheus_client::metrics::counter::Counter,
 ) -> impl futures::Stream<Item = Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel::<TlsConn>(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max.max(1)));
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -112,12 +126,23 @@ pub fn incoming(
                     continue;
                 }
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                refused.inc();
+                debug!(%peer, "too many connections: closing this one");
+                continue;
+            };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(inner)) => {
-                        let _ = tx.send(TlsConn { inner, peer }).await;
+                        let _ = tx
+                            .send(TlsConn {
+                                inner,
+                                peer,
+                                _slot: slot,
+                            })
+                            .await;
                     }
                     Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => debug!(%peer, "TLS handshake timed out"),

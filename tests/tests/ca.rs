@@ -191,16 +191,17 @@ async fn ca_issues_svids_and_refuses_bad_requests() -> anyhow::Result<()> {
             "missing authorization",
         ),
         (
+            // Refused before any TokenReview (issue #10 item 9).
             "garbage token",
             request(&good.pem, Some("not-a-jwt"), Some(&agent_token)),
             Code::Unauthenticated,
-            "not authenticated",
+            "not a usable ServiceAccount token",
         ),
         (
             "wrong audience",
             request(&good.pem, Some(&other_aud), Some(&agent_token)),
             Code::Unauthenticated,
-            "not authenticated",
+            "another audience",
         ),
         (
             "no agent token",
@@ -330,7 +331,7 @@ async fn ca_issues_svids_and_refuses_bad_requests() -> anyhow::Result<()> {
     );
     for reason in [
         "token_missing",
-        "token_invalid",
+        "token_unusable",
         "direct_not_allowed",
         "untrusted_agent",
         "node_mismatch",

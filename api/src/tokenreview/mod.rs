@@ -57,6 +57,10 @@ pub enum AuthError {
     NotServiceAccount(String),
     #[error("cannot review the token with the API server: {0}")]
     Unavailable(String),
+    #[error("not a usable ServiceAccount token ({0}); refused without asking the API server")]
+    Unusable(&'static str),
+    #[error("too many token reviews in flight; retry")]
+    Overloaded,
 }
 
 impl AuthError {
@@ -69,7 +73,18 @@ impl AuthError {
             AuthError::WrongAudience(_) => "token_audience",
             AuthError::NotServiceAccount(_) => "token_not_service_account",
             AuthError::Unavailable(_) => "token_review_unavailable",
+            AuthError::Unusable(_) => "token_unusable",
+            AuthError::Overloaded => "token_review_overloaded",
         }
+    }
+
+    /// Whether the API server said no (worth remembering briefly), as
+    /// opposed to not answering.
+    fn is_verdict(&self) -> bool {
+        matches!(
+            self,
+            AuthError::NotAuthenticated(_) | AuthError::WrongAudience(_) | AuthError::NotServiceAccount(_)
+        )
     }
 }
 
@@ -136,6 +151,43 @@ pub fn parse_review(status: &TokenReviewStatus, audience: &str) -> Result<Review
     })
 }
 
+/// Refuses, without asking the API server, a token that cannot be a
+/// ServiceAccount token for `audience`: not a JWT, another audience, or
+/// already expired. Its claims are not verified here (the review does
+/// that); this only spares the API server reviews of garbage, so that a
+/// flood of random tokens cannot get the caller's ServiceAccount throttled.
+pub fn precheck(token: &str, audience: &str) -> Result<(), AuthError> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(AuthError::Unusable("not a JWT"));
+    };
+    if signature.is_empty() || b64.decode(signature.trim_end_matches('=')).is_err() {
+        return Err(AuthError::Unusable("not a signed JWT"));
+    }
+    let json = |part: &str| -> Option<serde_json::Value> {
+        serde_json::from_slice(&b64.decode(part.trim_end_matches('=')).ok()?).ok()
+    };
+    if json(header).and_then(|h| h.get("alg").cloned()).is_none() {
+        return Err(AuthError::Unusable("no JWT header"));
+    }
+    let claims = json(payload).ok_or(AuthError::Unusable("no JWT claims"))?;
+    let ours = match claims.get("aud") {
+        Some(serde_json::Value::String(a)) => a == audience,
+        Some(serde_json::Value::Array(all)) => all.iter().any(|a| a.as_str() == Some(audience)),
+        _ => false,
+    };
+    if !ours {
+        return Err(AuthError::Unusable("another audience"));
+    }
+    if token_expiry(token).is_some_and(|exp| exp <= SystemTime::now()) {
+        return Err(AuthError::Unusable("expired"));
+    }
+    Ok(())
+}
+
 /// When JWT `token` expires, from its `exp` claim. The signature is not
 /// checked: use it only on a token the API server has just accepted, and
 /// only to limit what the token may do, never to grant anything.
@@ -152,12 +204,21 @@ pub fn token_expiry(token: &str) -> Option<SystemTime> {
     UNIX_EPOCH.checked_add(Duration::from_secs(exp))
 }
 
-/// Reviews tokens with the API server, caching successes briefly.
+/// How long a refusal by the API server is remembered.
+pub const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(5);
+/// How long a review waits for a free slot before giving up.
+const REVIEW_QUEUE_WAIT: Duration = Duration::from_secs(2);
+
+/// Reviews tokens with the API server: garbage is refused without a
+/// review, successes are cached for `cache_ttl` and refusals for
+/// [`NEGATIVE_CACHE_TTL`], and at most `max_concurrent` reviews are in
+/// flight (more wait up to 2 s, then fail as [`AuthError::Overloaded`]).
 pub struct Authenticator {
     client: kube::Client,
     audience: String,
     cache_ttl: Duration,
-    cache: Mutex<HashMap<[u8; 32], (Reviewed, Instant)>>,
+    cache: Mutex<HashMap<[u8; 32], (Result<Reviewed, AuthError>, Instant)>>,
+    reviews: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -171,11 +232,17 @@ impl std::fmt::Debug for Authenticator {
 
 impl Authenticator {
     pub fn new(client: kube::Client, audience: String, cache_ttl: Duration) -> Self {
+        Self::with_limit(client, audience, cache_ttl, 16)
+    }
+
+    /// At most `max_concurrent` reviews in flight.
+    pub fn with_limit(client: kube::Client, audience: String, cache_ttl: Duration, max_concurrent: usize) -> Self {
         Self {
             client,
             audience,
             cache_ttl,
             cache: Mutex::new(HashMap::new()),
+            reviews: tokio::sync::Semaphore::new(max_concurrent.max(1)),
         }
     }
 
@@ -191,13 +258,43 @@ impl Authenticator {
 
     /// Reviews `token` for the configured audience.
     pub async fn review(&self, token: &str) -> Result<Reviewed, AuthError> {
+        precheck(token, &self.audience)?;
         let key = self.key(token);
-        let now = Instant::now();
         if let Some((r, expires)) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
-            && *expires > now
+            && *expires > Instant::now()
         {
-            return Ok(r.clone());
+            return r.clone();
         }
+        let _slot = tokio::time::timeout(REVIEW_QUEUE_WAIT, self.reviews.acquire())
+            .await
+            .map_err(|_| AuthError::Overloaded)?
+            .map_err(|_| AuthError::Overloaded)?;
+        let result = self.ask(token).await;
+        let ttl = match &result {
+            // Never remember a token as good past its expiry.
+            Ok(reviewed) => reviewed
+                .expires_at
+                .map(|e| e.duration_since(SystemTime::now()).unwrap_or_default())
+                .map_or(self.cache_ttl, |u| u.min(self.cache_ttl)),
+            Err(e) if e.is_verdict() => NEGATIVE_CACHE_TTL,
+            Err(_) => Duration::ZERO,
+        };
+        if !ttl.is_zero() {
+            let now = Instant::now();
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= MAX_CACHE_ENTRIES {
+                cache.retain(|_, (_, exp)| *exp > now);
+                if cache.len() >= MAX_CACHE_ENTRIES {
+                    cache.clear();
+                }
+            }
+            cache.insert(key, (result.clone(), now + ttl));
+        }
+        result
+    }
+
+    /// One TokenReview.
+    async fn ask(&self, token: &str) -> Result<Reviewed, AuthError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
@@ -213,21 +310,6 @@ impl Authenticator {
             .ok_or_else(|| AuthError::Unavailable("TokenReview without status".into()))?;
         let mut reviewed = parse_review(&status, &self.audience)?;
         reviewed.expires_at = token_expiry(token);
-        // Never remember a token as good past its expiry.
-        let until_expiry = reviewed
-            .expires_at
-            .map(|e| e.duration_since(SystemTime::now()).unwrap_or_default());
-        let ttl = until_expiry.map_or(self.cache_ttl, |u| u.min(self.cache_ttl));
-        if !ttl.is_zero() {
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if cache.len() >= MAX_CACHE_ENTRIES {
-                cache.retain(|_, (_, exp)| *exp > now);
-                if cache.len() >= MAX_CACHE_ENTRIES {
-                    cache.clear();
-                }
-            }
-            cache.insert(key, (reviewed.clone(), now + ttl));
-        }
         Ok(reviewed)
     }
 }

@@ -117,3 +117,40 @@ fn token_expiry_reads_the_exp_claim() {
         assert_eq!(token_expiry(bad), None, "{bad}");
     }
 }
+
+#[test]
+fn garbage_is_refused_before_any_review() {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let jwt = |claims: &str| format!("{}.{}.{}", b64(r#"{"alg":"RS256"}"#), b64(claims), b64("sig"));
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("now")
+        .as_secs()
+        + 600;
+    assert_eq!(
+        precheck(&jwt(&format!(r#"{{"aud":["mizzen-ca"],"exp":{later}}}"#)), "mizzen-ca"),
+        Ok(())
+    );
+    assert_eq!(
+        precheck(&jwt(r#"{"aud":"mizzen-ca"}"#), "mizzen-ca"),
+        Ok(()),
+        "aud as a string, no exp"
+    );
+    for (token, why) in [
+        ("random-garbage".to_string(), "not a JWT"),
+        ("a.b.c.d".into(), "not a JWT"),
+        (
+            format!("{}.{}.", b64(r#"{"alg":"RS256"}"#), b64(r#"{"aud":"mizzen-ca"}"#)),
+            "not a signed JWT",
+        ),
+        (
+            format!("{}.{}.{}", b64("nope"), b64(r#"{"aud":"mizzen-ca"}"#), b64("s")),
+            "no JWT header",
+        ),
+        (jwt(r#"{"aud":["someone-else"]}"#), "another audience"),
+        (jwt(r#"{"aud":["mizzen-ca"],"exp":1000}"#), "expired"),
+    ] {
+        assert_eq!(precheck(&token, "mizzen-ca"), Err(AuthError::Unusable(why)), "{token}");
+    }
+}

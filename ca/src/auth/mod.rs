@@ -58,16 +58,27 @@ impl Denied {
     }
 }
 
+/// Whether a call from `agent` (or directly, without one) may go on to
+/// have its workload token reviewed at all. The CA asks this before
+/// reviewing the workload's token, so callers that are not trusted agents
+/// cost at most one review.
+pub fn admit_caller(agent: Option<&Reviewed>, policy: &Policy) -> Result<(), Denied> {
+    match agent {
+        None if !policy.allow_direct => Err(Denied::DirectNotAllowed),
+        Some(agent) if !policy.trusted_agents.iter().any(|t| *t == agent.name()) => {
+            Err(Denied::UntrustedAgent(agent.name()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Decides the identity to certify for `workload`, called directly or
 /// through `agent`.
 pub fn authorize(workload: &Reviewed, agent: Option<&Reviewed>, policy: &Policy) -> Result<SpiffeId, Denied> {
+    admit_caller(agent, policy)?;
     match agent {
-        None if !policy.allow_direct => return Err(Denied::DirectNotAllowed),
         None => {}
         Some(agent) => {
-            if !policy.trusted_agents.iter().any(|t| *t == agent.name()) {
-                return Err(Denied::UntrustedAgent(agent.name()));
-            }
             // A token minted by hand (`kubectl create token`) names no pod
             // and no node, so nothing would tie it to the agent's node.
             let Some(node) = &workload.node_name else {
