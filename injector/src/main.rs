@@ -38,6 +38,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the mutating admission webhook (POST /inject over HTTPS).

@@ -204,6 +204,9 @@ pub fn token_expiry(token: &str) -> Option<SystemTime> {
     UNIX_EPOCH.checked_add(Duration::from_secs(exp))
 }
 
+/// A review's outcome and until when it may be reused.
+type CachedReview = (Result<Reviewed, AuthError>, Instant);
+
 /// How long a refusal by the API server is remembered.
 pub const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(5);
 /// How long a review waits for a free slot before giving up.
@@ -217,7 +220,7 @@ pub struct Authenticator {
     client: kube::Client,
     audience: String,
     cache_ttl: Duration,
-    cache: Mutex<HashMap<[u8; 32], (Result<Reviewed, AuthError>, Instant)>>,
+    cache: Mutex<HashMap<[u8; 32], CachedReview>>,
     reviews: tokio::sync::Semaphore,
 }
 
