@@ -126,6 +126,9 @@ pub fn incoming(
                     continue;
                 }
             };
+            // Small request/response exchanges: without this, delayed ACKs
+            // and Nagle's algorithm add ~40 ms to every call.
+            let _ = tcp.set_nodelay(true);
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 refused.inc();
                 debug!(%peer, "too many connections: closing this one");
