@@ -8,6 +8,7 @@
 //! rcgen. Fixtures clean up after themselves and, through the
 //! [`reaper`], when the test binary exits in any way.
 
+pub mod ca_client;
 pub mod cluster;
 pub mod daemon;
 pub mod k8s;

@@ -11,69 +11,15 @@ use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
 use mizzen_api::proto::istio_ca::IstioCertificateRequest;
-use mizzen_api::proto::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use mizzen_tests::ca_client::{ca_client, csr, request, uri};
 use mizzen_tests::daemon::metric;
 use mizzen_tests::k8s::{pod_on_node, service_account, token};
 use mizzen_tests::mesh::{Ca, SYSTEM, install_manifests, published_root};
 use mizzen_tests::{Cluster, eventually, free_port, workspace_bin};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+use rcgen::SanType;
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-async fn ca_client(ca: &Ca, root_pem: &str) -> anyhow::Result<IstioCertificateServiceClient<Channel>> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(root_pem))
-        .domain_name("mizzen-ca.mizzen-system.svc");
-    let channel = Channel::from_shared(format!("https://127.0.0.1:{}", ca.grpc_port))?
-        .tls_config(tls)?
-        .connect()
-        .await
-        .context("connect to mizzen-ca over TLS, verifying it against the mesh root")?;
-    Ok(IstioCertificateServiceClient::new(channel))
-}
-
-struct Csr {
-    pem: String,
-    key: KeyPair,
-}
-
-fn csr(sans: Vec<SanType>, ca: bool) -> Csr {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
-    p.subject_alt_names = sans;
-    if ca {
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    }
-    Csr {
-        pem: p.serialize_request(&key).expect("csr").pem().expect("pem"),
-        key,
-    }
-}
-
-fn uri(s: &str) -> SanType {
-    SanType::URI(s.try_into().expect("uri"))
-}
-
-fn request(csr_pem: &str, workload: Option<&str>, agent: Option<&str>) -> tonic::Request<IstioCertificateRequest> {
-    let mut r = tonic::Request::new(IstioCertificateRequest {
-        csr: csr_pem.into(),
-        validity_duration: 3600,
-        ..Default::default()
-    });
-    if let Some(t) = workload {
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().expect("ascii"));
-    }
-    if let Some(t) = agent {
-        r.metadata_mut().insert(
-            "x-mizzen-agent-authorization",
-            format!("Bearer {t}").parse().expect("ascii"),
-        );
-    }
-    r
-}
 
 async fn openssl_verify(dir: &Path, chain: &[String], root: &str) -> anyhow::Result<String> {
     let leaf = dir.join("leaf.pem");
