@@ -148,9 +148,9 @@ async fn issuance_rate_against_the_in_process_ceiling_and_latency_under_a_token_
     let flooding = Arc::new(AtomicBool::new(true));
     let flood_sent = Arc::new(AtomicUsize::new(0));
     let mut flood = Vec::new();
-    for f in 0..IN_FLIGHT {
+    for (f, pem) in csrs.iter().take(IN_FLIGHT).enumerate() {
         let mut c = ca_client(&ca, &root).await?;
-        let (flooding, sent, pem) = (flooding.clone(), flood_sent.clone(), csrs[f].clone());
+        let (flooding, sent, pem) = (flooding.clone(), flood_sent.clone(), pem.clone());
         flood.push(tokio::spawn(async move {
             let mut i = f;
             while flooding.load(Ordering::Relaxed) {
