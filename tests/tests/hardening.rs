@@ -798,3 +798,51 @@ async fn the_ca_cannot_write_the_injectors_template() -> anyhow::Result<()> {
     assert!(status.message.contains("may write only the trust bundle"), "{status:?}");
     Ok(())
 }
+
+// Issue #10, item 9: unauthenticated callers made the CA review their
+// tokens with the API server, twice per call; a flood of them got the CA's
+// ServiceAccount throttled. Garbage and forged tokens (the right audience,
+// a signature the issuer never made) now cost no TokenReview at all.
+#[tokio::test]
+async fn forged_tokens_cost_the_ca_no_token_review() -> anyhow::Result<()> {
+    use base64::Engine;
+    let cluster = Cluster::get();
+    let (ca, _agent) = ca_and_agent(cluster, "node-forged", &[]).await?;
+    let client = cluster.client().await?;
+    let root = mizzen_tests::mesh::published_root(&client, "mizzen-system", "mizzen-root-ca").await?;
+    let mut grpc = mizzen_tests::ca_client::ca_client(&ca, &root).await?;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let reviews = |text: &str| mizzen_tests::daemon::metric(text, "mizzen_ca_token_review_duration_seconds_count");
+    let before = reviews(&ca.daemon.metrics().await?);
+    let csr = mizzen_tests::ca_client::csr(
+        vec![mizzen_tests::ca_client::uri("spiffe://cluster.local/ns/x/sa/y")],
+        false,
+    );
+    for i in 0..50 {
+        let forged = format!(
+            "{}.{}.{}",
+            b64(r#"{"alg":"RS256"}"#),
+            b64(r#"{"aud":["mizzen-ca"],"sub":"system:serviceaccount:mizzen-system:mizzen-agent"}"#),
+            b64(&format!("not-the-issuers-signature-{i}"))
+        );
+        let garbage = format!("random-{i}");
+        for token in [&forged, &garbage] {
+            let refused = grpc
+                .create_certificate(mizzen_tests::ca_client::request(&csr.pem, Some(token), Some(token)))
+                .await
+                .expect_err("a forged token gets nothing");
+            assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        }
+    }
+    let text = ca.daemon.metrics().await?;
+    assert_eq!(
+        reviews(&text),
+        before,
+        "TokenReviews were sent for forged tokens:\n{text}"
+    );
+    assert!(
+        mizzen_tests::daemon::metric(&text, "mizzen_ca_requests_rejected_total{reason=\"token_unusable\"}") >= 100.0,
+        "{text}"
+    );
+    Ok(())
+}

@@ -11,6 +11,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
+
+pub mod jwks;
 use kube::api::{Api, PostParams};
 
 /// Longest token accepted (projected tokens are ~1 KiB).
@@ -222,6 +224,7 @@ pub struct Authenticator {
     cache_ttl: Duration,
     cache: Mutex<HashMap<[u8; 32], CachedReview>>,
     reviews: tokio::sync::Semaphore,
+    issuer_keys: jwks::IssuerKeys,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -241,6 +244,7 @@ impl Authenticator {
     /// At most `max_concurrent` reviews in flight.
     pub fn with_limit(client: kube::Client, audience: String, cache_ttl: Duration, max_concurrent: usize) -> Self {
         Self {
+            issuer_keys: jwks::IssuerKeys::new(client.clone()),
             client,
             audience,
             cache_ttl,
@@ -261,18 +265,31 @@ impl Authenticator {
 
     /// Reviews `token` for the configured audience.
     pub async fn review(&self, token: &str) -> Result<Reviewed, AuthError> {
-        precheck(token, &self.audience)?;
+        self.review_timed(token).await.0
+    }
+
+    /// [`Authenticator::review`], with how long the API server took when
+    /// it was asked (`None`: answered from the cache or refused before).
+    pub async fn review_timed(&self, token: &str) -> (Result<Reviewed, AuthError>, Option<Duration>) {
+        if let Err(e) = precheck(token, &self.audience) {
+            return (Err(e), None);
+        }
         let key = self.key(token);
         if let Some((r, expires)) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
             && *expires > Instant::now()
         {
-            return r.clone();
+            return (r.clone(), None);
         }
-        let _slot = tokio::time::timeout(REVIEW_QUEUE_WAIT, self.reviews.acquire())
-            .await
-            .map_err(|_| AuthError::Overloaded)?
-            .map_err(|_| AuthError::Overloaded)?;
+        // A forged signature is refused here, without a review.
+        if let Err(e) = self.issuer_keys.check(token).await {
+            return (Err(e), None);
+        }
+        let Ok(Ok(_slot)) = tokio::time::timeout(REVIEW_QUEUE_WAIT, self.reviews.acquire()).await else {
+            return (Err(AuthError::Overloaded), None);
+        };
+        let asked = Instant::now();
         let result = self.ask(token).await;
+        let took = asked.elapsed();
         let ttl = match &result {
             // Never remember a token as good past its expiry.
             Ok(reviewed) => reviewed
@@ -293,7 +310,7 @@ impl Authenticator {
             }
             cache.insert(key, (result.clone(), now + ttl));
         }
-        result
+        (result, Some(took))
     }
 
     /// One TokenReview.
