@@ -114,6 +114,15 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// The sum of every sample whose line starts with `prefix`, such as a
+/// metric with its first labels (`name{a="x"` matches any further labels).
+pub fn metric_where(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The value of `series` in the proxy's metrics at `ip` (admin port
 /// 15020), with the whole text for assertion messages.
 pub async fn proxy_metric(ip: impl std::fmt::Display, series: &str) -> anyhow::Result<(f64, String)> {

@@ -312,6 +312,55 @@ impl MeshNode {
     }
 }
 
+impl MeshNode {
+    /// A `server` pod (the echo server, label `app: <server>`) behind a
+    /// Service of that name (port 80 to 8080) and a `client` pod that
+    /// sleeps, both on this node in namespace `ns` (meshed when `ns` is)
+    /// and ready. Returns the Service's cluster IP.
+    pub async fn server_and_client(&self, client: &kube::Client, ns: &str, server: &str) -> anyhow::Result<String> {
+        use k8s_openapi::api::core::v1::Service;
+        let mut pod = echo_pod(server, &self.node.name);
+        pod["metadata"]["labels"] = serde_json::json!({"app": server});
+        crate::node::create_pod(client, ns, pod).await?;
+        crate::node::create_pod(client, ns, echo_pod("client", &self.node.name)).await?;
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": server},
+            "spec": {"selector": {"app": server}, "ports": [{"name": "tcp-echo", "port": 80, "targetPort": 8080}]},
+        }))?;
+        let vip = Api::<Service>::namespaced(client.clone(), ns)
+            .create(&kube::api::PostParams::default(), &svc)
+            .await?
+            .spec
+            .and_then(|s| s.cluster_ip)
+            .context("cluster IP")?;
+        for name in [server, "client"] {
+            crate::node::wait_ready(client, ns, name, Duration::from_secs(90)).await?;
+        }
+        Ok(vip)
+    }
+
+    /// Sends `text` from pod `ns/from`'s app (UID 1000: its traffic is
+    /// captured) to `target` with the test app, once it succeeds (a new
+    /// Service reaches the client's proxy a moment after its pods are
+    /// ready).
+    pub async fn eventually_connects(&self, ns: &str, from: &str, target: &str, text: &str) -> anyhow::Result<()> {
+        eventually_some(
+            Duration::from_secs(30),
+            &format!("{from} to reach {target}"),
+            || async {
+                let out = self
+                    .node
+                    .command_as(ns, from, 1000, crate::workspace_bin("mizzen-testapp"))?
+                    .args(["connect", target, text])
+                    .output()
+                    .await?;
+                Ok(out.status.success().then_some(()))
+            },
+        )
+        .await
+    }
+}
+
 /// A pod bound to `node` running the test app's echo server on 8080, with
 /// a readiness probe on it; injected when its namespace is meshed.
 pub fn echo_pod(name: &str, node: &str) -> serde_json::Value {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use mizzen_tests::daemon::proxy_metric;
+use mizzen_tests::daemon::{metric_where, proxy_metric};
 use mizzen_tests::k8s;
 use mizzen_tests::mesh::{Injector, MeshNode, ca_and_agent, echo_pod, install_manifests};
 use mizzen_tests::node::{Node, UNMANAGED, create_pod, wait_ready};
@@ -321,23 +321,7 @@ async fn a_flood_of_partial_client_hellos_is_bounded_and_the_proxy_keeps_serving
     let client = cluster.client().await?;
     let mesh = MeshNode::start(cluster, "node-flood", &workspace_bin("mizzen-proxy"), &[]).await?;
     let ns = cluster.namespace(&client, "flood", INJECTED).await?;
-    let mut target = echo_pod("target", &mesh.node.name);
-    target["metadata"]["labels"] = serde_json::json!({"app": "target"});
-    create_pod(&client, &ns, target).await?;
-    create_pod(&client, &ns, echo_pod("client", &mesh.node.name)).await?;
-    let svc: Service = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "target"},
-        "spec": {"selector": {"app": "target"}, "ports": [{"name": "tcp-echo", "port": 80, "targetPort": 8080}]},
-    }))?;
-    let vip = Api::<Service>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &svc)
-        .await?
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .context("cluster IP")?;
-    for name in ["target", "client"] {
-        wait_ready(&client, &ns, name, Duration::from_secs(90)).await?;
-    }
+    let vip = mesh.server_and_client(&client, &ns, "target").await?;
     let (_, target_ip) = mesh.node.pod(&ns, "target")?;
     let proxy_pid = mesh.node.pid(&ns, "target", "mizzen-proxy")?;
 
@@ -372,24 +356,9 @@ async fn a_flood_of_partial_client_hellos_is_bounded_and_the_proxy_keeps_serving
     }
     assert!(opened >= 19_000, "the flood connected: {opened}");
 
-    // A meshed client is served over mTLS while the flood is held (once
-    // its proxy knows the Service's endpoints).
-    eventually_some(
-        Duration::from_secs(30),
-        "the client to be served during the flood",
-        || {
-            let (node, ns, vip) = (&mesh.node, ns.clone(), vip.clone());
-            async move {
-                let out = node
-                    .command_as(&ns, "client", 1000, workspace_bin("mizzen-testapp"))?
-                    .args(["connect", &format!("{vip}:80"), "during-the-flood"])
-                    .output()
-                    .await?;
-                Ok(out.status.success().then_some(()))
-            }
-        },
-    )
-    .await?;
+    // A meshed client is served over mTLS while the flood is held.
+    mesh.eventually_connects(&ns, "client", &format!("{vip}:80"), "during-the-flood")
+        .await?;
     let peak_mib = mizzen_tests::proc_status_kib(proxy_pid, "VmHWM:")? / 1024.0;
     assert!(peak_mib < 64.0, "the proxy's peak RSS was {peak_mib:.1} MiB");
     let (shed, text) = proxy_metric(
@@ -638,20 +607,7 @@ async fn a_foreign_endpointslice_cannot_downgrade_a_pod_ip_to_plaintext() -> any
     let mesh = MeshNode::start(cluster, "node-shadow", &workspace_bin("mizzen-proxy"), &[]).await?;
     let victim_ns = cluster.namespace(&client, "zz-victim", INJECTED).await?;
     let evil_ns = cluster.namespace(&client, "aa-evil", &[]).await?;
-    let mut victim = echo_pod("victim", &mesh.node.name);
-    victim["metadata"]["labels"] = serde_json::json!({"app": "victim"});
-    create_pod(&client, &victim_ns, victim).await?;
-    create_pod(&client, &victim_ns, echo_pod("client", &mesh.node.name)).await?;
-    let svc: Service = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "victim"},
-        "spec": {"selector": {"app": "victim"}, "ports": [{"name": "tcp-echo", "port": 80, "targetPort": 8080}]},
-    }))?;
-    Api::<Service>::namespaced(client.clone(), &victim_ns)
-        .create(&PostParams::default(), &svc)
-        .await?;
-    for name in ["victim", "client"] {
-        wait_ready(&client, &victim_ns, name, Duration::from_secs(90)).await?;
-    }
+    mesh.server_and_client(&client, &victim_ns, "victim").await?;
     let (_, victim_ip) = mesh.node.pod(&victim_ns, "victim")?;
     // The shadow: a selector-less Service and a hand-written slice.
     let shadow: Service = serde_json::from_value(serde_json::json!({
@@ -681,28 +637,14 @@ async fn a_foreign_endpointslice_cannot_downgrade_a_pod_ip_to_plaintext() -> any
     )
     .await?;
     // The client calls the victim's pod IP: it must be mutual TLS.
-    eventually_some(Duration::from_secs(30), "the client to reach the victim", || {
-        let (node, ns) = (&mesh.node, victim_ns.clone());
-        async move {
-            let out = node
-                .command_as(&ns, "client", 1000, workspace_bin("mizzen-testapp"))?
-                .args(["connect", &format!("{victim_ip}:8080"), "secret"])
-                .output()
-                .await?;
-            Ok(out.status.success().then_some(()))
-        }
-    })
-    .await?;
+    mesh.eventually_connects(&victim_ns, "client", &format!("{victim_ip}:8080"), "secret")
+        .await?;
     let (_, text) = proxy_metric(victim_ip, "mizzen_proxy_connections_total").await?;
-    let inbound = |tls: &str| -> f64 {
-        text.lines()
-            .filter(|l| {
-                l.starts_with(&format!(
-                    "mizzen_proxy_connections_total{{direction=\"inbound\",tls=\"{tls}\""
-                ))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+    let inbound = |tls: &str| {
+        metric_where(
+            &text,
+            &format!("mizzen_proxy_connections_total{{direction=\"inbound\",tls=\"{tls}\""),
+        )
     };
     assert_eq!(inbound("plaintext"), 0.0, "the victim got plaintext:\n{text}");
     assert!(inbound("mtls") >= 1.0, "the call was mutual TLS:\n{text}");

@@ -6,11 +6,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, PostParams};
-use mizzen_tests::daemon::proxy_metric;
-use mizzen_tests::mesh::{MeshNode, echo_pod};
-use mizzen_tests::node::{Node, create_pod, wait_ready};
+use mizzen_tests::daemon::{metric_where, proxy_metric};
+use mizzen_tests::mesh::MeshNode;
+use mizzen_tests::node::Node;
 use mizzen_tests::{Cluster, eventually_some, workspace_bin};
 
 const INJECTED: &[(&str, &str)] = &[("mizzen.dev/inject", "enabled")];
@@ -40,23 +38,7 @@ async fn certificates_keep_renewing_past_the_tokens_first_expiry() -> anyhow::Re
     )
     .await?;
     let ns = cluster.namespace(&client, "renew", INJECTED).await?;
-    let mut server = echo_pod("server", &mesh.node.name);
-    server["metadata"]["labels"] = serde_json::json!({"app": "server"});
-    create_pod(&client, &ns, server).await?;
-    create_pod(&client, &ns, echo_pod("client", &mesh.node.name)).await?;
-    let svc: Service = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "server"},
-        "spec": {"selector": {"app": "server"}, "ports": [{"name": "tcp-echo", "port": 80, "targetPort": 8080}]},
-    }))?;
-    let vip = Api::<Service>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &svc)
-        .await?
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .context("cluster IP")?;
-    for name in ["server", "client"] {
-        wait_ready(&client, &ns, name, Duration::from_secs(90)).await?;
-    }
+    let vip = mesh.server_and_client(&client, &ns, "server").await?;
     let token_file = Node::log(cluster, &ns, "client", "mizzen-proxy")
         .parent()
         .context("pod dir")?
@@ -66,21 +48,8 @@ async fn certificates_keep_renewing_past_the_tokens_first_expiry() -> anyhow::Re
         .context("the projected token has an exp claim")?
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs_f64();
-    let connect = || {
-        let (node, ns, vip) = (&mesh.node, ns.clone(), vip.clone());
-        async move {
-            node.command_as(&ns, "client", 1000, workspace_bin("mizzen-testapp"))?
-                .args(["connect", &format!("{vip}:80"), "after-expiry"])
-                .output()
-                .await
-                .map_err(anyhow::Error::from)
-        }
-    };
-    // Once the client's proxy knows the Service's endpoints.
-    eventually_some(Duration::from_secs(30), "traffic to flow at the start", || async {
-        Ok(connect().await?.status.success().then_some(()))
-    })
-    .await?;
+    let target = format!("{vip}:80");
+    mesh.eventually_connects(&ns, "client", &target, "at-the-start").await?;
 
     let mut ips = Vec::new();
     for name in ["server", "client"] {
@@ -104,14 +73,18 @@ async fn certificates_keep_renewing_past_the_tokens_first_expiry() -> anyhow::Re
         first_token,
         "the node rotated the token"
     );
-    let out = connect().await?;
+    let out = mesh
+        .node
+        .command_as(&ns, "client", 1000, workspace_bin("mizzen-testapp"))?
+        .args(["connect", &target, "after-expiry"])
+        .output()
+        .await?;
     assert!(out.status.success(), "traffic flows after the token expired: {out:?}");
     let (_, text) = proxy_metric(ips[0], "mizzen_proxy_connections_total").await?;
-    let mtls: f64 = text
-        .lines()
-        .filter(|l| l.starts_with("mizzen_proxy_connections_total{direction=\"inbound\",tls=\"mtls\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let mtls = metric_where(
+        &text,
+        "mizzen_proxy_connections_total{direction=\"inbound\",tls=\"mtls\"",
+    );
     assert!(mtls >= 2.0, "both connections reached the server over mTLS:\n{text}");
     Ok(())
 }
