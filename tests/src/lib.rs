@@ -81,6 +81,19 @@ fn reserve_ports(n: usize) -> Vec<u16> {
     ports
 }
 
+/// Runs the bash `script` in `dir` (openssl recipes and the like); its
+/// standard error is the error when it fails.
+pub async fn bash_in(dir: &std::path::Path, script: &str) -> anyhow::Result<()> {
+    let out = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .await?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
 /// A field of `/proc/<pid>/status` in KiB (`VmRSS:`, `VmHWM:`).
 pub fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<f64> {
     use anyhow::Context;

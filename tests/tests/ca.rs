@@ -397,17 +397,7 @@ openssl x509 -req -in ca.csr -CA root-cert.pem -CAkey root-key.pem -CAcreateseri
 cat ca-cert.pem root-cert.pem > cert-chain.pem
 openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out other-key.pem
 "#;
-    let out = tokio::process::Command::new("bash")
-        .arg("-c")
-        .arg(script)
-        .current_dir(&dir)
-        .output()
-        .await?;
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mizzen_tests::bash_in(&dir, script).await.context("openssl")?;
     let read = |f: &str| std::fs::read(dir.join(f)).with_context(|| f.to_owned());
     let secret = |name: &str, key_file: &str| -> anyhow::Result<Secret> {
         let mut data = BTreeMap::new();

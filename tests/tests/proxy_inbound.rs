@@ -510,17 +510,7 @@ cat leaf.pem cert-chain.pem > chain.pem
 openssl verify -CAfile root.pem -untrusted cert-chain.pem leaf.pem
 "#
     );
-    let out = tokio::process::Command::new("bash")
-        .arg("-c")
-        .arg(script)
-        .current_dir(&foreign)
-        .output()
-        .await?;
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mizzen_tests::bash_in(&foreign, &script).await.context("openssl")?;
 
     let out = s_client(&peer, &target, &foreign, true).await?;
     assert!(
