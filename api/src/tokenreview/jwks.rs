@@ -75,8 +75,10 @@ impl Keys {
         let header: serde_json::Value = serde_json::from_slice(&b64(signed.split('.').next()?)?).ok()?;
         let alg = header.get("alg").and_then(|a| a.as_str()).unwrap_or_default();
         let signature = b64(signature)?;
+        // The key the token names; keys published without a `kid` may sign
+        // anything.
         let candidates: Vec<&Key> = match header.get("kid").and_then(|k| k.as_str()) {
-            Some(kid) => vec![self.0.get(kid)?],
+            Some(kid) => self.0.get(kid).into_iter().chain(self.0.get("")).collect(),
             None => self.0.values().collect(),
         };
         if candidates.is_empty() {
