@@ -355,12 +355,33 @@ async fn service_traffic_is_mutual_tls_with_rotation_and_modes() -> anyhow::Resu
     .await?;
     assert!(n >= 1.0, "{text}");
 
-    // Secure naming: discovery says an endpoint is the server pod (SPIFFE ID
-    // of ServiceAccount "server"), but at its address an openssl s_server
+    // Secure naming: discovery says an endpoint is a meshed pod of
+    // ServiceAccount "server", but at its address an openssl s_server
     // answers. With the server's SVID the client's proxy talks to it; with
     // another valid mesh SVID (the client's own) the handshake is refused
-    // before any app data is sent.
+    // before any app data is sent. Discovery takes an address's identity
+    // from the Pod holding it, so a stand-in pod of that ServiceAccount
+    // (injected, run by no node) is given the outsider's address.
     let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns);
+    create_pod(
+        &client,
+        &ns,
+        serde_json::json!({
+            "metadata": {"name": "stand-in", "annotations": {mizzen_tests::node::UNMANAGED: "true"}},
+            "spec": {"serviceAccountName": "server",
+                     "containers": [{"name": "app", "image": "mizzen-testapp:e2e", "command": ["sleep", "3600"]}]},
+        }),
+    )
+    .await?;
+    let ip = outsider.ip().to_string();
+    pods.patch_status(
+        "stand-in",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(
+            serde_json::json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}),
+        ),
+    )
+    .await?;
     let slices = Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::namespaced(client.clone(), &ns);
     let mut naming_vips = Vec::new();
     for (name, port) in [("genuine", 8443), ("impostor", 8444)] {
@@ -378,7 +399,7 @@ async fn service_traffic_is_mutual_tls_with_rotation_and_modes() -> anyhow::Resu
             "addressType": "IPv4",
             "ports": [{"name": "tls", "port": port, "protocol": "TCP"}],
             "endpoints": [{"addresses": [outsider.ip().to_string()], "conditions": {"ready": true},
-                           "targetRef": {"kind": "Pod", "namespace": ns, "name": "server"}}],
+                           "targetRef": {"kind": "Pod", "namespace": ns, "name": "stand-in"}}],
         }))?;
         slices.create(&PostParams::default(), &slice).await?;
         naming_vips.push(format!("{vip}:443"));
