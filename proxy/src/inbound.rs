@@ -11,7 +11,7 @@
 //! rules never redirect again; an app listening only on localhost is
 //! therefore not exposed through the proxy.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -24,15 +24,10 @@ use tracing::{debug, info};
 use crate::detect::{Place, Protocol, Undecided, detect};
 use crate::identity::{TlsMaterial, spiffe_id_of};
 use crate::metrics::{Direction, ProxyMetrics, handshake_reason};
-use crate::net::captured_dst;
+use crate::net::{captured_dst, connect_app};
 
 /// The ALPN protocol proxies speak to each other.
 pub const ALPN: &[u8] = b"mizzen";
-/// The source address of connections to the app.
-pub const APP_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
-/// The IPv6 source address of connections to the app.
-pub const APP_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
-
 /// Whether plaintext is accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum MtlsMode {
@@ -61,46 +56,6 @@ pub fn server_config(m: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, Strin
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
-}
-
-/// Connects to the app at `dst` from 127.0.0.6 (IPv4) or ::6 (IPv6), the
-/// sources the capture rules never redirect. `::6` is not configured on
-/// loopback, so it is bound with IP_FREEBIND.
-async fn connect_app(dst: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = if dst.is_ipv4() {
-        let s = tokio::net::TcpSocket::new_v4()?;
-        s.bind(SocketAddr::new(APP_SOURCE.into(), 0))?;
-        s
-    } else {
-        let s = tokio::net::TcpSocket::new_v6()?;
-        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpFreebind, &true).map_err(std::io::Error::from)?;
-        s.bind(SocketAddr::new(APP_SOURCE_V6.into(), 0))?;
-        s
-    };
-    tokio::time::timeout(Duration::from_secs(5), socket.connect(dst))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the app timed out"))?
-}
-
-/// Binds `port` on 0.0.0.0 and, when this network namespace has IPv6, on
-/// `[::]` (IPv6 only, so each family has its own listener and original
-/// destination).
-pub fn bind_listeners(port: u16) -> std::io::Result<Vec<TcpListener>> {
-    let v4 = tokio::net::TcpSocket::new_v4()?;
-    v4.set_reuseaddr(true)?;
-    v4.bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
-    let mut out = vec![v4.listen(1024)?];
-    let v6 = tokio::net::TcpSocket::new_v6().and_then(|s| {
-        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv6V6Only, &true).map_err(std::io::Error::from)?;
-        s.set_reuseaddr(true)?;
-        s.bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))?;
-        s.listen(1024)
-    });
-    match v6 {
-        Ok(l) => out.push(l),
-        Err(e) => debug!(port, error = %e, "no IPv6 listener (IPv6 is off here)"),
-    }
-    Ok(out)
 }
 
 /// The server configuration for the current certificate, or why it
@@ -155,15 +110,64 @@ pub async fn serve(
                 place,
                 detect_timeout: timeout,
             };
-            if let Err(reason) = handle(accepted, config, trust_domain, mode, &metrics).await {
-                metrics.refused(Direction::Inbound, reason.0);
-                debug!(conn = n, %peer, reason = reason.0, detail = %reason.1, "inbound connection refused");
+            if let Err(e) = handle(accepted, config, trust_domain, mode, &metrics).await {
+                metrics.refused(Direction::Inbound, e.reason());
+                debug!(conn = n, %peer, reason = e.reason(), error = %e, "inbound connection refused");
             }
         });
     }
 }
 
-struct Refused(&'static str, String);
+/// Why an inbound connection was refused. [`InboundError::reason`] is the
+/// `reason` label of `mizzen_proxy_refused_total`; the peer sees the
+/// connection closed (before TLS completes, or after it without app data).
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    #[error(transparent)]
+    Destination(#[from] crate::net::DestinationError),
+    #[error(transparent)]
+    Detect(#[from] crate::detect::DetectError),
+    #[error("a peer proxy connected before this proxy had a certificate")]
+    NoCertificateYet,
+    #[error("cannot build the TLS configuration: {0}")]
+    TlsConfig(String),
+    #[error("the TLS handshake did not finish in time")]
+    HandshakeTimeout,
+    #[error("TLS handshake: {0}")]
+    Handshake(std::io::Error),
+    #[error("the peer did not negotiate ALPN mizzen")]
+    Alpn,
+    #[error("the peer sent no client certificate")]
+    NoClientCert,
+    #[error("the peer's certificate carries no usable SPIFFE ID: {0}")]
+    PeerIdentity(String),
+    #[error("{peer} is outside trust domain {ours:?}")]
+    ForeignTrustDomain { peer: SpiffeId, ours: Option<TrustDomain> },
+    #[error("plaintext refused: this pod requires mutual TLS (STRICT)")]
+    PlaintextInStrict,
+    #[error("cannot reach the app: {0}")]
+    AppUnreachable(std::io::Error),
+}
+
+impl InboundError {
+    /// The metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            InboundError::Destination(e) => e.reason(),
+            InboundError::Detect(e) => e.reason(),
+            InboundError::NoCertificateYet => "no_certificate_yet",
+            InboundError::TlsConfig(_) => "tls_config",
+            InboundError::HandshakeTimeout => "handshake_timeout",
+            InboundError::Handshake(_) => "handshake",
+            InboundError::Alpn => "alpn",
+            InboundError::NoClientCert => "no_client_cert",
+            InboundError::PeerIdentity(_) => "peer_identity",
+            InboundError::ForeignTrustDomain { .. } => "foreign_trust_domain",
+            InboundError::PlaintextInStrict => "plaintext_in_strict",
+            InboundError::AppUnreachable(_) => "app_unreachable",
+        }
+    }
+}
 
 /// A new connection and its place among those being sorted.
 struct Accepted {
@@ -179,7 +183,7 @@ async fn handle(
     trust_domain: Option<TrustDomain>,
     mode: MtlsMode,
     metrics: &ProxyMetrics,
-) -> Result<(), Refused> {
+) -> Result<(), InboundError> {
     let Accepted {
         conn,
         peer,
@@ -187,60 +191,60 @@ async fn handle(
         detect_timeout,
     } = accepted;
     let _ = conn.set_nodelay(true);
-    let dst = captured_dst(&conn).map_err(|e| Refused(e.reason(), e.to_string()))?;
-    let (protocol, conn) = detect(conn, place, detect_timeout)
-        .await
-        .map_err(|e| Refused(e.reason(), e.to_string()))?;
+    let dst = captured_dst(&conn)?;
+    let (protocol, conn) = detect(conn, place, detect_timeout).await?;
     if protocol == Protocol::MeshTls {
         let config = config
-            .ok_or_else(|| Refused("no_certificate_yet", String::new()))?
-            .map_err(|e| Refused("tls_config", e))?;
+            .ok_or(InboundError::NoCertificateYet)?
+            .map_err(InboundError::TlsConfig)?;
         let mut tls = tokio::time::timeout(
             Duration::from_secs(10),
             tokio_rustls::TlsAcceptor::from(config).accept(conn),
         )
         .await
-        .map_err(|_| Refused("handshake_timeout", String::new()))?
+        .map_err(|_| InboundError::HandshakeTimeout)?
         .map_err(|e| {
             metrics.handshake_failure(Direction::Inbound, handshake_reason(&e));
-            Refused("handshake", e.to_string())
+            InboundError::Handshake(e)
         })?;
         let (_, session) = tls.get_ref();
         if session.alpn_protocol() != Some(ALPN) {
-            return Err(Refused("alpn", "peer did not negotiate ALPN mizzen".into()));
+            return Err(InboundError::Alpn);
         }
         // Authorization runs only after the handshake verified the chain.
         let leaf = session
             .peer_certificates()
             .and_then(|c| c.first())
-            .ok_or_else(|| Refused("no_client_cert", String::new()))?;
-        let peer_id: SpiffeId = spiffe_id_of(leaf).map_err(|e| Refused("peer_identity", e))?;
+            .ok_or(InboundError::NoClientCert)?;
+        let peer_id: SpiffeId = spiffe_id_of(leaf).map_err(InboundError::PeerIdentity)?;
         // Only identities of our own trust domain: two clusters sharing a
         // root are still two identity spaces.
         if trust_domain.as_ref().map(TrustDomain::as_str) != Some(peer_id.trust_domain_name()) {
-            return Err(Refused(
-                "foreign_trust_domain",
-                format!("{peer_id} is outside trust domain {trust_domain:?}"),
-            ));
+            return Err(InboundError::ForeignTrustDomain {
+                peer: peer_id,
+                ours: trust_domain,
+            });
         }
         info!(%peer, peer_id = %peer_id, %dst, "inbound mTLS connection");
-        let bytes = metrics.connection(Direction::Inbound, "mtls", peer_id.to_string());
-        let mut app = connect_app(dst)
-            .await
-            .map_err(|e| Refused("app_unreachable", e.to_string()))?;
-        let _ = crate::relay::relay(&mut tls, &mut app, &bytes).await;
+        let bytes = metrics.connection(Direction::Inbound, Some(&peer_id));
+        let mut app = connect_app(dst).await.map_err(InboundError::AppUnreachable)?;
+        metrics.relay_ended(
+            Direction::Inbound,
+            crate::relay::relay(&mut tls, &mut app, &bytes).await,
+        );
         Ok(())
     } else {
         if mode == MtlsMode::Strict {
-            return Err(Refused("plaintext_in_strict", String::new()));
+            return Err(InboundError::PlaintextInStrict);
         }
         info!(%peer, %dst, "inbound plaintext connection (passed through)");
-        let bytes = metrics.connection(Direction::Inbound, "plaintext", String::new());
+        let bytes = metrics.connection(Direction::Inbound, None);
         let mut conn = conn;
-        let mut app = connect_app(dst)
-            .await
-            .map_err(|e| Refused("app_unreachable", e.to_string()))?;
-        let _ = crate::relay::relay(&mut conn, &mut app, &bytes).await;
+        let mut app = connect_app(dst).await.map_err(InboundError::AppUnreachable)?;
+        metrics.relay_ended(
+            Direction::Inbound,
+            crate::relay::relay(&mut conn, &mut app, &bytes).await,
+        );
         Ok(())
     }
 }

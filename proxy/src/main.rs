@@ -234,8 +234,8 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
         .context("bind health port")?;
     tokio::spawn(async move { axum::serve(health_listener, health).await });
 
-    let inbound_listeners = inbound::bind_listeners(a.inbound_port).context("bind inbound port")?;
-    let outbound_listeners = inbound::bind_listeners(a.outbound_port).context("bind outbound port")?;
+    let inbound_listeners = mizzen_proxy::net::bind_listeners(a.inbound_port).context("bind inbound port")?;
+    let outbound_listeners = mizzen_proxy::net::bind_listeners(a.outbound_port).context("bind outbound port")?;
     let connections = Connections::default();
     let outbound = Arc::new(Outbound::new(
         routes_rx,

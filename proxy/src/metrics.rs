@@ -47,6 +47,8 @@ pub struct ProxyMetrics {
     certificate_expiry: Gauge,
     /// Changes of the trust bundle after the first one received.
     trust_bundle_changes: Counter,
+    /// Relayed connections that ended with an I/O error, by direction.
+    relay_errors: Family<Labels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -89,11 +91,26 @@ impl ProxyMetrics {
             self.certificate_expiry.clone(),
         );
         r.register(
+            "relay_errors",
+            "Relayed connections that ended with an I/O error (a reset, a broken TLS stream), by direction",
+            self.relay_errors.clone(),
+        );
+        r.register(
             "trust_bundle_changes",
             "Changes of the trust bundle the agent sent, after the first (CA rotations; anything else is suspect)",
             self.trust_bundle_changes.clone(),
         );
         r
+    }
+
+    /// Counts and logs how a relayed connection ended, if with an error.
+    pub fn relay_ended(&self, d: Direction, result: std::io::Result<(u64, u64)>) {
+        if let Err(e) = result {
+            self.relay_errors
+                .get_or_create(&vec![("direction", d.as_str().into())])
+                .inc();
+            tracing::debug!(direction = d.as_str(), error = %e, "relayed connection ended with an error");
+        }
     }
 
     /// Records a change of the trust bundle.
@@ -122,8 +139,13 @@ impl ProxyMetrics {
             .inc();
     }
 
-    /// Counts a connection and returns the counter its bytes go to.
-    pub fn connection(&self, d: Direction, tls: &'static str, peer: String) -> Counter {
+    /// Counts a connection with `peer` (its verified SPIFFE ID over mutual
+    /// TLS, `None` for plaintext) and returns the counter its bytes go to.
+    pub fn connection(&self, d: Direction, peer: Option<&mizzen_api::SpiffeId>) -> Counter {
+        let (tls, peer) = match peer {
+            Some(id) => ("mtls", id.to_string()),
+            None => ("plaintext", String::new()),
+        };
         let labels = vec![("direction", d.as_str().into()), ("tls", tls.into()), ("peer", peer)];
         self.connections.get_or_create(&labels).inc();
         self.bytes.get_or_create(&labels).clone()

@@ -7,14 +7,66 @@
 //! itself as its original destination; forwarding it there would have the
 //! proxy connect to itself for ever (one byte to a peer's `:15006` once made
 //! a proxy open ~10,000 connections). [`captured_dst`] refuses those.
+//!
+//! Also here: the proxy's listeners ([`bind_listeners`]) and its
+//! connections to the app ([`connect_app`]), from the sources the capture
+//! rules never redirect again.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::debug;
+
+/// The source address of connections to the app.
+pub const APP_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+/// The IPv6 source address of connections to the app.
+pub const APP_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+/// Connects to the app at `dst` from 127.0.0.6 (IPv4) or ::6 (IPv6), the
+/// sources the capture rules never redirect. `::6` is not configured on
+/// loopback, so it is bound with IP_FREEBIND.
+pub async fn connect_app(dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if dst.is_ipv4() {
+        let s = tokio::net::TcpSocket::new_v4()?;
+        s.bind(SocketAddr::new(APP_SOURCE.into(), 0))?;
+        s
+    } else {
+        let s = tokio::net::TcpSocket::new_v6()?;
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpFreebind, &true).map_err(std::io::Error::from)?;
+        s.bind(SocketAddr::new(APP_SOURCE_V6.into(), 0))?;
+        s
+    };
+    tokio::time::timeout(Duration::from_secs(5), socket.connect(dst))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the app timed out"))?
+}
+
+/// Binds `port` on 0.0.0.0 and, when this network namespace has IPv6, on
+/// `[::]` (IPv6 only, so each family has its own listener and original
+/// destination).
+pub fn bind_listeners(port: u16) -> std::io::Result<Vec<TcpListener>> {
+    let v4 = tokio::net::TcpSocket::new_v4()?;
+    v4.set_reuseaddr(true)?;
+    v4.bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
+    let mut out = vec![v4.listen(1024)?];
+    let v6 = tokio::net::TcpSocket::new_v6().and_then(|s| {
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv6V6Only, &true).map_err(std::io::Error::from)?;
+        s.set_reuseaddr(true)?;
+        s.bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))?;
+        s.listen(1024)
+    });
+    match v6 {
+        Ok(l) => out.push(l),
+        Err(e) => debug!(port, error = %e, "no IPv6 listener (IPv6 is off here)"),
+    }
+    Ok(out)
+}
 
 /// Why a connection has no destination the proxy may forward to.
 #[derive(Debug, thiserror::Error)]

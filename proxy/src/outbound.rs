@@ -250,9 +250,64 @@ pub struct Outbound {
     base: Mutex<Option<Arc<ClientBase>>>,
 }
 
-/// Why an outbound connection failed.
-#[derive(Debug)]
-struct Failed(&'static str, String);
+/// Why an outbound connection failed. [`OutboundError::reason`] is the
+/// `reason` label of `mizzen_proxy_refused_total`; the app sees its
+/// connection closed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    #[error(transparent)]
+    Destination(#[from] crate::net::DestinationError),
+    #[error("no discovery data from the agent yet")]
+    NoRoutesYet,
+    #[error("{0} has no ready endpoints")]
+    NoEndpoints(String),
+    #[error("no certificate from the agent yet")]
+    NoCertificateYet,
+    #[error("cannot build the TLS configuration: {0}")]
+    TlsConfig(String),
+    #[error("{addr}: the endpoint's identity is not usable: {reason}")]
+    BadIdentity { addr: SocketAddr, reason: String },
+    #[error("no answer from {addr} within {timeout:?}")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("connect {addr}: {source}")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("{addr} is {expected}, outside trust domain {ours}")]
+    ForeignTrustDomain {
+        addr: SocketAddr,
+        expected: SpiffeId,
+        ours: String,
+    },
+    #[error("TLS handshake with {addr} did not finish in time")]
+    HandshakeTimeout { addr: SocketAddr },
+    #[error("TLS handshake with {addr} ({reason}): {source}")]
+    Handshake {
+        addr: SocketAddr,
+        reason: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{addr} did not negotiate ALPN mizzen")]
+    Alpn { addr: SocketAddr },
+}
+
+impl OutboundError {
+    /// The metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            OutboundError::Destination(e) => e.reason(),
+            OutboundError::NoRoutesYet => "no_routes_yet",
+            OutboundError::NoEndpoints(_) => "no_endpoints",
+            OutboundError::NoCertificateYet => "no_certificate_yet",
+            OutboundError::TlsConfig(_) => "tls_config",
+            OutboundError::BadIdentity { .. } => "bad_identity",
+            OutboundError::ConnectTimeout { .. } => "connect_timeout",
+            OutboundError::Connect { .. } => "connect_error",
+            OutboundError::ForeignTrustDomain { .. } => "foreign_trust_domain",
+            OutboundError::HandshakeTimeout { .. } => "handshake_timeout",
+            OutboundError::Handshake { .. } => "handshake",
+            OutboundError::Alpn { .. } => "alpn",
+        }
+    }
+}
 
 enum Upstream {
     Plain(TcpStream),
@@ -277,78 +332,78 @@ impl Outbound {
     }
 
     /// The client base for the current certificate (rebuilt after rotation).
-    fn base(&self) -> Result<Arc<ClientBase>, Failed> {
-        let material = self
-            .material
-            .borrow()
-            .clone()
-            .ok_or_else(|| Failed("no_certificate_yet", String::new()))?;
+    fn base(&self) -> Result<Arc<ClientBase>, OutboundError> {
+        let material = self.material.borrow().clone().ok_or(OutboundError::NoCertificateYet)?;
         let mut cached = self.base.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = cached.as_ref()
             && Arc::ptr_eq(&b.material, &material)
         {
             return Ok(b.clone());
         }
-        let b = Arc::new(ClientBase::new(material).map_err(|e| Failed("tls_config", e))?);
+        let b = Arc::new(ClientBase::new(material).map_err(OutboundError::TlsConfig)?);
         *cached = Some(b.clone());
         Ok(b)
     }
 
-    async fn connect(&self, b: &Backend) -> Result<(Upstream, String), Failed> {
+    async fn connect(&self, b: &Backend) -> Result<(Upstream, Option<SpiffeId>), OutboundError> {
         // Refuse before connecting when the destination cannot be verified.
         let expected = match &b.identity {
             None => None,
             Some(Ok(id)) => Some(id.clone()),
-            Some(Err(e)) => return Err(Failed("bad_identity", e.clone())),
+            Some(Err(e)) => {
+                return Err(OutboundError::BadIdentity {
+                    addr: b.addr,
+                    reason: e.clone(),
+                });
+            }
         };
         let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(b.addr))
             .await
-            .map_err(|_| {
-                Failed(
-                    "connect_timeout",
-                    format!("no answer from {} within {:?}", b.addr, self.connect_timeout),
-                )
+            .map_err(|_| OutboundError::ConnectTimeout {
+                addr: b.addr,
+                timeout: self.connect_timeout,
             })?
-            .map_err(|e| Failed("connect_error", format!("{}: {e}", b.addr)))?;
+            .map_err(|source| OutboundError::Connect { addr: b.addr, source })?;
         let _ = tcp.set_nodelay(true);
         let Some(expected) = expected else {
-            return Ok((Upstream::Plain(tcp), String::new()));
+            return Ok((Upstream::Plain(tcp), None));
         };
         let base = self.base()?;
         // Only identities of our own trust domain: two clusters sharing a
         // root are still two identity spaces.
         if expected.trust_domain_name() != base.material.id.trust_domain_name() {
-            return Err(Failed(
-                "foreign_trust_domain",
-                format!(
-                    "{} is {expected}, outside trust domain {}",
-                    b.addr,
-                    base.material.id.trust_domain_name()
-                ),
-            ));
+            return Err(OutboundError::ForeignTrustDomain {
+                addr: b.addr,
+                expected,
+                ours: base.material.id.trust_domain_name().to_owned(),
+            });
         }
-        let config = base.config(expected.clone()).map_err(|e| Failed("tls_config", e))?;
+        let config = base.config(expected.clone()).map_err(OutboundError::TlsConfig)?;
         let name = ServerName::IpAddress(b.addr.ip().into());
         let tls = tokio::time::timeout(
             self.connect_timeout,
             tokio_rustls::TlsConnector::from(config).connect(name, tcp),
         )
         .await
-        .map_err(|_| Failed("handshake_timeout", b.addr.to_string()))?
-        .map_err(|e| {
-            let reason = handshake_reason(&e);
+        .map_err(|_| OutboundError::HandshakeTimeout { addr: b.addr })?
+        .map_err(|source| {
+            let reason = handshake_reason(&source);
             self.metrics.handshake_failure(Direction::Outbound, reason);
-            Failed("handshake", format!("{} ({reason}): {e}", b.addr))
+            OutboundError::Handshake {
+                addr: b.addr,
+                reason,
+                source,
+            }
         })?;
         if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
-            return Err(Failed("alpn", format!("{} did not negotiate ALPN mizzen", b.addr)));
+            return Err(OutboundError::Alpn { addr: b.addr });
         }
-        Ok((Upstream::Tls(Box::new(tls)), expected.to_string()))
+        Ok((Upstream::Tls(Box::new(tls)), Some(expected)))
     }
 
-    async fn handle(&self, mut conn: TcpStream, peer: SocketAddr) -> Result<(), Failed> {
+    async fn handle(&self, mut conn: TcpStream, peer: SocketAddr) -> Result<(), OutboundError> {
         let _ = conn.set_nodelay(true);
-        let dst = captured_dst(&conn).map_err(|e| Failed(e.reason(), e.to_string()))?;
+        let dst = captured_dst(&conn)?;
         // Before the first discovery response nothing is known to be
         // outside the mesh: wait for it rather than guess plaintext.
         let mut routes = self.routes.clone();
@@ -356,7 +411,7 @@ impl Outbound {
             Ok(Ok(r)) => r.as_ref().map(|r| r.resolve(dst)),
             _ => None,
         }
-        .ok_or_else(|| Failed("no_routes_yet", "no discovery data from the agent yet".into()))?;
+        .ok_or(OutboundError::NoRoutesYet)?;
         let (backend, upstream, peer_id) = match destination {
             Destination::Passthrough(addr) => {
                 let b = Backend {
@@ -373,13 +428,10 @@ impl Outbound {
             }
             Destination::Service(target) => {
                 if target.backends.is_empty() {
-                    return Err(Failed(
-                        "no_endpoints",
-                        format!("{} has no ready endpoints", target.service),
-                    ));
+                    return Err(OutboundError::NoEndpoints(target.service.to_string()));
                 }
                 let mut tried = Vec::with_capacity(ATTEMPTS);
-                let mut last = Failed("no_endpoints", String::new());
+                let mut last = OutboundError::NoEndpoints(target.service.to_string());
                 let mut found = None;
                 while tried.len() < ATTEMPTS {
                     let Some(b) = self.balancer.pick(&target.backends, &tried) else {
@@ -393,7 +445,7 @@ impl Outbound {
                         }
                         Err(e) => {
                             self.balancer.mark_failed(b.addr);
-                            debug!(service = %target.service, endpoint = %b.addr, reason = e.0, detail = %e.1, "endpoint failed; trying another");
+                            debug!(service = %target.service, endpoint = %b.addr, reason = e.reason(), error = %e, "endpoint failed; trying another");
                             last = e;
                         }
                     }
@@ -402,13 +454,14 @@ impl Outbound {
             }
         };
         let _load = self.balancer.load(backend.addr);
-        let tls = if peer_id.is_empty() { "plaintext" } else { "mtls" };
-        debug!(%peer, %dst, endpoint = %backend.addr, pod = %backend.pod, tls, peer_id = %peer_id, "outbound connection");
-        let bytes = self.metrics.connection(Direction::Outbound, tls, peer_id);
-        let _ = match upstream {
+        let tls = if peer_id.is_some() { "mtls" } else { "plaintext" };
+        debug!(%peer, %dst, endpoint = %backend.addr, pod = %backend.pod, tls, peer_id = ?peer_id, "outbound connection");
+        let bytes = self.metrics.connection(Direction::Outbound, peer_id.as_ref());
+        let ended = match upstream {
             Upstream::Plain(mut u) => crate::relay::relay(&mut conn, &mut u, &bytes).await,
             Upstream::Tls(mut u) => crate::relay::relay(&mut conn, &mut *u, &bytes).await,
         };
+        self.metrics.relay_ended(Direction::Outbound, ended);
         Ok(())
     }
 }
@@ -422,9 +475,9 @@ pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>, connections: 
         let outbound = outbound.clone();
         tokio::spawn(async move {
             let (_guard, _open) = (guard, open);
-            if let Err(Failed(reason, detail)) = outbound.handle(conn, peer).await {
-                outbound.metrics.refused(Direction::Outbound, reason);
-                info!(%peer, reason, %detail, "outbound connection failed");
+            if let Err(e) = outbound.handle(conn, peer).await {
+                outbound.metrics.refused(Direction::Outbound, e.reason());
+                info!(%peer, reason = e.reason(), error = %e, "outbound connection failed");
             }
         });
     }

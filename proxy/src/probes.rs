@@ -19,28 +19,21 @@ use serde::Deserialize;
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Connects to the app from the proxy's app-facing source address when the
-/// app is at the pod IP (loopback targets keep their own source).
+/// Connects to the app: from the proxy's app-facing source (127.0.0.6, ::6,
+/// which capture lets through) when the app is at the pod IP; loopback
+/// targets and host names keep their own source.
 async fn connect_app(host: &str, port: u16) -> Result<tokio::net::TcpStream, String> {
-    let ip: IpAddr = match host.parse() {
-        Ok(ip) => ip,
-        Err(_) => {
-            return tokio::net::TcpStream::connect((host, port))
+    match host.parse::<IpAddr>() {
+        Ok(ip) if !ip.is_loopback() => {
+            let dst = std::net::SocketAddr::new(ip, port);
+            crate::net::connect_app(dst)
                 .await
-                .map_err(|e| format!("connect {host}:{port}: {e}"));
+                .map_err(|e| format!("connect {dst}: {e}"))
         }
-    };
-    let dst = std::net::SocketAddr::new(ip, port);
-    if ip.is_loopback() || !ip.is_ipv4() {
-        return tokio::net::TcpStream::connect(dst)
+        _ => tokio::net::TcpStream::connect((host, port))
             .await
-            .map_err(|e| format!("connect {dst}: {e}"));
+            .map_err(|e| format!("connect {host}:{port}: {e}")),
     }
-    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
-    socket
-        .bind((crate::inbound::APP_SOURCE, 0).into())
-        .map_err(|e| format!("bind 127.0.0.6: {e}"))?;
-    socket.connect(dst).await.map_err(|e| format!("connect {dst}: {e}"))
 }
 
 /// An original probe, as the injector recorded it.
@@ -197,7 +190,7 @@ async fn grpc_check(host: &str, port: u16, service: String) -> Result<(), String
         .parse::<IpAddr>()
         .ok()
         .filter(|ip| ip.is_ipv4() && !ip.is_loopback())
-        .map(|_| crate::inbound::APP_SOURCE.into());
+        .map(|_| crate::net::APP_SOURCE.into());
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}"))
         .map_err(|e| e.to_string())?
         .local_address(local)
