@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use mizzen_api::proto::discovery::{SERVICE_TYPE, Service as DiscoveredService};
 use mizzen_tests::daemon::metric;
 use mizzen_tests::k8s::{pod_on_node, service_account, token};
@@ -118,9 +118,11 @@ async fn services_and_endpoints_stream_incrementally_to_an_independent_client() 
     )?;
 
     // A meshed pod (as the injector leaves it) and an unmeshed one, on
-    // another node: nothing runs them; the EndpointSlice is written by hand.
+    // another node: nothing runs them, so their IPs are reported here (the
+    // agent takes an address's identity from the pod holding it); the
+    // EndpointSlice is written by hand.
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
-    for (name, meshed) in [("web-meshed", true), ("web-plain", false)] {
+    for (name, meshed, ip) in [("web-meshed", true, "10.77.0.1"), ("web-plain", false, "10.77.0.2")] {
         let mut containers = vec![serde_json::json!({"name": "app", "image": "web"})];
         if meshed {
             containers.push(serde_json::json!({"name": "mizzen-proxy", "image": "mizzen-proxy"}));
@@ -135,6 +137,9 @@ async fn services_and_endpoints_stream_incrementally_to_an_independent_client() 
             "spec": {"serviceAccountName": "web", "nodeName": "elsewhere", "containers": containers},
         }))?;
         pods.create(&PostParams::default(), &pod).await?;
+        let status = serde_json::json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
+        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
     }
     let services = Api::<Service>::namespaced(client.clone(), &ns);
     let svc = |name: &str| -> anyhow::Result<Service> {
