@@ -82,7 +82,7 @@ fn reserve_ports(n: usize) -> Vec<u16> {
 }
 
 /// Runs the bash `script` in `dir` (openssl recipes and the like); its
-/// standard error is the error when it fails.
+/// output is the error when it fails.
 pub async fn bash_in(dir: &std::path::Path, script: &str) -> anyhow::Result<()> {
     let out = tokio::process::Command::new("bash")
         .arg("-c")
@@ -90,7 +90,12 @@ pub async fn bash_in(dir: &std::path::Path, script: &str) -> anyhow::Result<()> 
         .current_dir(dir)
         .output()
         .await?;
-    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 

@@ -49,20 +49,7 @@ openssl verify -x509_strict -purpose sslserver -CAfile root.pem -untrusted untru
 a=$(openssl x509 -in leaf.pem -noout -pubkey)
 b=$(openssl pkey -in key.pem -pubout)
 [ \"$a\" = \"$b\" ] || { echo 'key does not match the certificate'; exit 1; }";
-    let out = tokio::process::Command::new("bash")
-        .arg("-c")
-        .arg(script)
-        .current_dir(dir)
-        .output()
-        .await?;
-    if !out.status.success() {
-        bail!(
-            "openssl: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
+    mizzen_tests::bash_in(dir, script).await.context("openssl")
 }
 
 /// Reads responses (ACKing each) until one carries a certificate whose
