@@ -164,7 +164,7 @@ async fn sort(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Protocol, Detec
                 let mesh = hello
                     .client_hello()
                     .alpn()
-                    .is_some_and(|mut protos| protos.any(|p| p == crate::inbound::ALPN));
+                    .is_some_and(|mut protos| protos.any(crate::tls::is_mesh_alpn));
                 return Ok(if mesh { Protocol::MeshTls } else { Protocol::Other });
             }
             Ok(None) if buf.len() < MAX_HELLO => {}

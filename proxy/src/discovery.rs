@@ -38,6 +38,8 @@ pub struct Target {
     /// `<namespace>/<name>` of the Service.
     pub service: String,
     pub backends: Vec<Backend>,
+    /// What the port carries (appProtocol, port name, or to be sniffed).
+    pub protocol: crate::protocol::PortProtocol,
 }
 
 /// What the proxy knows of a pod IP.
@@ -92,6 +94,8 @@ impl Routes {
                 let Ok(service_port) = u16::try_from(port.port) else {
                     continue;
                 };
+                let app_protocol = (!port.app_protocol.is_empty()).then_some(port.app_protocol.as_str());
+                let protocol = crate::protocol::select(app_protocol, &port.name);
                 for ip in &svc.cluster_ips {
                     let Ok(vip) = ip.parse::<IpAddr>() else { continue };
                     let backends = svc
@@ -117,6 +121,7 @@ impl Routes {
                         Arc::new(Target {
                             service: name.clone(),
                             backends,
+                            protocol,
                         }),
                     );
                 }

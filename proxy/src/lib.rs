@@ -5,17 +5,27 @@
 //! - [`identity`]: certificates from the node agent over SDS.
 //! - [`discovery`]: Services and endpoints from the node agent, as routes.
 //! - [`detect`]: sorting new inbound connections, bounded.
+//! - [`tls`]: the mesh's TLS configurations and SPIFFE verification.
+//! - [`config`]: timeouts, typed, with their defaults.
+//! - [`protocol`]: what a Service port carries (Istio's selection rules,
+//!   sniffing).
 //! - [`inbound`]: mutual TLS termination for peers, forwarding to the app.
 //! - [`outbound`]: the app's connections, balanced over a Service's
-//!   endpoints, with mutual TLS and secure naming to meshed ones.
+//!   endpoints ([`balance`]), with mutual TLS and secure naming to meshed
+//!   ones.
+//! - [`http`]: the per-request path for HTTP ports, both directions.
+//! - [`workload`]: workload names for request metrics.
 //! - [`probes`]: kubelet's rewritten app probes, run against the app.
 //! - [`metrics`]: connections and bytes by direction, failures by reason.
 //! - [`relay`]: the bidirectional copy, with pooled buffers.
 //! - [`drain`]: graceful shutdown.
 
+pub mod balance;
+pub mod config;
 pub mod detect;
 pub mod discovery;
 pub mod drain;
+pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod init;
@@ -23,4 +33,7 @@ pub mod metrics;
 pub mod net;
 pub mod outbound;
 pub mod probes;
+pub mod protocol;
 pub mod relay;
+pub mod tls;
+pub mod workload;

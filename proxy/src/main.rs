@@ -10,10 +10,11 @@ use axum::Router;
 use axum::routing::get;
 use clap::{Parser, Subcommand, ValueEnum};
 use mizzen_api::runtime;
+use mizzen_proxy::config::Timeouts;
 use mizzen_proxy::discovery::{self, Routes};
 use mizzen_proxy::drain::Connections;
 use mizzen_proxy::identity::{self, SdsSource};
-use mizzen_proxy::inbound::{self, MtlsMode};
+use mizzen_proxy::inbound::{self, Inbound, MtlsMode};
 use mizzen_proxy::init::{self, Family, InitConfig};
 use mizzen_proxy::metrics::ProxyMetrics;
 use mizzen_proxy::outbound::Outbound;
@@ -137,15 +138,28 @@ struct ProxyArgs {
     /// Inbound: how long a client has to send its first bytes (a whole
     /// ClientHello for TLS), in milliseconds. Server-first protocols (MySQL,
     /// SMTP) need their ports excluded from capture.
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = Timeouts::default().detect.as_millis() as u64)]
     detect_timeout_ms: u64,
     /// Inbound: most connections still sending their first bytes; a new
     /// one beyond this closes the oldest.
     #[arg(long, default_value_t = 1024)]
     max_undecided: usize,
     /// Outbound connect (and TLS handshake) timeout, in milliseconds.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = Timeouts::default().connect.as_millis() as u64)]
     connect_timeout_ms: u64,
+    /// Inbound: how long a peer proxy's TLS handshake may take, in milliseconds.
+    #[arg(long, default_value_t = Timeouts::default().handshake.as_millis() as u64)]
+    handshake_timeout_ms: u64,
+    /// Inbound: how long connecting to the app may take, in milliseconds.
+    #[arg(long, default_value_t = Timeouts::default().app_connect.as_millis() as u64)]
+    app_connect_timeout_ms: u64,
+    /// Outbound, on Service ports whose protocol is not declared (by
+    /// appProtocol or port name): how long the app has to send its first
+    /// bytes before the connection is relayed as TCP, in milliseconds.
+    /// Server-first protocols wait this long once per connection; declare
+    /// their ports `tcp-…` to avoid it.
+    #[arg(long, default_value_t = Timeouts::default().sniff.as_millis() as u64)]
+    sniff_timeout_ms: u64,
     /// Threads serving connections. One suits a sidecar: it handles one
     /// pod's traffic, and a single thread spends the least CPU per request.
     #[arg(long, env = "MIZZEN_PROXY_WORKERS", default_value_t = 1)]
@@ -196,7 +210,7 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
                 let Some(m) = certs.borrow_and_update().clone() else {
                     continue;
                 };
-                metrics.certificate(m.not_after);
+                metrics.certificate(&m.id, m.not_after);
                 // The bundle changes only when the operator rotates the
                 // mesh's root; anything else deserves a look.
                 if bundle.as_ref().is_some_and(|b| *b != m.roots_pem) {
@@ -237,29 +251,31 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
     let inbound_listeners = mizzen_proxy::net::bind_listeners(a.inbound_port).context("bind inbound port")?;
     let outbound_listeners = mizzen_proxy::net::bind_listeners(a.outbound_port).context("bind outbound port")?;
     let connections = Connections::default();
-    let outbound = Arc::new(Outbound::new(
-        routes_rx,
-        rx.clone(),
-        metrics.clone(),
-        std::time::Duration::from_millis(a.connect_timeout_ms),
-    ));
+    let ms = std::time::Duration::from_millis;
+    let timeouts = Timeouts {
+        connect: ms(a.connect_timeout_ms),
+        handshake: ms(a.handshake_timeout_ms),
+        app_connect: ms(a.app_connect_timeout_ms),
+        detect: ms(a.detect_timeout_ms),
+        sniff: ms(a.sniff_timeout_ms),
+    };
+    let outbound = Arc::new(Outbound::new(routes_rx, rx.clone(), metrics.clone(), timeouts));
     let mut accepting = Vec::new();
     for l in outbound_listeners {
         accepting.push(tokio::spawn(outbound::serve(l, outbound.clone(), connections.clone())));
     }
-    let detection = inbound::Detection {
-        undecided: mizzen_proxy::detect::Undecided::new(a.max_undecided),
-        timeout: std::time::Duration::from_millis(a.detect_timeout_ms),
-    };
+    let inbound = Arc::new(Inbound {
+        material: rx.clone(),
+        mode: a.mtls_mode,
+        metrics: metrics.clone(),
+        detection: inbound::Detection {
+            undecided: mizzen_proxy::detect::Undecided::new(a.max_undecided),
+        },
+        timeouts,
+        app: Default::default(),
+    });
     for l in inbound_listeners {
-        accepting.push(tokio::spawn(inbound::serve(
-            l,
-            rx.clone(),
-            a.mtls_mode,
-            metrics.clone(),
-            connections.clone(),
-            detection.clone(),
-        )));
+        accepting.push(tokio::spawn(inbound::serve(l, inbound.clone(), connections.clone())));
     }
     runtime::shutdown_signal().await;
     // Drain: not ready, no new connections, open ones may finish.

@@ -12,231 +12,27 @@
 //! refused before a byte of the app's data is sent. Unmeshed endpoints get
 //! plaintext. The proxy's own connections are not captured again (UID 1337).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mizzen_api::SpiffeId;
-use rand::Rng;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::sign::CertifiedKey;
-use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
+use crate::balance::Balancer;
 use crate::discovery::{Backend, Destination, Routes};
-use crate::identity::{TlsMaterial, spiffe_id_of};
-use crate::inbound::ALPN;
+use crate::identity::TlsMaterial;
 use crate::metrics::{Direction, ProxyMetrics, handshake_reason};
 use crate::net::captured_dst;
+use crate::protocol::{PortProtocol, Sniffed};
+use crate::tls::{ALPN_TCP, ClientBase, TlsError};
 
-/// How long an endpoint that failed a connection is skipped.
-const FAILURE_HOLD: Duration = Duration::from_secs(5);
 /// Endpoints tried per connection to a Service.
-const ATTEMPTS: usize = 3;
-
-/// Per-endpoint load and health, shared by all connections.
-#[derive(Debug, Default)]
-pub struct Balancer {
-    endpoints: Mutex<HashMap<SocketAddr, Entry>>,
-}
-
-#[derive(Debug, Default)]
-struct Entry {
-    /// Open connections; each [`Load`] holds a reference.
-    open: Arc<AtomicUsize>,
-    failed_until: Option<Instant>,
-}
-
-/// Counts one open connection to an endpoint until dropped.
-#[derive(Debug)]
-pub struct Load(Arc<AtomicUsize>);
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Balancer {
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Entry>> {
-        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > 4096 {
-            // Forget idle endpoints, which discovery may long have dropped.
-            let now = Instant::now();
-            map.retain(|_, e| Arc::strong_count(&e.open) > 1 || e.failed_until.is_some_and(|t| now < t));
-        }
-        map
-    }
-
-    /// Picks among `backends` not in `tried`: two at random, the one with
-    /// fewer open connections; endpoints that failed recently only when
-    /// nothing else is left.
-    pub fn pick<'a>(&self, backends: &'a [Backend], tried: &[SocketAddr]) -> Option<&'a Backend> {
-        let now = Instant::now();
-        let map = self.entries();
-        let failed = |b: &Backend| map.get(&b.addr).and_then(|e| e.failed_until).is_some_and(|t| now < t);
-        let open = |b: &Backend| map.get(&b.addr).map_or(0, |e| e.open.load(Ordering::Relaxed));
-        let left: Vec<&Backend> = backends.iter().filter(|b| !tried.contains(&b.addr)).collect();
-        let healthy: Vec<&Backend> = left.iter().copied().filter(|b| !failed(b)).collect();
-        let pool = if healthy.is_empty() { left } else { healthy };
-        match pool.len() {
-            0 => None,
-            1 => Some(pool[0]),
-            n => {
-                let mut rng = rand::rng();
-                let a = rng.random_range(0..n);
-                let mut b = rng.random_range(0..n - 1);
-                if b >= a {
-                    b += 1;
-                }
-                Some(if open(pool[b]) < open(pool[a]) {
-                    pool[b]
-                } else {
-                    pool[a]
-                })
-            }
-        }
-    }
-
-    /// Counts a connection to `addr` as open.
-    pub fn load(&self, addr: SocketAddr) -> Load {
-        let open = self.entries().entry(addr).or_default().open.clone();
-        open.fetch_add(1, Ordering::Relaxed);
-        Load(open)
-    }
-
-    /// Skips `addr` for a while.
-    pub fn mark_failed(&self, addr: SocketAddr) {
-        self.entries().entry(addr).or_default().failed_until = Some(Instant::now() + FAILURE_HOLD);
-    }
-
-    /// Open connections to `addr` (for tests and metrics).
-    pub fn open(&self, addr: SocketAddr) -> usize {
-        self.entries().get(&addr).map_or(0, |e| e.open.load(Ordering::Relaxed))
-    }
-}
-
-/// Verifies a peer proxy's certificate: chains to the trust bundle, and its
-/// single URI SAN is exactly the SPIFFE ID expected for the endpoint. DNS
-/// names play no part.
-#[derive(Debug)]
-struct SpiffeServerVerifier {
-    roots: Arc<rustls::RootCertStore>,
-    expected: SpiffeId,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
-        let id =
-            spiffe_id_of(end_entity).map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        if id != self.expected {
-            warn!(expected = %self.expected, presented = %id, "peer proxy presented the wrong identity");
-            return Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName));
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-#[derive(Debug)]
-struct OurCert(Arc<CertifiedKey>);
-
-impl rustls::client::ResolvesClientCert for OurCert {
-    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
-/// What client configurations are built from, derived once per certificate.
-#[derive(Debug)]
-struct ClientBase {
-    material: Arc<TlsMaterial>,
-    key: Arc<CertifiedKey>,
-    roots: Arc<rustls::RootCertStore>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ClientBase {
-    fn new(material: Arc<TlsMaterial>) -> Result<Self, String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let signing = provider
-            .key_provider
-            .load_private_key(material.key.clone_key())
-            .map_err(|e| format!("our key: {e}"))?;
-        Ok(Self {
-            key: Arc::new(CertifiedKey::new(material.chain.clone(), signing)),
-            roots: Arc::new(material.roots.clone()),
-            material,
-            provider,
-        })
-    }
-
-    /// TLS 1.3 only, ALPN `mizzen`, our SVID, the server must be `expected`.
-    fn config(&self, expected: SpiffeId) -> Result<Arc<rustls::ClientConfig>, String> {
-        let verifier = SpiffeServerVerifier {
-            roots: self.roots.clone(),
-            expected,
-            algorithms: self.provider.signature_verification_algorithms,
-        };
-        let mut c = rustls::ClientConfig::builder_with_provider(self.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| e.to_string())?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_client_cert_resolver(Arc::new(OurCert(self.key.clone())));
-        c.alpn_protocols = vec![ALPN.to_vec()];
-        c.enable_sni = false;
-        c.resumption = rustls::client::Resumption::disabled();
-        Ok(Arc::new(c))
-    }
-}
+pub(crate) const ATTEMPTS: usize = 3;
 
 /// The outbound side's shared state.
 #[derive(Debug)]
@@ -246,7 +42,9 @@ pub struct Outbound {
     pub material: watch::Receiver<Option<Arc<TlsMaterial>>>,
     pub balancer: Balancer,
     pub metrics: ProxyMetrics,
-    pub connect_timeout: Duration,
+    pub timeouts: crate::config::Timeouts,
+    /// Connections kept for the HTTP path.
+    pub(crate) http: crate::http::outbound::Pools,
     base: Mutex<Option<Arc<ClientBase>>>,
 }
 
@@ -264,7 +62,7 @@ pub enum OutboundError {
     #[error("no certificate from the agent yet")]
     NoCertificateYet,
     #[error("cannot build the TLS configuration: {0}")]
-    TlsConfig(String),
+    TlsConfig(#[from] TlsError),
     #[error("{addr}: the endpoint's identity is not usable: {reason}")]
     BadIdentity { addr: SocketAddr, reason: String },
     #[error("no answer from {addr} within {timeout:?}")]
@@ -285,8 +83,12 @@ pub enum OutboundError {
         reason: &'static str,
         source: std::io::Error,
     },
-    #[error("{addr} did not negotiate ALPN mizzen")]
-    Alpn { addr: SocketAddr },
+    #[error("{addr} did not negotiate ALPN {}", String::from_utf8_lossy(alpn))]
+    Alpn { addr: SocketAddr, alpn: &'static [u8] },
+    #[error("reading the app's first bytes: {0}")]
+    Sniff(std::io::Error),
+    #[error("HTTP with {addr}: {source}")]
+    HttpHandshake { addr: SocketAddr, source: hyper::Error },
 }
 
 impl OutboundError {
@@ -305,6 +107,8 @@ impl OutboundError {
             OutboundError::HandshakeTimeout { .. } => "handshake_timeout",
             OutboundError::Handshake { .. } => "handshake",
             OutboundError::Alpn { .. } => "alpn",
+            OutboundError::Sniff(_) => "io",
+            OutboundError::HttpHandshake { .. } => "http_handshake",
         }
     }
 }
@@ -314,19 +118,33 @@ enum Upstream {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+/// The identity `b` must prove, refused before connecting when discovery
+/// gave one that cannot be verified.
+pub(crate) fn expected_identity(b: &Backend) -> Result<Option<SpiffeId>, OutboundError> {
+    match &b.identity {
+        None => Ok(None),
+        Some(Ok(id)) => Ok(Some(id.clone())),
+        Some(Err(e)) => Err(OutboundError::BadIdentity {
+            addr: b.addr,
+            reason: e.clone(),
+        }),
+    }
+}
+
 impl Outbound {
     pub fn new(
         routes: watch::Receiver<Option<Arc<Routes>>>,
         material: watch::Receiver<Option<Arc<TlsMaterial>>>,
         metrics: ProxyMetrics,
-        connect_timeout: Duration,
+        timeouts: crate::config::Timeouts,
     ) -> Self {
         Self {
             routes,
             material,
             balancer: Balancer::default(),
             metrics,
-            connect_timeout,
+            timeouts,
+            http: Default::default(),
             base: Mutex::new(None),
         }
     }
@@ -340,78 +158,113 @@ impl Outbound {
         {
             return Ok(b.clone());
         }
-        let b = Arc::new(ClientBase::new(material).map_err(OutboundError::TlsConfig)?);
+        let b = Arc::new(ClientBase::new(material)?);
         *cached = Some(b.clone());
         Ok(b)
     }
 
-    async fn connect(&self, b: &Backend) -> Result<(Upstream, Option<SpiffeId>), OutboundError> {
-        // Refuse before connecting when the destination cannot be verified.
-        let expected = match &b.identity {
-            None => None,
-            Some(Ok(id)) => Some(id.clone()),
-            Some(Err(e)) => {
-                return Err(OutboundError::BadIdentity {
-                    addr: b.addr,
-                    reason: e.clone(),
-                });
-            }
-        };
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(b.addr))
+    /// A TCP connection to `addr`, within the connect timeout.
+    pub(crate) async fn connect_tcp(&self, addr: SocketAddr) -> Result<TcpStream, OutboundError> {
+        let timeout = self.timeouts.connect;
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| OutboundError::ConnectTimeout {
-                addr: b.addr,
-                timeout: self.connect_timeout,
-            })?
-            .map_err(|source| OutboundError::Connect { addr: b.addr, source })?;
+            .map_err(|_| OutboundError::ConnectTimeout { addr, timeout })?
+            .map_err(|source| OutboundError::Connect { addr, source })?;
         let _ = tcp.set_nodelay(true);
-        let Some(expected) = expected else {
-            return Ok((Upstream::Plain(tcp), None));
-        };
+        Ok(tcp)
+    }
+
+    /// Mutual TLS with the proxy at `addr`, which must prove `expected`,
+    /// negotiating `alpn`.
+    pub(crate) async fn mesh_tls(
+        &self,
+        tcp: TcpStream,
+        addr: SocketAddr,
+        expected: SpiffeId,
+        alpn: &'static [u8],
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, OutboundError> {
         let base = self.base()?;
         // Only identities of our own trust domain: two clusters sharing a
         // root are still two identity spaces.
         if expected.trust_domain_name() != base.material.id.trust_domain_name() {
             return Err(OutboundError::ForeignTrustDomain {
-                addr: b.addr,
+                addr,
                 expected,
                 ours: base.material.id.trust_domain_name().to_owned(),
             });
         }
-        let config = base.config(expected.clone()).map_err(OutboundError::TlsConfig)?;
-        let name = ServerName::IpAddress(b.addr.ip().into());
+        let config = base.config(expected, alpn)?;
+        let name = ServerName::IpAddress(addr.ip().into());
         let tls = tokio::time::timeout(
-            self.connect_timeout,
+            self.timeouts.connect,
             tokio_rustls::TlsConnector::from(config).connect(name, tcp),
         )
         .await
-        .map_err(|_| OutboundError::HandshakeTimeout { addr: b.addr })?
+        .map_err(|_| OutboundError::HandshakeTimeout { addr })?
         .map_err(|source| {
             let reason = handshake_reason(&source);
             self.metrics.handshake_failure(Direction::Outbound, reason);
-            OutboundError::Handshake {
-                addr: b.addr,
-                reason,
-                source,
-            }
+            OutboundError::Handshake { addr, reason, source }
         })?;
-        if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
-            return Err(OutboundError::Alpn { addr: b.addr });
+        if tls.get_ref().1.alpn_protocol() != Some(alpn) {
+            return Err(OutboundError::Alpn { addr, alpn });
         }
+        Ok(tls)
+    }
+
+    async fn connect(&self, b: &Backend) -> Result<(Upstream, Option<SpiffeId>), OutboundError> {
+        // Refuse before connecting when the destination cannot be verified.
+        let expected = expected_identity(b)?;
+        let tcp = self.connect_tcp(b.addr).await?;
+        let Some(expected) = expected else {
+            return Ok((Upstream::Plain(tcp), None));
+        };
+        let tls = self.mesh_tls(tcp, b.addr, expected.clone(), ALPN_TCP).await?;
         Ok((Upstream::Tls(Box::new(tls)), Some(expected)))
     }
 
-    async fn handle(&self, mut conn: TcpStream, peer: SocketAddr) -> Result<(), OutboundError> {
+    /// The routes, waiting for the first discovery response (before it
+    /// nothing is known to be outside the mesh: better wait than guess
+    /// plaintext).
+    pub(crate) async fn routes(&self) -> Result<Arc<Routes>, OutboundError> {
+        let mut routes = self.routes.clone();
+        match tokio::time::timeout(self.timeouts.connect, routes.wait_for(Option::is_some)).await {
+            Ok(Ok(r)) => r.clone().ok_or(OutboundError::NoRoutesYet),
+            _ => Err(OutboundError::NoRoutesYet),
+        }
+    }
+
+    async fn handle(self: &Arc<Self>, conn: TcpStream, peer: SocketAddr) -> Result<(), OutboundError> {
         let _ = conn.set_nodelay(true);
         let dst = captured_dst(&conn)?;
-        // Before the first discovery response nothing is known to be
-        // outside the mesh: wait for it rather than guess plaintext.
-        let mut routes = self.routes.clone();
-        let destination = match tokio::time::timeout(self.connect_timeout, routes.wait_for(Option::is_some)).await {
-            Ok(Ok(r)) => r.as_ref().map(|r| r.resolve(dst)),
-            _ => None,
+        let destination = self.routes().await?.resolve(dst);
+        let protocol = match &destination {
+            Destination::Service(t) => t.protocol,
+            _ => PortProtocol::Tcp,
+        };
+        match protocol {
+            PortProtocol::Tcp => self.relay(conn, peer, dst, destination).await,
+            PortProtocol::Http => crate::http::outbound::serve(self.clone(), conn, dst).await,
+            PortProtocol::Sniff => {
+                let (sniffed, conn) = crate::protocol::sniff(conn, self.timeouts.sniff)
+                    .await
+                    .map_err(OutboundError::Sniff)?;
+                match sniffed {
+                    Sniffed::Other => self.relay(conn, peer, dst, destination).await,
+                    Sniffed::Http1 | Sniffed::Http2 => crate::http::outbound::serve(self.clone(), conn, dst).await,
+                }
+            }
         }
-        .ok_or(OutboundError::NoRoutesYet)?;
+    }
+
+    /// Relays the app's connection as bytes to one endpoint.
+    async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut conn: S,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        destination: Destination,
+    ) -> Result<(), OutboundError> {
         let (backend, upstream, peer_id) = match destination {
             Destination::Passthrough(addr) => {
                 let b = Backend {
@@ -480,60 +333,5 @@ pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>, connections: 
                 info!(%peer, reason = e.reason(), error = %e, "outbound connection failed");
             }
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn backends(n: usize) -> Vec<Backend> {
-        (0..n)
-            .map(|i| Backend {
-                addr: SocketAddr::from(([10, 0, 0, i as u8 + 1], 80)),
-                identity: None,
-                pod: String::new(),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn two_choices_prefer_the_less_loaded() {
-        let b = Balancer::default();
-        let all = backends(2);
-        // Endpoint 0 is busy: with two endpoints both are always compared.
-        let _busy: Vec<Load> = (0..5).map(|_| b.load(all[0].addr)).collect();
-        for _ in 0..50 {
-            assert_eq!(b.pick(&all, &[]).expect("pick").addr, all[1].addr);
-        }
-        assert_eq!(b.open(all[0].addr), 5);
-    }
-
-    #[test]
-    fn load_spreads_and_failed_endpoints_are_skipped() {
-        let b = Balancer::default();
-        let all = backends(4);
-        let mut loads = Vec::new();
-        for _ in 0..400 {
-            let p = b.pick(&all, &[]).expect("pick");
-            loads.push(b.load(p.addr));
-        }
-        for e in &all {
-            let n = b.open(e.addr);
-            assert!((60..=140).contains(&n), "{} got {n} of 400", e.addr);
-        }
-        drop(loads);
-        b.mark_failed(all[2].addr);
-        for _ in 0..100 {
-            assert_ne!(b.pick(&all, &[]).expect("pick").addr, all[2].addr);
-        }
-        // Tried endpoints are excluded; a failed one is used when nothing else is left.
-        let tried: Vec<SocketAddr> = [0, 1, 3].iter().map(|&i| all[i].addr).collect();
-        assert_eq!(b.pick(&all, &tried).expect("last resort").addr, all[2].addr);
-        let every: Vec<SocketAddr> = all.iter().map(|e| e.addr).collect();
-        assert!(b.pick(&all, &every).is_none());
-        let load = b.load(all[0].addr);
-        drop(load);
-        assert_eq!(b.open(all[0].addr), 0, "load released on drop");
     }
 }

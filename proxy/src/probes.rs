@@ -26,7 +26,7 @@ async fn connect_app(host: &str, port: u16) -> Result<tokio::net::TcpStream, Str
     match host.parse::<IpAddr>() {
         Ok(ip) if !ip.is_loopback() => {
             let dst = std::net::SocketAddr::new(ip, port);
-            crate::net::connect_app(dst)
+            crate::net::connect_app(dst, PROBE_TIMEOUT)
                 .await
                 .map_err(|e| format!("connect {dst}: {e}"))
         }

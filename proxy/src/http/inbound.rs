@@ -1,0 +1,187 @@
+//! Requests arriving for the app: from peer proxies over HTTP/2 mTLS
+//! (ALPN `mizzen-h2`), and plaintext HTTP from outside the mesh in
+//! PERMISSIVE mode.
+//!
+//! Each request is handed to the app in the HTTP version the client app
+//! spoke ([`APP_PROTOCOL`], which only a peer proxy can set), over
+//! connections to the app that are kept for reuse (HTTP/1.1 pooled, one
+//! shared HTTP/2 connection). On the way:
+//! - `x-forwarded-client-cert` is dropped, then, for a peer proxy's
+//!   request, set to Istio's `By=<this pod>;Hash=<client cert
+//!   SHA-256>;Subject="";URI=<client>`: the app can trust it to name
+//!   the calling workload;
+//! - hop-by-hop headers go; `x-request-id` and `x-forwarded-proto` are
+//!   added when missing.
+//!
+//! When the app cannot be reached the client gets a 503 with flag `LR`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mizzen_api::SpiffeId;
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+use super::headers::{self, APP_PROTOCOL, XFCC};
+use super::pool::{H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h2};
+use super::{Body, ResponseFlag};
+use crate::inbound::Inbound;
+use crate::metrics::{Direction, RequestFacts};
+
+/// A peer proxy's verified client.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// The client's SPIFFE ID.
+    pub id: SpiffeId,
+    /// Its certificate (hashed into XFCC).
+    pub cert: CertificateDer<'static>,
+    /// This pod's own identity (XFCC's `By`).
+    pub server: SpiffeId,
+}
+
+/// Connections to the app, by its address.
+#[derive(Debug, Default)]
+pub struct AppClients {
+    h1: H1Pool<SocketAddr>,
+    h2: H2Pool<SocketAddr>,
+}
+
+/// Why a request did not reach the app.
+#[derive(Debug, thiserror::Error)]
+enum AppError {
+    #[error("connect to the app: {0}")]
+    Connect(std::io::Error),
+    #[error("HTTP with the app: {0}")]
+    Http(hyper::Error),
+}
+
+/// Serves requests on `conn` for the app at `dst`; `client` is the peer
+/// proxy's identity, `None` for plaintext from outside the mesh.
+pub async fn serve<S>(inbound: &Arc<Inbound>, conn: S, dst: SocketAddr, client: Option<Client>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let from_mesh = client.is_some();
+    let inbound = inbound.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let (inbound, client) = (inbound.clone(), client.clone());
+        async move { Ok::<_, Infallible>(request(&inbound, dst, client.as_ref(), req).await) }
+    });
+    let io = TokioIo::new(conn);
+    let served = if from_mesh {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, svc)
+            .await
+            .map_err(|e| e.to_string())
+    } else {
+        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(io, svc)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    if let Err(e) = served {
+        debug!(%dst, from_mesh, error = %e, "inbound HTTP connection ended with an error");
+    }
+}
+
+async fn request(
+    inbound: &Inbound,
+    dst: SocketAddr,
+    client: Option<&Client>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let version = match client {
+        Some(_) => headers::app_version(&parts.headers),
+        None => parts.version,
+    };
+    headers::strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(APP_PROTOCOL);
+    parts.headers.remove(XFCC);
+    if let Some(c) = client {
+        parts.headers.insert(XFCC, headers::xfcc(&c.server, &c.cert, &c.id));
+    }
+    headers::ensure_request_id(&mut parts.headers);
+    headers::ensure_forwarded_proto(&mut parts.headers);
+    let mut facts = RequestFacts::new(Direction::Inbound, super::is_grpc(&parts.headers));
+    facts.peer = client.map(|c| c.id.clone());
+    let mut req = Request::from_parts(parts, body.boxed());
+    if version == Version::HTTP_2 {
+        super::into_h2_form(&mut req, dst);
+    } else {
+        super::into_h1_form(&mut req, version);
+    }
+    let response = match to_app(inbound, dst, version, req).await {
+        Ok(r) => {
+            let (mut parts, body) = r.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(e) => {
+            debug!(%dst, error = %e, "the app did not answer");
+            facts.flag = Some(ResponseFlag::LocalReset);
+            super::unavailable(ResponseFlag::LocalReset, "the app could not be reached")
+        }
+    };
+    facts.status = response.status().as_u16();
+    facts.grpc_status = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    inbound.metrics.request(&facts, started.elapsed());
+    response
+}
+
+/// Sends `req` to the app; a request that did not leave (a kept
+/// connection the app had just closed) is sent once more on a new one.
+async fn to_app(
+    inbound: &Inbound,
+    dst: SocketAddr,
+    version: Version,
+    req: Request<Body>,
+) -> Result<Response<Incoming>, AppError> {
+    let timeout = inbound.timeouts.app_connect;
+    let mut req = req;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let sent = if version == Version::HTTP_2 {
+            let conn = inbound
+                .app
+                .h2
+                .get(&dst, || async {
+                    let tcp = crate::net::connect_app(dst, timeout).await.map_err(AppError::Connect)?;
+                    handshake_h2(tcp).await.map_err(AppError::Http)
+                })
+                .await?;
+            send_h2(conn, req).await
+        } else {
+            let conn = inbound
+                .app
+                .h1
+                .get(&dst, || async {
+                    let tcp = crate::net::connect_app(dst, timeout).await.map_err(AppError::Connect)?;
+                    handshake_h1(tcp).await.map_err(AppError::Http)
+                })
+                .await?;
+            inbound.app.h1.send(dst, conn, req).await
+        };
+        match sent {
+            Ok(r) => return Ok(r),
+            Err(SendError::NotSent(back, e)) if attempts < 2 => {
+                debug!(%dst, error = %e, "kept connection to the app closed; retrying on a new one");
+                req = *back;
+            }
+            Err(SendError::NotSent(_, e) | SendError::Failed(e)) => return Err(AppError::Http(e)),
+        }
+    }
+}

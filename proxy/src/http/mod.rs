@@ -1,0 +1,126 @@
+//! The HTTP data path: per-request proxying on ports that carry HTTP.
+//!
+//! - [`outbound`]: the app's HTTP connections are served by the proxy;
+//!   each request picks its own endpoint and travels to a meshed one over
+//!   that endpoint's single pooled HTTP/2 mTLS connection ([`pool`]).
+//! - [`inbound`]: requests from peer proxies (and plaintext HTTP from
+//!   outside the mesh, in PERMISSIVE mode) are handed to the app in the
+//!   protocol the client app spoke, with the client's identity in
+//!   `x-forwarded-client-cert`.
+//! - [`headers`]: what the proxies add, strip and carry between them.
+
+pub mod headers;
+pub mod inbound;
+pub mod outbound;
+pub mod pool;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+
+/// Every body the proxy sends: the peer's streamed through, or its own.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// A body the proxy writes itself.
+pub fn full(text: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// Why the proxy answered a request itself, Envoy's response flags: the
+/// `response_flags` label of request metrics and the
+/// `x-mizzen-response-flags` header of the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFlag {
+    /// No healthy upstream: the Service has no ready endpoint.
+    NoHealthyUpstream,
+    /// Upstream connection failure: no endpoint could be reached.
+    UpstreamConnectionFailure,
+    /// The upstream reset or closed the stream before answering.
+    UpstreamReset,
+    /// The app behind this proxy could not be reached (inbound).
+    LocalReset,
+    /// The proxy cannot secure the request yet (no certificate or routes).
+    NotReady,
+}
+
+impl ResponseFlag {
+    /// Envoy's short name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlag::NoHealthyUpstream => "UH",
+            ResponseFlag::UpstreamConnectionFailure => "UF",
+            ResponseFlag::UpstreamReset => "UR",
+            ResponseFlag::LocalReset => "LR",
+            ResponseFlag::NotReady => "NR",
+        }
+    }
+}
+
+/// The proxy's own answer: 503 with the flag in a header and a short
+/// reason in the body.
+pub fn unavailable(flag: ResponseFlag, reason: &str) -> hyper::Response<Body> {
+    let mut r = hyper::Response::new(full(format!("{reason}\n")));
+    *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+    r.headers_mut().insert(
+        headers::RESPONSE_FLAGS,
+        hyper::header::HeaderValue::from_static(flag.as_str()),
+    );
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+/// `req` as a proxy sends it over HTTP/2: absolute URI (`:scheme`,
+/// `:authority` from the URI, else `Host`, else `fallback`), no `Host`.
+pub fn into_h2_form(req: &mut hyper::Request<Body>, fallback: std::net::SocketAddr) {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(hyper::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| fallback.to_string());
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    if let Ok(uri) = hyper::Uri::builder()
+        .scheme(req.uri().scheme_str().unwrap_or("http"))
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+    {
+        *req.uri_mut() = uri;
+    }
+    req.headers_mut().remove(hyper::header::HOST);
+    *req.version_mut() = hyper::Version::HTTP_2;
+}
+
+/// `req` as sent over HTTP/1.x in `version`: origin-form target, `Host`
+/// from the URI's authority when it has none.
+pub fn into_h1_form(req: &mut hyper::Request<Body>, version: hyper::Version) {
+    if !req.headers().contains_key(hyper::header::HOST)
+        && let Some(v) = req
+            .uri()
+            .authority()
+            .and_then(|a| hyper::header::HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(hyper::header::HOST, v);
+    }
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    if let Ok(uri) = hyper::Uri::builder().path_and_query(path).build() {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = version;
+}
+
+/// Whether a request is gRPC (`content-type: application/grpc…`).
+pub fn is_grpc(h: &hyper::HeaderMap) -> bool {
+    h.get(hyper::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
