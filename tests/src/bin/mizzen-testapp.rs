@@ -21,6 +21,12 @@
 //!                                     prints one JSON line with the count,
 //!                                     errors and latency percentiles (µs,
 //!                                     from each request's scheduled time)
+//! mizzen-testapp http-echo ADDR       HTTP/1.1 and h2c (prior knowledge) server:
+//!                                     answers each request with text lines
+//!                                     "pod <HOSTNAME>", "version <v>",
+//!                                     "method <m>", "path <p>", then
+//!                                     "header <name>: <value>" per header;
+//!                                     status <code> for path /status/<code>
 //! mizzen-testapp hold ADDR N SECS [HEX]  open N connections (writing HEX bytes on each), print "open <n>",
 //!                                     keep them for SECS seconds
 //! ```
@@ -199,6 +205,59 @@ fn http_server(addr: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What [`http_echo`] answers to `req`.
+fn describe(req: &hyper::Request<hyper::body::Incoming>) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
+    let mut text = format!(
+        "pod {}\nversion {:?}\nmethod {}\npath {}\n",
+        std::env::var("HOSTNAME").unwrap_or_default(),
+        req.version(),
+        req.method(),
+        req.uri().path()
+    );
+    for (name, value) in req.headers() {
+        text.push_str(&format!(
+            "header {name}: {}\n",
+            String::from_utf8_lossy(value.as_bytes())
+        ));
+    }
+    let status = req
+        .uri()
+        .path()
+        .strip_prefix("/status/")
+        .and_then(|c| c.parse::<u16>().ok())
+        .and_then(|c| hyper::StatusCode::from_u16(c).ok())
+        .unwrap_or(hyper::StatusCode::OK);
+    let mut resp = hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(text)));
+    *resp.status_mut() = status;
+    resp
+}
+
+fn http_echo(addr: &str) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("bind {addr}: {e}"))?;
+        println!("listening {}", listener.local_addr().map_err(|e| e.to_string())?);
+        std::io::stdout().flush().map_err(|e| e.to_string())?;
+        loop {
+            let Ok((conn, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(|req| async move { Ok::<_, std::convert::Infallible>(describe(&req)) });
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(conn), svc)
+                    .await;
+            });
+        }
+    })
+}
+
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     mizzen_tests::percentile(sorted, p).unwrap_or(0)
 }
@@ -326,6 +385,7 @@ fn main() -> ExitCode {
         ["connect", addr, text] => connect(addr, text),
         ["load", addr, secs, ms] => load(addr, secs, ms),
         ["http-server", addr] => http_server(addr),
+        ["http-echo", addr] => http_echo(addr),
         ["http-load", addr, rate, secs, conns] => http_load(addr, rate, secs, conns),
         ["hold", addr, n, secs] => hold(addr, n, secs, ""),
         ["hold", addr, n, secs, first] => hold(addr, n, secs, first),
@@ -334,7 +394,7 @@ fn main() -> ExitCode {
             println!("uid={uid} gid={gid}");
             Ok(())
         }
-        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami | load ADDR SECS MS | http-server ADDR | http-load ADDR RATE SECS CONNS | hold ADDR N SECS [HEX-BYTES]".into()),
+        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami | load ADDR SECS MS | http-server ADDR | http-echo ADDR | http-load ADDR RATE SECS CONNS | hold ADDR N SECS [HEX-BYTES]".into()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,316 @@
+//! The HTTP data path end to end, on the real control plane: injected
+//! pods on a test node, a Service whose port is named `http`, the client
+//! app's requests made with curl (an independent HTTP implementation) as
+//! the app's UID so that its traffic is captured.
+//!
+//! The server app is `mizzen-testapp http-echo`, which answers with its
+//! pod name, the HTTP version it was spoken to in, and every header it
+//! received, so each test reads what reached the app.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, PostParams};
+use mizzen_tests::daemon::{metric_where, proxy_metric};
+use mizzen_tests::mesh::MeshNode;
+use mizzen_tests::node::{create_pod, wait_ready};
+use mizzen_tests::{Cluster, eventually_some, workspace_bin};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+const APP_UID: u32 = 1000;
+const MESHED: &[(&str, &str)] = &[("mizzen.dev/inject", "enabled")];
+
+/// Two `web` replicas behind Service `web` (port 80, named `http`), and a
+/// `client` pod, in a namespace of their own on a node of their own.
+struct HttpMesh {
+    mesh: MeshNode,
+    ns: String,
+    vip: String,
+    /// Pod IPs of the replicas and of the client.
+    web_ips: Vec<String>,
+    client_ip: String,
+}
+
+fn web_pod(name: &str, node: &str) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"name": name, "labels": {"app": "web"}},
+        "spec": {
+            "nodeName": node,
+            "containers": [{
+                "name": "app", "image": "mizzen-testapp",
+                "args": ["http-echo", "0.0.0.0:8080"],
+                "ports": [{"name": "http", "containerPort": 8080}],
+                "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 1},
+            }],
+        },
+    })
+}
+
+async fn service(client: &kube::Client, ns: &str, name: &str, app: &str, port_name: &str) -> anyhow::Result<String> {
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"selector": {"app": app}, "ports": [{"name": port_name, "port": 80, "targetPort": 8080}]},
+    }))?;
+    Api::<Service>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &svc)
+        .await?
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("cluster IP")
+}
+
+impl HttpMesh {
+    async fn start(node: &str, meshed_ns: bool) -> anyhow::Result<Self> {
+        let cluster = Cluster::get();
+        let client = cluster.client().await?;
+        let mesh = MeshNode::start(cluster, node, &workspace_bin("mizzen-proxy"), &[]).await?;
+        let labels = if meshed_ns { MESHED } else { &[] };
+        let ns = cluster.namespace(&client, "http", labels).await?;
+        let vip = service(&client, &ns, "web", "web", "http").await?;
+        for name in ["web-a", "web-b"] {
+            create_pod(&client, &ns, web_pod(name, node)).await?;
+        }
+        create_pod(&client, &ns, mizzen_tests::mesh::echo_pod("client", node)).await?;
+        let mut ips = Vec::new();
+        for name in ["web-a", "web-b", "client"] {
+            let pod = wait_ready(&client, &ns, name, TIMEOUT).await?;
+            ips.push(pod.status.and_then(|s| s.pod_ip).context("pod IP")?);
+        }
+        let client_ip = ips.pop().context("client IP")?;
+        let m = Self {
+            mesh,
+            ns,
+            vip,
+            web_ips: ips,
+            client_ip,
+        };
+        // The Service reaches the client's proxy a moment after the pods
+        // are ready.
+        eventually_some(Duration::from_secs(30), "the Service to answer", || async {
+            Ok(m.curl(&[&m.url("/")]).await.ok())
+        })
+        .await?;
+        Ok(m)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.vip)
+    }
+
+    /// Runs curl in the client pod as its app; returns stdout.
+    async fn curl(&self, args: &[&str]) -> anyhow::Result<String> {
+        curl_in(&self.mesh, &self.ns, "client", args).await
+    }
+}
+
+async fn curl_in(mesh: &MeshNode, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = mesh
+        .node
+        .command_as(ns, pod, APP_UID, "curl")?
+        .args(["-sS", "--fail-with-body", "--max-time", "10"])
+        .args(args)
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!(
+            "curl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The values of header `name` the echo server reported.
+fn header<'a>(echo: &'a str, name: &str) -> Vec<&'a str> {
+    let prefix = format!("header {name}: ");
+    echo.lines().filter_map(|l| l.strip_prefix(prefix.as_str())).collect()
+}
+
+#[tokio::test]
+async fn keep_alive_requests_are_balanced_per_request_over_one_connection_per_endpoint() -> anyhow::Result<()> {
+    let m = HttpMesh::start("http-balance", true).await?;
+    // 20 requests on one keep-alive connection of the app.
+    let url = m.url("/");
+    let mut args = vec!["-w", "\nconnects %{num_connects}\n"];
+    args.extend(std::iter::repeat_n(url.as_str(), 20));
+    let out = m.curl(&args).await?;
+    let connects: u32 = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("connects "))
+        .map(|n| n.parse::<u32>().unwrap_or(99))
+        .sum();
+    assert_eq!(connects, 1, "curl used one connection for all 20 requests:\n{out}");
+    for pod in ["web-a", "web-b"] {
+        let n = out.lines().filter(|l| *l == format!("pod {pod}")).count();
+        assert!(
+            n >= 3,
+            "{pod} answered {n} of 20 requests made on one connection:\n{out}"
+        );
+    }
+    // The client's proxy holds one mTLS connection per endpoint, whatever
+    // the number of requests.
+    let (_, text) = proxy_metric(&m.client_ip, "mizzen_proxy_connections_total").await?;
+    let opened = metric_where(
+        &text,
+        "mizzen_proxy_connections_total{direction=\"outbound\",tls=\"mtls\"",
+    );
+    assert_eq!(opened, 2.0, "one connection per endpoint:\n{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_server_app_gets_xfcc_naming_the_client_and_a_forged_one_is_replaced() -> anyhow::Result<()> {
+    let m = HttpMesh::start("http-xfcc", true).await?;
+    let forged = "By=spiffe://cluster.local/ns/x/sa/y;URI=spiffe://cluster.local/ns/kube-system/sa/admin";
+    let out = m
+        .curl(&["-H", &format!("x-forwarded-client-cert: {forged}"), &m.url("/")])
+        .await?;
+    let xfcc = header(&out, "x-forwarded-client-cert");
+    assert_eq!(xfcc.len(), 1, "exactly one XFCC reaches the app:\n{out}");
+    let client = format!("URI=spiffe://cluster.local/ns/{}/sa/default", m.ns);
+    assert!(
+        xfcc[0].starts_with(&format!("By=spiffe://cluster.local/ns/{}/sa/default;Hash=", m.ns))
+            && xfcc[0].ends_with(&format!(";Subject=\"\";{client}")),
+        "Istio's format, naming the calling workload: {}",
+        xfcc[0]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn xfcc_forged_outside_the_mesh_never_reaches_the_app() -> anyhow::Result<()> {
+    let m = HttpMesh::start("http-forged", true).await?;
+    // An unmeshed pod calls a replica directly (PERMISSIVE accepts it).
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    let outside = cluster.namespace(&client, "outside", &[]).await?;
+    create_pod(
+        &client,
+        &outside,
+        mizzen_tests::mesh::echo_pod("stranger", &m.mesh.node.name),
+    )
+    .await?;
+    wait_ready(&client, &outside, "stranger", TIMEOUT).await?;
+    let forged = format!("By=x;URI=spiffe://cluster.local/ns/{}/sa/default", m.ns);
+    let out = curl_in(
+        &m.mesh,
+        &outside,
+        "stranger",
+        &[
+            "-H",
+            &format!("x-forwarded-client-cert: {forged}"),
+            &format!("http://{}:8080/", m.web_ips[0]),
+        ],
+    )
+    .await?;
+    assert!(out.contains("\npath /\n"), "the app answered:\n{out}");
+    assert!(
+        header(&out, "x-forwarded-client-cert").is_empty(),
+        "no XFCC from outside the mesh:\n{out}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn traceparent_is_kept_and_a_request_id_added() -> anyhow::Result<()> {
+    let m = HttpMesh::start("http-trace", true).await?;
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let out = m.curl(&["-H", &format!("traceparent: {tp}"), &m.url("/")]).await?;
+    assert_eq!(header(&out, "traceparent"), [tp], "{out}");
+    let ids = header(&out, "x-request-id");
+    assert_eq!(ids.len(), 1, "{out}");
+    assert_eq!(ids[0].len(), 36, "a UUID: {}", ids[0]);
+    assert_eq!(header(&out, "x-forwarded-proto"), ["http"], "{out}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn h2c_reaches_the_app_as_http2_and_http11_as_http11() -> anyhow::Result<()> {
+    let m = HttpMesh::start("http-h2c", true).await?;
+    let h2 = m.curl(&["--http2-prior-knowledge", &m.url("/h2")]).await?;
+    assert!(h2.contains("\nversion HTTP/2.0\n"), "h2c end to end:\n{h2}");
+    let h1 = m.curl(&["--http1.1", &m.url("/h1")]).await?;
+    assert!(h1.contains("\nversion HTTP/1.1\n"), "HTTP/1.1 end to end:\n{h1}");
+    assert_eq!(header(&h1, "host"), [m.vip.as_str()], "the Host the client sent:\n{h1}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn request_metrics_carry_istio_labels_and_response_codes() -> anyhow::Result<()> {
+    let m = HttpMesh::start("http-metrics", true).await?;
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    // A Service whose pods do not exist: no endpoint, 503 UH.
+    let empty = service(&client, &m.ns, "nobody", "nobody", "http").await?;
+    m.curl(&[&m.url("/ok")]).await?;
+    let not_found = m
+        .curl(&["-o", "/dev/null", "-w", "%{http_code}", &m.url("/status/404")])
+        .await;
+    assert!(
+        not_found.is_err(),
+        "404 is an error for --fail-with-body: {not_found:?}"
+    );
+    let unavailable = eventually_some(Duration::from_secs(30), "the empty Service to be known", || async {
+        let out = m
+            .curl(&["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{empty}/")])
+            .await;
+        Ok(out.err().filter(|e| e.to_string().contains("503")))
+    })
+    .await;
+    assert!(
+        unavailable.is_ok(),
+        "503 for a Service without endpoints: {unavailable:?}"
+    );
+
+    let ns = &m.ns;
+    let (_, source) = proxy_metric(&m.client_ip, "mizzen_requests_total").await?;
+    let client_side = |code: &str, flags: &str, service: &str| {
+        format!(
+            "mizzen_requests_total{{reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"{ns}\",\
+             source_principal=\"spiffe://cluster.local/ns/{ns}/sa/default\",destination_workload=\"{dw}\",\
+             destination_workload_namespace=\"{dns}\",destination_principal=\"{dp}\",\
+             destination_service=\"{service}.{ns}.svc.cluster.local\",request_protocol=\"http\",\
+             response_code=\"{code}\",grpc_response_status=\"\",response_flags=\"{flags}\",\
+             connection_security_policy=\"{csp}\"}}",
+            dw = if flags == "-" { "web-a" } else { "unknown" },
+            dns = if flags == "-" { ns.as_str() } else { "unknown" },
+            dp = if flags == "-" {
+                format!("spiffe://cluster.local/ns/{ns}/sa/default")
+            } else {
+                "unknown".into()
+            },
+            csp = if flags == "-" { "mutual_tls" } else { "none" },
+        )
+    };
+    let either = |code: &str| {
+        metric_where(&source, &client_side(code, "-", "web"))
+            + metric_where(
+                &source,
+                &client_side(code, "-", "web").replace("\"web-a\"", "\"web-b\""),
+            )
+    };
+    assert!(either("200") >= 2.0, "200s reported by the client's proxy:\n{source}");
+    assert_eq!(either("404"), 1.0, "one 404 reported by the client's proxy:\n{source}");
+    assert!(
+        metric_where(&source, &client_side("503", "UH", "nobody")) >= 1.0,
+        "503 UH reported by the client's proxy:\n{source}"
+    );
+    // The server side reports what it served, naming the client.
+    let (mut served, mut durations) = (0.0, 0);
+    for ip in &m.web_ips {
+        let (_, text) = proxy_metric(ip, "mizzen_requests_total").await?;
+        served += metric_where(
+            &text,
+            &format!(
+                "mizzen_requests_total{{reporter=\"destination\",source_workload=\"unknown\",\
+                 source_workload_namespace=\"{ns}\",source_principal=\"spiffe://cluster.local/ns/{ns}/sa/default\""
+            ),
+        );
+        durations += text.matches("mizzen_request_duration_milliseconds_count{").count();
+    }
+    assert!(served >= 3.0, "the servers' proxies reported the requests they served");
+    assert!(durations >= 1, "the servers' proxies recorded durations");
+    Ok(())
+}
