@@ -60,6 +60,10 @@ pub struct ProxyMetrics {
     requests: Family<Labels, Counter>,
     /// HTTP request durations, by the same labels.
     request_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    /// HTTP request body sizes, by the same labels.
+    request_bytes: Family<Labels, Histogram, fn() -> Histogram>,
+    /// HTTP response body sizes, by the same labels.
+    response_bytes: Family<Labels, Histogram, fn() -> Histogram>,
     /// Who this proxy serves, for the labels of its requests.
     local: Arc<RwLock<Local>>,
 }
@@ -78,6 +82,8 @@ impl Default for ProxyMetrics {
             relay_errors: Family::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(duration_histogram),
+            request_bytes: Family::new_with_constructor(size_histogram),
+            response_bytes: Family::new_with_constructor(size_histogram),
             local: Arc::new(RwLock::new(Local::from_env())),
         }
     }
@@ -89,6 +95,11 @@ fn duration_histogram() -> Histogram {
         0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0,
         300000.0, 600000.0, 1800000.0, 3600000.0,
     ])
+}
+
+/// Istio's buckets for body sizes, in bytes: powers of ten to 100 MB.
+fn size_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0, 10.0, 9))
 }
 
 /// This proxy's workload, as request labels name it.
@@ -171,8 +182,18 @@ impl ProxyMetrics {
         );
         root.register(
             "mizzen_request_duration_milliseconds",
-            "HTTP request durations until the response headers, by Istio's standard labels",
+            "HTTP request durations until the end of the response, by Istio's standard labels",
             self.request_duration.clone(),
+        );
+        root.register(
+            "mizzen_request_bytes",
+            "HTTP request body sizes, by Istio's standard labels",
+            self.request_bytes.clone(),
+        );
+        root.register(
+            "mizzen_response_bytes",
+            "HTTP response body sizes, by Istio's standard labels",
+            self.response_bytes.clone(),
         );
         let r = root.sub_registry_with_prefix("mizzen_proxy");
         r.register(
@@ -223,8 +244,8 @@ impl ProxyMetrics {
         root
     }
 
-    /// Counts a request and its duration.
-    pub fn request(&self, f: &RequestFacts, elapsed: std::time::Duration) {
+    /// Counts a request, its duration and body sizes.
+    pub fn request(&self, f: &RequestFacts, elapsed: std::time::Duration, request_bytes: u64, response_bytes: u64) {
         let local = self.local.read().unwrap_or_else(|p| p.into_inner()).clone();
         let peer_principal = f.peer.as_ref().map_or_else(|| UNKNOWN.to_owned(), ToString::to_string);
         let peer_namespace = f.peer.as_ref().and_then(namespace_of).map(str::to_owned);
@@ -288,6 +309,10 @@ impl ProxyMetrics {
         self.request_duration
             .get_or_create(&labels)
             .observe(elapsed.as_secs_f64() * 1000.0);
+        self.request_bytes.get_or_create(&labels).observe(request_bytes as f64);
+        self.response_bytes
+            .get_or_create(&labels)
+            .observe(response_bytes as f64);
     }
 
     /// Counts and logs how a relayed connection ended, if with an error.

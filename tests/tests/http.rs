@@ -122,6 +122,20 @@ async fn curl_in(mesh: &MeshNode, ns: &str, pod: &str, args: &[&str]) -> anyhow:
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The proxy's metrics at `ip` once the series starting with `prefix`
+/// sum to at least `at_least`.
+async fn settled_metrics(ip: &str, prefix: &str, at_least: f64) -> anyhow::Result<String> {
+    let last = std::sync::Mutex::new(String::new());
+    let found = eventually_some(Duration::from_secs(10), prefix, || async {
+        let (_, text) = proxy_metric(ip, "mizzen_requests_total").await?;
+        let enough = metric_where(&text, prefix) >= at_least;
+        *last.lock().unwrap_or_else(|p| p.into_inner()) = text.clone();
+        Ok(enough.then_some(text))
+    })
+    .await;
+    found.or_else(|_| Ok(last.into_inner().unwrap_or_else(|p| p.into_inner())))
+}
+
 /// The values of header `name` the echo server reported.
 fn header<'a>(echo: &'a str, name: &str) -> Vec<&'a str> {
     let prefix = format!("header {name}: ");
@@ -265,7 +279,8 @@ async fn request_metrics_carry_istio_labels_and_response_codes() -> anyhow::Resu
     );
 
     let ns = &m.ns;
-    let (_, source) = proxy_metric(&m.client_ip, "mizzen_requests_total").await?;
+    // Requests are counted once their responses have been carried to the end.
+    let source = settled_metrics(&m.client_ip, "mizzen_requests_total{reporter=\"source\"", 4.0).await?;
     let client_side = |code: &str, flags: &str, service: &str| {
         format!(
             "mizzen_requests_total{{reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"{ns}\",\
@@ -297,20 +312,46 @@ async fn request_metrics_carry_istio_labels_and_response_codes() -> anyhow::Resu
         metric_where(&source, &client_side("503", "UH", "nobody")) >= 1.0,
         "503 UH reported by the client's proxy:\n{source}"
     );
+    let (_, all) = proxy_metric(&m.client_ip, "mizzen_response_bytes_sum").await?;
+    let echoed = metric_where(
+        &all,
+        &client_side("200", "-", "web").replace("mizzen_requests_total", "mizzen_response_bytes_sum"),
+    ) + metric_where(
+        &all,
+        &client_side("200", "-", "web")
+            .replace("mizzen_requests_total", "mizzen_response_bytes_sum")
+            .replace("\"web-a\"", "\"web-b\""),
+    );
+    assert!(
+        echoed > 100.0,
+        "response bytes of the echoed requests are counted:\n{all}"
+    );
     // The server side reports what it served, naming the client.
-    let (mut served, mut durations) = (0.0, 0);
-    for ip in &m.web_ips {
-        let (_, text) = proxy_metric(ip, "mizzen_requests_total").await?;
-        served += metric_where(
-            &text,
-            &format!(
-                "mizzen_requests_total{{reporter=\"destination\",source_workload=\"unknown\",\
-                 source_workload_namespace=\"{ns}\",source_principal=\"spiffe://cluster.local/ns/{ns}/sa/default\""
-            ),
-        );
-        durations += text.matches("mizzen_request_duration_milliseconds_count{").count();
-    }
-    assert!(served >= 3.0, "the servers' proxies reported the requests they served");
+    let from_client = format!(
+        "mizzen_requests_total{{reporter=\"destination\",source_workload=\"unknown\",\
+         source_workload_namespace=\"{ns}\",source_principal=\"spiffe://cluster.local/ns/{ns}/sa/default\""
+    );
+    let servers = || async {
+        let mut texts = String::new();
+        for ip in &m.web_ips {
+            texts.push_str(&proxy_metric(ip, "mizzen_requests_total").await?.1);
+        }
+        Ok::<_, anyhow::Error>(texts)
+    };
+    let served = eventually_some(
+        Duration::from_secs(10),
+        "the servers' proxies to count 3 requests",
+        || async {
+            let texts = servers().await?;
+            Ok((metric_where(&texts, &from_client) >= 3.0).then_some(texts))
+        },
+    )
+    .await;
+    let texts = match served {
+        Ok(t) => t,
+        Err(e) => panic!("{e}: {}", servers().await?),
+    };
+    let durations = texts.matches("mizzen_request_duration_milliseconds_count{").count();
     assert!(durations >= 1, "the servers' proxies recorded durations");
     Ok(())
 }

@@ -113,7 +113,8 @@ async fn request(
     headers::ensure_forwarded_proto(&mut parts.headers);
     let mut facts = RequestFacts::new(Direction::Inbound, super::is_grpc(&parts.headers));
     facts.peer = client.map(|c| c.id.clone());
-    let mut req = Request::from_parts(parts, body.boxed());
+    let (body, request_bytes) = super::counted(body);
+    let mut req = Request::from_parts(parts, body);
     if version == Version::HTTP_2 {
         super::into_h2_form(&mut req, dst);
     } else {
@@ -137,8 +138,11 @@ async fn request(
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    inbound.metrics.request(&facts, started.elapsed());
-    response
+    let metrics = inbound.metrics.clone();
+    super::on_end(response, move |response_bytes| {
+        let request_bytes = request_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        metrics.request(&facts, started.elapsed(), request_bytes, response_bytes);
+    })
 }
 
 /// Sends `req` to the app; a request that did not leave (a kept

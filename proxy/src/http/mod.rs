@@ -9,6 +9,7 @@
 //!   `x-forwarded-client-cert`.
 //! - [`headers`]: what the proxies add, strip and carry between them.
 
+pub mod body;
 pub mod headers;
 pub mod inbound;
 pub mod outbound;
@@ -20,6 +21,24 @@ use http_body_util::combinators::BoxBody;
 
 /// Every body the proxy sends: the peer's streamed through, or its own.
 pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// `body`, its data bytes counted into the returned counter.
+pub fn counted(body: hyper::body::Incoming) -> (Body, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    (body::Observed::new(body, count.clone(), None).boxed(), count)
+}
+
+/// `resp` with `on_end` called once its body has been carried to the end
+/// (or abandoned), with the body's size.
+pub fn on_end(resp: hyper::Response<Body>, on_end: impl FnOnce(u64) + Send + Sync + 'static) -> hyper::Response<Body> {
+    let (parts, b) = resp.into_parts();
+    let counted = body::Observed::new(
+        b,
+        std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        Some(Box::new(on_end)),
+    );
+    hyper::Response::from_parts(parts, counted.boxed())
+}
 
 /// A body the proxy writes itself.
 pub fn full(text: impl Into<Bytes>) -> Body {

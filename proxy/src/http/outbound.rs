@@ -31,6 +31,7 @@ use tracing::debug;
 use super::headers::{self, APP_PROTOCOL};
 use super::pool::{H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h2};
 use super::{Body, ResponseFlag};
+use crate::balance::Load;
 use crate::discovery::{Backend, Destination};
 use crate::metrics::{Direction, RequestFacts};
 use crate::outbound::{ATTEMPTS, Outbound, OutboundError, expected_identity};
@@ -83,6 +84,8 @@ struct Refusal {
 struct Forwarded {
     response: Response<Incoming>,
     backend: Backend,
+    /// The request counts as outstanding on its endpoint until dropped.
+    load: Load,
 }
 
 async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> Response<Body> {
@@ -94,25 +97,30 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
     headers::ensure_request_id(&mut parts.headers);
     headers::ensure_forwarded_proto(&mut parts.headers);
     let grpc = super::is_grpc(&parts.headers);
-    let req = Request::from_parts(parts, body.boxed());
+    let (body, request_bytes) = super::counted(body);
+    let req = Request::from_parts(parts, body);
     let service = o.routes.borrow().as_ref().and_then(|r| match r.resolve(dst) {
         Destination::Service(t) => Some(t.service.clone()),
         _ => None,
     });
     let mut facts = RequestFacts::new(Direction::Outbound, grpc);
     facts.destination_service = service;
-    let response = match forward(o, dst, version, req).await {
-        Ok(Forwarded { response, backend }) => {
+    let (response, load) = match forward(o, dst, version, req).await {
+        Ok(Forwarded {
+            response,
+            backend,
+            load,
+        }) => {
             facts.peer = backend.identity.and_then(Result::ok);
             facts.peer_pod = Some(backend.pod).filter(|p| !p.is_empty());
             let (mut parts, body) = response.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, body.boxed())
+            (Response::from_parts(parts, body.boxed()), Some(load))
         }
         Err(r) => {
             debug!(%dst, flag = r.flag.as_str(), error = %r.error, "answering the app with 503");
             facts.flag = Some(r.flag);
-            super::unavailable(r.flag, &r.error)
+            (super::unavailable(r.flag, &r.error), None)
         }
     };
     facts.status = response.status().as_u16();
@@ -121,8 +129,12 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    o.metrics.request(&facts, started.elapsed());
-    response
+    let metrics = o.metrics.clone();
+    super::on_end(response, move |response_bytes| {
+        drop(load);
+        let request_bytes = request_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        metrics.request(&facts, started.elapsed(), request_bytes, response_bytes);
+    })
 }
 
 /// Sends `req` to one of `dst`'s endpoints, trying another while nothing
@@ -160,12 +172,13 @@ async fn forward(
             break;
         };
         tried.push(b.addr);
-        let _load = o.balancer.load(b.addr);
+        let load = o.balancer.load(b.addr);
         match send(o, b, version, req).await {
             Ok(response) => {
                 return Ok(Forwarded {
                     response,
                     backend: b.clone(),
+                    load,
                 });
             }
             Err(Attempt::NotSent(back, e)) => {

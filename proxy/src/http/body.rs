@@ -1,0 +1,112 @@
+//! Bodies passed through while counting their bytes, with a callback once
+//! they end: request metrics are recorded when the response has been
+//! carried to the end (or abandoned), and an endpoint's outstanding
+//! request is released then, not when the headers arrive.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+
+/// What runs once when an [`Observed`] body ends: the bytes it carried.
+pub type OnEnd = Box<dyn FnOnce(u64) + Send + Sync>;
+
+/// `inner`, counting data bytes into `count` and calling `on_end` once at
+/// the end of the stream, on an error, or when dropped early.
+pub struct Observed<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+    on_end: Option<OnEnd>,
+}
+
+impl<B> std::fmt::Debug for Observed<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observed")
+            .field("bytes", &self.count.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Observed<B> {
+    pub fn new(inner: B, count: Arc<AtomicU64>, on_end: Option<OnEnd>) -> Self {
+        Self { inner, count, on_end }
+    }
+
+    fn end(&mut self) {
+        if let Some(f) = self.on_end.take() {
+            f(self.count.load(Ordering::Relaxed));
+        }
+    }
+}
+
+impl<B> Drop for Observed<B> {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+impl<B: HttpBody<Data = Bytes> + Unpin> HttpBody for Observed<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                if self.inner.is_end_stream() {
+                    self.end();
+                }
+            }
+            Poll::Ready(None | Some(Err(_))) => self.end(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+    use std::sync::Mutex;
+
+    #[tokio::test]
+    async fn counts_bytes_and_ends_once() {
+        let ended = Arc::new(Mutex::new(Vec::new()));
+        let seen = ended.clone();
+        let body = Observed::new(
+            Full::new(Bytes::from_static(b"hello")),
+            Arc::new(AtomicU64::new(0)),
+            Some(Box::new(move |n| seen.lock().expect("lock").push(n))),
+        );
+        let collected = body.collect().await.expect("collect").to_bytes();
+        assert_eq!(&collected[..], b"hello");
+        assert_eq!(*ended.lock().expect("lock"), [5], "once, with the byte count");
+    }
+
+    #[test]
+    fn a_body_dropped_early_still_ends() {
+        let ended = Arc::new(Mutex::new(Vec::new()));
+        let seen = ended.clone();
+        drop(Observed::new(
+            Full::new(Bytes::from_static(b"unread")),
+            Arc::new(AtomicU64::new(0)),
+            Some(Box::new(move |n| seen.lock().expect("lock").push(n))),
+        ));
+        assert_eq!(*ended.lock().expect("lock"), [0]);
+    }
+}
