@@ -11,14 +11,26 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
-/// What runs once when an [`Observed`] body ends: the bytes it carried.
-pub type OnEnd = Box<dyn FnOnce(u64) + Send + Sync>;
+/// How an [`Observed`] body ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ended {
+    /// Data bytes carried.
+    pub bytes: u64,
+    /// `grpc-status` of its trailers, if it had them.
+    pub grpc_status: Option<String>,
+}
+
+/// What runs once when an [`Observed`] body ends.
+pub type OnEnd = Box<dyn FnOnce(Ended) + Send + Sync>;
 
 /// `inner`, counting data bytes into `count` and calling `on_end` once at
-/// the end of the stream, on an error, or when dropped early.
+/// the end of the stream, on an error, or when dropped (whichever comes
+/// first: a server that stops polling a body it knows has ended drops it).
+/// Trailers come after the last data frame, so nothing ends on data alone.
 pub struct Observed<B> {
     inner: B,
     count: Arc<AtomicU64>,
+    grpc_status: Option<String>,
     on_end: Option<OnEnd>,
 }
 
@@ -32,12 +44,20 @@ impl<B> std::fmt::Debug for Observed<B> {
 
 impl<B> Observed<B> {
     pub fn new(inner: B, count: Arc<AtomicU64>, on_end: Option<OnEnd>) -> Self {
-        Self { inner, count, on_end }
+        Self {
+            inner,
+            count,
+            grpc_status: None,
+            on_end,
+        }
     }
 
     fn end(&mut self) {
         if let Some(f) = self.on_end.take() {
-            f(self.count.load(Ordering::Relaxed));
+            f(Ended {
+                bytes: self.count.load(Ordering::Relaxed),
+                grpc_status: self.grpc_status.take(),
+            });
         }
     }
 }
@@ -59,8 +79,12 @@ impl<B: HttpBody<Data = Bytes> + Unpin> HttpBody for Observed<B> {
                 if let Some(data) = frame.data_ref() {
                     self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
-                if self.inner.is_end_stream() {
-                    self.end();
+                if let Some(status) = frame
+                    .trailers_ref()
+                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                {
+                    self.grpc_status = Some(status.to_owned());
                 }
             }
             Poll::Ready(None | Some(Err(_))) => self.end(),
@@ -91,11 +115,36 @@ mod tests {
         let body = Observed::new(
             Full::new(Bytes::from_static(b"hello")),
             Arc::new(AtomicU64::new(0)),
-            Some(Box::new(move |n| seen.lock().expect("lock").push(n))),
+            Some(Box::new(move |e: Ended| seen.lock().expect("lock").push(e.bytes))),
         );
         let collected = body.collect().await.expect("collect").to_bytes();
         assert_eq!(&collected[..], b"hello");
         assert_eq!(*ended.lock().expect("lock"), [5], "once, with the byte count");
+    }
+
+    #[tokio::test]
+    async fn the_grpc_status_of_trailers_is_kept() {
+        let mut trailers = hyper::HeaderMap::new();
+        trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("5"));
+        let frames = futures::stream::iter(vec![
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::trailers(trailers)),
+        ]);
+        let ended = Arc::new(Mutex::new(None));
+        let seen = ended.clone();
+        let body = Observed::new(
+            http_body_util::StreamBody::new(frames),
+            Arc::new(AtomicU64::new(0)),
+            Some(Box::new(move |e: Ended| *seen.lock().expect("lock") = Some(e))),
+        );
+        body.collect().await.expect("collect");
+        assert_eq!(
+            *ended.lock().expect("lock"),
+            Some(Ended {
+                bytes: 3,
+                grpc_status: Some("5".into())
+            })
+        );
     }
 
     #[test]
@@ -105,7 +154,7 @@ mod tests {
         drop(Observed::new(
             Full::new(Bytes::from_static(b"unread")),
             Arc::new(AtomicU64::new(0)),
-            Some(Box::new(move |n| seen.lock().expect("lock").push(n))),
+            Some(Box::new(move |e: Ended| seen.lock().expect("lock").push(e.bytes))),
         ));
         assert_eq!(*ended.lock().expect("lock"), [0]);
     }

@@ -139,9 +139,12 @@ async fn request(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let metrics = inbound.metrics.clone();
-    super::on_end(response, move |response_bytes| {
+    super::on_end(response, move |ended| {
         let request_bytes = request_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        metrics.request(&facts, started.elapsed(), request_bytes, response_bytes);
+        let mut facts = facts;
+        // A trailers-only answer carries grpc-status in its headers.
+        facts.grpc_status = facts.grpc_status.or(ended.grpc_status);
+        metrics.request(&facts, started.elapsed(), request_bytes, ended.bytes);
     })
 }
 

@@ -29,8 +29,11 @@ pub fn counted(body: hyper::body::Incoming) -> (Body, std::sync::Arc<std::sync::
 }
 
 /// `resp` with `on_end` called once its body has been carried to the end
-/// (or abandoned), with the body's size.
-pub fn on_end(resp: hyper::Response<Body>, on_end: impl FnOnce(u64) + Send + Sync + 'static) -> hyper::Response<Body> {
+/// (or abandoned).
+pub fn on_end(
+    resp: hyper::Response<Body>,
+    on_end: impl FnOnce(body::Ended) + Send + Sync + 'static,
+) -> hyper::Response<Body> {
     let (parts, b) = resp.into_parts();
     let counted = body::Observed::new(
         b,
