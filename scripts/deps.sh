@@ -33,9 +33,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# An independent gRPC client for SDS tests: grpcio with Envoy's published protos.
+# Independent clients and servers for the tests: grpcio with Envoy's published
+# protos (SDS, discovery, gRPC through the mesh) and websockets (upgrades).
 PY_DIR="${MIZZEN_CACHE:-$HOME/.cache/mizzen}/py"
-PY_PKGS="grpcio==1.85.1 xds-protos==1.85.0"
+PY_PKGS="grpcio==1.85.1 xds-protos==1.85.0 websockets==15.0.1"
 if [ ! -f "$PY_DIR/.installed" ] || [ "$(cat "$PY_DIR/.installed")" != "$PY_PKGS" ]; then
   command -v python3 >/dev/null 2>&1 || die "python3 is needed for the SDS client tests: apt-get install python3 python3-venv"
   log "installing $PY_PKGS into $PY_DIR"

@@ -149,7 +149,7 @@ pub fn python() -> anyhow::Result<std::path::PathBuf> {
     let py = cache.join("py/bin/python");
     if !py.exists() {
         anyhow::bail!(
-            "{} is missing: run scripts/deps.sh (it installs grpcio and xds-protos)",
+            "{} is missing: run scripts/deps.sh (it installs grpcio, xds-protos and websockets)",
             py.display()
         );
     }

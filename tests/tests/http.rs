@@ -356,87 +356,108 @@ async fn request_metrics_carry_istio_labels_and_response_codes() -> anyhow::Resu
     Ok(())
 }
 
-/// A `grpc` server pod (grpcio, `tests/grpc_echo.py`) behind Service
-/// `grpc` (port 80, named `grpc`) and a `client` pod.
-struct GrpcMesh {
+/// A server pod running a Python script of `tests/` (with the libraries
+/// `scripts/deps.sh` installs) behind a Service of port 80 named
+/// `port_name`, and a `client` pod that runs the same script as a client.
+struct ScriptMesh {
     mesh: MeshNode,
     ns: String,
+    script: String,
+    /// The Service's `<cluster IP>:80`.
     target: String,
     client_ip: String,
 }
 
-fn grpc_script() -> String {
-    format!("{}/grpc_echo.py", env!("CARGO_MANIFEST_DIR"))
-}
-
-impl GrpcMesh {
-    async fn start(node: &str) -> anyhow::Result<Self> {
+impl ScriptMesh {
+    async fn start(node: &str, script: &str, serve: &[&str], port_name: &str) -> anyhow::Result<Self> {
         let cluster = Cluster::get();
         let client = cluster.client().await?;
         let mesh = MeshNode::start(cluster, node, &workspace_bin("mizzen-proxy"), &[]).await?;
-        let ns = cluster.namespace(&client, "grpc", MESHED).await?;
-        let vip = service(&client, &ns, "grpc", "grpc", "grpc").await?;
-        let python = mizzen_tests::sds::python()?;
+        let ns = cluster.namespace(&client, "script", MESHED).await?;
+        let vip = service(&client, &ns, "server", "server", port_name).await?;
+        let script = format!("{}/{script}", env!("CARGO_MANIFEST_DIR"));
+        let mut command = vec![mizzen_tests::sds::python()?.display().to_string(), script.clone()];
+        command.extend(serve.iter().map(|a| a.to_string()));
         create_pod(
             &client,
             &ns,
             serde_json::json!({
-                "metadata": {"name": "grpc-a", "labels": {"app": "grpc"}},
+                "metadata": {"name": "server-a", "labels": {"app": "server"}},
                 "spec": {
                     "nodeName": node,
                     "containers": [{
                         "name": "app", "image": "mizzen-testapp",
-                        "command": [python, grpc_script(), "serve", "0.0.0.0:8080"],
-                        "ports": [{"name": "grpc", "containerPort": 8080}],
-                        "readinessProbe": {"tcpSocket": {"port": "grpc"}, "periodSeconds": 1},
+                        "command": command,
+                        "ports": [{"name": "serving", "containerPort": 8080}],
+                        "readinessProbe": {"tcpSocket": {"port": "serving"}, "periodSeconds": 1},
                     }],
                 },
             }),
         )
         .await?;
         create_pod(&client, &ns, mizzen_tests::mesh::echo_pod("client", node)).await?;
-        wait_ready(&client, &ns, "grpc-a", TIMEOUT).await?;
+        wait_ready(&client, &ns, "server-a", TIMEOUT).await?;
         let client_pod = wait_ready(&client, &ns, "client", TIMEOUT).await?;
-        let m = Self {
+        Ok(Self {
             mesh,
             ns,
+            script,
             target: format!("{vip}:80"),
             client_ip: client_pod.status.and_then(|s| s.pod_ip).context("client IP")?,
-        };
-        eventually_some(Duration::from_secs(30), "the gRPC Service to answer", || async {
-            Ok(m.grpc(&["unary", &m.target, "ready"]).await.ok())
         })
-        .await?;
-        Ok(m)
     }
 
-    /// Runs the grpcio client in the client pod (as root, which capture
+    /// Runs the script in the client pod (as root, which capture
     /// redirects like any app UID but the proxy's).
-    async fn grpc(&self, args: &[&str]) -> anyhow::Result<String> {
+    async fn run(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = self
             .mesh
             .node
             .command_as(&self.ns, "client", 0, mizzen_tests::sds::python()?)?
-            .arg(grpc_script())
+            .arg(&self.script)
             .args(args)
             .output()
             .await?;
         if !out.status.success() {
             bail!(
-                "grpc_echo.py {args:?}: {}{}",
+                "{} {args:?}: {}{}",
+                self.script,
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+
+    /// `run(args)` once it succeeds (the Service reaches the client's
+    /// proxy a moment after the pods are ready).
+    async fn eventually_run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let last = std::sync::Mutex::new(String::new());
+        let done = eventually_some(Duration::from_secs(30), "the client to succeed", || async {
+            match self.run(args).await {
+                Ok(out) => Ok(Some(out)),
+                Err(e) => {
+                    *last.lock().unwrap_or_else(|p| p.into_inner()) = format!("{e:#}");
+                    Ok(None)
+                }
+            }
+        })
+        .await;
+        done.with_context(|| last.into_inner().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    async fn grpc(start: &str) -> anyhow::Result<Self> {
+        let m = Self::start(start, "grpc_echo.py", &["serve", "0.0.0.0:8080"], "grpc").await?;
+        m.eventually_run(&["unary", &m.target, "ready"]).await?;
+        Ok(m)
+    }
 }
 
 #[tokio::test]
 async fn grpc_unary_and_bidirectional_streaming_pass_through_the_mesh() -> anyhow::Result<()> {
-    let m = GrpcMesh::start("http-grpc").await?;
-    assert_eq!(m.grpc(&["unary", &m.target, "hello"]).await?, "grpc-a hello\n");
-    let chat = m.grpc(&["chat", &m.target, "5"]).await?;
+    let m = ScriptMesh::grpc("http-grpc").await?;
+    assert_eq!(m.run(&["unary", &m.target, "hello"]).await?, "server-a hello\n");
+    let chat = m.run(&["chat", &m.target, "5"]).await?;
     let want: String = (0..5).map(|i| format!("echo m{i}\n")).collect();
     assert_eq!(chat, want, "each message answered while the stream stays open");
     // Both calls went through the client's proxy as gRPC requests.
@@ -454,8 +475,8 @@ async fn grpc_unary_and_bidirectional_streaming_pass_through_the_mesh() -> anyho
 
 #[tokio::test]
 async fn a_grpc_status_in_trailers_reaches_the_client_and_the_metrics() -> anyhow::Result<()> {
-    let m = GrpcMesh::start("http-grpc-fail").await?;
-    assert_eq!(m.grpc(&["fail", &m.target]).await?, "NOT_FOUND no such thing\n");
+    let m = ScriptMesh::grpc("http-grpc-fail").await?;
+    assert_eq!(m.run(&["fail", &m.target]).await?, "NOT_FOUND no such thing\n");
     let text = settled_metrics(&m.client_ip, "mizzen_requests_total{reporter=\"source\"", 2.0).await?;
     assert!(
         text.lines()
@@ -463,5 +484,42 @@ async fn a_grpc_status_in_trailers_reaches_the_client_and_the_metrics() -> anyho
                 && l.contains("request_protocol=\"grpc\",response_code=\"200\",grpc_response_status=\"5\"")),
         "NOT_FOUND (5) is the request's gRPC status:\n{text}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_passes_with_the_clients_identity() -> anyhow::Result<()> {
+    let m = ScriptMesh::start("http-ws", "ws_echo.py", &["serve", "8080"], "http").await?;
+    let url = format!("ws://{}/chat", m.target);
+    let out = m.eventually_run(&["chat", &url, "3"]).await?;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "the identity, then 3 answers:\n{out}");
+    assert!(
+        lines[0].ends_with(&format!(";URI=spiffe://cluster.local/ns/{}/sa/default", m.ns)),
+        "the upgrade request carried XFCC naming the client: {}",
+        lines[0]
+    );
+    assert_eq!(
+        lines[1..],
+        ["server-a m0", "server-a m1", "server-a m2"],
+        "messages both ways on the upgraded connection"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_connect_tunnel_through_an_http_service_works() -> anyhow::Result<()> {
+    let m = HttpMesh::start("http-connect", true).await?;
+    // curl asks the Service (an HTTP proxy, as far as it knows) for a
+    // tunnel, then speaks HTTP/1.1 through it to the app.
+    let proxy = format!("http://{}:80", m.vip);
+    let out = m
+        .curl(&["--proxytunnel", "--proxy", &proxy, "http://tunnel.example/through"])
+        .await?;
+    assert!(
+        out.contains("\npath /through\n"),
+        "the app answered through the tunnel:\n{out}"
+    );
+    assert!(out.starts_with("pod web-"), "{out}");
     Ok(())
 }

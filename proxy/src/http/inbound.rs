@@ -30,7 +30,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use super::headers::{self, APP_PROTOCOL, XFCC};
-use super::pool::{H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h2};
+use super::pool::{H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h1, send_h2};
+use super::upgrade;
 use super::{Body, ResponseFlag};
 use crate::inbound::Inbound;
 use crate::metrics::{Direction, RequestFacts};
@@ -77,12 +78,13 @@ where
     let io = TokioIo::new(conn);
     let served = if from_mesh {
         hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .enable_connect_protocol()
             .serve_connection(io, svc)
             .await
             .map_err(|e| e.to_string())
     } else {
         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-            .serve_connection(io, svc)
+            .serve_connection_with_upgrades(io, svc)
             .await
             .map_err(|e| e.to_string())
     };
@@ -98,10 +100,18 @@ async fn request(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
+    let mut req = req;
+    let takeover = match client {
+        Some(_) => upgrade::from_peer(&req),
+        None => upgrade::requested(&req),
+    };
+    let client_side = takeover.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let version = match client {
-        Some(_) => headers::app_version(&parts.headers),
-        None => parts.version,
+    let version = match (client, &takeover) {
+        // The app's protocol takes an HTTP/1.1 connection over.
+        (_, Some(_)) => Version::HTTP_11,
+        (Some(_), None) => headers::app_version(&parts.headers),
+        (None, None) => parts.version,
     };
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(APP_PROTOCOL);
@@ -120,11 +130,22 @@ async fn request(
     } else {
         super::into_h1_form(&mut req, version);
     }
-    let response = match to_app(inbound, dst, version, req).await {
-        Ok(r) => {
-            let (mut parts, body) = r.into_parts();
-            headers::strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, body.boxed())
+    if let Some(t) = &takeover {
+        upgrade::into_app_request(&mut req, t);
+    }
+    let response = match to_app(inbound, dst, version, takeover.is_some(), req).await {
+        Ok(mut r) => {
+            headers::strip_hop_by_hop(r.headers_mut());
+            if let (Some(t), Some(client_side)) = (&takeover, client_side)
+                && upgrade::accepted(r.status(), t, false)
+            {
+                upgrade::bridge_when_switched(client_side, &mut r);
+                match client {
+                    Some(_) => upgrade::to_peer_response(&mut r),
+                    None => upgrade::to_app_response(&mut r, t),
+                }
+            }
+            r.map(BodyExt::boxed)
         }
         Err(e) => {
             debug!(%dst, error = %e, "the app did not answer");
@@ -132,20 +153,7 @@ async fn request(
             super::unavailable(ResponseFlag::LocalReset, "the app could not be reached")
         }
     };
-    facts.status = response.status().as_u16();
-    facts.grpc_status = response
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let metrics = inbound.metrics.clone();
-    super::on_end(response, move |ended| {
-        let request_bytes = request_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        let mut facts = facts;
-        // A trailers-only answer carries grpc-status in its headers.
-        facts.grpc_status = facts.grpc_status.or(ended.grpc_status);
-        metrics.request(&facts, started.elapsed(), request_bytes, ended.bytes);
-    })
+    super::recorded(response, facts, inbound.metrics.clone(), started, request_bytes, ())
 }
 
 /// Sends `req` to the app; a request that did not leave (a kept
@@ -154,6 +162,7 @@ async fn to_app(
     inbound: &Inbound,
     dst: SocketAddr,
     version: Version,
+    takeover: bool,
     req: Request<Body>,
 ) -> Result<Response<Incoming>, AppError> {
     let timeout = inbound.timeouts.app_connect;
@@ -161,7 +170,12 @@ async fn to_app(
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let sent = if version == Version::HTTP_2 {
+        let sent = if takeover {
+            // A connection of its own: the app's protocol takes it over.
+            let tcp = crate::net::connect_app(dst, timeout).await.map_err(AppError::Connect)?;
+            let mut conn = handshake_h1(tcp).await.map_err(AppError::Http)?;
+            send_h1(&mut conn, req).await
+        } else if version == Version::HTTP_2 {
             let conn = inbound
                 .app
                 .h2

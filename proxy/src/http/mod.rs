@@ -14,6 +14,7 @@ pub mod headers;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
+pub mod upgrade;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -41,6 +42,32 @@ pub fn on_end(
         Some(Box::new(on_end)),
     );
     hyper::Response::from_parts(parts, counted.boxed())
+}
+
+/// `response` with its request's metrics recorded (`facts` completed by
+/// the response) once its body ends; `hold` (an endpoint's outstanding
+/// request) is kept until then.
+pub fn recorded<H: Send + Sync + 'static>(
+    response: hyper::Response<Body>,
+    mut facts: crate::metrics::RequestFacts,
+    metrics: crate::metrics::ProxyMetrics,
+    started: std::time::Instant,
+    request_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    hold: H,
+) -> hyper::Response<Body> {
+    facts.status = response.status().as_u16();
+    facts.grpc_status = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    on_end(response, move |ended| {
+        drop(hold);
+        let request_bytes = request_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        // A trailers-only answer carries grpc-status in its headers.
+        facts.grpc_status = facts.grpc_status.or(ended.grpc_status);
+        metrics.request(&facts, started.elapsed(), request_bytes, ended.bytes);
+    })
 }
 
 /// A body the proxy writes itself.
@@ -123,8 +150,9 @@ pub fn into_h2_form(req: &mut hyper::Request<Body>, fallback: std::net::SocketAd
     *req.version_mut() = hyper::Version::HTTP_2;
 }
 
-/// `req` as sent over HTTP/1.x in `version`: origin-form target, `Host`
-/// from the URI's authority when it has none.
+/// `req` as sent over HTTP/1.x in `version`: origin-form target
+/// (authority-form for CONNECT), `Host` from the URI's authority when it
+/// has none.
 pub fn into_h1_form(req: &mut hyper::Request<Body>, version: hyper::Version) {
     if !req.headers().contains_key(hyper::header::HOST)
         && let Some(v) = req
@@ -134,8 +162,14 @@ pub fn into_h1_form(req: &mut hyper::Request<Body>, version: hyper::Version) {
     {
         req.headers_mut().insert(hyper::header::HOST, v);
     }
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    if let Ok(uri) = hyper::Uri::builder().path_and_query(path).build() {
+    // CONNECT keeps its authority-form target (RFC 9112 3.2.3).
+    let uri = if req.method() == hyper::Method::CONNECT {
+        req.uri().authority().and_then(|a| a.as_str().parse().ok())
+    } else {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        hyper::Uri::builder().path_and_query(path).build().ok()
+    };
+    if let Some(uri) = uri {
         *req.uri_mut() = uri;
     }
     *req.version_mut() = version;

@@ -29,13 +29,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use super::headers::{self, APP_PROTOCOL};
-use super::pool::{H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h2};
+use super::pool::{H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h1, send_h2};
+use super::upgrade::{self, Takeover};
 use super::{Body, ResponseFlag};
 use crate::balance::Load;
 use crate::discovery::{Backend, Destination};
 use crate::metrics::{Direction, RequestFacts};
 use crate::outbound::{ATTEMPTS, Outbound, OutboundError, expected_identity};
 use crate::tls::ALPN_HTTP;
+use hyper::client::conn::http2;
+use hyper::header::HeaderValue;
 
 /// Connections to endpoints kept for reuse.
 #[derive(Debug, Default)]
@@ -65,7 +68,7 @@ where
         async move { Ok::<_, Infallible>(request(&o, dst, req).await) }
     });
     if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(conn), svc)
+        .serve_connection_with_upgrades(TokioIo::new(conn), svc)
         .await
     {
         debug!(%dst, error = %e, "app HTTP connection ended with an error");
@@ -90,6 +93,9 @@ struct Forwarded {
 
 async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
+    let mut req = req;
+    let takeover = upgrade::requested(&req);
+    let app_side = takeover.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let version = parts.version;
     headers::strip_hop_by_hop(&mut parts.headers);
@@ -105,17 +111,24 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
     });
     let mut facts = RequestFacts::new(Direction::Outbound, grpc);
     facts.destination_service = service;
-    let (response, load) = match forward(o, dst, version, req).await {
+    let (response, load) = match forward(o, dst, version, takeover.as_ref(), req).await {
         Ok(Forwarded {
-            response,
+            mut response,
             backend,
             load,
         }) => {
             facts.peer = backend.identity.and_then(Result::ok);
             facts.peer_pod = Some(backend.pod).filter(|p| !p.is_empty());
-            let (mut parts, body) = response.into_parts();
-            headers::strip_hop_by_hop(&mut parts.headers);
-            (Response::from_parts(parts, body.boxed()), Some(load))
+            headers::strip_hop_by_hop(response.headers_mut());
+            // A meshed endpoint answered on a CONNECT stream.
+            let connect_stream = facts.peer.is_some();
+            if let (Some(t), Some(app_side)) = (&takeover, app_side)
+                && upgrade::accepted(response.status(), t, connect_stream)
+            {
+                upgrade::bridge_when_switched(app_side, &mut response);
+                upgrade::to_app_response(&mut response, t);
+            }
+            (response.map(BodyExt::boxed), Some(load))
         }
         Err(r) => {
             debug!(%dst, flag = r.flag.as_str(), error = %r.error, "answering the app with 503");
@@ -123,21 +136,7 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
             (super::unavailable(r.flag, &r.error), None)
         }
     };
-    facts.status = response.status().as_u16();
-    facts.grpc_status = response
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let metrics = o.metrics.clone();
-    super::on_end(response, move |ended| {
-        drop(load);
-        let request_bytes = request_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        let mut facts = facts;
-        // A trailers-only answer carries grpc-status in its headers.
-        facts.grpc_status = facts.grpc_status.or(ended.grpc_status);
-        metrics.request(&facts, started.elapsed(), request_bytes, ended.bytes);
-    })
+    super::recorded(response, facts, o.metrics.clone(), started, request_bytes, load)
 }
 
 /// Sends `req` to one of `dst`'s endpoints, trying another while nothing
@@ -146,6 +145,7 @@ async fn forward(
     o: &Arc<Outbound>,
     dst: SocketAddr,
     version: Version,
+    takeover: Option<&Takeover>,
     req: Request<Body>,
 ) -> Result<Forwarded, Refusal> {
     let routes = o.routes().await.map_err(|e| Refusal {
@@ -176,7 +176,7 @@ async fn forward(
         };
         tried.push(b.addr);
         let load = o.balancer.load(b.addr);
-        match send(o, b, version, req).await {
+        match send(o, b, version, takeover, req).await {
             Ok(response) => {
                 return Ok(Forwarded {
                     response,
@@ -239,79 +239,77 @@ impl From<SendError> for Attempt {
     }
 }
 
+/// `Attempt::NotSent` with `req` when `$conn` failed, its value otherwise.
+macro_rules! connected {
+    ($req:ident, $conn:expr) => {
+        match $conn {
+            Ok(c) => c,
+            Err(e) => return Err(Attempt::NotSent(Box::new($req), AttemptError::from(e))),
+        }
+    };
+}
+
+/// A TCP connection to an unmeshed endpoint, counted.
+async fn plain_tcp(o: &Outbound, b: &Backend) -> Result<tokio::net::TcpStream, OutboundError> {
+    let tcp = o.connect_tcp(b.addr).await?;
+    let _ = o.metrics.connection(Direction::Outbound, None);
+    Ok(tcp)
+}
+
+/// The pooled HTTP/2 mTLS connection's start: the endpoint must be `id`.
+async fn mesh_h2(o: &Outbound, b: &Backend, id: &SpiffeId) -> Result<http2::SendRequest<Body>, OutboundError> {
+    let tcp = o.connect_tcp(b.addr).await?;
+    let tls = o.mesh_tls(tcp, b.addr, id.clone(), ALPN_HTTP).await?;
+    let _ = o.metrics.connection(Direction::Outbound, Some(id));
+    handshake_h2(tls).await.map_err(http_error(b))
+}
+
+fn http_error(b: &Backend) -> impl FnOnce(hyper::Error) -> OutboundError + '_ {
+    move |source| OutboundError::HttpHandshake { addr: b.addr, source }
+}
+
 async fn send(
     o: &Arc<Outbound>,
     b: &Backend,
     version: Version,
-    mut req: Request<Body>,
+    takeover: Option<&Takeover>,
+    req: Request<Body>,
 ) -> Result<Response<Incoming>, Attempt> {
-    let expected = match expected_identity(b) {
-        Ok(e) => e,
-        Err(e) => return Err(Attempt::NotSent(Box::new(req), e.into())),
-    };
-    match expected {
-        Some(id) => {
-            let key = (b.addr, id.clone());
-            let conn = o
-                .http
-                .mesh
-                .get(&key, || async {
-                    let tcp = o.connect_tcp(b.addr).await?;
-                    let tls = o.mesh_tls(tcp, b.addr, id.clone(), ALPN_HTTP).await?;
-                    let _ = o.metrics.connection(Direction::Outbound, Some(&id));
-                    handshake_h2(tls)
-                        .await
-                        .map_err(|source| OutboundError::HttpHandshake { addr: b.addr, source })
-                })
-                .await;
-            let conn = match conn {
-                Ok(c) => c,
-                Err(e) => return Err(Attempt::NotSent(Box::new(req), e.into())),
-            };
-            req.headers_mut().insert(
-                APP_PROTOCOL,
-                hyper::header::HeaderValue::from_static(headers::version_name(version)),
+    let mut req = req;
+    let expected = connected!(req, expected_identity(b));
+    let sent = match (expected, takeover) {
+        (Some(id), _) => {
+            let conn = connected!(req, o.http.mesh.get(&(b.addr, id.clone()), || mesh_h2(o, b, &id)).await);
+            let app_version = HeaderValue::from_static(headers::version_name(version));
+            req.headers_mut().insert(APP_PROTOCOL, app_version);
+            super::into_h2_form(&mut req, b.addr);
+            if let Some(t) = takeover {
+                upgrade::into_connect_stream(&mut req, t);
+            }
+            send_h2(conn, req).await
+        }
+        (None, Some(t)) => {
+            // A connection of its own: the app's protocol takes it over.
+            let mut conn = connected!(
+                req,
+                async { handshake_h1(plain_tcp(o, b).await?).await.map_err(http_error(b)) }.await
             );
-            super::into_h2_form(&mut req, b.addr);
-            Ok(send_h2(conn, req).await?)
+            upgrade::restore_request_headers(&mut req, t);
+            super::into_h1_form(&mut req, Version::HTTP_11);
+            send_h1(&mut conn, req).await
         }
-        None if version == Version::HTTP_2 => {
-            let conn = o
-                .http
-                .plain_h2
-                .get(&b.addr, || async {
-                    let tcp = o.connect_tcp(b.addr).await?;
-                    let _ = o.metrics.connection(Direction::Outbound, None);
-                    handshake_h2(tcp)
-                        .await
-                        .map_err(|source| OutboundError::HttpHandshake { addr: b.addr, source })
-                })
-                .await;
-            let conn = match conn {
-                Ok(c) => c,
-                Err(e) => return Err(Attempt::NotSent(Box::new(req), e.into())),
-            };
+        (None, None) if version == Version::HTTP_2 => {
+            let open = || async { handshake_h2(plain_tcp(o, b).await?).await.map_err(http_error(b)) };
+            let conn = connected!(req, o.http.plain_h2.get(&b.addr, open).await);
             super::into_h2_form(&mut req, b.addr);
-            Ok(send_h2(conn, req).await?)
+            send_h2(conn, req).await
         }
-        None => {
-            let conn = o
-                .http
-                .plain_h1
-                .get(&b.addr, || async {
-                    let tcp = o.connect_tcp(b.addr).await?;
-                    let _ = o.metrics.connection(Direction::Outbound, None);
-                    handshake_h1(tcp)
-                        .await
-                        .map_err(|source| OutboundError::HttpHandshake { addr: b.addr, source })
-                })
-                .await;
-            let conn = match conn {
-                Ok(c) => c,
-                Err(e) => return Err(Attempt::NotSent(Box::new(req), e.into())),
-            };
+        (None, None) => {
+            let open = || async { handshake_h1(plain_tcp(o, b).await?).await.map_err(http_error(b)) };
+            let conn = connected!(req, o.http.plain_h1.get(&b.addr, open).await);
             super::into_h1_form(&mut req, version);
-            Ok(o.http.plain_h1.send(b.addr, conn, req).await?)
+            o.http.plain_h1.send(b.addr, conn, req).await
         }
-    }
+    };
+    Ok(sent?)
 }

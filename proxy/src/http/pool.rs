@@ -144,6 +144,15 @@ pub async fn send_h2(mut c: http2::SendRequest<Body>, req: Request<Body>) -> Res
     c.try_send_request(req).await.map_err(SendError::from_try)
 }
 
+/// Sends `req` on `c`, which is not kept afterwards (a request that takes
+/// the connection over).
+pub async fn send_h1(c: &mut http1::SendRequest<Body>, req: Request<Body>) -> Result<Response<Incoming>, SendError> {
+    if let Err(e) = c.ready().await {
+        return Err(SendError::NotSent(Box::new(req), e));
+    }
+    c.try_send_request(req).await.map_err(SendError::from_try)
+}
+
 /// Idle HTTP/1.1 connections per key.
 #[derive(Debug)]
 pub struct H1Pool<K> {
@@ -187,10 +196,7 @@ impl<K: Hash + Eq + Clone + Send + 'static> H1Pool<K> {
         mut c: http1::SendRequest<Body>,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
-        if let Err(e) = c.ready().await {
-            return Err(SendError::NotSent(Box::new(req), e));
-        }
-        let resp = c.try_send_request(req).await.map_err(SendError::from_try)?;
+        let resp = send_h1(&mut c, req).await?;
         let idle = self.idle.clone();
         tokio::spawn(async move {
             if c.ready().await.is_ok() {

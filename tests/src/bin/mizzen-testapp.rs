@@ -26,7 +26,9 @@
 //!                                     "pod <HOSTNAME>", "version <v>",
 //!                                     "method <m>", "path <p>", then
 //!                                     "header <name>: <value>" per header;
-//!                                     status <code> for path /status/<code>
+//!                                     status <code> for path /status/<code>;
+//!                                     CONNECT is answered 200 and the tunnel
+//!                                     served the same way
 //! mizzen-testapp hold ADDR N SECS [HEX]  open N connections (writing HEX bytes on each), print "open <n>",
 //!                                     keep them for SECS seconds
 //! ```
@@ -232,6 +234,36 @@ fn describe(req: &hyper::Request<hyper::body::Incoming>) -> hyper::Response<http
     resp
 }
 
+/// Serves [`describe`] on `io`; a CONNECT is answered 200 and the tunnel
+/// it opens is served the same way (an HTTP server behind a proxy).
+fn serve_echo<IO>(io: IO) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    Box::pin(serve_echo_on(io))
+}
+
+async fn serve_echo_on<IO>(io: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(|mut req: hyper::Request<hyper::body::Incoming>| async move {
+        if req.method() == hyper::Method::CONNECT {
+            let tunnel = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = tunnel.await {
+                    serve_echo(hyper_util::rt::TokioIo::new(upgraded)).await;
+                }
+            });
+            return Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::default()));
+        }
+        Ok(describe(&req))
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), svc)
+        .await;
+}
+
 fn http_echo(addr: &str) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -247,13 +279,7 @@ fn http_echo(addr: &str) -> Result<(), String> {
             let Ok((conn, _)) = listener.accept().await else {
                 continue;
             };
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(|req| async move { Ok::<_, std::convert::Infallible>(describe(&req)) });
-                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(conn), svc)
-                    .await;
-            });
+            tokio::spawn(serve_echo(conn));
         }
     })
 }

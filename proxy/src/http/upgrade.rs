@@ -1,0 +1,184 @@
+//! Requests that take the connection over: HTTP/1.1 `Upgrade` (WebSocket
+//! and any other protocol) and `CONNECT` tunnels.
+//!
+//! Between proxies they travel on the pooled HTTP/2 connection as
+//! CONNECT streams: an upgrade as an extended CONNECT (RFC 8441) whose
+//! `:protocol` is the upgrade token, with the request's other headers
+//! (`Sec-WebSocket-Key` and the like) as they were. The server-side proxy
+//! turns it back into the app's HTTP/1.1 upgrade request on a connection
+//! of its own, answers the stream with 200 and the app's headers when the
+//! app switches protocols, and the client-side proxy answers the app with
+//! 101. Bytes then flow both ways until either side closes. Any other
+//! answer is passed back as an ordinary response.
+
+use hyper::header::{CONNECTION, HeaderValue, UPGRADE};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+/// What a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Takeover {
+    /// `Upgrade: <token>` with `Connection: upgrade` (HTTP/1.1).
+    Upgrade(HeaderValue),
+    /// `CONNECT host:port`.
+    Connect,
+}
+
+/// Whether `h` lists `token` in `Connection`.
+fn connection_has(h: &HeaderMap, token: &str) -> bool {
+    h.get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The takeover an HTTP/1.x request asks for, if any.
+pub fn requested<B>(req: &Request<B>) -> Option<Takeover> {
+    if req.method() == Method::CONNECT {
+        return Some(Takeover::Connect);
+    }
+    if req.version() == hyper::Version::HTTP_2 || !connection_has(req.headers(), "upgrade") {
+        return None;
+    }
+    req.headers().get(UPGRADE).cloned().map(Takeover::Upgrade)
+}
+
+/// The takeover a peer proxy's HTTP/2 CONNECT stream carries.
+pub fn from_peer<B>(req: &Request<B>) -> Option<Takeover> {
+    if req.method() != Method::CONNECT {
+        return None;
+    }
+    match req.extensions().get::<hyper::ext::Protocol>() {
+        Some(p) => HeaderValue::from_str(p.as_str()).ok().map(Takeover::Upgrade),
+        None => Some(Takeover::Connect),
+    }
+}
+
+/// Makes `req` (already in HTTP/2 form) the CONNECT stream for `t`.
+pub fn into_connect_stream<B>(req: &mut Request<B>, t: &Takeover) {
+    if let Takeover::Upgrade(token) = t {
+        *req.method_mut() = Method::CONNECT;
+        if let Ok(p) = token.to_str() {
+            req.extensions_mut().insert(hyper::ext::Protocol::from(p));
+        }
+    }
+}
+
+/// Makes a peer's CONNECT stream `req` the app's HTTP/1.1 request again.
+pub fn into_app_request<B>(req: &mut Request<B>, t: &Takeover) {
+    if let Takeover::Upgrade(token) = t {
+        *req.method_mut() = Method::GET;
+        req.extensions_mut().remove::<hyper::ext::Protocol>();
+        req.headers_mut().insert(UPGRADE, token.clone());
+        req.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Puts the upgrade headers back on a request going out over HTTP/1.1
+/// (hop-by-hop stripping removed them).
+pub fn restore_request_headers<B>(req: &mut Request<B>, t: &Takeover) {
+    into_app_request(req, t);
+}
+
+/// Whether `status` means the server took the connection over for `t`:
+/// 2xx on a CONNECT stream (`connect_stream`, between proxies, and for
+/// CONNECT), 101 on an HTTP/1.1 upgrade.
+pub fn accepted(status: StatusCode, t: &Takeover, connect_stream: bool) -> bool {
+    match t {
+        Takeover::Upgrade(_) if !connect_stream => status == StatusCode::SWITCHING_PROTOCOLS,
+        _ => status.is_success(),
+    }
+}
+
+/// The answer to the app for an accepted takeover: 101 with the upgrade
+/// headers for an upgrade, the status as it was for CONNECT.
+pub fn to_app_response<B>(resp: &mut Response<B>, t: &Takeover) {
+    if let Takeover::Upgrade(token) = t {
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        resp.headers_mut().insert(UPGRADE, token.clone());
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// The answer to a peer proxy's CONNECT stream for an accepted takeover.
+pub fn to_peer_response<B>(resp: &mut Response<B>) {
+    *resp.status_mut() = StatusCode::OK;
+}
+
+/// Once `upstream`'s connection and then `downstream`'s have switched,
+/// carries bytes both ways between them.
+pub fn bridge_when_switched<B>(downstream: OnUpgrade, upstream: &mut Response<B>) {
+    let upstream = hyper::upgrade::on(upstream);
+    tokio::spawn(async move {
+        match upstream.await {
+            Ok(u) => bridge(downstream, u).await,
+            Err(e) => tracing::debug!(error = %e, "the upstream did not switch protocols"),
+        }
+    });
+}
+
+/// Carries bytes both ways between the two sides once both have switched.
+async fn bridge(downstream: OnUpgrade, upstream: Upgraded) {
+    {
+        let down = match downstream.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "the client side did not switch protocols");
+                return;
+            }
+        };
+        let (mut a, mut b) = (TokioIo::new(down), TokioIo::new(upstream));
+        if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+            tracing::debug!(error = %e, "upgraded connection ended with an error");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().method(method).uri("/chat");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).expect("request")
+    }
+
+    #[test]
+    fn upgrades_and_connect_are_recognised() {
+        let ws = req(
+            "GET",
+            &[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")],
+        );
+        assert_eq!(
+            requested(&ws),
+            Some(Takeover::Upgrade(HeaderValue::from_static("websocket")))
+        );
+        let no_connection = req("GET", &[("upgrade", "websocket")]);
+        assert_eq!(requested(&no_connection), None, "Upgrade without Connection: upgrade");
+        assert_eq!(requested(&req("GET", &[])), None);
+        let mut connect = req("CONNECT", &[]);
+        *connect.uri_mut() = "example.com:443".parse().expect("uri");
+        assert_eq!(requested(&connect), Some(Takeover::Connect));
+    }
+
+    #[test]
+    fn an_upgrade_round_trips_through_a_connect_stream() {
+        let t = Takeover::Upgrade(HeaderValue::from_static("websocket"));
+        let mut r = req("GET", &[("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")]);
+        into_connect_stream(&mut r, &t);
+        assert_eq!(r.method(), Method::CONNECT);
+        assert_eq!(from_peer(&r), Some(t.clone()));
+        into_app_request(&mut r, &t);
+        assert_eq!(r.method(), Method::GET);
+        assert_eq!(r.headers()[UPGRADE], "websocket");
+        assert_eq!(r.headers()["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(requested(&r), Some(t));
+    }
+}
