@@ -9,6 +9,7 @@
 //! [`reaper`], when the test binary exits in any way.
 
 pub mod ca_client;
+pub mod capture;
 pub mod cluster;
 pub mod daemon;
 pub mod k8s;

@@ -62,6 +62,13 @@ async fn service(client: &kube::Client, ns: &str, name: &str, app: &str, port_na
 
 impl HttpMesh {
     async fn start(node: &str, meshed_ns: bool) -> anyhow::Result<Self> {
+        let m = Self::deploy(node, meshed_ns).await?;
+        m.wait_answering().await?;
+        Ok(m)
+    }
+
+    /// The pods ready, before any request.
+    async fn deploy(node: &str, meshed_ns: bool) -> anyhow::Result<Self> {
         let cluster = Cluster::get();
         let client = cluster.client().await?;
         let mesh = MeshNode::start(cluster, node, &workspace_bin("mizzen-proxy"), &[]).await?;
@@ -78,20 +85,23 @@ impl HttpMesh {
             ips.push(pod.status.and_then(|s| s.pod_ip).context("pod IP")?);
         }
         let client_ip = ips.pop().context("client IP")?;
-        let m = Self {
+        Ok(Self {
             mesh,
             ns,
             vip,
             web_ips: ips,
             client_ip,
-        };
-        // The Service reaches the client's proxy a moment after the pods
-        // are ready.
-        eventually_some(Duration::from_secs(30), "the Service to answer", || async {
-            Ok(m.curl(&[&m.url("/")]).await.ok())
         })
-        .await?;
-        Ok(m)
+    }
+
+    /// Waits for the Service to answer: it reaches the client's proxy a
+    /// moment after the pods are ready.
+    async fn wait_answering(&self) -> anyhow::Result<()> {
+        eventually_some(Duration::from_secs(30), "the Service to answer", || async {
+            Ok(self.curl(&[&self.url("/")]).await.ok())
+        })
+        .await
+        .map(drop)
     }
 
     fn url(&self, path: &str) -> String {
@@ -171,6 +181,37 @@ async fn keep_alive_requests_are_balanced_per_request_over_one_connection_per_en
         "mizzen_proxy_connections_total{direction=\"outbound\",tls=\"mtls\"",
     );
     assert_eq!(opened, 2.0, "one connection per endpoint:\n{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn between_pods_requests_travel_only_as_tls13_with_alpn_mizzen_h2() -> anyhow::Result<()> {
+    let m = HttpMesh::deploy("http-wire", true).await?;
+    let (netns, _) = m.mesh.node.pod(&m.ns, "client")?;
+    let file = Cluster::get().dir().join(format!("{}-client.pcap", m.ns));
+    let capture = mizzen_tests::capture::Capture::start(&netns, "tcp port 8080", file).await?;
+    m.wait_answering().await?;
+    let marker = "PLAINTEXT-MARKER-h2-5c1d";
+    let out = m
+        .curl(&["-H", &format!("x-marker: {marker}"), "--data", marker, &m.url("/wire")])
+        .await?;
+    assert!(out.contains(marker), "the marker reached the app:\n{out}");
+    let pcap = capture.stop(500).await?;
+    let raw = pcap.raw()?;
+    assert!(
+        !raw.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the request crossed the wire in plaintext"
+    );
+    let tls = pcap.tls(8080)?;
+    assert!(
+        !tls.server_versions.is_empty() && tls.server_versions.iter().all(|v| v == "0x0304"),
+        "every ServerHello negotiates TLS 1.3: {tls:?}"
+    );
+    assert!(
+        !tls.alpns.is_empty() && tls.alpns.iter().all(|a| a == "mizzen-h2"),
+        "the pooled connections offer ALPN mizzen-h2: {tls:?}"
+    );
+    assert!(tls.non_tls_frames.is_empty(), "every payload is TLS: {tls:?}");
     Ok(())
 }
 

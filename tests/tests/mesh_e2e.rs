@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, PostParams};
+use mizzen_tests::capture::Capture;
 use mizzen_tests::daemon::proxy_metric;
 use mizzen_tests::k8s::service_account;
 use mizzen_tests::mesh::MeshNode;
@@ -190,85 +191,26 @@ async fn service_traffic_is_mutual_tls_with_rotation_and_modes() -> anyhow::Resu
     // whichever replica answers): TLS 1.3 with ALPN mizzen, no plaintext.
     let (capture_netns, _) = node.pod(&ns, "client")?;
     let capture = cluster.dir().join(format!("{ns}-client.pcap"));
-    let tcpdump_log = cluster.dir().join(format!("{ns}-tcpdump.log"));
-    let mut tcpdump = tokio::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &capture_netns,
-            "tcpdump",
-            "-i",
-            "eth0",
-            "--immediate-mode",
-            "-U",
-            "-n",
-            "-w",
-        ])
-        .arg(&capture)
-        .arg("tcp port 8080")
-        .stderr(std::fs::File::create(&tcpdump_log)?)
-        .kill_on_drop(true)
-        .spawn()
-        .context("tcpdump (scripts/deps.sh installs it: apt-get install tcpdump)")?;
-    eventually(Duration::from_secs(20), "tcpdump to listen", || {
-        let text = std::fs::read_to_string(&tcpdump_log).unwrap_or_default();
-        async move { Ok(text.contains("listening on")) }
-    })
-    .await?;
+    let capture = Capture::start(&capture_netns, "tcp port 8080", capture).await?;
     let marker = "PLAINTEXT-MARKER-7f3a";
     let reply = client_app(node, &ns, &["connect", &target, marker]).await?;
     assert!(reply.contains(marker), "the marker went through: {reply}");
-    // tcpdump writes each packet as it sees it (-U); the exchange is over,
-    // so wait for its packets to reach the file rather than for a while.
-    eventually(Duration::from_secs(10), "tcpdump to write the exchange", || {
-        let len = std::fs::metadata(&capture).map(|m| m.len()).unwrap_or(0);
-        async move { Ok(len > 200) }
-    })
-    .await?;
-    let _ = std::process::Command::new("kill")
-        .args(["-INT", &tcpdump.id().context("pid")?.to_string()])
-        .status();
-    let _ = tokio::time::timeout(Duration::from_secs(10), tcpdump.wait()).await;
-    let raw = std::fs::read(&capture)?;
-    assert!(raw.len() > 200, "the capture holds packets ({} bytes)", raw.len());
+    let pcap = capture.stop(200).await?;
+    let raw = pcap.raw()?;
     assert!(
         !raw.windows(marker.len()).any(|w| w == marker.as_bytes()),
         "the app's bytes crossed the wire in plaintext"
     );
-    let tshark = |filter: &str, fields: &[&str]| {
-        let mut cmd = std::process::Command::new("tshark");
-        cmd.arg("-r")
-            .arg(&capture)
-            .args(["-d", "tcp.port==8080,tls", "-Y", filter, "-T", "fields"]);
-        for f in fields {
-            cmd.args(["-e", f]);
-        }
-        cmd
-    };
-    let out = tshark(
-        "tls.handshake.type == 2",
-        &["tls.handshake.extensions.supported_version"],
-    )
-    .output()
-    .context("tshark (scripts/deps.sh installs it: apt-get install tshark)")?;
-    let versions = String::from_utf8_lossy(&out.stdout).to_string();
+    let tls = pcap.tls(8080)?;
     assert!(
-        !versions.trim().is_empty() && versions.lines().all(|l| l.trim() == "0x0304"),
-        "every ServerHello negotiates TLS 1.3: {versions:?} {}",
-        String::from_utf8_lossy(&out.stderr)
+        !tls.server_versions.is_empty() && tls.server_versions.iter().all(|v| v == "0x0304"),
+        "every ServerHello negotiates TLS 1.3: {tls:?}"
     );
-    let out = tshark("tls.handshake.type == 1", &["tls.handshake.extensions_alpn_str"]).output()?;
-    let alpn = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
-        alpn.lines().all(|l| l.trim() == "mizzen") && !alpn.trim().is_empty(),
-        "ALPN: {alpn:?}"
+        !tls.alpns.is_empty() && tls.alpns.iter().all(|a| a == "mizzen"),
+        "ALPN: {tls:?}"
     );
-    let out = tshark("tcp.len > 0 and not tls", &["frame.number"]).output()?;
-    assert!(
-        String::from_utf8_lossy(&out.stdout).trim().is_empty(),
-        "every payload is TLS: frames {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(tls.non_tls_frames.is_empty(), "every payload is TLS: {tls:?}");
 
     // The server's proxy knows who called: logs and metrics carry the
     // client's SPIFFE ID; the client's proxy verified the server's.
