@@ -564,3 +564,62 @@ async fn a_connect_tunnel_through_an_http_service_works() -> anyhow::Result<()> 
     assert!(out.starts_with("pod web-"), "{out}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_server_first_protocol_works_on_a_tcp_port_and_after_sniffing_on_an_undeclared_one() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    let node = "http-banner";
+    let mesh = MeshNode::start(cluster, node, &workspace_bin("mizzen-proxy"), &[]).await?;
+    let ns = cluster.namespace(&client, "banner", MESHED).await?;
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "banner"},
+        "spec": {"selector": {"app": "banner"}, "ports": [
+            {"name": "tcp-banner", "port": 80, "targetPort": 8080},
+            {"name": "banner", "port": 81, "targetPort": 8080},
+        ]},
+    }))?;
+    let vip = Api::<Service>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &svc)
+        .await?
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("cluster IP")?;
+    let mut server = mizzen_tests::mesh::echo_pod("banner-a", node);
+    server["metadata"]["labels"] = serde_json::json!({"app": "banner"});
+    server["spec"]["containers"][0]["args"] = serde_json::json!(["banner-server", "0.0.0.0:8080"]);
+    create_pod(&client, &ns, server).await?;
+    create_pod(&client, &ns, mizzen_tests::mesh::echo_pod("client", node)).await?;
+    for name in ["banner-a", "client"] {
+        wait_ready(&client, &ns, name, TIMEOUT).await?;
+    }
+    let greeting = |port: u16| {
+        let (mesh, ns, target) = (&mesh, &ns, format!("{vip}:{port}"));
+        async move {
+            eventually_some(Duration::from_secs(30), &format!("a greeting on {target}"), || async {
+                let out = mesh
+                    .node
+                    .command_as(ns, "client", APP_UID, workspace_bin("mizzen-testapp"))?
+                    .args(["banner-client", &target])
+                    .output()
+                    .await?;
+                Ok(out
+                    .status
+                    .success()
+                    .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+            })
+            .await
+        }
+    };
+    assert_eq!(
+        greeting(80).await?,
+        "banner banner-a\n",
+        "declared tcp-: relayed at once"
+    );
+    assert_eq!(
+        greeting(81).await?,
+        "banner banner-a\n",
+        "undeclared: relayed as TCP once the app sent nothing within the sniff timeout"
+    );
+    Ok(())
+}

@@ -29,6 +29,11 @@
 //!                                     status <code> for path /status/<code>;
 //!                                     CONNECT is answered 200 and the tunnel
 //!                                     served the same way
+//! mizzen-testapp banner-server ADDR   a server-first protocol: greets each
+//!                                     connection with "banner <HOSTNAME>"
+//!                                     before reading anything
+//! mizzen-testapp banner-client ADDR   connects, sends nothing, prints the
+//!                                     greeting
 //! mizzen-testapp hold ADDR N SECS [HEX]  open N connections (writing HEX bytes on each), print "open <n>",
 //!                                     keep them for SECS seconds
 //! ```
@@ -76,6 +81,29 @@ fn echo_server(addr: &str) -> Result<(), String> {
             }
         });
     }
+    Ok(())
+}
+
+fn banner_server(addr: &str) -> Result<(), String> {
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    println!("listening {}", listener.local_addr().map_err(|e| e.to_string())?);
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let _ = writeln!(conn, "banner {host}");
+    }
+    Ok(())
+}
+
+fn banner_client(addr: &str) -> Result<(), String> {
+    let mut conn = open(addr)?;
+    let mut greeting = String::new();
+    conn.read_line(&mut greeting).map_err(|e| format!("read: {e}"))?;
+    if greeting.is_empty() {
+        return Err(format!("{addr} closed the connection without a greeting"));
+    }
+    print!("{greeting}");
     Ok(())
 }
 
@@ -412,6 +440,8 @@ fn main() -> ExitCode {
         ["load", addr, secs, ms] => load(addr, secs, ms),
         ["http-server", addr] => http_server(addr),
         ["http-echo", addr] => http_echo(addr),
+        ["banner-server", addr] => banner_server(addr),
+        ["banner-client", addr] => banner_client(addr),
         ["http-load", addr, rate, secs, conns] => http_load(addr, rate, secs, conns),
         ["hold", addr, n, secs] => hold(addr, n, secs, ""),
         ["hold", addr, n, secs, first] => hold(addr, n, secs, first),
@@ -420,7 +450,7 @@ fn main() -> ExitCode {
             println!("uid={uid} gid={gid}");
             Ok(())
         }
-        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami | load ADDR SECS MS | http-server ADDR | http-echo ADDR | http-load ADDR RATE SECS CONNS | hold ADDR N SECS [HEX-BYTES]".into()),
+        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami | load ADDR SECS MS | http-server ADDR | http-echo ADDR | banner-server ADDR | banner-client ADDR | http-load ADDR RATE SECS CONNS | hold ADDR N SECS [HEX-BYTES]".into()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
