@@ -1,35 +1,149 @@
-//! Graceful drain: on SIGTERM the proxy stops accepting and reports not
-//! ready, lets open connections finish for up to the drain period, then
-//! exits.
+//! The registry of open connections, and graceful drain.
+//!
+//! Every accepted connection is registered until its task ends, with what
+//! is known of it (direction, client address, the peer's identity once
+//! verified, whether it is served as HTTP). The registry can:
+//! - **drain**: on SIGTERM the proxy stops accepting and reports not ready;
+//!   HTTP connections are told to finish (HTTP/2 GOAWAY, `Connection:
+//!   close` on HTTP/1.1's next response) and TCP connections may run to
+//!   their end, for up to the drain period;
+//! - **close** the connections matching a predicate at once (for policy
+//!   changes that revoke what was allowed when they opened).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Counts open connections; each holds a [`ConnGuard`].
-#[derive(Debug, Clone, Default)]
-pub struct Connections(Arc<AtomicUsize>);
+use mizzen_api::SpiffeId;
+use tokio::sync::watch;
 
-/// Marks one open connection until dropped.
+use crate::metrics::Direction;
+
+/// What the registry knows of one connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub direction: Direction,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The peer proxy's verified identity, once known.
+    pub identity: Option<SpiffeId>,
+    /// Whether it is served as HTTP (and drains gracefully).
+    pub http: bool,
+}
+
 #[derive(Debug)]
-pub struct ConnGuard(Arc<AtomicUsize>);
+struct Entry {
+    info: ConnInfo,
+    close: watch::Sender<bool>,
+}
 
-impl Connections {
-    pub fn open(&self) -> ConnGuard {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        ConnGuard(self.0.clone())
+#[derive(Debug)]
+struct Inner {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, Entry>>,
+    draining: watch::Sender<bool>,
+}
+
+/// The open connections; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Connections(Arc<Inner>);
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self(Arc::new(Inner {
+            next: AtomicU64::new(0),
+            open: Mutex::new(HashMap::new()),
+            draining: watch::Sender::new(false),
+        }))
+    }
+}
+
+/// One registered connection; dropping it unregisters.
+#[derive(Debug)]
+pub struct ConnGuard {
+    inner: Arc<Inner>,
+    id: u64,
+    close: watch::Receiver<bool>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.inner.lock().remove(&self.id);
+    }
+}
+
+impl ConnGuard {
+    fn update(&self, f: impl FnOnce(&mut ConnInfo)) {
+        if let Some(e) = self.inner.lock().get_mut(&self.id) {
+            f(&mut e.info);
+        }
     }
 
-    /// Accepts the next connection on `listener` and counts it as open. An
+    /// Records the peer proxy's verified identity.
+    pub fn identified(&self, id: &SpiffeId) {
+        self.update(|i| i.identity = Some(id.clone()));
+    }
+
+    /// Records that the connection is served as HTTP.
+    pub fn serving_http(&self) {
+        self.update(|i| i.http = true);
+    }
+
+    /// Resolves when the connection is to be closed at once.
+    pub fn closed(&self) -> impl Future<Output = ()> + use<> {
+        let mut close = self.close.clone();
+        async move {
+            let _ = close.wait_for(|c| *c).await;
+        }
+    }
+
+    /// Resolves once the proxy drains (at once if it already does).
+    pub fn draining(&self) -> impl Future<Output = ()> + use<> {
+        let mut draining = self.inner.draining.subscribe();
+        async move {
+            let _ = draining.wait_for(|d| *d).await;
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Connections {
+    /// Registers a connection from `peer`.
+    pub fn open(&self, direction: Direction, peer: SocketAddr) -> ConnGuard {
+        let id = self.0.next.fetch_add(1, Ordering::Relaxed);
+        let (close, closed) = watch::channel(false);
+        let info = ConnInfo {
+            direction,
+            peer,
+            identity: None,
+            http: false,
+        };
+        self.0.lock().insert(id, Entry { info, close });
+        ConnGuard {
+            inner: self.0.clone(),
+            id,
+            close: closed,
+        }
+    }
+
+    /// Accepts the next connection on `listener` and registers it. An
     /// accept error (e.g. out of file descriptors) is logged and retried
     /// after a pause rather than ending the listener.
     pub async fn accept(
         &self,
         listener: &tokio::net::TcpListener,
-    ) -> (tokio::net::TcpStream, std::net::SocketAddr, ConnGuard) {
+        direction: Direction,
+    ) -> (tokio::net::TcpStream, SocketAddr, ConnGuard) {
         loop {
             match listener.accept().await {
-                Ok((conn, peer)) => return (conn, peer, self.open()),
+                Ok((conn, peer)) => return (conn, peer, self.open(direction, peer)),
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -38,8 +152,30 @@ impl Connections {
         }
     }
 
+    /// Connections open now.
     pub fn count(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+        self.0.lock().len()
+    }
+
+    /// What is known of the open connections.
+    pub fn list(&self) -> Vec<ConnInfo> {
+        self.0.lock().values().map(|e| e.info.clone()).collect()
+    }
+
+    /// Closes every open connection `matching` says so of; returns how many.
+    pub fn close_where(&self, matching: impl Fn(&ConnInfo) -> bool) -> usize {
+        let open = self.0.lock();
+        let mut n = 0;
+        for e in open.values().filter(|e| matching(&e.info)) {
+            e.close.send_replace(true);
+            n += 1;
+        }
+        n
+    }
+
+    /// Starts draining: HTTP connections are told to finish.
+    pub fn drain(&self) {
+        self.0.draining.send_replace(true);
     }
 
     /// Waits until no connection is open or `limit` has passed; returns
@@ -53,20 +189,18 @@ impl Connections {
     }
 }
 
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn peer(n: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, n], 4000))
+    }
+
     #[tokio::test]
     async fn waits_for_open_connections() {
         let c = Connections::default();
-        let g = c.open();
+        let g = c.open(Direction::Inbound, peer(1));
         assert_eq!(c.count(), 1);
         assert_eq!(
             c.drained(Duration::from_millis(100)).await,
@@ -75,8 +209,49 @@ mod tests {
         );
         let c2 = c.clone();
         let waiter = tokio::spawn(async move { c2.drained(Duration::from_secs(10)).await });
-        tokio::time::sleep(Duration::from_millis(100)).await;
         drop(g);
         assert_eq!(waiter.await.expect("join"), 0);
+    }
+
+    #[tokio::test]
+    async fn close_where_reaches_only_the_matching_connections() {
+        let c = Connections::default();
+        let alice = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/alice").expect("id");
+        let a = c.open(Direction::Inbound, peer(1));
+        a.identified(&alice);
+        let b = c.open(Direction::Inbound, peer(2));
+        let closed = c.close_where(|i| i.identity.as_ref() == Some(&alice));
+        assert_eq!(closed, 1);
+        tokio::time::timeout(Duration::from_secs(1), a.closed())
+            .await
+            .expect("the matching connection is told to close");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), b.closed())
+                .await
+                .is_err(),
+            "the other one is not"
+        );
+        assert_eq!(
+            c.list().len(),
+            2,
+            "closing is the connection task's job; the guard unregisters"
+        );
+    }
+
+    #[tokio::test]
+    async fn draining_is_seen_by_connections_old_and_new() {
+        let c = Connections::default();
+        let old = c.open(Direction::Outbound, peer(1));
+        let waiting = old.draining();
+        c.drain();
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("old");
+        let new = c.open(Direction::Outbound, peer(2));
+        new.serving_http();
+        tokio::time::timeout(Duration::from_secs(1), new.draining())
+            .await
+            .expect("a connection opened after the drain began sees it at once");
+        assert!(c.list().iter().any(|i| i.http));
     }
 }

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tracing::{debug, info};
 
 use crate::detect::{Place, Protocol, Undecided, detect};
+use crate::drain::ConnGuard;
 use crate::identity::{TlsMaterial, spiffe_id_of};
 use crate::metrics::{Direction, ProxyMetrics, handshake_reason};
 use crate::net::{Rewind, captured_dst, connect_app};
@@ -68,7 +69,7 @@ pub async fn serve(listener: TcpListener, inbound: Arc<Inbound>, connections: cr
     // Built once per certificate (rotation), not per connection.
     let mut cached: Option<(Arc<TlsMaterial>, ServerTls)> = None;
     loop {
-        let (conn, peer, guard) = connections.accept(&listener).await;
+        let (conn, peer, guard) = connections.accept(&listener, Direction::Inbound).await;
         // Taken at once, so a flood of undecided connections is bounded
         // before their tasks even run.
         let place = inbound.detection.undecided.enter();
@@ -85,11 +86,20 @@ pub async fn serve(listener: TcpListener, inbound: Arc<Inbound>, connections: cr
         let open = inbound.metrics.open(Direction::Inbound);
         let inbound = inbound.clone();
         tokio::spawn(async move {
-            let (_guard, _open) = (guard, open);
-            let accepted = Accepted { conn, peer, place };
-            if let Err(e) = inbound.handle(accepted, tls).await {
-                inbound.metrics.refused(Direction::Inbound, e.reason());
-                debug!(conn = n, %peer, reason = e.reason(), error = %e, "inbound connection refused");
+            let _open = open;
+            let closed = guard.closed();
+            let accepted = Accepted {
+                conn,
+                peer,
+                place,
+                guard: &guard,
+            };
+            tokio::select! {
+                r = inbound.handle(accepted, tls) => if let Err(e) = r {
+                    inbound.metrics.refused(Direction::Inbound, e.reason());
+                    debug!(conn = n, %peer, reason = e.reason(), error = %e, "inbound connection refused");
+                },
+                () = closed => debug!(conn = n, %peer, "inbound connection closed by the proxy"),
             }
         });
     }
@@ -147,26 +157,32 @@ impl InboundError {
 }
 
 /// A new connection and its place among those being sorted.
-struct Accepted {
+struct Accepted<'g> {
     conn: TcpStream,
     peer: SocketAddr,
     place: Place,
+    guard: &'g ConnGuard,
 }
 
 impl Inbound {
     async fn handle(
         self: &Arc<Self>,
-        accepted: Accepted,
+        accepted: Accepted<'_>,
         tls: Option<(Arc<TlsMaterial>, ServerTls)>,
     ) -> Result<(), InboundError> {
-        let Accepted { conn, peer, place } = accepted;
+        let Accepted {
+            conn,
+            peer,
+            place,
+            guard,
+        } = accepted;
         let _ = conn.set_nodelay(true);
         let dst = captured_dst(&conn)?;
         let (protocol, conn) = detect(conn, place, self.timeouts.detect).await?;
         if protocol == Protocol::MeshTls {
             let (material, config) = tls.ok_or(InboundError::NoCertificateYet)?;
             let config = config.map_err(InboundError::TlsConfig)?;
-            return self.mesh(conn, peer, dst, &material, config).await;
+            return self.mesh(conn, peer, dst, (&material, config), guard).await;
         }
         if self.mode == MtlsMode::Strict {
             return Err(InboundError::PlaintextInStrict);
@@ -179,7 +195,7 @@ impl Inbound {
             .map_err(|e| InboundError::Detect(e.into()))?;
         if sniffed != crate::protocol::Sniffed::Other {
             debug!(%peer, %dst, "inbound plaintext HTTP connection");
-            crate::http::inbound::serve(self, conn, dst, None).await;
+            crate::http::inbound::serve(self, conn, dst, None, guard).await;
             return Ok(());
         }
         info!(%peer, %dst, "inbound plaintext connection (passed through)");
@@ -202,8 +218,8 @@ impl Inbound {
         conn: Rewind<TcpStream>,
         peer: SocketAddr,
         dst: SocketAddr,
-        material: &TlsMaterial,
-        config: Arc<rustls::ServerConfig>,
+        (material, config): (&TlsMaterial, Arc<rustls::ServerConfig>),
+        guard: &ConnGuard,
     ) -> Result<(), InboundError> {
         let mut tls = tokio::time::timeout(
             self.timeouts.handshake,
@@ -233,6 +249,7 @@ impl Inbound {
                 ours: Some(ours),
             });
         }
+        guard.identified(&peer_id);
         let bytes = self.metrics.connection(Direction::Inbound, Some(&peer_id));
         match alpn.as_deref() {
             Some(ALPN_HTTP) => {
@@ -242,7 +259,7 @@ impl Inbound {
                     cert: leaf,
                     server: material.id.clone(),
                 };
-                crate::http::inbound::serve(self, tls, dst, Some(client)).await;
+                crate::http::inbound::serve(self, tls, dst, Some(client), guard).await;
                 Ok(())
             }
             Some(ALPN_TCP) => {

@@ -283,6 +283,7 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
     for task in accepting {
         task.abort();
     }
+    connections.drain();
     info!(open = connections.count(), drain_seconds = a.drain_seconds, "draining");
     let left = connections
         .drained(std::time::Duration::from_secs(a.drain_seconds))

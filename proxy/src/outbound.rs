@@ -25,6 +25,7 @@ use tracing::{debug, info};
 
 use crate::balance::Balancer;
 use crate::discovery::{Backend, Destination, Routes};
+use crate::drain::ConnGuard;
 use crate::identity::TlsMaterial;
 use crate::metrics::{Direction, ProxyMetrics, handshake_reason};
 use crate::net::captured_dst;
@@ -234,7 +235,12 @@ impl Outbound {
         }
     }
 
-    async fn handle(self: &Arc<Self>, conn: TcpStream, peer: SocketAddr) -> Result<(), OutboundError> {
+    async fn handle(
+        self: &Arc<Self>,
+        conn: TcpStream,
+        peer: SocketAddr,
+        guard: &ConnGuard,
+    ) -> Result<(), OutboundError> {
         let _ = conn.set_nodelay(true);
         let dst = captured_dst(&conn)?;
         let destination = self.routes().await?.resolve(dst);
@@ -244,14 +250,16 @@ impl Outbound {
         };
         match protocol {
             PortProtocol::Tcp => self.relay(conn, peer, dst, destination).await,
-            PortProtocol::Http => crate::http::outbound::serve(self.clone(), conn, dst).await,
+            PortProtocol::Http => crate::http::outbound::serve(self.clone(), conn, dst, guard).await,
             PortProtocol::Sniff => {
                 let (sniffed, conn) = crate::protocol::sniff(conn, self.timeouts.sniff)
                     .await
                     .map_err(OutboundError::Sniff)?;
                 match sniffed {
                     Sniffed::Other => self.relay(conn, peer, dst, destination).await,
-                    Sniffed::Http1 | Sniffed::Http2 => crate::http::outbound::serve(self.clone(), conn, dst).await,
+                    Sniffed::Http1 | Sniffed::Http2 => {
+                        crate::http::outbound::serve(self.clone(), conn, dst, guard).await
+                    }
                 }
             }
         }
@@ -323,14 +331,18 @@ impl Outbound {
 pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>, connections: crate::drain::Connections) {
     info!(addr = ?listener.local_addr().ok(), "outbound listening");
     loop {
-        let (conn, peer, guard) = connections.accept(&listener).await;
+        let (conn, peer, guard) = connections.accept(&listener, Direction::Outbound).await;
         let open = outbound.metrics.open(Direction::Outbound);
         let outbound = outbound.clone();
         tokio::spawn(async move {
-            let (_guard, _open) = (guard, open);
-            if let Err(e) = outbound.handle(conn, peer).await {
-                outbound.metrics.refused(Direction::Outbound, e.reason());
-                info!(%peer, reason = e.reason(), error = %e, "outbound connection failed");
+            let _open = open;
+            let closed = guard.closed();
+            tokio::select! {
+                r = outbound.handle(conn, peer, &guard) => if let Err(e) = r {
+                    outbound.metrics.refused(Direction::Outbound, e.reason());
+                    info!(%peer, reason = e.reason(), error = %e, "outbound connection failed");
+                },
+                () = closed => debug!(%peer, "outbound connection closed by the proxy"),
             }
         });
     }

@@ -623,3 +623,60 @@ async fn a_server_first_protocol_works_on_a_tcp_port_and_after_sniffing_on_an_un
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn on_drain_a_keep_alive_http_connection_is_closed_gracefully_while_tcp_ones_may_finish() -> anyhow::Result<()> {
+    let m = HttpMesh::start("http-drain", true).await?;
+    let app = |args: Vec<String>| {
+        let cmd = m
+            .mesh
+            .node
+            .command_as(&m.ns, "client", APP_UID, workspace_bin("mizzen-testapp"));
+        async move { Ok::<_, anyhow::Error>(cmd?.args(args).output().await?) }
+    };
+    // A TCP connection to a replica's own address (relayed, not HTTP),
+    // which keeps the draining proxy alive for its drain period.
+    let held = tokio::spawn(app(vec![
+        "hold".into(),
+        format!("{}:8080", m.web_ips[0]),
+        "1".into(),
+        "30".into(),
+    ]));
+    let keepalive = tokio::spawn(app(vec!["http-keepalive".into(), format!("{}:80", m.vip), "30".into()]));
+    settled_metrics(&m.client_ip, "mizzen_requests_total{reporter=\"source\"", 4.0).await?;
+    let open = |text: &str| metric_where(text, "mizzen_proxy_connections_open{direction=\"outbound\"}");
+    let (_, text) = proxy_metric(&m.client_ip, "mizzen_proxy_connections_open").await?;
+    assert_eq!(
+        open(&text),
+        2.0,
+        "the held TCP connection and the keep-alive one:\n{text}"
+    );
+
+    let proxy = m.mesh.node.pid(&m.ns, "client", "mizzen-proxy")?;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &proxy.to_string()])
+        .status()?;
+    assert!(status.success());
+    let out = keepalive.await??;
+    let text_out = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "the keep-alive connection ended: {text_out}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text_out.lines().collect();
+    assert!(
+        lines.last().is_some_and(|l| l.starts_with("closed after ")),
+        "{text_out}"
+    );
+    assert!(
+        lines[..lines.len() - 1].iter().all(|l| l.starts_with("HTTP/1.1 200")),
+        "no request failed on the way out:\n{text_out}"
+    );
+    // The proxy is still draining (the TCP connection may finish), so it
+    // was the graceful close, not the proxy's exit, that ended the HTTP one.
+    let (_, text) = proxy_metric(&m.client_ip, "mizzen_proxy_connections_open").await?;
+    assert_eq!(open(&text), 1.0, "only the TCP connection is left:\n{text}");
+    held.abort();
+    Ok(())
+}

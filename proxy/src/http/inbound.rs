@@ -33,6 +33,7 @@ use super::headers::{self, APP_PROTOCOL, XFCC};
 use super::pool::{H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h1, send_h2};
 use super::upgrade;
 use super::{Body, ResponseFlag};
+use crate::drain::ConnGuard;
 use crate::inbound::Inbound;
 use crate::metrics::{Direction, RequestFacts};
 
@@ -65,10 +66,11 @@ enum AppError {
 
 /// Serves requests on `conn` for the app at `dst`; `client` is the peer
 /// proxy's identity, `None` for plaintext from outside the mesh.
-pub async fn serve<S>(inbound: &Arc<Inbound>, conn: S, dst: SocketAddr, client: Option<Client>)
+pub async fn serve<S>(inbound: &Arc<Inbound>, conn: S, dst: SocketAddr, client: Option<Client>, guard: &ConnGuard)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    guard.serving_http();
     let from_mesh = client.is_some();
     let inbound = inbound.clone();
     let svc = hyper::service::service_fn(move |req| {
@@ -77,16 +79,12 @@ where
     });
     let io = TokioIo::new(conn);
     let served = if from_mesh {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .enable_connect_protocol()
-            .serve_connection(io, svc)
-            .await
-            .map_err(|e| e.to_string())
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder.enable_connect_protocol();
+        until_drained!(builder.serve_connection(io, svc), guard.draining()).map_err(|e| e.to_string())
     } else {
-        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-            .serve_connection_with_upgrades(io, svc)
-            .await
-            .map_err(|e| e.to_string())
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        until_drained!(builder.serve_connection_with_upgrades(io, svc), guard.draining()).map_err(|e| e.to_string())
     };
     if let Err(e) = served {
         debug!(%dst, from_mesh, error = %e, "inbound HTTP connection ended with an error");

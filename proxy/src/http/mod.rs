@@ -9,6 +9,23 @@
 //!   `x-forwarded-client-cert`.
 //! - [`headers`]: what the proxies add, strip and carry between them.
 
+/// Runs the server connection future `$conn` to its end; once `$draining`
+/// resolves, asks it to finish gracefully (HTTP/2 GOAWAY, HTTP/1.1
+/// `Connection: close` on the next response) and waits for that.
+macro_rules! until_drained {
+    ($conn:expr, $draining:expr) => {{
+        let conn = $conn;
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = $draining => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+
 pub mod body;
 pub mod headers;
 pub mod inbound;

@@ -34,6 +34,7 @@ use super::upgrade::{self, Takeover};
 use super::{Body, ResponseFlag};
 use crate::balance::Load;
 use crate::discovery::{Backend, Destination};
+use crate::drain::ConnGuard;
 use crate::metrics::{Direction, RequestFacts};
 use crate::outbound::{ATTEMPTS, Outbound, OutboundError, expected_identity};
 use crate::tls::ALPN_HTTP;
@@ -58,19 +59,23 @@ impl Pools {
     }
 }
 
-/// Serves the app's HTTP connection `conn` (captured on its way to `dst`).
-pub async fn serve<S>(outbound: Arc<Outbound>, conn: S, dst: SocketAddr) -> Result<(), OutboundError>
+/// Serves the app's HTTP connection `conn` (captured on its way to `dst`)
+/// until it ends or, once the proxy drains, finishes gracefully.
+pub async fn serve<S>(outbound: Arc<Outbound>, conn: S, dst: SocketAddr, guard: &ConnGuard) -> Result<(), OutboundError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    guard.serving_http();
     let svc = hyper::service::service_fn(move |req| {
         let o = outbound.clone();
         async move { Ok::<_, Infallible>(request(&o, dst, req).await) }
     });
-    if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(conn), svc)
-        .await
-    {
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let served = until_drained!(
+        builder.serve_connection_with_upgrades(TokioIo::new(conn), svc),
+        guard.draining()
+    );
+    if let Err(e) = served {
         debug!(%dst, error = %e, "app HTTP connection ended with an error");
     }
     Ok(())

@@ -34,6 +34,12 @@
 //!                                     before reading anything
 //! mizzen-testapp banner-client ADDR   connects, sends nothing, prints the
 //!                                     greeting
+//! mizzen-testapp http-keepalive ADDR SECS
+//!                                     one HTTP/1.1 connection, a GET every
+//!                                     100 ms, until the server closes it:
+//!                                     prints "<status> connection=<value>"
+//!                                     per response, then "closed after <n>";
+//!                                     exit 1 if still open after SECS
 //! mizzen-testapp hold ADDR N SECS [HEX]  open N connections (writing HEX bytes on each), print "open <n>",
 //!                                     keep them for SECS seconds
 //! ```
@@ -81,6 +87,47 @@ fn echo_server(addr: &str) -> Result<(), String> {
             }
         });
     }
+    Ok(())
+}
+
+fn http_keepalive(addr: &str, secs: &str) -> Result<(), String> {
+    let secs: u64 = secs.parse().map_err(|_| format!("bad seconds {secs:?}"))?;
+    let end = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut conn = open(addr)?;
+    let mut body = Vec::new();
+    let mut n = 0;
+    while std::time::Instant::now() < end {
+        if conn
+            .get_mut()
+            .write_all(b"GET /keepalive HTTP/1.1\r\nhost: keepalive\r\n\r\n")
+            .is_err()
+        {
+            break;
+        }
+        let Some(head) = read_message(&mut conn, &mut body)? else {
+            break;
+        };
+        n += 1;
+        let status = head.lines().next().unwrap_or_default();
+        let connection = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("connection:")
+                    .map(|v| v.trim().to_owned())
+            })
+            .unwrap_or_else(|| "-".into());
+        println!("{status} connection={connection}");
+        std::io::stdout().flush().map_err(|e| e.to_string())?;
+        if connection == "close" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if std::time::Instant::now() >= end {
+        return Err(format!("still open after {n} responses"));
+    }
+    println!("closed after {n}");
     Ok(())
 }
 
@@ -180,7 +227,6 @@ const BODY: usize = 1024;
 fn read_message(conn: &mut BufReader<TcpStream>, body: &mut Vec<u8>) -> Result<Option<String>, String> {
     use std::io::Read;
     let mut head = String::new();
-    let mut first = String::new();
     let mut length = 0usize;
     loop {
         let mut line = String::new();
@@ -192,9 +238,6 @@ fn read_message(conn: &mut BufReader<TcpStream>, body: &mut Vec<u8>) -> Result<O
                 Err("connection closed mid-message".into())
             };
         }
-        if first.is_empty() {
-            first = line.trim_end().to_owned();
-        }
         head.push_str(&line);
         if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
             length = v.trim().parse().map_err(|_| format!("bad content-length {v:?}"))?;
@@ -205,7 +248,7 @@ fn read_message(conn: &mut BufReader<TcpStream>, body: &mut Vec<u8>) -> Result<O
     }
     body.resize(length, 0);
     conn.read_exact(body).map_err(|e| format!("read body: {e}"))?;
-    Ok(Some(first))
+    Ok(Some(head))
 }
 
 fn http_server(addr: &str) -> Result<(), String> {
@@ -441,6 +484,7 @@ fn main() -> ExitCode {
         ["http-server", addr] => http_server(addr),
         ["http-echo", addr] => http_echo(addr),
         ["banner-server", addr] => banner_server(addr),
+        ["http-keepalive", addr, secs] => http_keepalive(addr, secs),
         ["banner-client", addr] => banner_client(addr),
         ["http-load", addr, rate, secs, conns] => http_load(addr, rate, secs, conns),
         ["hold", addr, n, secs] => hold(addr, n, secs, ""),
@@ -450,7 +494,7 @@ fn main() -> ExitCode {
             println!("uid={uid} gid={gid}");
             Ok(())
         }
-        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami | load ADDR SECS MS | http-server ADDR | http-echo ADDR | banner-server ADDR | banner-client ADDR | http-load ADDR RATE SECS CONNS | hold ADDR N SECS [HEX-BYTES]".into()),
+        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami | load ADDR SECS MS | http-server ADDR | http-echo ADDR | banner-server ADDR | banner-client ADDR | http-keepalive ADDR SECS | http-load ADDR RATE SECS CONNS | hold ADDR N SECS [HEX-BYTES]".into()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
