@@ -61,6 +61,8 @@ pub struct Inbound {
     pub timeouts: crate::config::Timeouts,
     /// Connections to the app for the HTTP path.
     pub app: crate::http::inbound::AppClients,
+    /// Whether each HTTP request gets an access log line.
+    pub access_log: bool,
 }
 
 /// Serves inbound connections until the process ends.

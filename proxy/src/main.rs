@@ -164,6 +164,9 @@ struct ProxyArgs {
     /// pod's traffic, and a single thread spends the least CPU per request.
     #[arg(long, env = "MIZZEN_PROXY_WORKERS", default_value_t = 1)]
     workers: usize,
+    /// Write a JSON line per HTTP request to stdout (the access log).
+    #[arg(long, env = "MIZZEN_ACCESS_LOG")]
+    access_log: bool,
     /// On SIGTERM, how long open connections may finish before exiting.
     #[arg(long, default_value_t = 5)]
     drain_seconds: u64,
@@ -259,7 +262,9 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
         detect: ms(a.detect_timeout_ms),
         sniff: ms(a.sniff_timeout_ms),
     };
-    let outbound = Arc::new(Outbound::new(routes_rx, rx.clone(), metrics.clone(), timeouts));
+    let mut outbound = Outbound::new(routes_rx, rx.clone(), metrics.clone(), timeouts);
+    outbound.access_log = a.access_log;
+    let outbound = Arc::new(outbound);
     let mut accepting = Vec::new();
     for l in outbound_listeners {
         accepting.push(tokio::spawn(outbound::serve(l, outbound.clone(), connections.clone())));
@@ -273,6 +278,7 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
         },
         timeouts,
         app: Default::default(),
+        access_log: a.access_log,
     });
     for l in inbound_listeners {
         accepting.push(tokio::spawn(inbound::serve(l, inbound.clone(), connections.clone())));

@@ -46,6 +46,8 @@ pub struct Outbound {
     pub timeouts: crate::config::Timeouts,
     /// Connections kept for the HTTP path.
     pub(crate) http: crate::http::outbound::Pools,
+    /// Whether each HTTP request gets an access log line.
+    pub access_log: bool,
     base: Mutex<Option<Arc<ClientBase>>>,
 }
 
@@ -146,6 +148,7 @@ impl Outbound {
             metrics,
             timeouts,
             http: Default::default(),
+            access_log: false,
             base: Mutex::new(None),
         }
     }

@@ -680,3 +680,56 @@ async fn on_drain_a_keep_alive_http_connection_is_closed_gracefully_while_tcp_on
     held.abort();
     Ok(())
 }
+
+#[tokio::test]
+async fn the_access_log_is_a_json_line_per_request_when_the_pod_asks_for_it() -> anyhow::Result<()> {
+    let m = HttpMesh::start("http-access", true).await?;
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    let mut logged = mizzen_tests::mesh::echo_pod("logged", &m.mesh.node.name);
+    logged["metadata"]["annotations"] = serde_json::json!({"mizzen.dev/access-log": "true"});
+    create_pod(&client, &m.ns, logged).await?;
+    wait_ready(&client, &m.ns, "logged", TIMEOUT).await?;
+    let out = eventually_some(
+        Duration::from_secs(30),
+        "the logged client to reach the Service",
+        || async { Ok(curl_in(&m.mesh, &m.ns, "logged", &[&m.url("/logged?q=1")]).await.ok()) },
+    )
+    .await?;
+    let request_id = header(&out, "x-request-id")
+        .first()
+        .map(|s| s.to_string())
+        .context("request id")?;
+    let log = mizzen_tests::node::Node::log(cluster, &m.ns, "logged", "mizzen-proxy");
+    let line = eventually_some(Duration::from_secs(10), "the access log line", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let id = request_id.clone();
+        async move {
+            Ok(text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["x_request_id"] == id.as_str()))
+        }
+    })
+    .await?;
+    assert_eq!(line["path"], "/logged?q=1", "{line}");
+    assert_eq!(line["method"], "GET", "{line}");
+    assert_eq!(line["response_code"], 200, "{line}");
+    assert_eq!(line["direction"], "outbound", "{line}");
+    assert_eq!(line["response_flags"], "-", "{line}");
+    assert_eq!(
+        line["peer_principal"],
+        format!("spiffe://cluster.local/ns/{}/sa/default", m.ns).as_str(),
+        "{line}"
+    );
+    assert!(line["bytes_sent"].as_u64().is_some_and(|n| n > 0), "{line}");
+    // Off by default: the replicas' proxies served requests and logged none.
+    for pod in ["web-a", "web-b"] {
+        let text = std::fs::read_to_string(mizzen_tests::node::Node::log(cluster, &m.ns, pod, "mizzen-proxy"))?;
+        assert!(
+            !text.contains("\"x_request_id\""),
+            "{pod} wrote access log lines without asking"
+        );
+    }
+    Ok(())
+}

@@ -51,6 +51,12 @@ pub const ANN_LOG_LEVEL: &str = "mizzen.dev/log-level";
 /// `strict` or `permissive` (the default): whether the proxy accepts
 /// plaintext inbound. A per-pod setting until PeerAuthentication drives it.
 pub const ANN_MTLS_MODE: &str = "mizzen.dev/mtls-mode";
+/// Threads the proxy serves connections with (1 to [`MAX_PROXY_WORKERS`];
+/// default 1), Istio's `concurrency`.
+pub const ANN_PROXY_WORKERS: &str = "mizzen.dev/proxy-workers";
+pub const MAX_PROXY_WORKERS: u16 = 16;
+/// `true`: the proxy writes a JSON access log line per HTTP request.
+pub const ANN_ACCESS_LOG: &str = "mizzen.dev/access-log";
 
 /// Why a pod is left alone. Not an error: the pod is admitted unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -282,6 +288,8 @@ struct Effective {
     memory_limit: String,
     log_level: String,
     mtls_mode: Option<String>,
+    workers: Option<u16>,
+    access_log: bool,
 }
 
 fn ann_err(name: &'static str, value: &str, reason: impl Into<String>) -> InjectError {
@@ -358,6 +366,8 @@ fn effective(pod: &Pod, cfg: &InjectConfig) -> Result<Effective, InjectError> {
         memory_limit: cfg.proxy_memory_limit.clone(),
         log_level: cfg.log_level.clone(),
         mtls_mode: None,
+        workers: None,
+        access_log: false,
     };
     if let Some(v) = get(ANN_EXCLUDE_INBOUND_PORTS) {
         e.exclude_inbound_ports
@@ -408,6 +418,25 @@ fn effective(pod: &Pod, cfg: &InjectConfig) -> Result<Effective, InjectError> {
             return Err(ann_err(ANN_MTLS_MODE, v, "use strict or permissive"));
         }
         e.mtls_mode = Some(v.to_owned());
+    }
+    if let Some(v) = get(ANN_PROXY_WORKERS) {
+        match v.parse::<u16>() {
+            Ok(n) if (1..=MAX_PROXY_WORKERS).contains(&n) => e.workers = Some(n),
+            _ => {
+                return Err(ann_err(
+                    ANN_PROXY_WORKERS,
+                    v,
+                    format!("use a whole number from 1 to {MAX_PROXY_WORKERS}"),
+                ));
+            }
+        }
+    }
+    if let Some(v) = get(ANN_ACCESS_LOG) {
+        e.access_log = match v {
+            "true" => true,
+            "false" => false,
+            _ => return Err(ann_err(ANN_ACCESS_LOG, v, "use true or false")),
+        };
     }
     e.exclude_inbound_ports.sort_unstable();
     e.exclude_inbound_ports.dedup();
@@ -565,12 +594,19 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
             ..Default::default()
         },
     ];
+    let literal = |name: &str, value: String| EnvVar {
+        name: name.into(),
+        value: Some(value),
+        ..Default::default()
+    };
     if let Some(mode) = &e.mtls_mode {
-        env.push(EnvVar {
-            name: "MIZZEN_MTLS_MODE".into(),
-            value: Some(mode.clone()),
-            ..Default::default()
-        });
+        env.push(literal("MIZZEN_MTLS_MODE", mode.clone()));
+    }
+    if let Some(n) = e.workers {
+        env.push(literal("MIZZEN_PROXY_WORKERS", n.to_string()));
+    }
+    if e.access_log {
+        env.push(literal("MIZZEN_ACCESS_LOG", "true".into()));
     }
     if !probes.is_empty() {
         env.push(EnvVar {

@@ -265,6 +265,23 @@ fn annotations_customise_and_bad_values_name_the_annotation() {
         !env.iter().any(|e| e.name == "MIZZEN_MTLS_MODE"),
         "default: the proxy's own (permissive)"
     );
+    assert!(
+        !env.iter()
+            .any(|e| e.name == "MIZZEN_PROXY_WORKERS" || e.name == "MIZZEN_ACCESS_LOG"),
+        "defaults: the proxy's own (one worker, no access log)"
+    );
+    let env = injected(ANN_PROXY_WORKERS, "2", 1).env.expect("env");
+    assert!(
+        env.iter()
+            .any(|e| e.name == "MIZZEN_PROXY_WORKERS" && e.value.as_deref() == Some("2")),
+        "{env:?}"
+    );
+    let env = injected(ANN_ACCESS_LOG, "true", 1).env.expect("env");
+    assert!(
+        env.iter()
+            .any(|e| e.name == "MIZZEN_ACCESS_LOG" && e.value.as_deref() == Some("true")),
+        "{env:?}"
+    );
 
     for (name, value) in [
         (ANN_EXCLUDE_INBOUND_PORTS, "80,http"),
@@ -278,6 +295,10 @@ fn annotations_customise_and_bad_values_name_the_annotation() {
         (ANN_PROXY_IMAGE, "two words"),
         (ANN_LOG_LEVEL, "verbose"),
         (ANN_MTLS_MODE, "STRICTER"),
+        (ANN_PROXY_WORKERS, "0"),
+        (ANN_PROXY_WORKERS, "17"),
+        (ANN_PROXY_WORKERS, "two"),
+        (ANN_ACCESS_LOG, "yes"),
     ] {
         match mutate(&with(name, value), &InjectConfig::default(), true) {
             Err(InjectError::Annotation { name: n, .. }) => assert_eq!(n, name, "{value}"),

@@ -29,10 +29,11 @@ use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
+use super::access::AccessEntry;
 use super::headers::{self, APP_PROTOCOL, XFCC};
 use super::pool::{H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h1, send_h2};
 use super::upgrade;
-use super::{Body, ResponseFlag};
+use super::{Body, Exchange, ResponseFlag};
 use crate::drain::ConnGuard;
 use crate::inbound::Inbound;
 use crate::metrics::{Direction, RequestFacts};
@@ -121,6 +122,11 @@ async fn request(
     headers::ensure_forwarded_proto(&mut parts.headers);
     let mut facts = RequestFacts::new(Direction::Inbound, super::is_grpc(&parts.headers));
     facts.peer = client.map(|c| c.id.clone());
+    let access = inbound.access_log.then(|| {
+        let mut a = AccessEntry::new(&parts, version);
+        a.upstream = Some(dst);
+        a
+    });
     let (body, request_bytes) = super::counted(body);
     let mut req = Request::from_parts(parts, body);
     if version == Version::HTTP_2 {
@@ -151,7 +157,13 @@ async fn request(
             super::unavailable(ResponseFlag::LocalReset, "the app could not be reached")
         }
     };
-    super::recorded(response, facts, inbound.metrics.clone(), started, request_bytes, ())
+    let exchange = Exchange {
+        facts,
+        started,
+        request_bytes,
+        access,
+    };
+    super::recorded(response, exchange, inbound.metrics.clone(), ())
 }
 
 /// Sends `req` to the app; a request that did not leave (a kept

@@ -26,6 +26,7 @@ macro_rules! until_drained {
     }};
 }
 
+pub mod access;
 pub mod body;
 pub mod headers;
 pub mod inbound;
@@ -61,17 +62,32 @@ pub fn on_end(
     hyper::Response::from_parts(parts, counted.boxed())
 }
 
-/// `response` with its request's metrics recorded (`facts` completed by
-/// the response) once its body ends; `hold` (an endpoint's outstanding
-/// request) is kept until then.
+/// One request as it is being proxied, for its metrics and access log.
+#[derive(Debug)]
+pub struct Exchange {
+    pub facts: crate::metrics::RequestFacts,
+    pub started: std::time::Instant,
+    /// The request body's bytes, counted as they flow.
+    pub request_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// `Some` when the access log is on.
+    pub access: Option<access::AccessEntry>,
+}
+
+/// `response` with its exchange recorded (metrics and access log, the
+/// facts completed by the response) once its body ends; `hold` (an
+/// endpoint's outstanding request) is kept until then.
 pub fn recorded<H: Send + Sync + 'static>(
     response: hyper::Response<Body>,
-    mut facts: crate::metrics::RequestFacts,
+    exchange: Exchange,
     metrics: crate::metrics::ProxyMetrics,
-    started: std::time::Instant,
-    request_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     hold: H,
 ) -> hyper::Response<Body> {
+    let Exchange {
+        mut facts,
+        started,
+        request_bytes,
+        access,
+    } = exchange;
     facts.status = response.status().as_u16();
     facts.grpc_status = response
         .headers()
@@ -83,7 +99,11 @@ pub fn recorded<H: Send + Sync + 'static>(
         let request_bytes = request_bytes.load(std::sync::atomic::Ordering::Relaxed);
         // A trailers-only answer carries grpc-status in its headers.
         facts.grpc_status = facts.grpc_status.or(ended.grpc_status);
-        metrics.request(&facts, started.elapsed(), request_bytes, ended.bytes);
+        let elapsed = started.elapsed();
+        metrics.request(&facts, elapsed, request_bytes, ended.bytes);
+        if let Some(a) = access {
+            a.write(&facts, elapsed, request_bytes, ended.bytes);
+        }
     })
 }
 

@@ -28,10 +28,11 @@ use mizzen_api::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
+use super::access::AccessEntry;
 use super::headers::{self, APP_PROTOCOL};
 use super::pool::{H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h1, send_h2};
 use super::upgrade::{self, Takeover};
-use super::{Body, ResponseFlag};
+use super::{Body, Exchange, ResponseFlag};
 use crate::balance::Load;
 use crate::discovery::{Backend, Destination};
 use crate::drain::ConnGuard;
@@ -108,6 +109,7 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
     headers::ensure_request_id(&mut parts.headers);
     headers::ensure_forwarded_proto(&mut parts.headers);
     let grpc = super::is_grpc(&parts.headers);
+    let mut access = o.access_log.then(|| AccessEntry::new(&parts, version));
     let (body, request_bytes) = super::counted(body);
     let req = Request::from_parts(parts, body);
     let service = o.routes.borrow().as_ref().and_then(|r| match r.resolve(dst) {
@@ -122,6 +124,9 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
             backend,
             load,
         }) => {
+            if let Some(a) = access.as_mut() {
+                a.upstream = Some(backend.addr);
+            }
             facts.peer = backend.identity.and_then(Result::ok);
             facts.peer_pod = Some(backend.pod).filter(|p| !p.is_empty());
             headers::strip_hop_by_hop(response.headers_mut());
@@ -141,7 +146,13 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
             (super::unavailable(r.flag, &r.error), None)
         }
     };
-    super::recorded(response, facts, o.metrics.clone(), started, request_bytes, load)
+    let exchange = Exchange {
+        facts,
+        started,
+        request_bytes,
+        access,
+    };
+    super::recorded(response, exchange, o.metrics.clone(), load)
 }
 
 /// Sends `req` to one of `dst`'s endpoints, trying another while nothing
