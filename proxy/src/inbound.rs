@@ -256,11 +256,7 @@ impl Inbound {
         match alpn.as_deref() {
             Some(ALPN_HTTP) => {
                 debug!(%peer, peer_id = %peer_id, %dst, "inbound mTLS HTTP/2 connection");
-                let client = crate::http::inbound::Client {
-                    id: peer_id,
-                    cert: leaf,
-                    server: material.id.clone(),
-                };
+                let client = crate::http::inbound::Client::new(peer_id, &leaf, &material.id);
                 crate::http::inbound::serve(self, tls, dst, Some(client), guard).await;
                 Ok(())
             }

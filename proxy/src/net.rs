@@ -30,7 +30,9 @@ pub const APP_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 
 /// Connects to the app at `dst` from 127.0.0.6 (IPv4) or ::6 (IPv6), the
 /// sources the capture rules never redirect. `::6` is not configured on
-/// loopback, so it is bound with IP_FREEBIND.
+/// loopback, so it is bound with IP_FREEBIND. TCP_NODELAY is set: HTTP
+/// writes a request's head and body separately, and Nagle's algorithm
+/// with the app's delayed ACK would hold the body back for 40 ms.
 pub async fn connect_app(dst: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
     let socket = if dst.is_ipv4() {
         let s = tokio::net::TcpSocket::new_v4()?;
@@ -42,6 +44,7 @@ pub async fn connect_app(dst: SocketAddr, timeout: Duration) -> std::io::Result<
         s.bind(SocketAddr::new(APP_SOURCE_V6.into(), 0))?;
         s
     };
+    socket.set_nodelay(true)?;
     tokio::time::timeout(timeout, socket.connect(dst))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the app timed out"))?

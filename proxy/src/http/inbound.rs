@@ -43,10 +43,18 @@ use crate::metrics::{Direction, RequestFacts};
 pub struct Client {
     /// The client's SPIFFE ID.
     pub id: SpiffeId,
-    /// Its certificate (hashed into XFCC).
-    pub cert: CertificateDer<'static>,
-    /// This pod's own identity (XFCC's `By`).
-    pub server: SpiffeId,
+    /// The XFCC value its requests get, computed once per connection.
+    xfcc: hyper::header::HeaderValue,
+}
+
+impl Client {
+    /// The client `id` presenting `cert`, calling `server` (this pod).
+    pub fn new(id: SpiffeId, cert: &CertificateDer<'_>, server: &SpiffeId) -> Self {
+        Self {
+            xfcc: headers::xfcc(server, cert, &id),
+            id,
+        }
+    }
 }
 
 /// Connections to the app, by its address.
@@ -116,7 +124,7 @@ async fn request(
     parts.headers.remove(APP_PROTOCOL);
     parts.headers.remove(XFCC);
     if let Some(c) = client {
-        parts.headers.insert(XFCC, headers::xfcc(&c.server, &c.cert, &c.id));
+        parts.headers.insert(XFCC, c.xfcc.clone());
     }
     headers::ensure_request_id(&mut parts.headers);
     headers::ensure_forwarded_proto(&mut parts.headers);

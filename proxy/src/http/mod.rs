@@ -117,7 +117,7 @@ pub fn full(text: impl Into<Bytes>) -> Body {
 /// Why the proxy answered a request itself, Envoy's response flags: the
 /// `response_flags` label of request metrics and the
 /// `x-mizzen-response-flags` header of the answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ResponseFlag {
     /// No healthy upstream: the Service has no ready endpoint.
     NoHealthyUpstream,

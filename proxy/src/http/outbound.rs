@@ -112,13 +112,17 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
     let mut access = o.access_log.then(|| AccessEntry::new(&parts, version));
     let (body, request_bytes) = super::counted(body);
     let req = Request::from_parts(parts, body);
-    let service = o.routes.borrow().as_ref().and_then(|r| match r.resolve(dst) {
-        Destination::Service(t) => Some(t.service.clone()),
-        _ => None,
-    });
     let mut facts = RequestFacts::new(Direction::Outbound, grpc);
-    facts.destination_service = service;
-    let (response, load) = match forward(o, dst, version, takeover.as_ref(), req).await {
+    // Resolved per request: discovery may have changed since the
+    // connection opened.
+    let destination = match o.routes().await {
+        Ok(routes) => Some(routes.resolve(dst)),
+        Err(_) => None,
+    };
+    if let Some(Destination::Service(t)) = &destination {
+        facts.destination_service = Some(t.service.clone());
+    }
+    let (response, load) = match forward(o, destination, version, takeover.as_ref(), req).await {
         Ok(Forwarded {
             mut response,
             backend,
@@ -159,35 +163,43 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
 /// was sent.
 async fn forward(
     o: &Arc<Outbound>,
-    dst: SocketAddr,
+    destination: Option<Destination>,
     version: Version,
     takeover: Option<&Takeover>,
     req: Request<Body>,
 ) -> Result<Forwarded, Refusal> {
-    let routes = o.routes().await.map_err(|e| Refusal {
+    let destination = destination.ok_or_else(|| Refusal {
         flag: ResponseFlag::NotReady,
-        error: e.to_string(),
+        error: OutboundError::NoRoutesYet.to_string(),
     })?;
-    let backends: Vec<Backend> = match routes.resolve(dst) {
-        Destination::Service(t) => t.backends.clone(),
-        Destination::Pod(b) => vec![b],
-        Destination::Passthrough(addr) => vec![Backend {
-            addr,
-            identity: None,
-            pod: String::new(),
-        }],
+    let single;
+    let backends: &[Backend] = match &destination {
+        Destination::Service(t) => &t.backends,
+        Destination::Pod(b) => std::slice::from_ref(b),
+        Destination::Passthrough(addr) => {
+            single = Backend {
+                addr: *addr,
+                identity: None,
+                pod: String::new(),
+            };
+            std::slice::from_ref(&single)
+        }
     };
     if backends.is_empty() {
+        let service = match &destination {
+            Destination::Service(t) => t.service.as_str(),
+            _ => "the destination",
+        };
         return Err(Refusal {
             flag: ResponseFlag::NoHealthyUpstream,
-            error: format!("no ready endpoint behind {dst}"),
+            error: format!("no ready endpoint behind {service}"),
         });
     }
     let mut req = req;
     let mut tried = Vec::with_capacity(ATTEMPTS);
     let mut last = String::new();
     while tried.len() < ATTEMPTS {
-        let Some(b) = o.balancer.pick(&backends, &tried) else {
+        let Some(b) = o.balancer.pick(backends, &tried) else {
             break;
         };
         tried.push(b.addr);
