@@ -40,10 +40,18 @@
 //!                                     prints "<status> connection=<value>"
 //!                                     per response, then "closed after <n>";
 //!                                     exit 1 if still open after SECS
+//! mizzen-testapp grpc-server ADDR     h2c gRPC server: answers every unary
+//!                                     call with its message, status 0
+//! mizzen-testapp grpc-load ADDR RATE SECS CONNS
+//!                                     unary gRPC calls with 1 KiB messages
+//!                                     over CONNS h2c connections, as
+//!                                     http-load (same JSON line)
 //! mizzen-testapp hold ADDR N SECS [HEX]  open N connections (writing HEX bytes on each), print "open <n>",
 //!                                     keep them for SECS seconds
 //! ```
 //! The servers print `listening <addr>` on stdout once it is bound.
+
+mod grpc;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -433,17 +441,22 @@ fn http_load(addr: &str, rate: &str, secs: &str, conns: &str) -> Result<(), Stri
         all.extend(l);
         errors += e;
     }
-    all.sort_unstable();
-    let elapsed = secs;
-    println!(
-        "{{\"requests\":{},\"errors\":{errors},\"seconds\":{elapsed},\"rps\":{:.1},\"p50_us\":{},\"p90_us\":{},\"p99_us\":{}}}",
-        all.len(),
-        all.len() as f64 / elapsed,
-        percentile(&all, 0.50),
-        percentile(&all, 0.90),
-        percentile(&all, 0.99)
-    );
+    report(all, errors, secs);
     Ok(())
+}
+
+/// Prints a load run as one JSON line: count, errors, rate and latency
+/// percentiles (µs).
+fn report(mut latencies: Vec<u64>, errors: u64, secs: f64) {
+    latencies.sort_unstable();
+    println!(
+        "{{\"requests\":{},\"errors\":{errors},\"seconds\":{secs},\"rps\":{:.1},\"p50_us\":{},\"p90_us\":{},\"p99_us\":{}}}",
+        latencies.len(),
+        latencies.len() as f64 / secs,
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.90),
+        percentile(&latencies, 0.99)
+    );
 }
 
 /// Opens `n` connections to `addr`, writes `first` (hex) on each, and
@@ -485,6 +498,8 @@ fn main() -> ExitCode {
         ["http-echo", addr] => http_echo(addr),
         ["banner-server", addr] => banner_server(addr),
         ["http-keepalive", addr, secs] => http_keepalive(addr, secs),
+        ["grpc-server", addr] => grpc::server(addr),
+        ["grpc-load", addr, rate, secs, conns] => grpc::load(addr, rate, secs, conns),
         ["banner-client", addr] => banner_client(addr),
         ["http-load", addr, rate, secs, conns] => http_load(addr, rate, secs, conns),
         ["hold", addr, n, secs] => hold(addr, n, secs, ""),
@@ -494,7 +509,7 @@ fn main() -> ExitCode {
             println!("uid={uid} gid={gid}");
             Ok(())
         }
-        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami | load ADDR SECS MS | http-server ADDR | http-echo ADDR | banner-server ADDR | banner-client ADDR | http-keepalive ADDR SECS | http-load ADDR RATE SECS CONNS | hold ADDR N SECS [HEX-BYTES]".into()),
+        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami | load ADDR SECS MS | http-server ADDR | http-echo ADDR | banner-server ADDR | banner-client ADDR | http-keepalive ADDR SECS | grpc-server ADDR | grpc-load ADDR RATE SECS CONNS | http-load ADDR RATE SECS CONNS | hold ADDR N SECS [HEX-BYTES]".into()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
