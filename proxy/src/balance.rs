@@ -1,6 +1,18 @@
-//! Choosing an endpoint: power of two choices on what each endpoint is
-//! busy with (open TCP connections and outstanding HTTP requests), skipping
-//! endpoints that recently failed.
+//! Choosing an endpoint: power of two choices on each endpoint's cost,
+//! skipping endpoints that recently failed.
+//!
+//! The cost is what the endpoint is busy with (open TCP connections and
+//! outstanding HTTP requests, plus one) times its latency: a peak-sensitive
+//! moving average of the time to response headers, which jumps to a slow
+//! sample at once and decays towards faster ones with a time constant of
+//! [`DECAY`] (Linkerd's "peak EWMA"). An endpoint without samples costs as
+//! if it were as fast as the faster candidate, so new endpoints are tried.
+//! Two costs within a factor of [`TOLERANCE`] count as equal and the first
+//! of the two random candidates wins: replicas that are equally fast share
+//! the requests (rather than the one that measured a few microseconds
+//! faster taking every sequential request), while an endpoint twice as
+//! busy, or markedly slower, loses. Relayed TCP connections give no
+//! samples and compare on load alone.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,6 +26,10 @@ use crate::discovery::Backend;
 
 /// How long an endpoint that failed a connection is skipped.
 const FAILURE_HOLD: Duration = Duration::from_secs(5);
+/// The latency average's time constant.
+pub const DECAY: Duration = Duration::from_secs(10);
+/// Costs closer than this factor are treated as equal.
+pub const TOLERANCE: f64 = 1.5;
 /// Per-endpoint load and health, shared by all connections.
 #[derive(Debug, Default)]
 pub struct Balancer {
@@ -26,6 +42,27 @@ struct Entry {
     /// holds a reference.
     open: Arc<AtomicUsize>,
     failed_until: Option<Instant>,
+    latency: Option<Ewma>,
+}
+
+/// A peak-sensitive exponentially weighted moving average of latency.
+#[derive(Debug, Clone, Copy)]
+struct Ewma {
+    micros: f64,
+    at: Instant,
+}
+
+impl Ewma {
+    fn observe(self, sample: Duration, now: Instant) -> Self {
+        let sample = sample.as_secs_f64() * 1e6;
+        let micros = if sample > self.micros {
+            sample
+        } else {
+            let w = (-(now.saturating_duration_since(self.at).as_secs_f64()) / DECAY.as_secs_f64()).exp();
+            self.micros * w + sample * (1.0 - w)
+        };
+        Self { micros, at: now }
+    }
 }
 
 /// Counts one open connection or outstanding request to an endpoint
@@ -50,14 +87,14 @@ impl Balancer {
         map
     }
 
-    /// Picks among `backends` not in `tried`: two at random, the one with
-    /// fewer open connections; endpoints that failed recently only when
-    /// nothing else is left.
+    /// Picks among `backends` not in `tried`: two at random, the one that
+    /// costs less; endpoints that failed recently only when nothing else is
+    /// left.
     pub fn pick<'a>(&self, backends: &'a [Backend], tried: &[SocketAddr]) -> Option<&'a Backend> {
         let now = Instant::now();
         let map = self.entries();
         let failed = |b: &Backend| map.get(&b.addr).and_then(|e| e.failed_until).is_some_and(|t| now < t);
-        let open = |b: &Backend| map.get(&b.addr).map_or(0, |e| e.open.load(Ordering::Relaxed));
+        let latency = |b: &Backend| map.get(&b.addr).and_then(|e| e.latency).map(|l| l.micros);
         let left: Vec<&Backend> = backends.iter().filter(|b| !tried.contains(&b.addr)).collect();
         let healthy: Vec<&Backend> = left.iter().copied().filter(|b| !failed(b)).collect();
         let pool = if healthy.is_empty() { left } else { healthy };
@@ -71,11 +108,19 @@ impl Balancer {
                 if b >= a {
                     b += 1;
                 }
-                Some(if open(pool[b]) < open(pool[a]) {
-                    pool[b]
-                } else {
-                    pool[a]
-                })
+                let (a, b) = (pool[a], pool[b]);
+                // Unmeasured: as fast as the faster of the two (1 µs when
+                // neither was measured, so that load alone decides).
+                let fastest = match (latency(a), latency(b)) {
+                    (Some(x), Some(y)) => x.min(y),
+                    (Some(x), None) | (None, Some(x)) => x,
+                    (None, None) => 1.0,
+                };
+                let cost = |e: &Backend| {
+                    let open = map.get(&e.addr).map_or(0, |e| e.open.load(Ordering::Relaxed));
+                    (open + 1) as f64 * latency(e).unwrap_or(fastest).max(1.0)
+                };
+                Some(if cost(b) * TOLERANCE < cost(a) { b } else { a })
             }
         }
     }
@@ -85,6 +130,20 @@ impl Balancer {
         let open = self.entries().entry(addr).or_default().open.clone();
         open.fetch_add(1, Ordering::Relaxed);
         Load(open)
+    }
+
+    /// Records how long `addr` took to answer a request.
+    pub fn observe(&self, addr: SocketAddr, latency: Duration) {
+        let now = Instant::now();
+        let mut map = self.entries();
+        let e = map.entry(addr).or_default();
+        e.latency = Some(match e.latency {
+            Some(l) => l.observe(latency, now),
+            None => Ewma {
+                micros: latency.as_secs_f64() * 1e6,
+                at: now,
+            },
+        });
     }
 
     /// Skips `addr` for a while.
@@ -113,6 +172,21 @@ mod tests {
     }
 
     #[test]
+    fn equally_fast_replicas_share_sequential_requests() {
+        let b = Balancer::default();
+        let all = backends(2);
+        b.observe(all[0].addr, Duration::from_micros(400));
+        b.observe(all[1].addr, Duration::from_micros(450));
+        let firsts = (0..200)
+            .filter(|_| b.pick(&all, &[]).expect("pick").addr == all[0].addr)
+            .count();
+        assert!(
+            (60..=140).contains(&firsts),
+            "{firsts} of 200 to the slightly faster one"
+        );
+    }
+
+    #[test]
     fn two_choices_prefer_the_less_loaded() {
         let b = Balancer::default();
         let all = backends(2);
@@ -122,6 +196,41 @@ mod tests {
             assert_eq!(b.pick(&all, &[]).expect("pick").addr, all[1].addr);
         }
         assert_eq!(b.open(all[0].addr), 5);
+    }
+
+    #[test]
+    fn a_slow_endpoint_gets_no_traffic_until_the_fast_one_is_busy() {
+        let b = Balancer::default();
+        let all = backends(2);
+        b.observe(all[0].addr, Duration::from_millis(50));
+        b.observe(all[1].addr, Duration::from_millis(1));
+        // Idle, both measured: the fast one wins every comparison.
+        for _ in 0..50 {
+            assert_eq!(b.pick(&all, &[]).expect("pick").addr, all[1].addr);
+        }
+        // Busy enough (100 outstanding: twice the slow one's cost), the
+        // fast one loses to the slow idle one.
+        let _busy: Vec<Load> = (0..100).map(|_| b.load(all[1].addr)).collect();
+        for _ in 0..50 {
+            assert_eq!(b.pick(&all, &[]).expect("pick").addr, all[0].addr);
+        }
+    }
+
+    #[test]
+    fn the_latency_average_jumps_to_peaks_and_decays_towards_faster_samples() {
+        let t0 = Instant::now();
+        let e = Ewma { micros: 1000.0, at: t0 };
+        assert_eq!(e.observe(Duration::from_millis(5), t0).micros, 5000.0, "a peak at once");
+        let decayed = e.observe(Duration::from_micros(100), t0 + DECAY);
+        // One time constant later the new sample has weight 1 - 1/e.
+        let want = 1000.0 / std::f64::consts::E + 100.0 * (1.0 - 1.0 / std::f64::consts::E);
+        assert!((decayed.micros - want).abs() < 1e-6, "{}", decayed.micros);
+        let soon = e.observe(Duration::from_micros(100), t0 + Duration::from_millis(10));
+        assert!(
+            soon.micros > 990.0,
+            "a fast sample moves the average slowly: {}",
+            soon.micros
+        );
     }
 
     #[test]

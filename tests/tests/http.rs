@@ -62,13 +62,22 @@ async fn service(client: &kube::Client, ns: &str, name: &str, app: &str, port_na
 
 impl HttpMesh {
     async fn start(node: &str, meshed_ns: bool) -> anyhow::Result<Self> {
-        let m = Self::deploy(node, meshed_ns).await?;
+        Self::start_with(node, meshed_ns, |_| {}).await
+    }
+
+    /// [`HttpMesh::start`], with `customise` applied to each replica's pod.
+    async fn start_with(
+        node: &str,
+        meshed_ns: bool,
+        customise: impl Fn(&mut serde_json::Value),
+    ) -> anyhow::Result<Self> {
+        let m = Self::deploy(node, meshed_ns, customise).await?;
         m.wait_answering().await?;
         Ok(m)
     }
 
     /// The pods ready, before any request.
-    async fn deploy(node: &str, meshed_ns: bool) -> anyhow::Result<Self> {
+    async fn deploy(node: &str, meshed_ns: bool, customise: impl Fn(&mut serde_json::Value)) -> anyhow::Result<Self> {
         let cluster = Cluster::get();
         let client = cluster.client().await?;
         let mesh = MeshNode::start(cluster, node, &workspace_bin("mizzen-proxy"), &[]).await?;
@@ -76,7 +85,9 @@ impl HttpMesh {
         let ns = cluster.namespace(&client, "http", labels).await?;
         let vip = service(&client, &ns, "web", "web", "http").await?;
         for name in ["web-a", "web-b"] {
-            create_pod(&client, &ns, web_pod(name, node)).await?;
+            let mut pod = web_pod(name, node);
+            customise(&mut pod);
+            create_pod(&client, &ns, pod).await?;
         }
         create_pod(&client, &ns, mizzen_tests::mesh::echo_pod("client", node)).await?;
         let mut ips = Vec::new();
@@ -186,7 +197,7 @@ async fn keep_alive_requests_are_balanced_per_request_over_one_connection_per_en
 
 #[tokio::test]
 async fn between_pods_requests_travel_only_as_tls13_with_alpn_mizzen_h2() -> anyhow::Result<()> {
-    let m = HttpMesh::deploy("http-wire", true).await?;
+    let m = HttpMesh::deploy("http-wire", true, |_| {}).await?;
     let (netns, _) = m.mesh.node.pod(&m.ns, "client")?;
     let file = Cluster::get().dir().join(format!("{}-client.pcap", m.ns));
     let capture = mizzen_tests::capture::Capture::start(&netns, "tcp port 8080", file).await?;
@@ -731,5 +742,27 @@ async fn the_access_log_is_a_json_line_per_request_when_the_pod_asks_for_it() ->
             "{pod} wrote access log lines without asking"
         );
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_slow_replica_gets_few_requests() -> anyhow::Result<()> {
+    let m = HttpMesh::start_with("http-slow", true, |pod| {
+        if pod["metadata"]["name"] == "web-b" {
+            pod["spec"]["containers"][0]["env"] = serde_json::json!([{"name": "ECHO_DELAY_MS", "value": "50"}]);
+        }
+    })
+    .await?;
+    let url = m.url("/");
+    let mut args = vec![];
+    args.extend(std::iter::repeat_n(url.as_str(), 40));
+    let out = m.curl(&args).await?;
+    let count = |pod: &str| out.lines().filter(|l| *l == format!("pod {pod}")).count();
+    assert_eq!(count("web-a") + count("web-b"), 40, "{out}");
+    assert!(
+        count("web-a") >= 30,
+        "the 50 ms replica answered {} of 40 sequential requests",
+        count("web-b")
+    );
     Ok(())
 }

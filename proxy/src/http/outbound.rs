@@ -3,7 +3,8 @@
 //! The app's connection is served by the proxy (HTTP/1.1 or HTTP/2, as the
 //! app speaks). Each request resolves its destination again (discovery may
 //! have changed since the connection opened), picks an endpoint with the
-//! balancer (power of two choices on outstanding requests), and goes:
+//! balancer (power of two choices on outstanding requests times latency,
+//! see [`crate::balance`]), and goes:
 //! - to a meshed endpoint over its one pooled HTTP/2 connection with ALPN
 //!   `mizzen-h2`, carrying the app's HTTP version in
 //!   [`APP_PROTOCOL`](super::headers::APP_PROTOCOL);
@@ -205,7 +206,8 @@ async fn forward(
         tried.push(b.addr);
         let load = o.balancer.load(b.addr);
         match send(o, b, version, takeover, req).await {
-            Ok(response) => {
+            Ok((response, latency)) => {
+                o.balancer.observe(b.addr, latency);
                 return Ok(Forwarded {
                     response,
                     backend: b.clone(),
@@ -296,13 +298,16 @@ fn http_error(b: &Backend) -> impl FnOnce(hyper::Error) -> OutboundError + '_ {
     move |source| OutboundError::HttpHandshake { addr: b.addr, source }
 }
 
+/// Sends `req` to `b`; with the response, how long the endpoint took to
+/// answer once the request had a connection (connecting is not the
+/// endpoint's latency).
 async fn send(
     o: &Arc<Outbound>,
     b: &Backend,
     version: Version,
     takeover: Option<&Takeover>,
     req: Request<Body>,
-) -> Result<Response<Incoming>, Attempt> {
+) -> Result<(Response<Incoming>, std::time::Duration), Attempt> {
     let mut req = req;
     let expected = connected!(req, expected_identity(b));
     let sent = match (expected, takeover) {
@@ -314,7 +319,7 @@ async fn send(
             if let Some(t) = takeover {
                 upgrade::into_connect_stream(&mut req, t);
             }
-            send_h2(conn, req).await
+            timed(send_h2(conn, req)).await
         }
         (None, Some(t)) => {
             // A connection of its own: the app's protocol takes it over.
@@ -324,20 +329,28 @@ async fn send(
             );
             upgrade::restore_request_headers(&mut req, t);
             super::into_h1_form(&mut req, Version::HTTP_11);
-            send_h1(&mut conn, req).await
+            timed(send_h1(&mut conn, req)).await
         }
         (None, None) if version == Version::HTTP_2 => {
             let open = || async { handshake_h2(plain_tcp(o, b).await?).await.map_err(http_error(b)) };
             let conn = connected!(req, o.http.plain_h2.get(&b.addr, open).await);
             super::into_h2_form(&mut req, b.addr);
-            send_h2(conn, req).await
+            timed(send_h2(conn, req)).await
         }
         (None, None) => {
             let open = || async { handshake_h1(plain_tcp(o, b).await?).await.map_err(http_error(b)) };
             let conn = connected!(req, o.http.plain_h1.get(&b.addr, open).await);
             super::into_h1_form(&mut req, version);
-            o.http.plain_h1.send(b.addr, conn, req).await
+            timed(o.http.plain_h1.send(b.addr, conn, req)).await
         }
     };
-    Ok(sent?)
+    let (response, took) = sent;
+    Ok((response?, took))
+}
+
+/// `f`'s output and how long it took.
+async fn timed<T>(f: impl Future<Output = T>) -> (T, std::time::Duration) {
+    let started = Instant::now();
+    let out = f.await;
+    (out, started.elapsed())
 }

@@ -28,7 +28,8 @@
 //!                                     "header <name>: <value>" per header;
 //!                                     status <code> for path /status/<code>;
 //!                                     CONNECT is answered 200 and the tunnel
-//!                                     served the same way
+//!                                     served the same way; ECHO_DELAY_MS
+//!                                     delays every answer
 //! mizzen-testapp banner-server ADDR   a server-first protocol: greets each
 //!                                     connection with "banner <HOSTNAME>"
 //!                                     before reading anything
@@ -335,6 +336,10 @@ where
                 }
             });
             return Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::default()));
+        }
+        // A slow replica for balancing tests.
+        if let Some(ms) = std::env::var("ECHO_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         Ok(describe(&req))
     });
