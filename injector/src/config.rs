@@ -56,6 +56,29 @@ pub struct InjectConfig {
     pub exclude_inbound_ports: Vec<u16>,
     /// Outbound CIDRs never redirected, for every pod.
     pub exclude_outbound_cidrs: Vec<String>,
+    /// Distributed tracing of HTTP requests by every proxy.
+    pub tracing: Tracing,
+}
+
+/// Where proxies send the spans of the HTTP requests they carry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct Tracing {
+    /// An OTLP/gRPC collector, e.g. `http://otel-collector.observability:4317`;
+    /// none: proxies export no spans (trace headers still pass through).
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces sampled, 0 to 100 (requests already part of a
+    /// trace follow its sampling decision).
+    pub sampling_percent: f64,
+}
+
+impl Default for Tracing {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sampling_percent: 1.0,
+        }
+    }
 }
 
 impl Default for InjectConfig {
@@ -81,6 +104,7 @@ impl Default for InjectConfig {
             hold_application_until_proxy_starts: true,
             exclude_inbound_ports: vec![],
             exclude_outbound_cidrs: vec![],
+            tracing: Tracing::default(),
         }
     }
 }
@@ -91,7 +115,19 @@ impl InjectConfig {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        serde_yaml::from_str(text).map_err(|e| e.to_string())
+        let c: Self = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        if !(0.0..=100.0).contains(&c.tracing.sampling_percent) {
+            return Err(format!(
+                "tracing.samplingPercent {} is not between 0 and 100",
+                c.tracing.sampling_percent
+            ));
+        }
+        if let Some(e) = &c.tracing.otlp_endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return Err(format!("tracing.otlpEndpoint {e:?} is not an http:// or https:// URL"));
+        }
+        Ok(c)
     }
 }
 
@@ -173,6 +209,24 @@ mod tests {
             "a typo is not silently ignored"
         );
         assert!(InjectConfig::from_yaml("proxyUid: -1\n").is_err());
+    }
+
+    #[test]
+    fn tracing_is_off_by_default_and_checked_when_set() {
+        assert_eq!(InjectConfig::default().tracing.otlp_endpoint, None);
+        let c = InjectConfig::from_yaml("tracing:\n  otlpEndpoint: http://collector:4317\n  samplingPercent: 100\n")
+            .expect("valid");
+        assert_eq!(c.tracing.otlp_endpoint.as_deref(), Some("http://collector:4317"));
+        assert_eq!(c.tracing.sampling_percent, 100.0);
+        for bad in [
+            "tracing:\n  samplingPercent: 101\n",
+            "tracing:\n  samplingPercent: -1\n",
+            "tracing:\n  otlpEndpoint: collector:4317\n",
+            "tracing:\n  endpoint: http://x\n",
+        ] {
+            let err = InjectConfig::from_yaml(bad).expect_err(bad);
+            assert!(err.contains("tracing") || err.contains("endpoint"), "{bad}: {err}");
+        }
     }
 
     #[tokio::test]

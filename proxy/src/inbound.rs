@@ -63,6 +63,8 @@ pub struct Inbound {
     pub app: crate::http::inbound::AppClients,
     /// Whether each HTTP request gets an access log line.
     pub access_log: bool,
+    /// Spans of HTTP requests, when exported.
+    pub tracing: Option<Arc<crate::http::trace::Tracing>>,
 }
 
 /// Serves inbound connections until the process ends.

@@ -164,6 +164,15 @@ struct ProxyArgs {
     /// pod's traffic, and a single thread spends the least CPU per request.
     #[arg(long, env = "MIZZEN_PROXY_WORKERS", default_value_t = 1)]
     workers: usize,
+    /// Export a span per HTTP request to this OTLP/gRPC collector, e.g.
+    /// http://otel-collector.observability:4317 (none: no spans; trace
+    /// headers pass untouched).
+    #[arg(long, env = "MIZZEN_TRACING_OTLP_ENDPOINT")]
+    tracing_otlp_endpoint: Option<String>,
+    /// Share of new traces recorded, 0 to 100 (requests already in a trace
+    /// follow its sampled flag).
+    #[arg(long, env = "MIZZEN_TRACING_SAMPLING_PERCENT", default_value_t = 1.0)]
+    tracing_sampling_percent: f64,
     /// Write a JSON line per HTTP request to stdout (the access log).
     #[arg(long, env = "MIZZEN_ACCESS_LOG")]
     access_log: bool,
@@ -262,8 +271,23 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
         detect: ms(a.detect_timeout_ms),
         sniff: ms(a.sniff_timeout_ms),
     };
+    let tracing = match &a.tracing_otlp_endpoint {
+        Some(endpoint) => {
+            let (workload, namespace) = mizzen_proxy::workload::local();
+            let service = format!("{workload}.{namespace}");
+            let t = mizzen_proxy::http::trace::Tracing::new(endpoint, a.tracing_sampling_percent, service)?;
+            info!(
+                endpoint,
+                sampling_percent = a.tracing_sampling_percent,
+                "exporting request spans"
+            );
+            Some(Arc::new(t))
+        }
+        None => None,
+    };
     let mut outbound = Outbound::new(routes_rx, rx.clone(), metrics.clone(), timeouts);
     outbound.access_log = a.access_log;
+    outbound.tracing = tracing.clone();
     let outbound = Arc::new(outbound);
     let mut accepting = Vec::new();
     for l in outbound_listeners {
@@ -279,6 +303,7 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
         timeouts,
         app: Default::default(),
         access_log: a.access_log,
+        tracing: tracing.clone(),
     });
     for l in inbound_listeners {
         accepting.push(tokio::spawn(inbound::serve(l, inbound.clone(), connections.clone())));
@@ -295,6 +320,9 @@ async fn run_proxy(a: ProxyArgs) -> anyhow::Result<()> {
         .drained(std::time::Duration::from_secs(a.drain_seconds))
         .await;
     info!(left, "drained; exiting");
+    if let Some(t) = tracing {
+        t.shutdown();
+    }
     Ok(())
 }
 

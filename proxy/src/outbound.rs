@@ -48,6 +48,8 @@ pub struct Outbound {
     pub(crate) http: crate::http::outbound::Pools,
     /// Whether each HTTP request gets an access log line.
     pub access_log: bool,
+    /// Spans of HTTP requests, when exported.
+    pub tracing: Option<Arc<crate::http::trace::Tracing>>,
     base: Mutex<Option<Arc<ClientBase>>>,
 }
 
@@ -149,6 +151,7 @@ impl Outbound {
             timeouts,
             http: Default::default(),
             access_log: false,
+            tracing: None,
             base: Mutex::new(None),
         }
     }

@@ -97,6 +97,13 @@ fn bridge() -> anyhow::Result<&'static Bridge> {
         .map_err(|e| anyhow::anyhow!("cannot create the test bridge: {e}"))
 }
 
+/// The test bridge's gateway address in the root namespace: where pods
+/// reach a server the test runs itself (creating the bridge if needed).
+pub fn bridge_gateway() -> anyhow::Result<Ipv4Addr> {
+    let p = bridge()?.prefix;
+    Ok(Ipv4Addr::new(p[0], p[1], p[2], 1))
+}
+
 /// A pod's network: a network namespace with its own IP on the test bridge.
 /// Dropping it kills every process left in the namespace and deletes it.
 #[derive(Debug)]

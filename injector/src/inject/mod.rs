@@ -608,6 +608,13 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
     if e.access_log {
         env.push(literal("MIZZEN_ACCESS_LOG", "true".into()));
     }
+    if let Some(endpoint) = &cfg.tracing.otlp_endpoint {
+        env.push(literal("MIZZEN_TRACING_OTLP_ENDPOINT", endpoint.clone()));
+        env.push(literal(
+            "MIZZEN_TRACING_SAMPLING_PERCENT",
+            cfg.tracing.sampling_percent.to_string(),
+        ));
+    }
     if !probes.is_empty() {
         env.push(EnvVar {
             name: APP_PROBES_ENV.into(),

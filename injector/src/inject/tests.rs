@@ -270,6 +270,24 @@ fn annotations_customise_and_bad_values_name_the_annotation() {
             .any(|e| e.name == "MIZZEN_PROXY_WORKERS" || e.name == "MIZZEN_ACCESS_LOG"),
         "defaults: the proxy's own (one worker, no access log)"
     );
+    let mut traced = InjectConfig::default();
+    traced.tracing.otlp_endpoint = Some("http://collector:4317".into());
+    let env = mutate(&with(ANN_LOG_LEVEL, "info"), &traced, true)
+        .expect("ok")
+        .spec
+        .expect("spec")
+        .init_containers
+        .expect("init")
+        .into_iter()
+        .find(|c| c.name == "mizzen-proxy")
+        .expect("native sidecar")
+        .env
+        .expect("env");
+    assert!(
+        env.iter()
+            .any(|e| e.name == "MIZZEN_TRACING_OTLP_ENDPOINT" && e.value.as_deref() == Some("http://collector:4317")),
+        "{env:?}"
+    );
     let env = injected(ANN_PROXY_WORKERS, "2", 1).env.expect("env");
     assert!(
         env.iter()

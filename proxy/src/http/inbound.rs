@@ -130,6 +130,10 @@ async fn request(
     headers::ensure_forwarded_proto(&mut parts.headers);
     let mut facts = RequestFacts::new(Direction::Inbound, super::is_grpc(&parts.headers));
     facts.peer = client.map(|c| c.id.clone());
+    let span = inbound
+        .tracing
+        .as_ref()
+        .map(|t| t.start(Direction::Inbound, &mut parts));
     let access = inbound.access_log.then(|| {
         let mut a = AccessEntry::new(&parts, version);
         a.upstream = Some(dst);
@@ -170,6 +174,7 @@ async fn request(
         started,
         request_bytes,
         access,
+        span,
     };
     super::recorded(response, exchange, inbound.metrics.clone(), ())
 }

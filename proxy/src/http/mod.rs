@@ -32,6 +32,7 @@ pub mod headers;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
+pub mod trace;
 pub mod upgrade;
 
 use bytes::Bytes;
@@ -71,6 +72,8 @@ pub struct Exchange {
     pub request_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// `Some` when the access log is on.
     pub access: Option<access::AccessEntry>,
+    /// `Some` when spans are exported.
+    pub span: Option<trace::RequestSpan>,
 }
 
 /// `response` with its exchange recorded (metrics and access log, the
@@ -87,6 +90,7 @@ pub fn recorded<H: Send + Sync + 'static>(
         started,
         request_bytes,
         access,
+        span,
     } = exchange;
     facts.status = response.status().as_u16();
     facts.grpc_status = response
@@ -103,6 +107,9 @@ pub fn recorded<H: Send + Sync + 'static>(
         metrics.request(&facts, elapsed, request_bytes, ended.bytes);
         if let Some(a) = access {
             a.write(&facts, elapsed, request_bytes, ended.bytes);
+        }
+        if let Some(s) = span {
+            s.end(&facts);
         }
     })
 }

@@ -110,6 +110,7 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
     headers::ensure_request_id(&mut parts.headers);
     headers::ensure_forwarded_proto(&mut parts.headers);
     let grpc = super::is_grpc(&parts.headers);
+    let span = o.tracing.as_ref().map(|t| t.start(Direction::Outbound, &mut parts));
     let mut access = o.access_log.then(|| AccessEntry::new(&parts, version));
     let (body, request_bytes) = super::counted(body);
     let req = Request::from_parts(parts, body);
@@ -156,6 +157,7 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
         started,
         request_bytes,
         access,
+        span,
     };
     super::recorded(response, exchange, o.metrics.clone(), load)
 }

@@ -48,10 +48,10 @@ struct Local {
 
 impl Local {
     fn from_env() -> Self {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let (workload, namespace) = crate::workload::local();
         Self {
-            workload: var("POD_NAME").map_or_else(|| UNKNOWN.into(), |p| crate::workload::of_pod(&p).to_owned()),
-            namespace: var("POD_NAMESPACE").unwrap_or_else(|| UNKNOWN.into()),
+            workload,
+            namespace,
             principal: UNKNOWN.into(),
         }
     }
