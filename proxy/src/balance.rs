@@ -2,11 +2,12 @@
 //! skipping endpoints that recently failed.
 //!
 //! The cost is what the endpoint is busy with (open TCP connections and
-//! outstanding HTTP requests, plus one) times its latency: a peak-sensitive
-//! moving average of the time to response headers, which jumps to a slow
-//! sample at once and decays towards faster ones with a time constant of
-//! [`DECAY`] (Linkerd's "peak EWMA"). An endpoint without samples costs as
-//! if it were as fast as the faster candidate, so new endpoints are tried.
+//! outstanding HTTP requests, plus one) times its latency: a moving average
+//! of the time to response headers, each sample weighing [`ALPHA`], so one
+//! outlier moves it a quarter of the way. An endpoint without samples, or
+//! whose last one is older than [`STALE`], costs as if it were as fast as
+//! the faster candidate: new endpoints are tried, and one that was slow is
+//! tried again now and then rather than starved on an old figure.
 //! Two costs within a factor of [`TOLERANCE`] count as equal and the first
 //! of the two random candidates wins: replicas that are equally fast share
 //! the requests (rather than the one that measured a few microseconds
@@ -26,8 +27,10 @@ use crate::discovery::Backend;
 
 /// How long an endpoint that failed a connection is skipped.
 const FAILURE_HOLD: Duration = Duration::from_secs(5);
-/// The latency average's time constant.
-pub const DECAY: Duration = Duration::from_secs(10);
+/// The weight of each latency sample in the average.
+pub const ALPHA: f64 = 0.25;
+/// After this long without a sample, an endpoint's latency is unknown again.
+pub const STALE: Duration = Duration::from_millis(500);
 /// Costs closer than this factor are treated as equal.
 pub const TOLERANCE: f64 = 1.5;
 /// Per-endpoint load and health, shared by all connections.
@@ -45,7 +48,8 @@ struct Entry {
     latency: Option<Ewma>,
 }
 
-/// A peak-sensitive exponentially weighted moving average of latency.
+/// An exponentially weighted moving average of latency, and when it was
+/// last fed.
 #[derive(Debug, Clone, Copy)]
 struct Ewma {
     micros: f64,
@@ -55,13 +59,15 @@ struct Ewma {
 impl Ewma {
     fn observe(self, sample: Duration, now: Instant) -> Self {
         let sample = sample.as_secs_f64() * 1e6;
-        let micros = if sample > self.micros {
-            sample
-        } else {
-            let w = (-(now.saturating_duration_since(self.at).as_secs_f64()) / DECAY.as_secs_f64()).exp();
-            self.micros * w + sample * (1.0 - w)
-        };
-        Self { micros, at: now }
+        Self {
+            micros: self.micros * (1.0 - ALPHA) + sample * ALPHA,
+            at: now,
+        }
+    }
+
+    /// The average, unless it is stale.
+    fn current(&self, now: Instant) -> Option<f64> {
+        (now.saturating_duration_since(self.at) < STALE).then_some(self.micros)
     }
 }
 
@@ -94,7 +100,7 @@ impl Balancer {
         let now = Instant::now();
         let map = self.entries();
         let failed = |b: &Backend| map.get(&b.addr).and_then(|e| e.failed_until).is_some_and(|t| now < t);
-        let latency = |b: &Backend| map.get(&b.addr).and_then(|e| e.latency).map(|l| l.micros);
+        let latency = |b: &Backend| map.get(&b.addr).and_then(|e| e.latency).and_then(|l| l.current(now));
         let left: Vec<&Backend> = backends.iter().filter(|b| !tried.contains(&b.addr)).collect();
         let healthy: Vec<&Backend> = left.iter().copied().filter(|b| !failed(b)).collect();
         let pool = if healthy.is_empty() { left } else { healthy };
@@ -217,20 +223,13 @@ mod tests {
     }
 
     #[test]
-    fn the_latency_average_jumps_to_peaks_and_decays_towards_faster_samples() {
+    fn one_outlier_moves_the_average_a_quarter_of_the_way_and_old_figures_expire() {
         let t0 = Instant::now();
         let e = Ewma { micros: 1000.0, at: t0 };
-        assert_eq!(e.observe(Duration::from_millis(5), t0).micros, 5000.0, "a peak at once");
-        let decayed = e.observe(Duration::from_micros(100), t0 + DECAY);
-        // One time constant later the new sample has weight 1 - 1/e.
-        let want = 1000.0 / std::f64::consts::E + 100.0 * (1.0 - 1.0 / std::f64::consts::E);
-        assert!((decayed.micros - want).abs() < 1e-6, "{}", decayed.micros);
-        let soon = e.observe(Duration::from_micros(100), t0 + Duration::from_millis(10));
-        assert!(
-            soon.micros > 990.0,
-            "a fast sample moves the average slowly: {}",
-            soon.micros
-        );
+        let moved = e.observe(Duration::from_millis(5), t0);
+        assert!((moved.micros - 2000.0).abs() < 1e-6, "{}", moved.micros);
+        assert_eq!(moved.current(t0 + STALE / 2), Some(moved.micros));
+        assert_eq!(moved.current(t0 + STALE), None, "stale: unknown again");
     }
 
     #[test]

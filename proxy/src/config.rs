@@ -1,5 +1,7 @@
-//! The proxy's timeouts and limits, typed, with their defaults in one place.
+//! The proxy's timeouts, typed, with their defaults in one place, and the
+//! pod's environment, read in one place.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 /// How long each step of a connection may take.
@@ -28,5 +30,56 @@ impl Default for Timeouts {
             detect: Duration::from_secs(5),
             sniff: Duration::from_millis(300),
         }
+    }
+}
+
+/// What the injector tells the proxy through its environment.
+#[derive(Debug, Clone)]
+pub struct PodEnv {
+    /// `POD_NAME`.
+    pub pod_name: Option<String>,
+    /// `POD_NAMESPACE`.
+    pub namespace: Option<String>,
+    /// `SERVICE_ACCOUNT`.
+    pub service_account: Option<String>,
+    /// `INSTANCE_IP`, the pod's IP.
+    pub instance_ip: Option<IpAddr>,
+    /// `MIZZEN_APP_PROBES`: the app's original probes (JSON).
+    pub app_probes: Option<String>,
+    /// `MIZZEN_LOG_LEVEL` (default `info`; `RUST_LOG` wins).
+    pub log_level: String,
+}
+
+impl PodEnv {
+    /// Reads the environment (unset and empty variables are `None`).
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            pod_name: var("POD_NAME"),
+            namespace: var("POD_NAMESPACE"),
+            service_account: var("SERVICE_ACCOUNT"),
+            instance_ip: var("INSTANCE_IP").and_then(|ip| ip.parse().ok()),
+            app_probes: var("MIZZEN_APP_PROBES"),
+            log_level: var("MIZZEN_LOG_LEVEL").unwrap_or_else(|| "info".into()),
+        }
+    }
+
+    /// The identity certificates must carry, when known.
+    pub fn identity(&self) -> Option<crate::identity::Workload> {
+        Some(crate::identity::Workload {
+            namespace: self.namespace.clone()?,
+            service_account: self.service_account.clone()?,
+        })
+    }
+
+    /// The workload and namespace of request metrics and spans (`unknown`
+    /// outside a pod).
+    pub fn workload(&self) -> (String, String) {
+        (
+            self.pod_name
+                .as_deref()
+                .map_or_else(|| "unknown".into(), |p| crate::workload::of_pod(p).to_owned()),
+            self.namespace.clone().unwrap_or_else(|| "unknown".into()),
+        )
     }
 }

@@ -157,16 +157,6 @@ pub struct Workload {
     pub service_account: String,
 }
 
-impl Workload {
-    /// From the injected environment; `None` outside a pod.
-    pub fn from_env() -> Option<Self> {
-        Some(Self {
-            namespace: std::env::var("POD_NAMESPACE").ok().filter(|v| !v.is_empty())?,
-            service_account: std::env::var("SERVICE_ACCOUNT").ok().filter(|v| !v.is_empty())?,
-        })
-    }
-}
-
 /// Where to reach the agent, and how to prove who we are.
 #[derive(Debug, Clone)]
 pub struct SdsSource {

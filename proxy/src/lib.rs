@@ -6,7 +6,8 @@
 //! - [`discovery`]: Services and endpoints from the node agent, as routes.
 //! - [`detect`]: sorting new inbound connections, bounded.
 //! - [`tls`]: the mesh's TLS configurations and SPIFFE verification.
-//! - [`config`]: timeouts, typed, with their defaults.
+//! - [`app`]: the sidecar's settings and wiring.
+//! - [`config`]: timeouts, typed, with their defaults; the pod's environment.
 //! - [`protocol`]: what a Service port carries (Istio's selection rules,
 //!   sniffing).
 //! - [`inbound`]: mutual TLS termination for peers, forwarding to the app.
@@ -20,6 +21,7 @@
 //! - [`relay`]: the bidirectional copy, with pooled buffers.
 //! - [`drain`]: graceful shutdown.
 
+pub mod app;
 pub mod balance;
 pub mod config;
 pub mod detect;

@@ -8,16 +8,6 @@
 //! `<owner>-<ordinal>`. The random parts use Kubernetes' alphabet
 //! (`bcdfghjklmnpqrstvwxz2456789`). A bare pod keeps its name.
 
-/// This pod's workload and namespace, from the injected `POD_NAME` and
-/// `POD_NAMESPACE` (`unknown` outside a pod).
-pub fn local() -> (String, String) {
-    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    (
-        var("POD_NAME").map_or_else(|| "unknown".into(), |p| of_pod(&p).to_owned()),
-        var("POD_NAMESPACE").unwrap_or_else(|| "unknown".into()),
-    )
-}
-
 const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
 
 fn generated(s: &str, min: usize, max: usize) -> bool {

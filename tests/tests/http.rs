@@ -165,7 +165,13 @@ fn header<'a>(echo: &'a str, name: &str) -> Vec<&'a str> {
 
 #[tokio::test]
 async fn keep_alive_requests_are_balanced_per_request_over_one_connection_per_endpoint() -> anyhow::Result<()> {
-    let m = HttpMesh::start("http-balance", true).await?;
+    // Both replicas take 20 ms to answer, so that the balancer sees them as
+    // equally fast (a millisecond of scheduling noise on a shared machine
+    // would otherwise make one look several times faster than the other).
+    let m = HttpMesh::start_with("http-balance", true, |pod| {
+        pod["spec"]["containers"][0]["env"] = serde_json::json!([{"name": "ECHO_DELAY_MS", "value": "20"}]);
+    })
+    .await?;
     // 20 requests on one keep-alive connection of the app.
     let url = m.url("/");
     let mut args = vec!["-w", "\nconnects %{num_connects}\n"];
@@ -207,7 +213,8 @@ async fn between_pods_requests_travel_only_as_tls13_with_alpn_mizzen_h2() -> any
         .curl(&["-H", &format!("x-marker: {marker}"), "--data", marker, &m.url("/wire")])
         .await?;
     assert!(out.contains(marker), "the marker reached the app:\n{out}");
-    let pcap = capture.stop(500).await?;
+    // Both handshakes (certificates both ways) and the request: well over 2 KB.
+    let pcap = capture.stop(2000).await?;
     let raw = pcap.raw()?;
     assert!(
         !raw.windows(marker.len()).any(|w| w == marker.as_bytes()),

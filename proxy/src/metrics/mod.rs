@@ -62,6 +62,14 @@ pub struct ProxyMetrics {
 }
 
 impl ProxyMetrics {
+    /// The metrics of a proxy serving `workload` in `namespace`.
+    pub fn for_workload(workload: String, namespace: String) -> Self {
+        Self {
+            requests: RequestMetrics::for_workload(workload, namespace),
+            ..Self::default()
+        }
+    }
+
     /// Registers every metric in a new registry.
     pub fn registry(&self) -> Registry {
         let mut root = Registry::default();

@@ -47,8 +47,7 @@ struct Local {
 }
 
 impl Local {
-    fn from_env() -> Self {
-        let (workload, namespace) = crate::workload::local();
+    fn new(workload: String, namespace: String) -> Self {
         Self {
             workload,
             namespace,
@@ -191,13 +190,21 @@ impl Default for RequestMetrics {
             duration: Family::new_with_constructor(duration_histogram),
             request_bytes: Family::new_with_constructor(size_histogram),
             response_bytes: Family::new_with_constructor(size_histogram),
-            local: Arc::new(RwLock::new(Local::from_env())),
+            local: Arc::new(RwLock::new(Local::new(UNKNOWN.into(), UNKNOWN.into()))),
             handles: Arc::default(),
         }
     }
 }
 
 impl RequestMetrics {
+    /// Metrics of requests a proxy of `workload` in `namespace` carries.
+    pub fn for_workload(workload: String, namespace: String) -> Self {
+        Self {
+            local: Arc::new(RwLock::new(Local::new(workload, namespace))),
+            ..Self::default()
+        }
+    }
+
     /// Registers the families at the top of `root` (no `mizzen_proxy_`).
     pub fn register(&self, root: &mut Registry) {
         root.register(

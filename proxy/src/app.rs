@@ -1,0 +1,268 @@
+//! The sidecar's wiring: its settings, the tasks that follow the agent,
+//! the admin and health servers, the listeners, and drain.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::routing::get;
+use mizzen_api::runtime;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::config::{PodEnv, Timeouts};
+use crate::discovery::{self, Routes};
+use crate::drain::Connections;
+use crate::http::trace::Tracing;
+use crate::identity::{self, SdsSource, TlsMaterial};
+use crate::inbound::{self, Inbound, MtlsMode};
+use crate::metrics::ProxyMetrics;
+use crate::outbound::{self, Outbound};
+use crate::probes;
+
+/// `mizzen-proxy proxy`'s settings.
+#[derive(Debug, clap::Args)]
+pub struct ProxyArgs {
+    /// Inbound capture port: mTLS from peers, plaintext per --mtls-mode.
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// Outbound capture port.
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// Admin port: /metrics.
+    #[arg(long, default_value_t = 15020)]
+    admin_port: u16,
+    /// Health port: /healthz/ready, 200 once the proxy holds a certificate.
+    #[arg(long, default_value_t = 15021)]
+    health_port: u16,
+    /// The node agent's socket (SDS and discovery).
+    #[arg(long, default_value = "/var/run/mizzen/agent.sock")]
+    agent_socket: PathBuf,
+    /// The pod's projected ServiceAccount token (audience mizzen-ca).
+    #[arg(long, default_value = "/var/run/secrets/mizzen/token")]
+    token_file: PathBuf,
+    /// How often to look for the kubelet's rotation of the token file, in
+    /// seconds; the agent's streams are reopened with the new token.
+    #[arg(long, default_value_t = crate::identity::DEFAULT_TOKEN_POLL.as_secs())]
+    token_poll_seconds: u64,
+    /// Whether plaintext inbound connections are accepted.
+    #[arg(long, value_enum, env = "MIZZEN_MTLS_MODE", default_value = "permissive")]
+    mtls_mode: MtlsMode,
+    /// Inbound: how long a client has to send its first bytes (a whole
+    /// ClientHello for TLS), in milliseconds. Server-first protocols (MySQL,
+    /// SMTP) need their ports excluded from capture.
+    #[arg(long, default_value_t = Timeouts::default().detect.as_millis() as u64)]
+    detect_timeout_ms: u64,
+    /// Inbound: most connections still sending their first bytes; a new
+    /// one beyond this closes the oldest.
+    #[arg(long, default_value_t = 1024)]
+    max_undecided: usize,
+    /// Outbound connect (and TLS handshake) timeout, in milliseconds.
+    #[arg(long, default_value_t = Timeouts::default().connect.as_millis() as u64)]
+    connect_timeout_ms: u64,
+    /// Inbound: how long a peer proxy's TLS handshake may take, in milliseconds.
+    #[arg(long, default_value_t = Timeouts::default().handshake.as_millis() as u64)]
+    handshake_timeout_ms: u64,
+    /// Inbound: how long connecting to the app may take, in milliseconds.
+    #[arg(long, default_value_t = Timeouts::default().app_connect.as_millis() as u64)]
+    app_connect_timeout_ms: u64,
+    /// Outbound, on Service ports whose protocol is not declared (by
+    /// appProtocol or port name): how long the app has to send its first
+    /// bytes before the connection is relayed as TCP, in milliseconds.
+    /// Server-first protocols wait this long once per connection; declare
+    /// their ports `tcp-…` to avoid it.
+    #[arg(long, default_value_t = Timeouts::default().sniff.as_millis() as u64)]
+    sniff_timeout_ms: u64,
+    /// Threads serving connections. One suits a sidecar: it handles one
+    /// pod's traffic, and a single thread spends the least CPU per request.
+    #[arg(long, env = "MIZZEN_PROXY_WORKERS", default_value_t = 1)]
+    workers: usize,
+    /// Export a span per HTTP request to this OTLP/gRPC collector, e.g.
+    /// http://otel-collector.observability:4317 (none: no spans; trace
+    /// headers pass untouched).
+    #[arg(long, env = "MIZZEN_TRACING_OTLP_ENDPOINT")]
+    tracing_otlp_endpoint: Option<String>,
+    /// Share of new traces recorded, 0 to 100 (requests already in a trace
+    /// follow its sampled flag).
+    #[arg(long, env = "MIZZEN_TRACING_SAMPLING_PERCENT", default_value_t = 1.0)]
+    tracing_sampling_percent: f64,
+    /// Write a JSON line per HTTP request to stdout (the access log).
+    #[arg(long, env = "MIZZEN_ACCESS_LOG")]
+    access_log: bool,
+    /// On SIGTERM, how long open connections may finish before exiting.
+    #[arg(long, default_value_t = 5)]
+    drain_seconds: u64,
+    /// Log format: text or json. Levels come from MIZZEN_LOG_LEVEL or RUST_LOG.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+impl ProxyArgs {
+    /// Threads serving connections.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        let ms = Duration::from_millis;
+        Timeouts {
+            connect: ms(self.connect_timeout_ms),
+            handshake: ms(self.handshake_timeout_ms),
+            app_connect: ms(self.app_connect_timeout_ms),
+            detect: ms(self.detect_timeout_ms),
+            sniff: ms(self.sniff_timeout_ms),
+        }
+    }
+}
+
+type Certificates = watch::Receiver<Option<Arc<TlsMaterial>>>;
+type RoutesRx = watch::Receiver<Option<Arc<Routes>>>;
+
+/// Follows the agent's certificates and routes; the flag turns true once
+/// both arrived (an app connection before then could not be secured).
+fn follow_agent(a: &ProxyArgs, pod: &PodEnv) -> (Certificates, RoutesRx, Arc<AtomicBool>) {
+    let source = SdsSource {
+        socket: a.agent_socket.clone(),
+        token_file: a.token_file.clone(),
+        workload: pod.identity(),
+        token_poll: Duration::from_secs(a.token_poll_seconds.max(1)),
+    };
+    let (tx, certs) = watch::channel(None);
+    tokio::spawn(identity::follow(source.clone(), tx));
+    let (routes_tx, routes) = watch::channel(None::<Arc<Routes>>);
+    tokio::spawn(discovery::follow(source, routes_tx));
+    let ready = Arc::new(AtomicBool::new(false));
+    let (mut c, mut r, flag) = (certs.clone(), routes.clone(), ready.clone());
+    tokio::spawn(async move {
+        if c.wait_for(Option::is_some).await.is_err() || r.wait_for(Option::is_some).await.is_err() {
+            return;
+        }
+        flag.store(true, Ordering::Relaxed);
+        info!("ready: holding a certificate and the mesh's routes");
+    });
+    (certs, routes, ready)
+}
+
+/// Records each certificate in the metrics and warns when the trust
+/// bundle changes (expected only while the operator rotates the root).
+fn watch_certificates(mut certs: Certificates, metrics: ProxyMetrics) {
+    tokio::spawn(async move {
+        let mut bundle: Option<String> = None;
+        while certs.changed().await.is_ok() {
+            let Some(m) = certs.borrow_and_update().clone() else {
+                continue;
+            };
+            metrics.certificate(&m.id, m.not_after);
+            if bundle.as_ref().is_some_and(|b| *b != m.roots_pem) {
+                metrics.trust_bundle_changed();
+                tracing::warn!(id = %m.id, "the trust bundle changed: expected only during a CA rotation");
+            }
+            bundle = Some(m.roots_pem.clone());
+        }
+    });
+}
+
+const NOT_READY: &str = "no certificate or routes yet\n";
+
+/// The admin server (metrics, app probes) and the health server.
+async fn serve_admin(
+    a: &ProxyArgs,
+    pod: &PodEnv,
+    metrics: &ProxyMetrics,
+    ready: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let registry = Arc::new(metrics.registry());
+    let probes = probes::Probes::parse(pod.app_probes.as_deref(), pod.instance_ip).map_err(|e| anyhow::anyhow!(e))?;
+    let app_health = Router::new()
+        .route("/app-health/{container}/{kind}", get(probes::handler))
+        .with_state(Arc::new(probes));
+    runtime::serve_admin_with(
+        ([0, 0, 0, 0], a.admin_port).into(),
+        ready.clone(),
+        NOT_READY,
+        move || runtime::encode_metrics(&registry),
+        app_health,
+    )
+    .await
+    .with_context(|| format!("bind admin port {}", a.admin_port))?;
+    let health = Router::new().route("/healthz/ready", runtime::ready_route(ready, NOT_READY));
+    let health_listener = tokio::net::TcpListener::bind(("0.0.0.0", a.health_port))
+        .await
+        .context("bind health port")?;
+    tokio::spawn(async move { axum::serve(health_listener, health).await });
+    Ok(())
+}
+
+/// The span exporter, when a collector is configured.
+fn tracing(a: &ProxyArgs, pod: &PodEnv) -> anyhow::Result<Option<Arc<Tracing>>> {
+    let Some(endpoint) = &a.tracing_otlp_endpoint else {
+        return Ok(None);
+    };
+    let (workload, namespace) = pod.workload();
+    let t = Tracing::new(endpoint, a.tracing_sampling_percent, format!("{workload}.{namespace}"))?;
+    info!(
+        endpoint,
+        sampling_percent = a.tracing_sampling_percent,
+        "exporting request spans"
+    );
+    Ok(Some(Arc::new(t)))
+}
+
+/// Runs the sidecar until SIGTERM, then drains.
+pub async fn run(a: ProxyArgs) -> anyhow::Result<()> {
+    runtime::check_log_format(&a.log_format).map_err(|e| anyhow::anyhow!(e))?;
+    let pod = PodEnv::from_env();
+    runtime::init_tracing_with_default(&a.log_format, &pod.log_level);
+    info!(config = ?a, "starting mizzen-proxy {}", env!("CARGO_PKG_VERSION"));
+    let (certs, routes, ready) = follow_agent(&a, &pod);
+    let (workload, namespace) = pod.workload();
+    let metrics = ProxyMetrics::for_workload(workload, namespace);
+    watch_certificates(certs.clone(), metrics.clone());
+    serve_admin(&a, &pod, &metrics, ready.clone()).await?;
+
+    let inbound_listeners = crate::net::bind_listeners(a.inbound_port).context("bind inbound port")?;
+    let outbound_listeners = crate::net::bind_listeners(a.outbound_port).context("bind outbound port")?;
+    let connections = Connections::default();
+    let timeouts = a.timeouts();
+    let tracing = tracing(&a, &pod)?;
+    let mut outbound = Outbound::new(routes, certs.clone(), metrics.clone(), timeouts);
+    outbound.access_log = a.access_log;
+    outbound.tracing = tracing.clone();
+    let outbound = Arc::new(outbound);
+    let inbound = Arc::new(Inbound {
+        material: certs,
+        mode: a.mtls_mode,
+        metrics,
+        detection: inbound::Detection {
+            undecided: crate::detect::Undecided::new(a.max_undecided),
+        },
+        timeouts,
+        app: Default::default(),
+        access_log: a.access_log,
+        tracing: tracing.clone(),
+    });
+    let mut accepting = Vec::new();
+    for l in outbound_listeners {
+        accepting.push(tokio::spawn(outbound::serve(l, outbound.clone(), connections.clone())));
+    }
+    for l in inbound_listeners {
+        accepting.push(tokio::spawn(inbound::serve(l, inbound.clone(), connections.clone())));
+    }
+    runtime::shutdown_signal().await;
+    // Drain: not ready, no new connections, open ones may finish.
+    ready.store(false, Ordering::Relaxed);
+    for task in accepting {
+        task.abort();
+    }
+    connections.drain();
+    info!(open = connections.count(), drain_seconds = a.drain_seconds, "draining");
+    let left = connections.drained(Duration::from_secs(a.drain_seconds)).await;
+    info!(left, "drained; exiting");
+    if let Some(t) = tracing {
+        t.shutdown();
+    }
+    Ok(())
+}
