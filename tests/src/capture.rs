@@ -83,6 +83,23 @@ pub struct TlsReport {
     pub non_tls_frames: Vec<String>,
 }
 
+impl TlsReport {
+    /// Ok when TLS was seen, every ServerHello negotiated TLS 1.3, every
+    /// ClientHello offered exactly `alpn`, and every payload was TLS.
+    pub fn only_tls13_with_alpn(&self, alpn: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.server_versions.is_empty() && self.server_versions.iter().all(|v| v == "0x0304"),
+            "every ServerHello negotiates TLS 1.3: {self:?}"
+        );
+        anyhow::ensure!(
+            !self.alpns.is_empty() && self.alpns.iter().all(|a| a == alpn),
+            "every ClientHello offers ALPN {alpn}: {self:?}"
+        );
+        anyhow::ensure!(self.non_tls_frames.is_empty(), "every payload is TLS: {self:?}");
+        Ok(())
+    }
+}
+
 impl Pcap {
     /// The captured bytes.
     pub fn raw(&self) -> anyhow::Result<Vec<u8>> {

@@ -2,10 +2,21 @@
 
 use anyhow::Context;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service, ServiceAccount};
 use kube::api::{Api, PostParams};
 
 /// Creates ServiceAccount `ns/name` unless it exists.
+/// Creates the Service `spec` (JSON) in `ns`; returns its cluster IP.
+pub async fn create_service(client: &kube::Client, ns: &str, spec: serde_json::Value) -> anyhow::Result<String> {
+    let svc: Service = serde_json::from_value(spec)?;
+    Api::<Service>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &svc)
+        .await?
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("the Service got no cluster IP")
+}
+
 pub async fn service_account(client: &kube::Client, ns: &str, name: &str) -> anyhow::Result<()> {
     let mut sa = ServiceAccount::default();
     sa.metadata.name = Some(name.into());

@@ -25,6 +25,13 @@ pub use cluster::{Cluster, Kubectl};
 pub use netns::NetnsPod;
 pub use wait::{eventually, eventually_some};
 
+/// A command's stdout when it exited 0 (for `eventually_some` loops).
+pub fn stdout_if_success(out: &std::process::Output) -> Option<String> {
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// A binary built from this workspace (`mizzen-ca`, `mizzen-agent`, ...),
 /// next to the running test's own target directory. `scripts/test.sh`
 /// builds them before the tests run; with plain `cargo test`, run

@@ -10,8 +10,6 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, PostParams};
 use mizzen_tests::daemon::{metric_where, proxy_metric};
 use mizzen_tests::mesh::MeshNode;
 use mizzen_tests::node::{create_pod, wait_ready};
@@ -48,16 +46,11 @@ fn web_pod(name: &str, node: &str) -> serde_json::Value {
 }
 
 async fn service(client: &kube::Client, ns: &str, name: &str, app: &str, port_name: &str) -> anyhow::Result<String> {
-    let svc: Service = serde_json::from_value(serde_json::json!({
+    let spec = serde_json::json!({
         "metadata": {"name": name},
         "spec": {"selector": {"app": app}, "ports": [{"name": port_name, "port": 80, "targetPort": 8080}]},
-    }))?;
-    Api::<Service>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &svc)
-        .await?
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .context("cluster IP")
+    });
+    mizzen_tests::k8s::create_service(client, ns, spec).await
 }
 
 impl HttpMesh {
@@ -220,16 +213,8 @@ async fn between_pods_requests_travel_only_as_tls13_with_alpn_mizzen_h2() -> any
         !raw.windows(marker.len()).any(|w| w == marker.as_bytes()),
         "the request crossed the wire in plaintext"
     );
-    let tls = pcap.tls(8080)?;
-    assert!(
-        !tls.server_versions.is_empty() && tls.server_versions.iter().all(|v| v == "0x0304"),
-        "every ServerHello negotiates TLS 1.3: {tls:?}"
-    );
-    assert!(
-        !tls.alpns.is_empty() && tls.alpns.iter().all(|a| a == "mizzen-h2"),
-        "the pooled connections offer ALPN mizzen-h2: {tls:?}"
-    );
-    assert!(tls.non_tls_frames.is_empty(), "every payload is TLS: {tls:?}");
+    // The pooled connections offer ALPN mizzen-h2.
+    pcap.tls(8080)?.only_tls13_with_alpn("mizzen-h2")?;
     Ok(())
 }
 
@@ -590,19 +575,14 @@ async fn a_server_first_protocol_works_on_a_tcp_port_and_after_sniffing_on_an_un
     let node = "http-banner";
     let mesh = MeshNode::start(cluster, node, &workspace_bin("mizzen-proxy"), &[]).await?;
     let ns = cluster.namespace(&client, "banner", MESHED).await?;
-    let svc: Service = serde_json::from_value(serde_json::json!({
+    let spec = serde_json::json!({
         "metadata": {"name": "banner"},
         "spec": {"selector": {"app": "banner"}, "ports": [
             {"name": "tcp-banner", "port": 80, "targetPort": 8080},
             {"name": "banner", "port": 81, "targetPort": 8080},
         ]},
-    }))?;
-    let vip = Api::<Service>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &svc)
-        .await?
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .context("cluster IP")?;
+    });
+    let vip = mizzen_tests::k8s::create_service(&client, &ns, spec).await?;
     let mut server = mizzen_tests::mesh::echo_pod("banner-a", node);
     server["metadata"]["labels"] = serde_json::json!({"app": "banner"});
     server["spec"]["containers"][0]["args"] = serde_json::json!(["banner-server", "0.0.0.0:8080"]);
@@ -621,10 +601,7 @@ async fn a_server_first_protocol_works_on_a_tcp_port_and_after_sniffing_on_an_un
                     .args(["banner-client", &target])
                     .output()
                     .await?;
-                Ok(out
-                    .status
-                    .success()
-                    .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+                Ok(mizzen_tests::stdout_if_success(&out))
             })
             .await
         }

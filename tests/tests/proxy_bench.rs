@@ -18,8 +18,6 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, PostParams};
 use mizzen_tests::daemon::{http_get, metric, metric_where};
 use mizzen_tests::k8s::service_account;
 use mizzen_tests::mesh::MeshNode;
@@ -138,17 +136,14 @@ async fn load(
 
 /// A Service in `ns` selecting `app`, port 80 named `port_name`.
 async fn service(client: &kube::Client, ns: &str, name: &str, app: &str, port_name: &str) -> anyhow::Result<String> {
-    let svc: Service = serde_json::from_value(serde_json::json!({
+    let spec = serde_json::json!({
         "metadata": {"name": name},
         "spec": {"selector": {"app": app}, "ports": [{"name": port_name, "port": 80, "targetPort": "http"}]},
-    }))?;
-    let vip = Api::<Service>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &svc)
-        .await?
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .context("cluster IP")?;
-    Ok(format!("{vip}:80"))
+    });
+    Ok(format!(
+        "{}:80",
+        mizzen_tests::k8s::create_service(client, ns, spec).await?
+    ))
 }
 
 fn client_pod(name: &str, annotations: serde_json::Value) -> anyhow::Result<serde_json::Value> {

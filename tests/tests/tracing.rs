@@ -9,8 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, PostParams};
 use mizzen_tests::mesh::{MeshNode, echo_pod};
 use mizzen_tests::node::{create_pod, wait_ready};
 use mizzen_tests::{Cluster, eventually_some, workspace_bin};
@@ -79,16 +77,11 @@ async fn a_request_s_spans_continue_the_callers_trace_and_reach_the_collector() 
     let ns = cluster
         .namespace(&client, "trace", &[("mizzen.dev/inject", "enabled")])
         .await?;
-    let svc: Service = serde_json::from_value(serde_json::json!({
+    let spec = serde_json::json!({
         "metadata": {"name": "web"},
         "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
-    }))?;
-    let vip = Api::<Service>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &svc)
-        .await?
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .context("cluster IP")?;
+    });
+    let vip = mizzen_tests::k8s::create_service(&client, &ns, spec).await?;
     let mut web = echo_pod("web", node);
     web["metadata"]["labels"] = serde_json::json!({"app": "web"});
     web["spec"]["containers"][0]["args"] = serde_json::json!(["http-echo", "0.0.0.0:8080"]);
@@ -110,10 +103,7 @@ async fn a_request_s_spans_continue_the_callers_trace_and_reach_the_collector() 
             .arg(format!("http://{vip}/traced"))
             .output()
             .await?;
-        Ok(out
-            .status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+        Ok(mizzen_tests::stdout_if_success(&out))
     })
     .await?;
     let seen = echoed

@@ -18,7 +18,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -29,14 +28,13 @@ use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
-use super::access::AccessEntry;
 use super::headers::{self, APP_PROTOCOL, XFCC};
 use super::pool::{H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h1, send_h2};
 use super::upgrade;
-use super::{Body, Exchange, ResponseFlag};
+use super::{Body, Exchange, Recording, ResponseFlag};
 use crate::drain::ConnGuard;
 use crate::inbound::Inbound;
-use crate::metrics::{Direction, RequestFacts};
+use crate::metrics::Direction;
 
 /// A peer proxy's verified client.
 #[derive(Debug, Clone)]
@@ -106,7 +104,6 @@ async fn request(
     client: Option<&Client>,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let started = Instant::now();
     let mut req = req;
     let takeover = match client {
         Some(_) => upgrade::from_peer(&req),
@@ -128,18 +125,14 @@ async fn request(
     }
     headers::ensure_request_id(&mut parts.headers);
     headers::ensure_forwarded_proto(&mut parts.headers);
-    let mut facts = RequestFacts::new(Direction::Inbound, super::is_grpc(&parts.headers));
-    facts.peer = client.map(|c| c.id.clone());
-    let span = inbound
-        .tracing
-        .as_ref()
-        .map(|t| t.start(Direction::Inbound, &mut parts));
-    let access = inbound.access_log.then(|| {
-        let mut a = AccessEntry::new(&parts, version);
-        a.upstream = Some(dst);
-        a
-    });
-    let (body, request_bytes) = super::counted(body);
+    let recording = Recording {
+        direction: Direction::Inbound,
+        tracing: inbound.tracing.as_deref(),
+        access_log: inbound.access_log,
+    };
+    let (mut exchange, body) = Exchange::begin(recording, &mut parts, version, body);
+    exchange.facts.peer = client.map(|c| c.id.clone());
+    exchange.upstream(dst);
     let mut req = Request::from_parts(parts, body);
     if version == Version::HTTP_2 {
         super::into_h2_form(&mut req, dst);
@@ -165,16 +158,9 @@ async fn request(
         }
         Err(e) => {
             debug!(%dst, error = %e, "the app did not answer");
-            facts.flag = Some(ResponseFlag::LocalReset);
+            exchange.facts.flag = Some(ResponseFlag::LocalReset);
             super::unavailable(ResponseFlag::LocalReset, "the app could not be reached")
         }
-    };
-    let exchange = Exchange {
-        facts,
-        started,
-        request_bytes,
-        access,
-        span,
     };
     super::recorded(response, exchange, inbound.metrics.clone(), ())
 }

@@ -76,6 +76,47 @@ pub struct Exchange {
     pub span: Option<trace::RequestSpan>,
 }
 
+/// What records an exchange: where metrics go and what else is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Recording<'a> {
+    pub direction: crate::metrics::Direction,
+    pub tracing: Option<&'a trace::Tracing>,
+    pub access_log: bool,
+}
+
+impl Exchange {
+    /// Starts recording the request whose head is `parts` (already as it
+    /// will be forwarded): its span (which rewrites `traceparent`), its
+    /// access log entry, and a count of its body's bytes. Returns the body
+    /// to forward.
+    pub fn begin(
+        r: Recording<'_>,
+        parts: &mut hyper::http::request::Parts,
+        version: hyper::Version,
+        body: hyper::body::Incoming,
+    ) -> (Self, Body) {
+        let facts = crate::metrics::RequestFacts::new(r.direction, is_grpc(&parts.headers));
+        let span = r.tracing.map(|t| t.start(r.direction, parts));
+        let access = r.access_log.then(|| access::AccessEntry::new(parts, version));
+        let (body, request_bytes) = counted(body);
+        let exchange = Self {
+            facts,
+            started: std::time::Instant::now(),
+            request_bytes,
+            access,
+            span,
+        };
+        (exchange, body)
+    }
+
+    /// Records where the request went, for the access log.
+    pub fn upstream(&mut self, addr: std::net::SocketAddr) {
+        if let Some(a) = self.access.as_mut() {
+            a.upstream = Some(addr);
+        }
+    }
+}
+
 /// `response` with its exchange recorded (metrics and access log, the
 /// facts completed by the response) once its body ends; `hold` (an
 /// endpoint's outstanding request) is kept until then.

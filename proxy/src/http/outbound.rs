@@ -29,15 +29,14 @@ use mizzen_api::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
-use super::access::AccessEntry;
 use super::headers::{self, APP_PROTOCOL};
 use super::pool::{H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h1, send_h2};
 use super::upgrade::{self, Takeover};
-use super::{Body, Exchange, ResponseFlag};
+use super::{Body, Exchange, Recording, ResponseFlag};
 use crate::balance::Load;
 use crate::discovery::{Backend, Destination};
 use crate::drain::ConnGuard;
-use crate::metrics::{Direction, RequestFacts};
+use crate::metrics::Direction;
 use crate::outbound::{ATTEMPTS, Outbound, OutboundError, expected_identity};
 use crate::tls::ALPN_HTTP;
 use hyper::client::conn::http2;
@@ -99,7 +98,6 @@ struct Forwarded {
 }
 
 async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> Response<Body> {
-    let started = Instant::now();
     let mut req = req;
     let takeover = upgrade::requested(&req);
     let app_side = takeover.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -109,12 +107,14 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
     parts.headers.remove(APP_PROTOCOL);
     headers::ensure_request_id(&mut parts.headers);
     headers::ensure_forwarded_proto(&mut parts.headers);
-    let grpc = super::is_grpc(&parts.headers);
-    let span = o.tracing.as_ref().map(|t| t.start(Direction::Outbound, &mut parts));
-    let mut access = o.access_log.then(|| AccessEntry::new(&parts, version));
-    let (body, request_bytes) = super::counted(body);
+    let recording = Recording {
+        direction: Direction::Outbound,
+        tracing: o.tracing.as_deref(),
+        access_log: o.access_log,
+    };
+    let (mut exchange, body) = Exchange::begin(recording, &mut parts, version, body);
     let req = Request::from_parts(parts, body);
-    let mut facts = RequestFacts::new(Direction::Outbound, grpc);
+    let facts = &mut exchange.facts;
     // Resolved per request: discovery may have changed since the
     // connection opened.
     let destination = match o.routes().await {
@@ -130,9 +130,6 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
             backend,
             load,
         }) => {
-            if let Some(a) = access.as_mut() {
-                a.upstream = Some(backend.addr);
-            }
             facts.peer = backend.identity.and_then(Result::ok);
             facts.peer_pod = Some(backend.pod).filter(|p| !p.is_empty());
             headers::strip_hop_by_hop(response.headers_mut());
@@ -144,6 +141,7 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
                 upgrade::bridge_when_switched(app_side, &mut response);
                 upgrade::to_app_response(&mut response, t);
             }
+            exchange.upstream(backend.addr);
             (response.map(BodyExt::boxed), Some(load))
         }
         Err(r) => {
@@ -151,13 +149,6 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
             facts.flag = Some(r.flag);
             (super::unavailable(r.flag, &r.error), None)
         }
-    };
-    let exchange = Exchange {
-        facts,
-        started,
-        request_bytes,
-        access,
-        span,
     };
     super::recorded(response, exchange, o.metrics.clone(), load)
 }
