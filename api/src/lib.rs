@@ -14,12 +14,15 @@
 //! - [`tokenreview`]: Kubernetes TokenReview of ServiceAccount tokens,
 //!   used by the CA and the node agent.
 //!
+//! - [`authz`]: authorization policy semantics (compile, normalise paths,
+//!   evaluate) as pure functions.
 //! - [`tls`]: a serving certificate replaceable while serving.
 //! - [`mesh`]: how components recognise a meshed pod.
 //! - [`runtime`]: logs, the admin port and shutdown, the same in every server.
 //!
 //! This crate holds data types and their validation only: no I/O, no clients.
 
+pub mod authz;
 pub mod mesh;
 #[cfg(feature = "k8s")]
 pub mod policy;

@@ -1,0 +1,18 @@
+//! Authorization: Istio's `AuthorizationPolicy` semantics as pure
+//! functions, so the agent can compile policies once per change and the
+//! proxy evaluate them per connection and request without I/O.
+//!
+//! - [`path`]: request paths normalised before matching.
+//! - [`eval`]: compiled policies and [`evaluate`].
+//! - `compile` (with the `k8s` feature): the CRD compiled, with what
+//!   cannot be enforced refused by name.
+
+pub mod eval;
+pub mod path;
+
+#[cfg(feature = "k8s")]
+pub mod compile;
+#[cfg(all(test, feature = "k8s"))]
+mod tests;
+
+pub use eval::{CompiledPolicy, Connection, Decision, DenyReason, Request, evaluate};
