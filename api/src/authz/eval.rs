@@ -208,7 +208,10 @@ pub enum Decision {
     /// Allowed; `audited` names the AUDIT policies that matched.
     Allow { audited: Vec<String> },
     Deny {
+        /// The DENY policy that matched (`None`: no ALLOW policy matched).
         policy: Option<String>,
+        /// The index of its rule that matched.
+        rule: Option<usize>,
         reason: DenyReason,
         audited: Vec<String>,
     },
@@ -357,12 +360,17 @@ impl RuleMatch {
 }
 
 impl CompiledPolicy {
-    fn matches(&self, c: &Connection<'_>, r: Option<&Request<'_>>) -> bool {
+    /// The index of the first rule that matches.
+    fn matching_rule(&self, c: &Connection<'_>, r: Option<&Request<'_>>) -> Option<usize> {
         let reading = match self.action {
             PolicyAction::Deny => Reading::Deny,
             PolicyAction::Allow | PolicyAction::Audit => Reading::Allow,
         };
-        self.rules.iter().any(|rule| rule.matches(c, r, reading))
+        self.rules.iter().position(|rule| rule.matches(c, r, reading))
+    }
+
+    fn matches(&self, c: &Connection<'_>, r: Option<&Request<'_>>) -> bool {
+        self.matching_rule(c, r).is_some()
     }
 }
 
@@ -374,12 +382,14 @@ pub fn evaluate(policies: &[CompiledPolicy], c: &Connection<'_>, request: Option
         .filter(|p| p.action == PolicyAction::Audit && p.matches(c, request))
         .map(|p| p.name.clone())
         .collect();
-    if let Some(p) = policies
+    let denied = policies
         .iter()
-        .find(|p| p.action == PolicyAction::Deny && p.matches(c, request))
-    {
+        .filter(|p| p.action == PolicyAction::Deny)
+        .find_map(|p| p.matching_rule(c, request).map(|rule| (p, rule)));
+    if let Some((p, rule)) = denied {
         return Decision::Deny {
             policy: Some(p.name.clone()),
+            rule: Some(rule),
             reason: DenyReason::DenyMatched,
             audited,
         };
@@ -393,6 +403,7 @@ pub fn evaluate(policies: &[CompiledPolicy], c: &Connection<'_>, request: Option
     } else {
         Decision::Deny {
             policy: None,
+            rule: None,
             reason: DenyReason::NoAllowMatched,
             audited,
         }

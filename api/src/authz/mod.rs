@@ -12,6 +12,8 @@ pub mod path;
 
 #[cfg(feature = "k8s")]
 pub mod compile;
+#[cfg(test)]
+mod properties;
 #[cfg(all(test, feature = "k8s"))]
 mod tests;
 

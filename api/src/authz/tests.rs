@@ -161,6 +161,7 @@ spec:
         decide(std::slice::from_ref(&deny), &http(Some(SLEEP), "POST", "/")),
         Decision::Deny {
             policy: Some("foo/deny-post".into()),
+            rule: Some(0),
             reason: DenyReason::DenyMatched,
             audited: vec![]
         }
@@ -187,6 +188,7 @@ fn an_allow_policy_without_rules_allows_nothing() {
         decide(&[nothing], &http(Some(SLEEP), "GET", "/")),
         Decision::Deny {
             policy: None,
+            rule: None,
             reason: DenyReason::NoAllowMatched,
             audited: vec![]
         }
