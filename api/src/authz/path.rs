@@ -6,9 +6,10 @@
 //!
 //! In order:
 //! 1. the query (`?…`) and fragment (`#…`) are dropped;
-//! 2. control characters, a raw `\`, and the encoded separators `%2F` and
+//! 2. control characters, a raw `\`, raw non-ASCII bytes (HTTP allows
+//!    only ASCII in a request target), and the encoded separators `%2F` and
 //!    `%5C` (either case) are refused: an app may decode them into path
-//!    separators the rules never saw;
+//!    separators, or read them in another charset, the rules never saw;
 //! 3. percent-encodings of unreserved characters (`A-Z a-z 0-9 - . _ ~`)
 //!    are decoded, others kept with upper-case hex; a malformed escape is
 //!    refused;
@@ -32,6 +33,8 @@ pub enum PathError {
     EncodedSeparator,
     #[error("the path contains a malformed percent-encoding")]
     BadEscape,
+    #[error("the path contains a raw non-ASCII byte")]
+    NonAscii,
 }
 
 impl PathError {
@@ -43,6 +46,7 @@ impl PathError {
             PathError::Backslash => "path_backslash",
             PathError::EncodedSeparator => "path_encoded_separator",
             PathError::BadEscape => "path_bad_escape",
+            PathError::NonAscii => "path_non_ascii",
         }
     }
 }
@@ -89,6 +93,7 @@ fn decode(raw: &str) -> Result<String, PathError> {
                 continue;
             }
             b'\\' => return Err(PathError::Backslash),
+            _ if !b.is_ascii() => return Err(PathError::NonAscii),
             _ if b.is_ascii_control() => return Err(PathError::Control),
             _ => out.push(b as char),
         }
@@ -171,6 +176,10 @@ mod tests {
             ("admin", PathError::NotAbsolute),
             ("*", PathError::NotAbsolute),
             ("", PathError::NotAbsolute),
+            // Found by the fuzzer: a raw multi-byte character read byte by
+            // byte normalised to a different path the second time.
+            ("/public/%61dmin/../x\u{498}ses-sx", PathError::NonAscii),
+            ("/caf\u{e9}", PathError::NonAscii),
         ];
         for (raw, want) in table {
             assert_eq!(normalize(raw), Err(want.clone()), "{raw:?}");

@@ -28,6 +28,7 @@ fn raw_path() -> impl Strategy<Value = String> {
             Just("a"),
             Just("admin"),
             Just("\u{0}"),
+            Just("\u{e9}"),
         ],
         0..24,
     )
