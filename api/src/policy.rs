@@ -53,6 +53,14 @@ pub struct WorkloadSelector {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.action) || self.action != 'CUSTOM'",
+     "message": "action CUSTOM is not supported yet: Mizzen has no external authorizers",
+     "fieldPath": ".action"},
+    {"rule": "!has(self.provider) || (has(self.action) && self.action == 'CUSTOM')",
+     "message": "provider is only for action CUSTOM",
+     "fieldPath": ".provider"}
+]))]
 pub struct AuthorizationPolicySpec {
     /// The workloads this policy applies to; absent means every workload in
     /// the namespace.
@@ -133,6 +141,10 @@ pub struct RuleTo {
 /// a `notPrincipals`/`notNamespaces` rule always does.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.requestPrincipals) && !has(self.notRequestPrincipals)",
+     "message": "requestPrincipals and notRequestPrincipals need RequestAuthentication (JWT), which Mizzen does not support yet"}
+]))]
 pub struct Source {
     /// Peer identities, as `<trust-domain>/ns/<ns>/sa/<sa>` (Istio's form).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -191,6 +203,13 @@ pub struct Operation {
 /// An extra condition, such as `key: request.headers[x-token]`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.key in ['source.ip', 'remote.ip', 'source.namespace', 'source.principal', 'destination.ip', 'destination.port', 'connection.sni'] || (self.key.startsWith('request.headers[') && self.key.endsWith(']') && size(self.key) > 17)",
+     "message": "key must be one of source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, connection.sni or request.headers[<name>] (request.auth.* needs RequestAuthentication, which Mizzen does not support yet)",
+     "fieldPath": ".key"},
+    {"rule": "(has(self.values) && size(self.values) > 0) || (has(self.notValues) && size(self.notValues) > 0)",
+     "message": "a condition needs values or notValues"}
+]))]
 pub struct Condition {
     /// The attribute, e.g. `source.ip`, `request.headers[User-Agent]`.
     pub key: String,
@@ -217,6 +236,11 @@ pub struct Condition {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.portLevelMtls) || size(self.portLevelMtls) == 0 || has(self.selector)",
+     "message": "portLevelMtls needs a selector: ports are the selected workloads' ports",
+     "fieldPath": ".portLevelMtls"}
+]))]
 pub struct PeerAuthenticationSpec {
     /// The workloads this applies to; absent means the whole namespace (or the
     /// whole mesh in the root namespace).

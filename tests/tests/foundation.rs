@@ -14,7 +14,9 @@ use k8s_openapi::api::authentication::v1::{
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::watcher;
-use mizzen_api::policy::{Action, AuthorizationPolicy, AuthorizationPolicySpec, Rule, RuleFrom, Source};
+use mizzen_api::policy::{
+    Action, AuthorizationPolicy, AuthorizationPolicySpec, PeerAuthentication, Rule, RuleFrom, Source,
+};
 use mizzen_tests::tls::TestCa;
 use mizzen_tests::{Cluster, NetnsPod, eventually};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -138,6 +140,87 @@ async fn crds_apply_and_policy_arrives_through_a_watch() -> anyhow::Result<()> {
 /// A pod-bound token for the `mizzen-ca` audience reviews as the pod's
 /// ServiceAccount, with the pod's name, UID and node; the scheduler binds
 /// the pod to a registered node; wrong audiences and deleted pods fail.
+/// What the mesh cannot enforce is refused at `kubectl apply`, with a
+/// message naming it, by the CRDs' CEL rules (a real API server
+/// evaluating them): never stored and silently ignored.
+#[tokio::test]
+async fn unenforceable_policies_are_refused_at_admission_with_a_message() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    apply_crds(cluster).await?;
+    let ns = cluster.namespace(&client, "crd-cel", &[]).await?;
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let refusal = |kind: &str, spec: serde_json::Value| {
+        let (client, ns, dry_run) = (client.clone(), ns.clone(), dry_run.clone());
+        let kind = kind.to_owned();
+        async move {
+            let doc = serde_json::json!({
+                "apiVersion": "security.mizzen.dev/v1", "kind": kind,
+                "metadata": {"name": "x", "namespace": ns}, "spec": spec,
+            });
+            let result = if kind == "AuthorizationPolicy" {
+                let p: AuthorizationPolicy = serde_json::from_value(doc)?;
+                Api::<AuthorizationPolicy>::namespaced(client, &ns)
+                    .create(&dry_run, &p)
+                    .await
+                    .map(drop)
+            } else {
+                let p: PeerAuthentication = serde_json::from_value(doc)?;
+                Api::<PeerAuthentication>::namespaced(client, &ns)
+                    .create(&dry_run, &p)
+                    .await
+                    .map(drop)
+            };
+            match result {
+                Ok(()) => Ok::<_, anyhow::Error>(None),
+                Err(kube::Error::Api(status)) => Ok(Some(status.message)),
+                Err(e) => Err(e.into()),
+            }
+        }
+    };
+    let cases = [
+        (
+            "AuthorizationPolicy",
+            serde_json::json!({"action": "CUSTOM", "provider": {"name": "ext"}, "rules": [{}]}),
+            "action CUSTOM is not supported yet",
+        ),
+        (
+            "AuthorizationPolicy",
+            serde_json::json!({"rules": [{"from": [{"source": {"requestPrincipals": ["*"]}}]}]}),
+            "requestPrincipals and notRequestPrincipals need RequestAuthentication",
+        ),
+        (
+            "AuthorizationPolicy",
+            serde_json::json!({"rules": [{"when": [{"key": "request.auth.claims[iss]", "values": ["x"]}]}]}),
+            "key must be one of",
+        ),
+        (
+            "AuthorizationPolicy",
+            serde_json::json!({"rules": [{"when": [{"key": "source.ip"}]}]}),
+            "a condition needs values or notValues",
+        ),
+        (
+            "PeerAuthentication",
+            serde_json::json!({"portLevelMtls": {"8080": {"mode": "STRICT"}}}),
+            "portLevelMtls needs a selector",
+        ),
+    ];
+    for (kind, spec, want) in cases {
+        let message = refusal(kind, spec.clone()).await?;
+        assert!(
+            message.as_deref().is_some_and(|m| m.contains(want)),
+            "{kind} {spec}: refused with {want:?}? got {message:?}"
+        );
+    }
+    // What the mesh enforces is accepted.
+    let valid = serde_json::json!({"rules": [{"when": [{"key": "request.headers[x-version]", "values": ["v1"]}]}]});
+    assert_eq!(refusal("AuthorizationPolicy", valid).await?, None);
+    Ok(())
+}
+
 #[tokio::test]
 async fn pod_bound_token_reviews_as_the_pod() -> anyhow::Result<()> {
     let cluster = Cluster::get();
