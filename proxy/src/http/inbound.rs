@@ -87,7 +87,12 @@ where
     let io = TokioIo::new(conn);
     let served = if from_mesh {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        builder.enable_connect_protocol();
+        // PINGs notice a client proxy that vanished without closing.
+        builder
+            .enable_connect_protocol()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(super::pool::H2_KEEPALIVE)
+            .keep_alive_timeout(super::pool::H2_KEEPALIVE);
         until_drained!(builder.serve_connection(io, svc), guard.draining()).map_err(|e| e.to_string())
     } else {
         let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

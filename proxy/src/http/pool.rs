@@ -14,6 +14,9 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response, body::Incoming};
@@ -24,6 +27,14 @@ use super::Body;
 
 /// Idle HTTP/1.1 connections kept per key.
 pub const MAX_IDLE_H1: usize = 32;
+/// An HTTP/2 connection no request used for this long is let go.
+pub const H2_IDLE: Duration = Duration::from_secs(300);
+/// How often idle and closed HTTP/2 connections are looked for.
+const H2_SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// HTTP/2 PING interval, and how long an answer may take before the
+/// connection is closed: a peer that vanished (its node gone, a network
+/// partition) is noticed in seconds, not at TCP's retransmission timeout.
+pub const H2_KEEPALIVE: Duration = Duration::from_secs(10);
 /// Keys kept before closed connections are swept.
 const SWEEP_AT: usize = 1024;
 
@@ -53,6 +64,9 @@ where
 {
     let (send, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEPALIVE)
+        .keep_alive_timeout(H2_KEEPALIVE)
+        .keep_alive_while_idle(true)
         .handshake(TokioIo::new(io))
         .await?;
     tokio::spawn(async move {
@@ -77,21 +91,42 @@ where
     Ok(send)
 }
 
-/// A key's HTTP/2 connection, once opened; locked while it is opened.
-type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
+/// A pooled HTTP/2 connection and when a request last took it.
+#[derive(Debug)]
+struct Pooled {
+    send: http2::SendRequest<Body>,
+    used: Instant,
+}
 
-/// One shared HTTP/2 connection per key.
+/// A key's HTTP/2 connection, once opened; locked while it is opened.
+type H2Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
+
+/// One shared HTTP/2 connection per key; connections closed by the peer
+/// or idle for [`H2_IDLE`] are let go (dropping the pool's handle closes
+/// the connection once its last request is done), so endpoints that left
+/// discovery do not keep connections open for days.
 #[derive(Debug)]
 pub struct H2Pool<K> {
     slots: Mutex<HashMap<K, H2Slot>>,
+    swept: Mutex<Instant>,
 }
 
 impl<K> Default for H2Pool<K> {
     fn default() -> Self {
         Self {
             slots: Mutex::new(HashMap::new()),
+            swept: Mutex::new(Instant::now()),
         }
     }
+}
+
+/// Whether a slot is worth keeping: in use right now (locked), or holding
+/// an open connection used within [`H2_IDLE`].
+fn keep(slot: &H2Slot, now: Instant) -> bool {
+    slot.try_lock().map_or(true, |p| {
+        p.as_ref()
+            .is_some_and(|p| !p.send.is_closed() && now.duration_since(p.used) < H2_IDLE)
+    })
 }
 
 impl<K: Hash + Eq + Clone> H2Pool<K> {
@@ -102,25 +137,29 @@ impl<K: Hash + Eq + Clone> H2Pool<K> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<http2::SendRequest<Body>, E>>,
     {
+        let now = Instant::now();
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            if slots.len() >= SWEEP_AT {
-                slots.retain(|_, s| {
-                    s.try_lock()
-                        .map_or(true, |c| c.as_ref().is_some_and(|c| !c.is_closed()))
-                });
+            let mut swept = self.swept.lock().unwrap_or_else(|p| p.into_inner());
+            if slots.len() >= SWEEP_AT || now.duration_since(*swept) >= H2_SWEEP_EVERY {
+                slots.retain(|_, s| keep(s, now));
+                *swept = now;
             }
             slots.entry(key.clone()).or_default().clone()
         };
         let mut held = slot.lock().await;
-        if let Some(c) = held.as_ref()
-            && !c.is_closed()
+        if let Some(p) = held.as_mut()
+            && !p.send.is_closed()
         {
-            return Ok(c.clone());
+            p.used = now;
+            return Ok(p.send.clone());
         }
-        let c = connect().await?;
-        *held = Some(c.clone());
-        Ok(c)
+        let send = connect().await?;
+        *held = Some(Pooled {
+            send: send.clone(),
+            used: now,
+        });
+        Ok(send)
     }
 
     /// Open connections (for tests and metrics).
@@ -130,7 +169,7 @@ impl<K: Hash + Eq + Clone> H2Pool<K> {
             .values()
             .filter(|s| {
                 s.try_lock()
-                    .map_or(true, |c| c.as_ref().is_some_and(|c| !c.is_closed()))
+                    .map_or(true, |p| p.as_ref().is_some_and(|p| !p.send.is_closed()))
             })
             .count()
     }
@@ -214,5 +253,53 @@ impl<K: Hash + Eq + Clone + Send + 'static> H1Pool<K> {
             }
         });
         Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An HTTP/2 server on one end of an in-memory pipe; the client's
+    /// handshake on the other.
+    async fn connection() -> hyper::Result<http2::SendRequest<Body>> {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(Response::new(super::super::full("ok")))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(server), svc)
+                .await;
+        });
+        handshake_h2(client).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_connection_per_key_reused_then_let_go_when_idle() {
+        let pool: H2Pool<u8> = H2Pool::default();
+        let opened = std::sync::atomic::AtomicUsize::new(0);
+        let open = || async {
+            opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            connection().await
+        };
+        pool.get(&1, open).await.expect("first");
+        pool.get(&1, open).await.expect("reused");
+        assert_eq!(
+            opened.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "one connection per key"
+        );
+        assert_eq!(pool.open(), 1);
+        // Key 2 keeps being used; key 1 sits idle past H2_IDLE.
+        let mut waited = Duration::ZERO;
+        while waited <= H2_IDLE {
+            tokio::time::advance(H2_SWEEP_EVERY).await;
+            waited += H2_SWEEP_EVERY;
+            pool.get(&2, open).await.expect("busy key");
+        }
+        assert_eq!(pool.open(), 1, "the idle connection was let go, the busy one kept");
+        pool.get(&1, open).await.expect("reopened");
+        assert_eq!(opened.load(std::sync::atomic::Ordering::Relaxed), 3);
     }
 }
