@@ -8,7 +8,11 @@
 //!   close` on HTTP/1.1's next response) and TCP connections may run to
 //!   their end, for up to the drain period;
 //! - **close** the connections matching a predicate at once (for policy
-//!   changes that revoke what was allowed when they opened).
+//!   changes that revoke what was allowed when they opened);
+//! - do the same for HTTP requests in flight on inbound connections
+//!   ([`Connections::open_stream`]): an HTTP/2 stream or gRPC call that is
+//!   closed this way is reset, its connection and the other streams on it
+//!   go on.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -39,10 +43,33 @@ struct Entry {
     close: watch::Sender<bool>,
 }
 
+/// What the registry knows of one HTTP request in flight.
+#[derive(Debug, Clone)]
+pub struct StreamInfo {
+    pub direction: Direction,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Where the request was going (the app's address inbound).
+    pub dst: SocketAddr,
+    /// The peer proxy's verified identity; `None` over plaintext.
+    pub identity: Option<SpiffeId>,
+    pub method: String,
+    /// The path as received.
+    pub path: String,
+    pub authority: Option<String>,
+}
+
+#[derive(Debug)]
+struct StreamEntry {
+    info: StreamInfo,
+    close: watch::Sender<bool>,
+}
+
 #[derive(Debug)]
 struct Inner {
     next: AtomicU64,
     open: Mutex<HashMap<u64, Entry>>,
+    streams: Mutex<HashMap<u64, StreamEntry>>,
     draining: watch::Sender<bool>,
 }
 
@@ -55,6 +82,7 @@ impl Default for Connections {
         Self(Arc::new(Inner {
             next: AtomicU64::new(0),
             open: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
             draining: watch::Sender::new(false),
         }))
     }
@@ -74,7 +102,36 @@ impl Drop for ConnGuard {
     }
 }
 
+/// One registered HTTP request; dropping it unregisters.
+#[derive(Debug)]
+pub struct StreamGuard {
+    inner: Arc<Inner>,
+    id: u64,
+    close: watch::Receiver<bool>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.inner.lock_streams().remove(&self.id);
+    }
+}
+
+impl StreamGuard {
+    /// Resolves when the request is to be closed at once.
+    pub fn closed(&self) -> impl Future<Output = ()> + Send + use<> {
+        let mut close = self.close.clone();
+        async move {
+            let _ = close.wait_for(|c| *c).await;
+        }
+    }
+}
+
 impl ConnGuard {
+    /// The registry this connection is in (to register its requests).
+    pub fn registry(&self) -> Connections {
+        Connections(self.inner.clone())
+    }
+
     fn update(&self, f: impl FnOnce(&mut ConnInfo)) {
         if let Some(e) = self.inner.lock().get_mut(&self.id) {
             f(&mut e.info);
@@ -111,6 +168,10 @@ impl ConnGuard {
 impl Inner {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_streams(&self) -> std::sync::MutexGuard<'_, HashMap<u64, StreamEntry>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -167,6 +228,34 @@ impl Connections {
         let open = self.0.lock();
         let mut n = 0;
         for e in open.values().filter(|e| matching(&e.info)) {
+            e.close.send_replace(true);
+            n += 1;
+        }
+        n
+    }
+
+    /// Registers an HTTP request in flight.
+    pub fn open_stream(&self, info: StreamInfo) -> StreamGuard {
+        let id = self.0.next.fetch_add(1, Ordering::Relaxed);
+        let (close, closed) = watch::channel(false);
+        self.0.lock_streams().insert(id, StreamEntry { info, close });
+        StreamGuard {
+            inner: self.0.clone(),
+            id,
+            close: closed,
+        }
+    }
+
+    /// What is known of the requests in flight.
+    pub fn streams(&self) -> Vec<StreamInfo> {
+        self.0.lock_streams().values().map(|e| e.info.clone()).collect()
+    }
+
+    /// Closes every request in flight `matching` says so of; returns how many.
+    pub fn close_streams_where(&self, matching: impl Fn(&StreamInfo) -> bool) -> usize {
+        let streams = self.0.lock_streams();
+        let mut n = 0;
+        for e in streams.values().filter(|e| matching(&e.info)) {
             e.close.send_replace(true);
             n += 1;
         }
@@ -236,6 +325,34 @@ mod tests {
             2,
             "closing is the connection task's job; the guard unregisters"
         );
+    }
+
+    #[tokio::test]
+    async fn close_streams_where_reaches_only_the_matching_requests() {
+        let c = Connections::default();
+        let info = |path: &str| StreamInfo {
+            direction: Direction::Inbound,
+            peer: peer(1),
+            dst: peer(2),
+            identity: None,
+            method: "POST".into(),
+            path: path.into(),
+            authority: None,
+        };
+        let admin = c.open_stream(info("/admin/x"));
+        let public = c.open_stream(info("/public"));
+        assert_eq!(c.streams().len(), 2);
+        assert_eq!(c.close_streams_where(|s| s.path.starts_with("/admin")), 1);
+        tokio::time::timeout(Duration::from_secs(1), admin.closed())
+            .await
+            .expect("the matching request is told to close");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), public.closed())
+                .await
+                .is_err()
+        );
+        drop(admin);
+        assert_eq!(c.streams().len(), 1, "a finished request unregisters");
     }
 
     #[tokio::test]

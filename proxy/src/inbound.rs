@@ -199,7 +199,8 @@ impl Inbound {
             .map_err(|e| InboundError::Detect(e.into()))?;
         if sniffed != crate::protocol::Sniffed::Other {
             debug!(%peer, %dst, "inbound plaintext HTTP connection");
-            crate::http::inbound::serve(self, conn, dst, None, guard).await;
+            let at = crate::http::inbound::Endpoints { peer, dst };
+            crate::http::inbound::serve(self, conn, at, None, guard).await;
             return Ok(());
         }
         info!(%peer, %dst, "inbound plaintext connection (passed through)");
@@ -259,7 +260,8 @@ impl Inbound {
             Some(ALPN_HTTP) => {
                 debug!(%peer, peer_id = %peer_id, %dst, "inbound mTLS HTTP/2 connection");
                 let client = crate::http::inbound::Client::new(peer_id, &leaf, &material.id);
-                crate::http::inbound::serve(self, tls, dst, Some(client), guard).await;
+                let at = crate::http::inbound::Endpoints { peer, dst };
+                crate::http::inbound::serve(self, tls, at, Some(client), guard).await;
                 Ok(())
             }
             Some(ALPN_TCP) => {

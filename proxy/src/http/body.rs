@@ -147,6 +147,40 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_closed_request_s_body_ends_with_an_error_and_unregisters() {
+        let registry = crate::drain::Connections::default();
+        let peer = std::net::SocketAddr::from(([10, 0, 0, 1], 1000));
+        let guard = registry.open_stream(crate::drain::StreamInfo {
+            direction: crate::metrics::Direction::Inbound,
+            peer,
+            dst: peer,
+            identity: None,
+            method: "POST".into(),
+            path: "/stream".into(),
+            authority: None,
+        });
+        // A body that never ends by itself (a long gRPC stream).
+        let endless = http_body_util::StreamBody::new(futures::stream::pending::<
+            Result<Frame<Bytes>, super::super::BodyError>,
+        >());
+        let mut body = Closable::new(endless.boxed(), guard);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), body.frame())
+                .await
+                .is_err(),
+            "still streaming"
+        );
+        assert_eq!(registry.close_streams_where(|s| s.path == "/stream"), 1);
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(1), body.frame())
+            .await
+            .expect("ends at once");
+        let err = frame.expect("a frame").expect_err("an error");
+        assert!(err.is::<ClosedByProxy>(), "{err}");
+        drop(body);
+        assert!(registry.streams().is_empty());
+    }
+
     #[test]
     fn a_body_dropped_early_still_ends() {
         let ended = Arc::new(Mutex::new(Vec::new()));
@@ -157,5 +191,57 @@ mod tests {
             Some(Box::new(move |e: Ended| seen.lock().expect("lock").push(e.bytes))),
         ));
         assert_eq!(*ended.lock().expect("lock"), [0]);
+    }
+}
+
+/// The proxy closed the request (a policy change revoked it).
+#[derive(Debug, thiserror::Error)]
+#[error("the request was closed by the proxy")]
+pub struct ClosedByProxy;
+
+/// A response body that ends with [`ClosedByProxy`] as soon as its
+/// request is told to close (the peer's HTTP/2 stream is reset, an
+/// HTTP/1.1 connection closed); the request stays registered while the
+/// body lives.
+pub struct Closable {
+    inner: super::Body,
+    closed: std::sync::Mutex<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    _guard: crate::drain::StreamGuard,
+}
+
+impl std::fmt::Debug for Closable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Closable").finish_non_exhaustive()
+    }
+}
+
+impl Closable {
+    pub fn new(inner: super::Body, guard: crate::drain::StreamGuard) -> Self {
+        Self {
+            inner,
+            closed: std::sync::Mutex::new(Box::pin(guard.closed())),
+            _guard: guard,
+        }
+    }
+}
+
+impl HttpBody for Closable {
+    type Data = Bytes;
+    type Error = super::BodyError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let closed = self.closed.get_mut().unwrap_or_else(|p| p.into_inner());
+        if closed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(ClosedByProxy.into())));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -28,11 +28,12 @@ use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
+use super::body::Closable;
 use super::headers::{self, APP_PROTOCOL, XFCC};
 use super::pool::{H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h1, send_h2};
 use super::upgrade;
 use super::{Body, Exchange, Recording, ResponseFlag};
-use crate::drain::ConnGuard;
+use crate::drain::{ConnGuard, StreamInfo};
 use crate::inbound::Inbound;
 use crate::metrics::Direction;
 
@@ -73,16 +74,25 @@ enum AppError {
 
 /// Serves requests on `conn` for the app at `dst`; `client` is the peer
 /// proxy's identity, `None` for plaintext from outside the mesh.
-pub async fn serve<S>(inbound: &Arc<Inbound>, conn: S, dst: SocketAddr, client: Option<Client>, guard: &ConnGuard)
+pub async fn serve<S>(inbound: &Arc<Inbound>, conn: S, at: Endpoints, client: Option<Client>, guard: &ConnGuard)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     guard.serving_http();
     let from_mesh = client.is_some();
     let inbound = inbound.clone();
+    let registry = guard.registry();
+    let dst = at.dst;
     let svc = hyper::service::service_fn(move |req| {
-        let (inbound, client) = (inbound.clone(), client.clone());
-        async move { Ok::<_, Infallible>(request(&inbound, dst, client.as_ref(), req).await) }
+        let (inbound, client, registry) = (inbound.clone(), client.clone(), registry.clone());
+        async move {
+            let on = Connection {
+                at,
+                client: client.as_ref(),
+                registry: &registry,
+            };
+            Ok::<_, Infallible>(request(&inbound, on, req).await)
+        }
     });
     let io = TokioIo::new(conn);
     let served = if from_mesh {
@@ -103,12 +113,25 @@ where
     }
 }
 
-async fn request(
-    inbound: &Inbound,
-    dst: SocketAddr,
-    client: Option<&Client>,
-    req: Request<Incoming>,
-) -> Response<Body> {
+/// The two ends of an inbound connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoints {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The app's address (the connection's original destination).
+    pub dst: SocketAddr,
+}
+
+/// What a request knows of the connection it came on.
+struct Connection<'a> {
+    at: Endpoints,
+    client: Option<&'a Client>,
+    registry: &'a crate::drain::Connections,
+}
+
+async fn request(inbound: &Inbound, on: Connection<'_>, req: Request<Incoming>) -> Response<Body> {
+    let Connection { at, client, registry } = on;
+    let dst = at.dst;
     let mut req = req;
     let takeover = match client {
         Some(_) => upgrade::from_peer(&req),
@@ -138,6 +161,16 @@ async fn request(
     let (mut exchange, body) = Exchange::begin(recording, &mut parts, version, body);
     exchange.facts.peer = client.map(|c| c.id.clone());
     exchange.upstream(dst);
+    // Registered while the response lives, so a policy change can close it.
+    let stream = registry.open_stream(StreamInfo {
+        direction: Direction::Inbound,
+        peer: at.peer,
+        dst,
+        identity: client.map(|c| c.id.clone()),
+        method: parts.method.to_string(),
+        path: parts.uri.path_and_query().map_or_else(String::new, |p| p.to_string()),
+        authority: parts.uri.authority().map(ToString::to_string),
+    });
     let mut req = Request::from_parts(parts, body);
     if version == Version::HTTP_2 {
         super::into_h2_form(&mut req, dst);
@@ -159,7 +192,7 @@ async fn request(
                     None => upgrade::to_app_response(&mut r, t),
                 }
             }
-            r.map(BodyExt::boxed)
+            r.map(super::boxed)
         }
         Err(e) => {
             debug!(%dst, error = %e, "the app did not answer");
@@ -167,6 +200,7 @@ async fn request(
             super::unavailable(ResponseFlag::LocalReset, "the app could not be reached")
         }
     };
+    let response = response.map(|b| Closable::new(b, stream).boxed());
     super::recorded(response, exchange, inbound.metrics.clone(), ())
 }
 

@@ -39,13 +39,26 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 
+/// Why a body stopped: the peer's I/O, or the proxy closing the request.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Every body the proxy sends: the peer's streamed through, or its own.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, BodyError>;
+
+/// A peer's body as the proxy forwards it.
+pub fn boxed(b: hyper::body::Incoming) -> Body {
+    b.map_err(BodyError::from).boxed()
+}
 
 /// `body`, its data bytes counted into the returned counter.
 pub fn counted(body: hyper::body::Incoming) -> (Body, std::sync::Arc<std::sync::atomic::AtomicU64>) {
     let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    (body::Observed::new(body, count.clone(), None).boxed(), count)
+    (
+        body::Observed::new(body, count.clone(), None)
+            .map_err(BodyError::from)
+            .boxed(),
+        count,
+    )
 }
 
 /// `resp` with `on_end` called once its body has been carried to the end

@@ -21,7 +21,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -142,7 +141,7 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
                 upgrade::to_app_response(&mut response, t);
             }
             exchange.upstream(backend.addr);
-            (response.map(BodyExt::boxed), Some(load))
+            (response.map(super::boxed), Some(load))
         }
         Err(r) => {
             debug!(%dst, flag = r.flag.as_str(), error = %r.error, "answering the app with 503");
