@@ -23,6 +23,7 @@
 
 pub mod app;
 pub mod balance;
+pub mod coalesce;
 pub mod config;
 pub mod detect;
 pub mod discovery;

@@ -33,6 +33,7 @@ use super::headers::{self, APP_PROTOCOL, XFCC};
 use super::pool::{H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h1, send_h2};
 use super::upgrade;
 use super::{Body, Exchange, Recording, ResponseFlag};
+use crate::coalesce::Coalesce;
 use crate::drain::{ConnGuard, StreamInfo};
 use crate::inbound::Inbound;
 use crate::metrics::Direction;
@@ -221,7 +222,7 @@ async fn to_app(
         let sent = if takeover {
             // A connection of its own: the app's protocol takes it over.
             let tcp = crate::net::connect_app(dst, timeout).await.map_err(AppError::Connect)?;
-            let mut conn = handshake_h1(tcp).await.map_err(AppError::Http)?;
+            let mut conn = handshake_h1(Coalesce::new(tcp)).await.map_err(AppError::Http)?;
             send_h1(&mut conn, req).await
         } else if version == Version::HTTP_2 {
             let conn = inbound
@@ -229,7 +230,7 @@ async fn to_app(
                 .h2
                 .get(&dst, || async {
                     let tcp = crate::net::connect_app(dst, timeout).await.map_err(AppError::Connect)?;
-                    handshake_h2(tcp).await.map_err(AppError::Http)
+                    handshake_h2(Coalesce::new(tcp)).await.map_err(AppError::Http)
                 })
                 .await?;
             send_h2(conn, req).await
@@ -239,7 +240,7 @@ async fn to_app(
                 .h1
                 .get(&dst, || async {
                     let tcp = crate::net::connect_app(dst, timeout).await.map_err(AppError::Connect)?;
-                    handshake_h1(tcp).await.map_err(AppError::Http)
+                    handshake_h1(Coalesce::new(tcp)).await.map_err(AppError::Http)
                 })
                 .await?;
             inbound.app.h1.send(dst, conn, req).await

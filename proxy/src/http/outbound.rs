@@ -72,7 +72,7 @@ where
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let served = until_drained!(
-        builder.serve_connection_with_upgrades(TokioIo::new(conn), svc),
+        builder.serve_connection_with_upgrades(TokioIo::new(crate::coalesce::Coalesce::new(conn)), svc),
         guard.draining()
     );
     if let Err(e) = served {
@@ -283,7 +283,9 @@ async fn mesh_h2(o: &Outbound, b: &Backend, id: &SpiffeId) -> Result<http2::Send
     let tcp = o.connect_tcp(b.addr).await?;
     let tls = o.mesh_tls(tcp, b.addr, id.clone(), ALPN_HTTP).await?;
     let _ = o.metrics.connection(Direction::Outbound, Some(id));
-    handshake_h2(tls).await.map_err(http_error(b))
+    handshake_h2(crate::coalesce::Coalesce::new(tls))
+        .await
+        .map_err(http_error(b))
 }
 
 fn http_error(b: &Backend) -> impl FnOnce(hyper::Error) -> OutboundError + '_ {
