@@ -37,12 +37,6 @@ pub struct ConnInfo {
     pub http: bool,
 }
 
-#[derive(Debug)]
-struct Entry {
-    info: ConnInfo,
-    close: watch::Sender<bool>,
-}
-
 /// What the registry knows of one HTTP request in flight.
 #[derive(Debug, Clone)]
 pub struct StreamInfo {
@@ -59,17 +53,65 @@ pub struct StreamInfo {
     pub authority: Option<String>,
 }
 
+/// Registered things of one kind, each with its close signal.
 #[derive(Debug)]
-struct StreamEntry {
-    info: StreamInfo,
-    close: watch::Sender<bool>,
+struct Table<I>(Mutex<HashMap<u64, (I, watch::Sender<bool>)>>);
+
+impl<I: Clone> Table<I> {
+    fn new() -> Self {
+        Self(Mutex::new(HashMap::new()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (I, watch::Sender<bool>)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers `info` as `id`; the receiver turns true when it is to close.
+    fn insert(&self, id: u64, info: I) -> watch::Receiver<bool> {
+        let (close, closed) = watch::channel(false);
+        self.lock().insert(id, (info, close));
+        closed
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    fn update(&self, id: u64, f: impl FnOnce(&mut I)) {
+        if let Some((info, _)) = self.lock().get_mut(&id) {
+            f(info);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn list(&self) -> Vec<I> {
+        self.lock().values().map(|(info, _)| info.clone()).collect()
+    }
+
+    fn close_where(&self, matching: impl Fn(&I) -> bool) -> usize {
+        let entries = self.lock();
+        let mut n = 0;
+        for (_, close) in entries.values().filter(|(info, _)| matching(info)) {
+            close.send_replace(true);
+            n += 1;
+        }
+        n
+    }
+}
+
+/// Resolves once `signal` is true (at once if it already is).
+async fn once_true(mut signal: watch::Receiver<bool>) {
+    let _ = signal.wait_for(|v| *v).await;
 }
 
 #[derive(Debug)]
 struct Inner {
     next: AtomicU64,
-    open: Mutex<HashMap<u64, Entry>>,
-    streams: Mutex<HashMap<u64, StreamEntry>>,
+    connections: Table<ConnInfo>,
+    streams: Table<StreamInfo>,
     draining: watch::Sender<bool>,
 }
 
@@ -81,8 +123,8 @@ impl Default for Connections {
     fn default() -> Self {
         Self(Arc::new(Inner {
             next: AtomicU64::new(0),
-            open: Mutex::new(HashMap::new()),
-            streams: Mutex::new(HashMap::new()),
+            connections: Table::new(),
+            streams: Table::new(),
             draining: watch::Sender::new(false),
         }))
     }
@@ -98,7 +140,7 @@ pub struct ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.inner.lock().remove(&self.id);
+        self.inner.connections.remove(self.id);
     }
 }
 
@@ -112,17 +154,14 @@ pub struct StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.inner.lock_streams().remove(&self.id);
+        self.inner.streams.remove(self.id);
     }
 }
 
 impl StreamGuard {
     /// Resolves when the request is to be closed at once.
     pub fn closed(&self) -> impl Future<Output = ()> + Send + use<> {
-        let mut close = self.close.clone();
-        async move {
-            let _ = close.wait_for(|c| *c).await;
-        }
+        once_true(self.close.clone())
     }
 }
 
@@ -133,9 +172,7 @@ impl ConnGuard {
     }
 
     fn update(&self, f: impl FnOnce(&mut ConnInfo)) {
-        if let Some(e) = self.inner.lock().get_mut(&self.id) {
-            f(&mut e.info);
-        }
+        self.inner.connections.update(self.id, f);
     }
 
     /// Records the peer proxy's verified identity.
@@ -150,28 +187,12 @@ impl ConnGuard {
 
     /// Resolves when the connection is to be closed at once.
     pub fn closed(&self) -> impl Future<Output = ()> + use<> {
-        let mut close = self.close.clone();
-        async move {
-            let _ = close.wait_for(|c| *c).await;
-        }
+        once_true(self.close.clone())
     }
 
     /// Resolves once the proxy drains (at once if it already does).
     pub fn draining(&self) -> impl Future<Output = ()> + use<> {
-        let mut draining = self.inner.draining.subscribe();
-        async move {
-            let _ = draining.wait_for(|d| *d).await;
-        }
-    }
-}
-
-impl Inner {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn lock_streams(&self) -> std::sync::MutexGuard<'_, HashMap<u64, StreamEntry>> {
-        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+        once_true(self.inner.draining.subscribe())
     }
 }
 
@@ -179,18 +200,16 @@ impl Connections {
     /// Registers a connection from `peer`.
     pub fn open(&self, direction: Direction, peer: SocketAddr) -> ConnGuard {
         let id = self.0.next.fetch_add(1, Ordering::Relaxed);
-        let (close, closed) = watch::channel(false);
         let info = ConnInfo {
             direction,
             peer,
             identity: None,
             http: false,
         };
-        self.0.lock().insert(id, Entry { info, close });
         ConnGuard {
+            close: self.0.connections.insert(id, info),
             inner: self.0.clone(),
             id,
-            close: closed,
         }
     }
 
@@ -215,51 +234,37 @@ impl Connections {
 
     /// Connections open now.
     pub fn count(&self) -> usize {
-        self.0.lock().len()
+        self.0.connections.len()
     }
 
     /// What is known of the open connections.
     pub fn list(&self) -> Vec<ConnInfo> {
-        self.0.lock().values().map(|e| e.info.clone()).collect()
+        self.0.connections.list()
     }
 
     /// Closes every open connection `matching` says so of; returns how many.
     pub fn close_where(&self, matching: impl Fn(&ConnInfo) -> bool) -> usize {
-        let open = self.0.lock();
-        let mut n = 0;
-        for e in open.values().filter(|e| matching(&e.info)) {
-            e.close.send_replace(true);
-            n += 1;
-        }
-        n
+        self.0.connections.close_where(matching)
     }
 
     /// Registers an HTTP request in flight.
     pub fn open_stream(&self, info: StreamInfo) -> StreamGuard {
         let id = self.0.next.fetch_add(1, Ordering::Relaxed);
-        let (close, closed) = watch::channel(false);
-        self.0.lock_streams().insert(id, StreamEntry { info, close });
         StreamGuard {
+            close: self.0.streams.insert(id, info),
             inner: self.0.clone(),
             id,
-            close: closed,
         }
     }
 
     /// What is known of the requests in flight.
     pub fn streams(&self) -> Vec<StreamInfo> {
-        self.0.lock_streams().values().map(|e| e.info.clone()).collect()
+        self.0.streams.list()
     }
 
     /// Closes every request in flight `matching` says so of; returns how many.
     pub fn close_streams_where(&self, matching: impl Fn(&StreamInfo) -> bool) -> usize {
-        let streams = self.0.lock_streams();
-        let mut n = 0;
-        for e in streams.values().filter(|e| matching(&e.info)) {
-            e.close.send_replace(true);
-            n += 1;
-        }
-        n
+        self.0.streams.close_where(matching)
     }
 
     /// Starts draining: HTTP connections are told to finish.
