@@ -6,6 +6,9 @@
 //! asked to flush a batch, yields one scheduler turn (waking itself) before
 //! writing: whatever the next turn adds goes out in the same write. A
 //! batch is never held longer than that one turn, nor beyond [`MAX_BUF`].
+//!
+//! Every HTTP connection the proxy serves or opens is wrapped: in
+//! `http::pool`'s handshakes and in `http::{inbound, outbound}::serve`.
 
 use std::io;
 use std::pin::Pin;

@@ -261,7 +261,6 @@ impl Inbound {
                 debug!(%peer, peer_id = %peer_id, %dst, "inbound mTLS HTTP/2 connection");
                 let client = crate::http::inbound::Client::new(peer_id, &leaf, &material.id);
                 let at = crate::http::inbound::Endpoints { peer, dst };
-                let tls = crate::coalesce::Coalesce::new(tls);
                 crate::http::inbound::serve(self, tls, at, Some(client), guard).await;
                 Ok(())
             }

@@ -63,6 +63,16 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// A request's headers as either proxy forwards it: hop-by-hop headers
+/// and any [`APP_PROTOCOL`] gone (only the client's proxy sets it, after
+/// this), `x-request-id` and `x-forwarded-proto` added when missing.
+pub fn forwarded_request(h: &mut HeaderMap) {
+    strip_hop_by_hop(h);
+    h.remove(APP_PROTOCOL);
+    ensure_request_id(h);
+    ensure_forwarded_proto(h);
+}
+
 /// The label of `v` for [`APP_PROTOCOL`] and metrics.
 pub fn version_name(v: Version) -> &'static str {
     match v {

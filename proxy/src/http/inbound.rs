@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use super::body::Closable;
-use super::headers::{self, APP_PROTOCOL, XFCC};
+use super::headers::{self, XFCC};
 use super::pool::{H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h1, send_h2};
 use super::upgrade;
 use super::{Body, Exchange, Recording, ResponseFlag};
@@ -95,7 +95,7 @@ where
             Ok::<_, Infallible>(request(&inbound, on, req).await)
         }
     });
-    let io = TokioIo::new(conn);
+    let io = TokioIo::new(Coalesce::new(conn));
     let served = if from_mesh {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         // PINGs notice a client proxy that vanished without closing.
@@ -146,14 +146,11 @@ async fn request(inbound: &Inbound, on: Connection<'_>, req: Request<Incoming>) 
         (Some(_), None) => headers::app_version(&parts.headers),
         (None, None) => parts.version,
     };
-    headers::strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(APP_PROTOCOL);
+    headers::forwarded_request(&mut parts.headers);
     parts.headers.remove(XFCC);
     if let Some(c) = client {
         parts.headers.insert(XFCC, c.xfcc.clone());
     }
-    headers::ensure_request_id(&mut parts.headers);
-    headers::ensure_forwarded_proto(&mut parts.headers);
     let recording = Recording {
         direction: Direction::Inbound,
         tracing: inbound.tracing.as_deref(),
@@ -179,7 +176,7 @@ async fn request(inbound: &Inbound, on: Connection<'_>, req: Request<Incoming>) 
         super::into_h1_form(&mut req, version);
     }
     if let Some(t) = &takeover {
-        upgrade::into_app_request(&mut req, t);
+        upgrade::into_http1_request(&mut req, t);
     }
     let response = match to_app(inbound, dst, version, takeover.is_some(), req).await {
         Ok(mut r) => {
@@ -205,6 +202,11 @@ async fn request(inbound: &Inbound, on: Connection<'_>, req: Request<Incoming>) 
     super::recorded(response, exchange, inbound.metrics.clone(), ())
 }
 
+/// A new TCP connection to the app at `dst`.
+async fn app_tcp(dst: SocketAddr, timeout: std::time::Duration) -> Result<tokio::net::TcpStream, AppError> {
+    crate::net::connect_app(dst, timeout).await.map_err(AppError::Connect)
+}
+
 /// Sends `req` to the app; a request that did not leave (a kept
 /// connection the app had just closed) is sent once more on a new one.
 async fn to_app(
@@ -221,16 +223,16 @@ async fn to_app(
         attempts += 1;
         let sent = if takeover {
             // A connection of its own: the app's protocol takes it over.
-            let tcp = crate::net::connect_app(dst, timeout).await.map_err(AppError::Connect)?;
-            let mut conn = handshake_h1(Coalesce::new(tcp)).await.map_err(AppError::Http)?;
+            let mut conn = handshake_h1(app_tcp(dst, timeout).await?)
+                .await
+                .map_err(AppError::Http)?;
             send_h1(&mut conn, req).await
         } else if version == Version::HTTP_2 {
             let conn = inbound
                 .app
                 .h2
                 .get(&dst, || async {
-                    let tcp = crate::net::connect_app(dst, timeout).await.map_err(AppError::Connect)?;
-                    handshake_h2(Coalesce::new(tcp)).await.map_err(AppError::Http)
+                    handshake_h2(app_tcp(dst, timeout).await?).await.map_err(AppError::Http)
                 })
                 .await?;
             send_h2(conn, req).await
@@ -239,8 +241,7 @@ async fn to_app(
                 .app
                 .h1
                 .get(&dst, || async {
-                    let tcp = crate::net::connect_app(dst, timeout).await.map_err(AppError::Connect)?;
-                    handshake_h1(Coalesce::new(tcp)).await.map_err(AppError::Http)
+                    handshake_h1(app_tcp(dst, timeout).await?).await.map_err(AppError::Http)
                 })
                 .await?;
             inbound.app.h1.send(dst, conn, req).await

@@ -102,10 +102,7 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
     let app_side = takeover.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let version = parts.version;
-    headers::strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(APP_PROTOCOL);
-    headers::ensure_request_id(&mut parts.headers);
-    headers::ensure_forwarded_proto(&mut parts.headers);
+    headers::forwarded_request(&mut parts.headers);
     let recording = Recording {
         direction: Direction::Outbound,
         tracing: o.tracing.as_deref(),
@@ -283,9 +280,7 @@ async fn mesh_h2(o: &Outbound, b: &Backend, id: &SpiffeId) -> Result<http2::Send
     let tcp = o.connect_tcp(b.addr).await?;
     let tls = o.mesh_tls(tcp, b.addr, id.clone(), ALPN_HTTP).await?;
     let _ = o.metrics.connection(Direction::Outbound, Some(id));
-    handshake_h2(crate::coalesce::Coalesce::new(tls))
-        .await
-        .map_err(http_error(b))
+    handshake_h2(tls).await.map_err(http_error(b))
 }
 
 fn http_error(b: &Backend) -> impl FnOnce(hyper::Error) -> OutboundError + '_ {
@@ -321,7 +316,7 @@ async fn send(
                 req,
                 async { handshake_h1(plain_tcp(o, b).await?).await.map_err(http_error(b)) }.await
             );
-            upgrade::restore_request_headers(&mut req, t);
+            upgrade::into_http1_request(&mut req, t);
             super::into_h1_form(&mut req, Version::HTTP_11);
             timed(send_h1(&mut conn, req)).await
         }

@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Body;
+use crate::coalesce::Coalesce;
 
 /// Idle HTTP/1.1 connections kept per key.
 pub const MAX_IDLE_H1: usize = 32;
@@ -57,7 +58,8 @@ impl SendError {
     }
 }
 
-/// Starts an HTTP/2 client connection on `io`; its driver runs as a task.
+/// Starts an HTTP/2 client connection on `io` (writes coalesced, see
+/// [`Coalesce`]); its driver runs as a task.
 pub async fn handshake_h2<IO>(io: IO) -> hyper::Result<http2::SendRequest<Body>>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -67,7 +69,7 @@ where
         .keep_alive_interval(H2_KEEPALIVE)
         .keep_alive_timeout(H2_KEEPALIVE)
         .keep_alive_while_idle(true)
-        .handshake(TokioIo::new(io))
+        .handshake(TokioIo::new(Coalesce::new(io)))
         .await?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
@@ -77,12 +79,13 @@ where
     Ok(send)
 }
 
-/// Starts an HTTP/1.1 client connection on `io`; its driver runs as a task.
+/// Starts an HTTP/1.1 client connection on `io` (writes coalesced); its
+/// driver runs as a task.
 pub async fn handshake_h1<IO>(io: IO) -> hyper::Result<http1::SendRequest<Body>>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (send, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
+    let (send, conn) = http1::Builder::new().handshake(TokioIo::new(Coalesce::new(io))).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "HTTP/1.1 client connection ended");

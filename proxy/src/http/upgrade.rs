@@ -66,8 +66,10 @@ pub fn into_connect_stream<B>(req: &mut Request<B>, t: &Takeover) {
     }
 }
 
-/// Makes a peer's CONNECT stream `req` the app's HTTP/1.1 request again.
-pub fn into_app_request<B>(req: &mut Request<B>, t: &Takeover) {
+/// Makes `req` the HTTP/1.1 request for `t`: a peer's CONNECT stream
+/// back into the app's upgrade request, or the app's own request (whose
+/// upgrade headers hop-by-hop stripping removed) as it leaves again.
+pub fn into_http1_request<B>(req: &mut Request<B>, t: &Takeover) {
     if let Takeover::Upgrade(token) = t {
         *req.method_mut() = Method::GET;
         req.extensions_mut().remove::<hyper::ext::Protocol>();
@@ -75,12 +77,6 @@ pub fn into_app_request<B>(req: &mut Request<B>, t: &Takeover) {
         req.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("upgrade"));
     }
-}
-
-/// Puts the upgrade headers back on a request going out over HTTP/1.1
-/// (hop-by-hop stripping removed them).
-pub fn restore_request_headers<B>(req: &mut Request<B>, t: &Takeover) {
-    into_app_request(req, t);
 }
 
 /// Whether `status` means the server took the connection over for `t`:
@@ -175,7 +171,7 @@ mod tests {
         into_connect_stream(&mut r, &t);
         assert_eq!(r.method(), Method::CONNECT);
         assert_eq!(from_peer(&r), Some(t.clone()));
-        into_app_request(&mut r, &t);
+        into_http1_request(&mut r, &t);
         assert_eq!(r.method(), Method::GET);
         assert_eq!(r.headers()[UPGRADE], "websocket");
         assert_eq!(r.headers()["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
