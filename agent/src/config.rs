@@ -100,9 +100,13 @@ pub struct Config {
     #[arg(long, default_value_t = 512)]
     pub max_streams_per_identity: usize,
 
-    /// How long discovery gathers a burst of Service/endpoint changes before pushing.
+    /// How long discovery gathers a burst of changes (Services, endpoints, policies) before pushing.
     #[arg(long, default_value = "100ms", value_parser = duration)]
     pub discovery_debounce: Duration,
+
+    /// The namespace whose AuthorizationPolicy and PeerAuthentication resources apply mesh-wide.
+    #[arg(long, env = "MIZZEN_ROOT_NAMESPACE", default_value = "mizzen-system")]
+    pub root_namespace: String,
 
     /// Admin listen address: /healthz, /readyz, /metrics (nothing secret).
     #[arg(long, env = "MIZZEN_AGENT_ADMIN_ADDR", default_value = "0.0.0.0:15030")]

@@ -1,4 +1,5 @@
-//! `mizzen-agent`: parse configuration, follow the trust bundle, serve SDS.
+//! `mizzen-agent`: parse configuration, follow the trust bundle, serve SDS
+//! and the aggregated discovery stream (Services, workload policy).
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use mizzen_agent::ca_client::CaSigner;
 use mizzen_agent::config::Config;
-use mizzen_agent::discovery::server::Discovery;
+use mizzen_agent::ads::Discovery;
 use mizzen_agent::limits::StreamLimits;
 use mizzen_agent::metrics::Metrics;
 use mizzen_agent::sds::{CallerPolicy, Sds};
@@ -115,12 +116,24 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
-    let (snapshots_tx, snapshots_rx) = watch::channel(None);
+    let (services_tx, services_rx) = watch::channel(None);
     tokio::spawn(mizzen_agent::discovery::follow(
         client.clone(),
         config.trust_domain.clone(),
         config.discovery_debounce,
-        snapshots_tx,
+        services_tx,
+        metrics.clone(),
+    ));
+    let (policies_tx, policies_rx) = watch::channel(None);
+    let scope = mizzen_agent::policy::Scope {
+        root_namespace: config.root_namespace.clone(),
+        node_name: Some(config.node_name.clone()).filter(|n| !n.is_empty()),
+        debounce: config.discovery_debounce,
+    };
+    tokio::spawn(mizzen_agent::policy::follow(
+        client.clone(),
+        scope,
+        policies_tx,
         metrics.clone(),
     ));
     let authenticator = Arc::new(Authenticator::new(
@@ -134,7 +147,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let limits = StreamLimits::new(config.max_streams, config.max_streams_per_identity);
     let discovery = Discovery {
-        snapshots: snapshots_rx,
+        services: services_rx,
+        policies: policies_rx,
         authenticator: authenticator.clone(),
         policy: policy.clone(),
         metrics: metrics.clone(),

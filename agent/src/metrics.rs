@@ -28,6 +28,12 @@ pub struct Metrics {
     /// Services and ready endpoints in the latest discovery snapshot.
     pub discovery_services: Gauge,
     pub discovery_endpoints: Gauge,
+    pub policy_pushes: Counter,
+    pub policy_nacks: Counter,
+    /// Authorization policies replaced by their fail-closed stand-in.
+    pub policies_rejected: Gauge,
+    /// Local pods with a workload policy.
+    pub policy_workloads: Gauge,
 }
 
 impl Metrics {
@@ -93,6 +99,26 @@ impl Metrics {
             "Ready endpoints in the latest discovery snapshot",
             discovery_endpoints.clone(),
         );
+        let policy_pushes = Counter::default();
+        registry.register("policy_pushes", "Workload policy responses sent", policy_pushes.clone());
+        let policy_nacks = Counter::default();
+        registry.register(
+            "policy_nacks",
+            "Workload policy responses a proxy rejected (NACK)",
+            policy_nacks.clone(),
+        );
+        let policies_rejected = Gauge::default();
+        registry.register(
+            "policies_rejected",
+            "Authorization policies that cannot be compiled and are enforced as their fail-closed stand-in",
+            policies_rejected.clone(),
+        );
+        let policy_workloads = Gauge::default();
+        registry.register(
+            "policy_workloads",
+            "Pods on this node with a workload policy",
+            policy_workloads.clone(),
+        );
         Self {
             registry,
             streams_open,
@@ -109,6 +135,10 @@ impl Metrics {
             discovery_nacks,
             discovery_services,
             discovery_endpoints,
+            policy_pushes,
+            policy_nacks,
+            policies_rejected,
+            policy_workloads,
         }
     }
 

@@ -42,6 +42,7 @@ use tracing::{debug, info, warn};
 use crate::limits::StreamLimits;
 use crate::metrics::Metrics;
 use crate::secrets::{SecretManager, Signer, SvidWatch, TokenLease};
+use crate::xds::{Acks, Answer};
 
 /// The type URL of SDS resources.
 pub const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
@@ -228,6 +229,8 @@ pub struct Caller {
     /// served on an expired token; the proxy reconnects with the fresh one
     /// the kubelet wrote.
     pub expires_at: Option<SystemTime>,
+    /// The name of the pod the token is bound to (projected tokens are).
+    pub pod_name: Option<String>,
 }
 
 impl std::fmt::Debug for Caller {
@@ -236,11 +239,18 @@ impl std::fmt::Debug for Caller {
             .field("id", &self.id)
             .field("token", &"...")
             .field("expires_at", &self.expires_at)
+            .field("pod_name", &self.pod_name)
             .finish()
     }
 }
 
 impl Caller {
+    /// `<namespace>/<pod>` of the caller's pod, when its token is bound to one.
+    pub fn workload(&self) -> Option<String> {
+        let ns = self.id.path().strip_prefix("/ns/")?.split('/').next()?;
+        Some(format!("{ns}/{}", self.pod_name.as_deref()?))
+    }
+
     /// Resolves when the caller's token expires (never, for a token
     /// without an `exp` claim).
     pub async fn token_expired(&self) {
@@ -294,6 +304,7 @@ async fn review_caller(
         id,
         token,
         expires_at: reviewed.expires_at,
+        pod_name: reviewed.pod_name,
     })
 }
 
@@ -335,9 +346,7 @@ impl<S: Signer> SecretDiscoveryService for Sds<S> {
         info!(%id, "SDS stream opened");
         tokio::spawn(async move {
             let _slot = slot;
-            let mut nonce: u64 = 0;
-            let mut last_nonce = String::new();
-            let mut last_version = String::new();
+            let mut acks = Acks::default();
             let result: Result<(), Status> = async {
                 loop {
                     let mut cert = sub.cert.clone();
@@ -350,23 +359,21 @@ impl<S: Signer> SecretDiscoveryService for Sds<S> {
                                 return Err(Status::invalid_argument(format!(
                                     "this stream serves {SECRET_TYPE}, not {:?}", req.type_url)));
                             }
-                            if !req.response_nonce.is_empty() {
-                                if req.response_nonce != last_nonce {
+                            let error = req.error_detail.as_ref().map(|e| e.message.as_str());
+                            match acks.answer(&req.response_nonce, &req.version_info, error) {
+                                Answer::Stale => {
                                     debug!(%id, nonce = %req.response_nonce, "ignoring a stale request");
                                     continue;
                                 }
-                                if let Some(err) = &req.error_detail {
+                                Answer::Nack(error) => {
                                     metrics.nacks.inc();
-                                    warn!(%id, version = %last_version, error = %err.message, "proxy rejected secrets (NACK)");
+                                    warn!(%id, version = ?acks.version(), %error, "proxy rejected secrets (NACK)");
                                     continue;
                                 }
-                                debug!(%id, version = %req.version_info, "ACK");
+                                Answer::Ack => debug!(%id, version = %req.version_info, "ACK"),
+                                Answer::Fresh => {}
                             }
                             sub.set_names(&req.resource_names, &manager)?;
-                            // A new subscription is answered even if nothing changed.
-                            if req.response_nonce.is_empty() || req.version_info != last_version {
-                                last_version.clear();
-                            }
                         }
                         _ = changed(&mut cert) => {
                             // A new key goes only to a caller whose token
@@ -388,18 +395,18 @@ impl<S: Signer> SecretDiscoveryService for Sds<S> {
                     }
                     let started = Instant::now();
                     let (resources, version) = sub.snapshot();
-                    if resources.is_empty() || version == last_version {
+                    if resources.is_empty() {
                         continue;
                     }
-                    nonce += 1;
-                    last_nonce = nonce.to_string();
-                    last_version = version.clone();
+                    let Some(nonce) = acks.send(&version) else {
+                        continue;
+                    };
                     let complete = sub.complete(&resources);
                     let resp = DiscoveryResponse {
                         version_info: version.clone(),
                         resources,
                         type_url: SECRET_TYPE.into(),
-                        nonce: last_nonce.clone(),
+                        nonce,
                         ..Default::default()
                     };
                     if tx.send(Ok(resp)).await.is_err() {
@@ -425,7 +432,9 @@ impl<S: Signer> SecretDiscoveryService for Sds<S> {
     }
 
     async fn fetch_secrets(&self, request: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
-        let Caller { id, token, expires_at } = self.authenticate(&request).await?;
+        let Caller {
+            id, token, expires_at, ..
+        } = self.authenticate(&request).await?;
         let req = request.into_inner();
         if !req.type_url.is_empty() && req.type_url != SECRET_TYPE {
             return Err(Status::invalid_argument(format!("this service serves {SECRET_TYPE}")));

@@ -18,7 +18,8 @@ use crate::discovery::{self, Routes};
 use crate::drain::Connections;
 use crate::http::trace::Tracing;
 use crate::identity::{self, SdsSource, TlsMaterial};
-use crate::inbound::{self, Inbound, MtlsMode};
+use crate::inbound::{self, Inbound};
+use crate::policy::{Policy, PolicyRx};
 use crate::metrics::ProxyMetrics;
 use crate::outbound::{self, Outbound};
 use crate::probes;
@@ -26,7 +27,8 @@ use crate::probes;
 /// `mizzen-proxy proxy`'s settings.
 #[derive(Debug, clap::Args)]
 pub struct ProxyArgs {
-    /// Inbound capture port: mTLS from peers, plaintext per --mtls-mode.
+    /// Inbound capture port: mTLS from peers, plaintext as the pod's
+    /// PeerAuthentication allows.
     #[arg(long, default_value_t = 15006)]
     inbound_port: u16,
     /// Outbound capture port.
@@ -35,7 +37,8 @@ pub struct ProxyArgs {
     /// Admin port: /metrics.
     #[arg(long, default_value_t = 15020)]
     admin_port: u16,
-    /// Health port: /healthz/ready, 200 once the proxy holds a certificate.
+    /// Health port: /healthz/ready, 200 once the proxy holds a certificate,
+    /// the mesh's routes and its workload policy.
     #[arg(long, default_value_t = 15021)]
     health_port: u16,
     /// The node agent's socket (SDS and discovery).
@@ -48,9 +51,6 @@ pub struct ProxyArgs {
     /// seconds; the agent's streams are reopened with the new token.
     #[arg(long, default_value_t = crate::identity::DEFAULT_TOKEN_POLL.as_secs())]
     token_poll_seconds: u64,
-    /// Whether plaintext inbound connections are accepted.
-    #[arg(long, value_enum, env = "MIZZEN_MTLS_MODE", default_value = "permissive")]
-    mtls_mode: MtlsMode,
     /// Inbound: how long a client has to send its first bytes (a whole
     /// ClientHello for TLS), in milliseconds. Server-first protocols (MySQL,
     /// SMTP) need their ports excluded from capture.
@@ -121,9 +121,18 @@ impl ProxyArgs {
 type Certificates = watch::Receiver<Option<Arc<TlsMaterial>>>;
 type RoutesRx = watch::Receiver<Option<Arc<Routes>>>;
 
-/// Follows the agent's certificates and routes; the flag turns true once
-/// both arrived (an app connection before then could not be secured).
-fn follow_agent(a: &ProxyArgs, pod: &PodEnv) -> (Certificates, RoutesRx, Arc<AtomicBool>) {
+/// What the proxy follows of the agent.
+struct FromAgent {
+    certs: Certificates,
+    routes: RoutesRx,
+    policy: PolicyRx,
+    /// True once all three arrived (an app connection before then could
+    /// not be secured, an inbound one not authorised).
+    ready: Arc<AtomicBool>,
+}
+
+/// Follows the agent's certificates, routes and workload policy.
+fn follow_agent(a: &ProxyArgs, pod: &PodEnv) -> FromAgent {
     let source = SdsSource {
         socket: a.agent_socket.clone(),
         token_file: a.token_file.clone(),
@@ -133,17 +142,26 @@ fn follow_agent(a: &ProxyArgs, pod: &PodEnv) -> (Certificates, RoutesRx, Arc<Ato
     let (tx, certs) = watch::channel(None);
     tokio::spawn(identity::follow(source.clone(), tx));
     let (routes_tx, routes) = watch::channel(None::<Arc<Routes>>);
-    tokio::spawn(discovery::follow(source, routes_tx));
+    let (policy_tx, policy) = watch::channel(None::<Arc<Policy>>);
+    tokio::spawn(discovery::follow(source, routes_tx, policy_tx));
     let ready = Arc::new(AtomicBool::new(false));
-    let (mut c, mut r, flag) = (certs.clone(), routes.clone(), ready.clone());
+    let (mut c, mut r, mut p, flag) = (certs.clone(), routes.clone(), policy.clone(), ready.clone());
     tokio::spawn(async move {
-        if c.wait_for(Option::is_some).await.is_err() || r.wait_for(Option::is_some).await.is_err() {
+        if c.wait_for(Option::is_some).await.is_err()
+            || r.wait_for(Option::is_some).await.is_err()
+            || p.wait_for(Option::is_some).await.is_err()
+        {
             return;
         }
         flag.store(true, Ordering::Relaxed);
-        info!("ready: holding a certificate and the mesh's routes");
+        info!("ready: holding a certificate, the mesh's routes and this pod's policy");
     });
-    (certs, routes, ready)
+    FromAgent {
+        certs,
+        routes,
+        policy,
+        ready,
+    }
 }
 
 /// Records each certificate in the metrics and warns when the trust
@@ -165,7 +183,7 @@ fn watch_certificates(mut certs: Certificates, metrics: ProxyMetrics) {
     });
 }
 
-const NOT_READY: &str = "no certificate or routes yet\n";
+const NOT_READY: &str = "no certificate, routes or workload policy yet\n";
 
 /// The admin server (metrics, app probes) and the health server.
 async fn serve_admin(
@@ -217,7 +235,12 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<()> {
     let pod = PodEnv::from_env();
     runtime::init_tracing_with_default(&a.log_format, &pod.log_level);
     info!(config = ?a, "starting mizzen-proxy {}", env!("CARGO_PKG_VERSION"));
-    let (certs, routes, ready) = follow_agent(&a, &pod);
+    let FromAgent {
+        certs,
+        routes,
+        policy,
+        ready,
+    } = follow_agent(&a, &pod);
     let (workload, namespace) = pod.workload();
     let metrics = ProxyMetrics::for_workload(workload, namespace);
     watch_certificates(certs.clone(), metrics.clone());
@@ -232,9 +255,14 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<()> {
     outbound.access_log = a.access_log;
     outbound.tracing = tracing.clone();
     let outbound = Arc::new(outbound);
+    tokio::spawn(crate::policy::enforce_changes(
+        policy.clone(),
+        connections.clone(),
+        metrics.authz.clone(),
+    ));
     let inbound = Arc::new(Inbound {
         material: certs,
-        mode: a.mtls_mode,
+        policy,
         metrics,
         detection: inbound::Detection {
             undecided: crate::detect::Undecided::new(a.max_undecided),

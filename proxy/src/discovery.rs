@@ -1,10 +1,15 @@
-//! Where outbound connections go: the agent's discovery stream (delta xDS
-//! of `mizzen.discovery.v1.Service` resources) turned into [`Routes`].
+//! The agent's aggregated discovery stream (delta xDS), carrying two
+//! resource types:
+//! - `mizzen.discovery.v1.Service`: where outbound connections go, turned
+//!   into [`Routes`] (every Service is subscribed to);
+//! - `mizzen.discovery.v1.WorkloadPolicy`: this pod's authorization and
+//!   peer authentication, compiled into a [`Policy`] (the agent sends this
+//!   pod's only).
 //!
-//! The stream subscribes to every Service, applies each response whole or
-//! not at all (a resource that does not decode NACKs the response and
-//! changes nothing), ACKs what it applied, and reconnects with backoff,
-//! telling the agent which versions it already holds.
+//! Each response is applied whole or not at all (a resource that does not
+//! decode or compile NACKs the response and changes nothing), what was
+//! applied is ACKed, and the stream reconnects with backoff, telling the
+//! agent which versions it already holds.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -13,12 +18,13 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use mizzen_api::SpiffeId;
-use mizzen_api::proto::discovery::{self as pb, SERVICE_TYPE};
+use mizzen_api::proto::discovery::{self as pb, POLICY_TYPE, SERVICE_TYPE};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::identity::SdsSource;
+use crate::policy::{self, Policy};
 
 /// One place a connection can go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,21 +156,26 @@ impl Routes {
     }
 }
 
-/// Applies one response to `held`, all or nothing.
+/// The body of `r`, which must be a `type_url`.
+fn body<'a>(r: &'a envoy_types::pb::envoy::service::discovery::v3::Resource, type_url: &str) -> Result<&'a [u8], String> {
+    let any = r
+        .resource
+        .as_ref()
+        .ok_or_else(|| format!("resource {:?} has no body", r.name))?;
+    if any.type_url != type_url {
+        return Err(format!("resource {:?} is a {:?}", r.name, any.type_url));
+    }
+    Ok(&any.value)
+}
+
+/// Applies one response of Services to `held`, all or nothing.
 pub fn apply(held: &mut BTreeMap<String, (String, pb::Service)>, resp: &DeltaDiscoveryResponse) -> Result<(), String> {
     if resp.type_url != SERVICE_TYPE {
         return Err(format!("expected {SERVICE_TYPE}, got {:?}", resp.type_url));
     }
     let mut decoded = Vec::with_capacity(resp.resources.len());
     for r in &resp.resources {
-        let any = r
-            .resource
-            .as_ref()
-            .ok_or_else(|| format!("resource {:?} has no body", r.name))?;
-        if any.type_url != SERVICE_TYPE {
-            return Err(format!("resource {:?} is a {:?}", r.name, any.type_url));
-        }
-        let svc = pb::Service::decode(any.value.as_slice()).map_err(|e| format!("resource {:?}: {e}", r.name))?;
+        let svc = pb::Service::decode(body(r, SERVICE_TYPE)?).map_err(|e| format!("resource {:?}: {e}", r.name))?;
         decoded.push((r.name.clone(), (r.version.clone(), svc)));
     }
     for name in &resp.removed_resources {
@@ -174,19 +185,38 @@ pub fn apply(held: &mut BTreeMap<String, (String, pb::Service)>, resp: &DeltaDis
     Ok(())
 }
 
-fn request(
-    first: bool,
-    held: &BTreeMap<String, (String, pb::Service)>,
-    nonce: &str,
-    error: Option<String>,
-) -> DeltaDiscoveryRequest {
+/// The workload policy held: its name and version, and what it compiled to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeldPolicy {
+    pub current: Option<(String, String, Arc<Policy>)>,
+}
+
+/// Applies one response of this pod's workload policy, all or nothing.
+pub fn apply_policy(held: &mut HeldPolicy, resp: &DeltaDiscoveryResponse) -> Result<(), String> {
+    let [r] = resp.resources.as_slice() else {
+        if resp.resources.is_empty() {
+            if let Some((name, _, _)) = &held.current
+                && resp.removed_resources.contains(name)
+            {
+                held.current = None;
+            }
+            return Ok(());
+        }
+        return Err(format!(
+            "{} workload policies in one response: a proxy has one",
+            resp.resources.len()
+        ));
+    };
+    let wire = pb::WorkloadPolicy::decode(body(r, POLICY_TYPE)?).map_err(|e| format!("resource {:?}: {e}", r.name))?;
+    let compiled = policy::decode(&wire).map_err(|e| e.to_string())?;
+    held.current = Some((r.name.clone(), r.version.clone(), Arc::new(compiled)));
+    Ok(())
+}
+
+fn request(type_url: &str, initial: Option<HashMap<String, String>>, nonce: &str, error: Option<String>) -> DeltaDiscoveryRequest {
     DeltaDiscoveryRequest {
-        type_url: SERVICE_TYPE.into(),
-        initial_resource_versions: if first {
-            held.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect()
-        } else {
-            Default::default()
-        },
+        type_url: type_url.into(),
+        initial_resource_versions: initial.unwrap_or_default(),
         response_nonce: nonce.into(),
         error_detail: error.map(crate::identity::nack_status),
         ..Default::default()
@@ -197,18 +227,66 @@ fn publish(held: &BTreeMap<String, (String, pb::Service)>, tx: &watch::Sender<Op
     tx.send_replace(Some(Arc::new(Routes::new(held.values().map(|(_, s)| s)))));
 }
 
-/// What the discovery stream keeps across reconnections: the Services
-/// held (sent as initial versions on reconnect) and where routes go.
+/// What the discovery stream keeps across reconnections: what it holds of
+/// each type (sent as initial versions on reconnect) and where it goes.
 struct Following {
     held: BTreeMap<String, (String, pb::Service)>,
     tx: watch::Sender<Option<Arc<Routes>>>,
+    policy: HeldPolicy,
+    policy_tx: watch::Sender<Option<Arc<Policy>>>,
+}
+
+impl Following {
+    /// The first request of each type on a new stream.
+    fn opening(&self) -> [DeltaDiscoveryRequest; 2] {
+        let services = self.held.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect();
+        let policy = self
+            .policy
+            .current
+            .iter()
+            .map(|(name, version, _)| (name.clone(), version.clone()))
+            .collect();
+        [
+            request(SERVICE_TYPE, Some(services), "", None),
+            request(POLICY_TYPE, Some(policy), "", None),
+        ]
+    }
+
+    /// Applies a response of either type; publishes what changed.
+    fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Result<(), String> {
+        match resp.type_url.as_str() {
+            SERVICE_TYPE => {
+                apply(&mut self.held, resp)?;
+                publish(&self.held, &self.tx);
+                debug!(
+                    changed = resp.resources.len(),
+                    removed = resp.removed_resources.len(),
+                    services = self.held.len(),
+                    "discovery updated"
+                );
+            }
+            POLICY_TYPE => {
+                apply_policy(&mut self.policy, resp)?;
+                let now = self.policy.current.as_ref().map(|(_, _, p)| p.clone());
+                info!(
+                    version = self.policy.current.as_ref().map(|(_, v, _)| v.as_str()),
+                    authorization_policies = now.as_ref().map(|p| p.authz.len()),
+                    "workload policy updated"
+                );
+                self.policy_tx.send_replace(now);
+            }
+            other => return Err(format!("this proxy follows {SERVICE_TYPE} and {POLICY_TYPE}, not {other:?}")),
+        }
+        Ok(())
+    }
 }
 
 async fn stream_once(src: &SdsSource, state: &mut Following, token: String) -> Result<(), String> {
-    let Following { held, tx } = state;
     let channel = src.channel().await?;
     let (req_tx, req_rx) = mpsc::channel(4);
-    req_tx.send(request(true, held, "", None)).await.map_err(|_| "send")?;
+    for first in state.opening() {
+        req_tx.send(first).await.map_err(|_| "send")?;
+    }
     let req = src.request(&token, req_rx)?;
     let mut inbound = AggregatedDiscoveryServiceClient::new(channel)
         .max_decoding_message_size(64 << 20)
@@ -223,39 +301,27 @@ async fn stream_once(src: &SdsSource, state: &mut Following, token: String) -> R
             .map_err(|s| format!("discovery stream failed: {:?}: {}", s.code(), s.message()))?
             .ok_or("the agent closed the discovery stream")?;
         // `apply` changes nothing unless the whole response is usable.
-        match apply(held, &resp) {
-            Ok(()) => {
-                publish(held, tx);
-                debug!(
-                    changed = resp.resources.len(),
-                    removed = resp.removed_resources.len(),
-                    services = held.len(),
-                    "discovery updated"
-                );
-                req_tx
-                    .send(request(false, held, &resp.nonce, None))
-                    .await
-                    .map_err(|_| "send ACK")?;
-            }
+        let answer = match state.apply(&resp) {
+            Ok(()) => request(&resp.type_url, None, &resp.nonce, None),
             Err(e) => {
-                warn!(error = %e, nonce = %resp.nonce, "rejecting discovery update (NACK)");
-                req_tx
-                    .send(request(false, held, &resp.nonce, Some(e)))
-                    .await
-                    .map_err(|_| "send NACK")?;
+                warn!(type_url = %resp.type_url, error = %e, nonce = %resp.nonce, "rejecting an update (NACK)");
+                request(&resp.type_url, None, &resp.nonce, Some(e))
             }
-        }
+        };
+        req_tx.send(answer).await.map_err(|_| "send ACK")?;
     }
 }
 
-/// Keeps `tx` fed from the agent's discovery stream, forever: `None` until
-/// the first response (the agent sends it once it has listed the whole
-/// cluster). Routes are kept across reconnects (the last known state beats
-/// none).
-pub async fn follow(src: SdsSource, tx: watch::Sender<Option<Arc<Routes>>>) {
+/// Keeps `tx` (routes) and `policy_tx` (this pod's policy) fed from the
+/// agent's discovery stream, forever: `None` until the first response of
+/// each (the agent sends them once it has listed the cluster). Both are
+/// kept across reconnects (the last known state beats none).
+pub async fn follow(src: SdsSource, tx: watch::Sender<Option<Arc<Routes>>>, policy_tx: watch::Sender<Option<Arc<Policy>>>) {
     let mut state = Following {
         held: BTreeMap::new(),
         tx,
+        policy: HeldPolicy::default(),
+        policy_tx,
     };
     src.follow("discovery", &mut state, |src, state, token| {
         Box::pin(stream_once(src, state, token))

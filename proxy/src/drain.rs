@@ -35,6 +35,8 @@ pub struct ConnInfo {
     pub identity: Option<SpiffeId>,
     /// Whether it is served as HTTP (and drains gracefully).
     pub http: bool,
+    /// Where it was going (inbound: the app's address), once known.
+    pub dst: Option<SocketAddr>,
 }
 
 /// What the registry knows of one HTTP request in flight.
@@ -51,6 +53,8 @@ pub struct StreamInfo {
     /// The path as received.
     pub path: String,
     pub authority: Option<String>,
+    /// What authorization read of it, when a policy applied on arrival.
+    pub facts: Option<crate::policy::RequestFacts>,
 }
 
 /// Registered things of one kind, each with its close signal.
@@ -180,6 +184,11 @@ impl ConnGuard {
         self.update(|i| i.identity = Some(id.clone()));
     }
 
+    /// Records where the connection was going.
+    pub fn destined(&self, dst: SocketAddr) {
+        self.update(|i| i.dst = Some(dst));
+    }
+
     /// Records that the connection is served as HTTP.
     pub fn serving_http(&self) {
         self.update(|i| i.http = true);
@@ -205,6 +214,7 @@ impl Connections {
             peer,
             identity: None,
             http: false,
+            dst: None,
         };
         ConnGuard {
             close: self.0.connections.insert(id, info),
@@ -343,6 +353,7 @@ mod tests {
             method: "POST".into(),
             path: path.into(),
             authority: None,
+            facts: None,
         };
         let admin = c.open_stream(info("/admin/x"));
         let public = c.open_stream(info("/public"));

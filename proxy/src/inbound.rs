@@ -6,10 +6,15 @@
 //! certificate that must chain to the trust bundle and carry exactly one
 //! SPIFFE ID. ALPN `mizzen` then carries one connection's bytes, relayed
 //! to the app; `mizzen-h2` carries requests ([`crate::http::inbound`]).
-//! Anything else is refused in STRICT mode; in PERMISSIVE, plaintext HTTP
-//! is served per request (a forged `x-forwarded-client-cert` is dropped)
-//! and everything else (other protocols, the app's own TLS) passed
-//! through untouched. The app
+//! Anything else is plaintext, refused on a port whose peer authentication
+//! is STRICT; otherwise plaintext HTTP is served per request (a forged
+//! `x-forwarded-client-cert` is dropped) and everything else (other
+//! protocols, the app's own TLS) passed through untouched.
+//!
+//! Authorization ([`crate::policy`]) decides every connection on a TCP
+//! port once the peer is known (after the handshake), and every request on
+//! an HTTP connection. Before the agent sent this pod's first policy,
+//! every connection is refused (fail closed). The app
 //! is reached at the connection's original destination (the pod's own IP
 //! and port, from SO_ORIGINAL_DST) from source 127.0.0.6 (::6 on IPv6), which the capture
 //! rules never redirect again; an app listening only on localhost is
@@ -31,15 +36,6 @@ use crate::metrics::{Direction, ProxyMetrics, handshake_reason};
 use crate::net::{Rewind, captured_dst, connect_app};
 use crate::tls::{ALPN_HTTP, ALPN_TCP, TlsError, server_config};
 
-/// Whether plaintext is accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum MtlsMode {
-    /// mTLS and plaintext.
-    Permissive,
-    /// mTLS only.
-    Strict,
-}
-
 /// The server configuration for the current certificate, or why it
 /// could not be built.
 type ServerTls = Result<Arc<rustls::ServerConfig>, Arc<TlsError>>;
@@ -55,7 +51,8 @@ pub struct Detection {
 #[derive(Debug)]
 pub struct Inbound {
     pub material: watch::Receiver<Option<Arc<TlsMaterial>>>,
-    pub mode: MtlsMode,
+    /// This pod's authorization and peer authentication.
+    pub policy: crate::policy::PolicyRx,
     pub metrics: ProxyMetrics,
     pub detection: Detection,
     pub timeouts: crate::config::Timeouts,
@@ -134,8 +131,12 @@ pub enum InboundError {
     PeerIdentity(String),
     #[error("{peer} is outside trust domain {ours:?}")]
     ForeignTrustDomain { peer: SpiffeId, ours: Option<TrustDomain> },
-    #[error("plaintext refused: this pod requires mutual TLS (STRICT)")]
+    #[error("plaintext refused: this port requires mutual TLS (STRICT)")]
     PlaintextInStrict,
+    #[error("no workload policy from the agent yet (fail closed)")]
+    NoPolicyYet,
+    #[error("denied by authorization policy {}", policy.as_deref().unwrap_or("(no ALLOW policy matched)"))]
+    Denied { policy: Option<String> },
     #[error("cannot reach the app: {0}")]
     AppUnreachable(std::io::Error),
 }
@@ -155,6 +156,8 @@ impl InboundError {
             InboundError::PeerIdentity(_) => "peer_identity",
             InboundError::ForeignTrustDomain { .. } => "foreign_trust_domain",
             InboundError::PlaintextInStrict => "plaintext_in_strict",
+            InboundError::NoPolicyYet => "no_policy_yet",
+            InboundError::Denied { .. } => "denied_by_policy",
             InboundError::AppUnreachable(_) => "app_unreachable",
         }
     }
@@ -169,6 +172,26 @@ struct Accepted<'g> {
 }
 
 impl Inbound {
+    /// The policy in force (it may have gone since the connection came).
+    fn current_policy(&self) -> Result<Arc<crate::policy::Policy>, InboundError> {
+        self.policy.borrow().clone().ok_or(InboundError::NoPolicyYet)
+    }
+
+    /// Decides a connection on a TCP port.
+    fn authorize_tcp(&self, peer: SocketAddr, dst: SocketAddr, id: Option<&SpiffeId>) -> Result<(), InboundError> {
+        let policy = self.current_policy()?;
+        if !policy.authorizes() {
+            return Ok(());
+        }
+        let decision = policy.connection(&crate::policy::connection(peer, dst, id));
+        self.metrics.authz.record(&decision);
+        if let mizzen_api::authz::Decision::Deny { policy, .. } = &decision {
+            crate::policy::log_denial(&decision, peer, dst, id, "connection");
+            return Err(InboundError::Denied { policy: policy.clone() });
+        }
+        Ok(())
+    }
+
     async fn handle(
         self: &Arc<Self>,
         accepted: Accepted<'_>,
@@ -182,13 +205,17 @@ impl Inbound {
         } = accepted;
         let _ = conn.set_nodelay(true);
         let dst = captured_dst(&conn)?;
+        guard.destined(dst);
+        if self.policy.borrow().is_none() {
+            return Err(InboundError::NoPolicyYet);
+        }
         let (protocol, conn) = detect(conn, place, self.timeouts.detect).await?;
         if protocol == Protocol::MeshTls {
             let (material, config) = tls.ok_or(InboundError::NoCertificateYet)?;
             let config = config.map_err(InboundError::TlsConfig)?;
             return self.mesh(conn, peer, dst, (&material, config), guard).await;
         }
-        if self.mode == MtlsMode::Strict {
+        if !self.current_policy()?.accepts_plaintext(dst.port()) {
             return Err(InboundError::PlaintextInStrict);
         }
         // Plaintext from outside the mesh: HTTP is served (so that no
@@ -203,6 +230,7 @@ impl Inbound {
             crate::http::inbound::serve(self, conn, at, None, guard).await;
             return Ok(());
         }
+        self.authorize_tcp(peer, dst, None)?;
         info!(%peer, %dst, "inbound plaintext connection (passed through)");
         let bytes = self.metrics.connection(Direction::Inbound, None);
         let mut conn = conn;
@@ -265,6 +293,7 @@ impl Inbound {
                 Ok(())
             }
             Some(ALPN_TCP) => {
+                self.authorize_tcp(peer, dst, Some(&peer_id))?;
                 info!(%peer, peer_id = %peer_id, %dst, "inbound mTLS connection");
                 let mut app = connect_app(dst, self.timeouts.app_connect)
                     .await

@@ -35,6 +35,7 @@ pub mod init;
 pub mod metrics;
 pub mod net;
 pub mod outbound;
+pub mod policy;
 pub mod probes;
 pub mod protocol;
 pub mod relay;

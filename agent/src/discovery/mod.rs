@@ -8,22 +8,16 @@
 //! cluster IPs and ports, and its ready endpoints, each with whether its pod
 //! is meshed and the SPIFFE ID the pod's ServiceAccount gives it. A resource
 //! whose contents did not change keeps its version, so a stream only carries
-//! what changed ([`server`]).
-
-pub mod server;
+//! what changed ([`crate::ads`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::discovery::v3::Resource;
-use envoy_types::pb::google::protobuf::Any;
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
-use kube::runtime::reflector;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{reflector, watcher};
 use mizzen_api::mesh::{PROXY_CONTAINER, TLS_MODE_LABEL, TLS_MODE_MIZZEN};
 use mizzen_api::proto::discovery::{self as pb, SERVICE_TYPE};
 use mizzen_api::{SpiffeId, TrustDomain};
@@ -32,15 +26,10 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
+pub use crate::xds::Snapshot;
 
 /// The label tying an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
-/// All resources, by name, as sent on streams.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Snapshot {
-    pub resources: BTreeMap<String, Arc<Resource>>,
-}
 
 /// What discovery needs of a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,46 +228,10 @@ pub fn build(
 
 /// Packs `services` as delta xDS resources whose version names their contents.
 pub fn snapshot(services: BTreeMap<String, pb::Service>) -> Snapshot {
-    let resources = services
-        .into_iter()
-        .map(|(name, svc)| {
-            let value = svc.encode_to_vec();
-            let digest = ring::digest::digest(&ring::digest::SHA256, &value);
-            let version: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
-            let resource = Resource {
-                name: name.clone(),
-                version,
-                resource: Some(Any {
-                    type_url: SERVICE_TYPE.into(),
-                    value,
-                }),
-                ..Default::default()
-            };
-            (name, Arc::new(resource))
-        })
-        .collect();
-    Snapshot { resources }
-}
-
-/// Runs one reflector, waking `changed` after every event. `trim` drops
-/// what discovery does not need before an object is stored.
-async fn reflect<K>(
-    api: Api<K>,
-    writer: reflector::store::Writer<K>,
-    changed: Arc<Notify>,
-    what: &'static str,
-    trim: fn(&mut K),
-) where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-{
-    let stream = watcher(api, watcher::Config::default()).default_backoff().modify(trim);
-    let mut events = reflector::reflector(writer, stream).boxed();
-    while let Some(ev) = events.next().await {
-        match ev {
-            Ok(_) => changed.notify_one(),
-            Err(e) => warn!(error = %e, what, "watch failed; retrying"),
-        }
-    }
+    crate::xds::pack(
+        SERVICE_TYPE,
+        services.into_iter().map(|(name, svc)| (name, svc.encode_to_vec())),
+    )
 }
 
 /// Watches Services, EndpointSlices and Pods cluster-wide and publishes a
@@ -296,8 +249,8 @@ pub async fn follow(
     let (services, w1) = reflector::store::<Service>();
     let (slices, w2) = reflector::store::<EndpointSlice>();
     let (pods, w3) = reflector::store::<Pod>();
-    tokio::spawn(reflect(
-        Api::all(client.clone()),
+    tokio::spawn(crate::watch::reflect(
+        watcher(Api::all(client.clone()), watcher::Config::default()),
         w1,
         changed.clone(),
         "services",
@@ -307,8 +260,8 @@ pub async fn follow(
             s.status = None;
         },
     ));
-    tokio::spawn(reflect(
-        Api::all(client.clone()),
+    tokio::spawn(crate::watch::reflect(
+        watcher(Api::all(client.clone()), watcher::Config::default()),
         w2,
         changed.clone(),
         "endpointslices",
@@ -317,13 +270,19 @@ pub async fn follow(
             s.metadata.annotations = None;
         },
     ));
-    tokio::spawn(reflect(Api::all(client), w3, changed.clone(), "pods", trim_pod));
-    for (store, what) in [
+    tokio::spawn(crate::watch::reflect(
+        watcher(Api::all(client), watcher::Config::default()),
+        w3,
+        changed.clone(),
+        "pods",
+        trim_pod,
+    ));
+    for (ready, what) in [
         (services.wait_until_ready().await.is_ok(), "services"),
         (slices.wait_until_ready().await.is_ok(), "endpointslices"),
         (pods.wait_until_ready().await.is_ok(), "pods"),
     ] {
-        if !store {
+        if !ready {
             warn!(what, "discovery store closed before it was ready");
             return;
         }
@@ -343,14 +302,7 @@ pub async fn follow(
         let next = snapshot(built);
         metrics.discovery_services.set(next.resources.len() as i64);
         metrics.discovery_endpoints.set(endpoints as i64);
-        let sent = tx.send_if_modified(|cur| {
-            if cur.as_deref() == Some(&next) {
-                return false;
-            }
-            *cur = Some(Arc::new(next));
-            true
-        });
-        if sent {
+        if crate::xds::publish(&tx, next) {
             debug!(took = ?started.elapsed(), "discovery snapshot rebuilt");
         }
         changed.notified().await;

@@ -4,7 +4,6 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
 
-use super::server::StreamState;
 use super::*;
 
 fn service(ns: &str, name: &str, ip: &str) -> Arc<Service> {
@@ -170,123 +169,6 @@ fn meshed_needs_both_the_label_and_the_proxy_container() {
             .as_ref()
             .is_some_and(|s| s.volumes.is_none() && s.containers[0].image.is_none())
     );
-}
-
-fn names(resp: &envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse) -> Vec<&str> {
-    resp.resources.iter().map(|r| r.name.as_str()).collect()
-}
-
-#[test]
-fn streams_carry_only_what_changed() {
-    let first = snapshot(built());
-    let mut state = StreamState::default();
-    state.subscribe(&Default::default(), true).expect("valid");
-    let resp = state.diff(&first, "1".into()).expect("everything at first");
-    assert_eq!(names(&resp), ["demo/web", "other/web"]);
-    assert!(resp.removed_resources.is_empty());
-    assert!(state.diff(&first, "2".into()).is_none(), "nothing changed");
-
-    // One endpoint goes away in demo/web; other/web is deleted.
-    let mut next = built();
-    next.get_mut("demo/web").expect("web").endpoints.pop();
-    next.remove("other/web");
-    let resp = state.diff(&snapshot(next.clone()), "3".into()).expect("a change");
-    assert_eq!(names(&resp), ["demo/web"]);
-    assert_eq!(resp.removed_resources, ["other/web"]);
-    assert_eq!(resp.nonce, "3");
-
-    // A reconnecting client that holds the current versions gets nothing
-    // but what it holds and no longer exists.
-    let snap = snapshot(next);
-    let mut again = StreamState::default();
-    let mut initial: std::collections::HashMap<String, String> = snap
-        .resources
-        .iter()
-        .map(|(k, r)| (k.clone(), r.version.clone()))
-        .collect();
-    initial.insert("gone/svc".into(), "x".into());
-    again
-        .subscribe(
-            &envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest {
-                initial_resource_versions: initial,
-                ..Default::default()
-            },
-            true,
-        )
-        .expect("valid");
-    let resp = again.diff(&snap, "1".into()).expect("removal");
-    assert!(resp.resources.is_empty());
-    assert_eq!(resp.removed_resources, ["gone/svc"]);
-}
-
-#[test]
-fn named_subscriptions_get_only_their_names() {
-    let snap = snapshot(built());
-    let mut state = StreamState::default();
-    state
-        .subscribe(
-            &envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest {
-                resource_names_subscribe: vec!["other/web".into()],
-                ..Default::default()
-            },
-            true,
-        )
-        .expect("valid");
-    let resp = state.diff(&snap, "1".into()).expect("one");
-    assert_eq!(names(&resp), ["other/web"]);
-    state
-        .subscribe(
-            &envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest {
-                resource_names_unsubscribe: vec!["other/web".into()],
-                ..Default::default()
-            },
-            false,
-        )
-        .expect("valid");
-    let resp = state.diff(&snap, "2".into()).expect("removal on unsubscribe");
-    assert_eq!(resp.removed_resources, ["other/web"]);
-}
-
-// Issue #10, item 13: any local caller may subscribe; what one stream may
-// hold is bounded.
-#[test]
-fn a_stream_may_not_subscribe_to_unbounded_names_or_versions() {
-    use crate::limits::{MAX_NAME_LEN, MAX_NAMES_PER_STREAM};
-    use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
-    let many: Vec<String> = (0..=MAX_NAMES_PER_STREAM).map(|i| format!("ns/svc-{i}")).collect();
-    let mut state = StreamState::default();
-    let err = state
-        .subscribe(
-            &DeltaDiscoveryRequest {
-                resource_names_subscribe: many.clone(),
-                ..Default::default()
-            },
-            true,
-        )
-        .expect_err("too many names");
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    let claims = many.into_iter().map(|n| (n, "v".to_string())).collect();
-    let err = StreamState::default()
-        .subscribe(
-            &DeltaDiscoveryRequest {
-                initial_resource_versions: claims,
-                ..Default::default()
-            },
-            true,
-        )
-        .expect_err("too many initial versions");
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    let long = "n/".to_string() + &"x".repeat(MAX_NAME_LEN);
-    let err = StreamState::default()
-        .subscribe(
-            &DeltaDiscoveryRequest {
-                resource_names_subscribe: vec![long],
-                ..Default::default()
-            },
-            true,
-        )
-        .expect_err("too long a name");
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
 
 // Issue #10, item 7: anyone may write an EndpointSlice. One in namespace

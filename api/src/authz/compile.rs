@@ -10,7 +10,9 @@ use super::eval::{
     CompiledPolicy, ConditionKey, ConditionMatch, ConditionValues, Field, OperationMatch, PolicyAction, RuleMatch,
     SourceMatch, StringMatch,
 };
-use crate::policy::{Action, AuthorizationPolicy, Condition, Operation, Source, WorkloadSelector};
+use crate::policy::{
+    Action, AuthorizationPolicy, AuthorizationPolicySpec, Condition, Operation, Rule, Source, WorkloadSelector,
+};
 
 /// Why a policy cannot be enforced.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -162,14 +164,27 @@ fn condition(c: &Condition) -> Result<ConditionMatch, CompileError> {
 
 /// Compiles `p`, or says what in it cannot be enforced.
 pub fn compile(p: &AuthorizationPolicy) -> Result<CompiledPolicy, CompileError> {
-    let action = match p.spec.action.unwrap_or_default() {
+    compile_spec(name_of(p), &p.spec)
+}
+
+/// `<namespace>/<name>` of `p`.
+pub fn name_of(p: &AuthorizationPolicy) -> String {
+    format!(
+        "{}/{}",
+        p.metadata.namespace.as_deref().unwrap_or_default(),
+        p.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// Compiles a policy's `spec`, naming it `name`.
+pub fn compile_spec(name: String, spec: &AuthorizationPolicySpec) -> Result<CompiledPolicy, CompileError> {
+    let action = match spec.action.unwrap_or_default() {
         Action::Allow => PolicyAction::Allow,
         Action::Deny => PolicyAction::Deny,
         Action::Audit => PolicyAction::Audit,
         Action::Custom => return Err(CompileError::Custom),
     };
-    let rules = p
-        .spec
+    let rules = spec
         .rules
         .iter()
         .map(|r| {
@@ -180,15 +195,29 @@ pub fn compile(p: &AuthorizationPolicy) -> Result<CompiledPolicy, CompileError> 
             })
         })
         .collect::<Result<_, CompileError>>()?;
-    Ok(CompiledPolicy {
-        name: format!(
-            "{}/{}",
-            p.metadata.namespace.as_deref().unwrap_or_default(),
-            p.metadata.name.as_deref().unwrap_or_default()
-        ),
-        action,
-        rules,
-    })
+    Ok(CompiledPolicy { name, action, rules })
+}
+
+/// What stands in for a policy that cannot be compiled, so that it fails
+/// closed: an ALLOW policy allows nothing (yet still makes the workload
+/// deny what no other ALLOW policy allows); a DENY or CUSTOM policy denies
+/// everything; an AUDIT policy audits nothing (it never decides).
+pub fn fail_closed(spec: &AuthorizationPolicySpec) -> AuthorizationPolicySpec {
+    match spec.action.unwrap_or_default() {
+        Action::Allow => AuthorizationPolicySpec {
+            action: Some(Action::Allow),
+            ..Default::default()
+        },
+        Action::Audit => AuthorizationPolicySpec {
+            action: Some(Action::Audit),
+            ..Default::default()
+        },
+        Action::Deny | Action::Custom => AuthorizationPolicySpec {
+            action: Some(Action::Deny),
+            rules: vec![Rule::default()],
+            ..Default::default()
+        },
+    }
 }
 
 /// Whether a policy in `policy_namespace` with `selector` applies to a

@@ -6,12 +6,16 @@
 //! - [`eval`]: compiled policies and [`evaluate`].
 //! - `compile` (with the `k8s` feature): the CRD compiled, with what
 //!   cannot be enforced refused by name.
+//! - `peer` (with the `k8s` feature): `PeerAuthentication` resolved for
+//!   one workload.
 
 pub mod eval;
 pub mod path;
 
 #[cfg(feature = "k8s")]
 pub mod compile;
+#[cfg(feature = "k8s")]
+pub mod peer;
 #[cfg(test)]
 mod properties;
 #[cfg(all(test, feature = "k8s"))]

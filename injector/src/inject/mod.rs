@@ -48,8 +48,7 @@ pub const ANN_PROXY_MEMORY: &str = "mizzen.dev/proxy-memory";
 pub const ANN_PROXY_CPU_LIMIT: &str = "mizzen.dev/proxy-cpu-limit";
 pub const ANN_PROXY_MEMORY_LIMIT: &str = "mizzen.dev/proxy-memory-limit";
 pub const ANN_LOG_LEVEL: &str = "mizzen.dev/log-level";
-/// `strict` or `permissive` (the default): whether the proxy accepts
-/// plaintext inbound. A per-pod setting until PeerAuthentication drives it.
+/// Removed (PeerAuthentication decides); refused with a message saying so.
 pub const ANN_MTLS_MODE: &str = "mizzen.dev/mtls-mode";
 /// Threads the proxy serves connections with (1 to [`MAX_PROXY_WORKERS`];
 /// default 1), Istio's `concurrency`.
@@ -287,7 +286,6 @@ struct Effective {
     cpu_limit: String,
     memory_limit: String,
     log_level: String,
-    mtls_mode: Option<String>,
     workers: Option<u16>,
     access_log: bool,
 }
@@ -365,7 +363,6 @@ fn effective(pod: &Pod, cfg: &InjectConfig) -> Result<Effective, InjectError> {
         cpu_limit: cfg.proxy_cpu_limit.clone(),
         memory_limit: cfg.proxy_memory_limit.clone(),
         log_level: cfg.log_level.clone(),
-        mtls_mode: None,
         workers: None,
         access_log: false,
     };
@@ -414,10 +411,14 @@ fn effective(pod: &Pod, cfg: &InjectConfig) -> Result<Effective, InjectError> {
         e.log_level = v.to_owned();
     }
     if let Some(v) = get(ANN_MTLS_MODE) {
-        if !matches!(v, "strict" | "permissive") {
-            return Err(ann_err(ANN_MTLS_MODE, v, "use strict or permissive"));
-        }
-        e.mtls_mode = Some(v.to_owned());
+        // Refused rather than ignored: whoever set it expects plaintext to
+        // be refused, and only a PeerAuthentication does that now.
+        return Err(ann_err(
+            ANN_MTLS_MODE,
+            v,
+            "this annotation was removed: apply a PeerAuthentication (security.mizzen.dev/v1) \
+             with mtls.mode STRICT and a selector matching this pod instead",
+        ));
     }
     if let Some(v) = get(ANN_PROXY_WORKERS) {
         match v.parse::<u16>() {
@@ -599,9 +600,6 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
         value: Some(value),
         ..Default::default()
     };
-    if let Some(mode) = &e.mtls_mode {
-        env.push(literal("MIZZEN_MTLS_MODE", mode.clone()));
-    }
     if let Some(n) = e.workers {
         env.push(literal("MIZZEN_PROXY_WORKERS", n.to_string()));
     }

@@ -159,6 +159,7 @@ mod tests {
             method: "POST".into(),
             path: "/stream".into(),
             authority: None,
+            facts: None,
         });
         // A body that never ends by itself (a long gRPC stream).
         let endless = http_body_util::StreamBody::new(futures::stream::pending::<

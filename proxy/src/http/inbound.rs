@@ -13,7 +13,10 @@
 //! - hop-by-hop headers go; `x-request-id` and `x-forwarded-proto` are
 //!   added when missing.
 //!
-//! When the app cannot be reached the client gets a 503 with flag `LR`.
+//! Every request is authorised first ([`crate::policy`]): a denied one gets
+//! 403 `RBAC: access denied` (gRPC: PERMISSION_DENIED) with flag `RBAC`
+//! and never reaches the app. When the app cannot be reached the client
+//! gets a 503 with flag `LR`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -37,6 +40,7 @@ use crate::coalesce::Coalesce;
 use crate::drain::{ConnGuard, StreamInfo};
 use crate::inbound::Inbound;
 use crate::metrics::Direction;
+use crate::policy::RequestFacts;
 
 /// A peer proxy's verified client.
 #[derive(Debug, Clone)]
@@ -140,6 +144,8 @@ async fn request(inbound: &Inbound, on: Connection<'_>, req: Request<Incoming>) 
     };
     let client_side = takeover.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    // Decided on the request as it arrived, before anything is changed.
+    let (facts, allowed) = authorize(inbound, at, client, &parts);
     let version = match (client, &takeover) {
         // The app's protocol takes an HTTP/1.1 connection over.
         (_, Some(_)) => Version::HTTP_11,
@@ -159,6 +165,10 @@ async fn request(inbound: &Inbound, on: Connection<'_>, req: Request<Incoming>) 
     let (mut exchange, body) = Exchange::begin(recording, &mut parts, version, body);
     exchange.facts.peer = client.map(|c| c.id.clone());
     exchange.upstream(dst);
+    if !allowed {
+        exchange.facts.flag = Some(ResponseFlag::RbacDenied);
+        return super::recorded(super::denied(super::is_grpc(&parts.headers)), exchange, inbound.metrics.clone(), ());
+    }
     // Registered while the response lives, so a policy change can close it.
     let stream = registry.open_stream(StreamInfo {
         direction: Direction::Inbound,
@@ -168,6 +178,7 @@ async fn request(inbound: &Inbound, on: Connection<'_>, req: Request<Incoming>) 
         method: parts.method.to_string(),
         path: parts.uri.path_and_query().map_or_else(String::new, |p| p.to_string()),
         authority: parts.uri.authority().map(ToString::to_string),
+        facts,
     });
     let mut req = Request::from_parts(parts, body);
     if version == Version::HTTP_2 {
@@ -200,6 +211,37 @@ async fn request(inbound: &Inbound, on: Connection<'_>, req: Request<Incoming>) 
     };
     let response = response.map(|b| Closable::new(b, stream).boxed());
     super::recorded(response, exchange, inbound.metrics.clone(), ())
+}
+
+/// Decides a request under the pod's policy: what was read of it (when a
+/// policy applies) and whether it may go on. A request whose path cannot
+/// be normalised is denied; so is any request once the policy is gone.
+fn authorize(
+    inbound: &Inbound,
+    at: Endpoints,
+    client: Option<&Client>,
+    parts: &hyper::http::request::Parts,
+) -> (Option<RequestFacts>, bool) {
+    let Some(policy) = inbound.policy.borrow().clone() else {
+        return (None, false);
+    };
+    if !policy.authorizes() {
+        return (None, true);
+    }
+    let id = client.map(|c| &c.id);
+    let facts = match RequestFacts::of(parts) {
+        Ok(f) => f,
+        Err(e) => {
+            debug!(peer = %at.peer, path = %parts.uri.path(), reason = e.reason(), "denied: the path cannot be read");
+            inbound.metrics.authz.unreadable();
+            return (None, false);
+        }
+    };
+    let decision = policy.request(&crate::policy::connection(at.peer, at.dst, id), &facts);
+    inbound.metrics.authz.record(&decision);
+    crate::policy::log_denial(&decision, at.peer, at.dst, id, parts.uri.path());
+    let allowed = decision.allowed();
+    (Some(facts), allowed)
 }
 
 /// A new TCP connection to the app at `dst`.

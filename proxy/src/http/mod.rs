@@ -190,6 +190,8 @@ pub enum ResponseFlag {
     LocalReset,
     /// The proxy cannot secure the request yet (no certificate or routes).
     NotReady,
+    /// An authorization policy denied the request.
+    RbacDenied,
 }
 
 impl ResponseFlag {
@@ -201,6 +203,7 @@ impl ResponseFlag {
             ResponseFlag::UpstreamReset => "UR",
             ResponseFlag::LocalReset => "LR",
             ResponseFlag::NotReady => "NR",
+            ResponseFlag::RbacDenied => "RBAC",
         }
     }
 }
@@ -217,6 +220,32 @@ pub fn unavailable(flag: ResponseFlag, reason: &str) -> hyper::Response<Body> {
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+/// What a denied request gets, as Envoy's RBAC filter answers: 403 with
+/// body `RBAC: access denied`; for gRPC, a trailers-only response with
+/// status PERMISSION_DENIED (7).
+pub fn denied(grpc: bool) -> hyper::Response<Body> {
+    use hyper::header::{CONTENT_TYPE, HeaderValue};
+    const BODY: &str = "RBAC: access denied";
+    let mut r = if grpc {
+        let mut r = hyper::Response::new(full(""));
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        r.headers_mut().insert("grpc-status", HeaderValue::from_static("7"));
+        r.headers_mut().insert("grpc-message", HeaderValue::from_static(BODY));
+        r
+    } else {
+        let mut r = hyper::Response::new(full(BODY));
+        *r.status_mut() = hyper::StatusCode::FORBIDDEN;
+        r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        r
+    };
+    r.headers_mut().insert(
+        headers::RESPONSE_FLAGS,
+        HeaderValue::from_static(ResponseFlag::RbacDenied.as_str()),
     );
     r
 }

@@ -59,6 +59,8 @@ pub struct ProxyMetrics {
     relay_errors: Family<Labels, Counter>,
     /// HTTP requests.
     requests: RequestMetrics,
+    /// Authorization decisions.
+    pub authz: crate::policy::AuthzMetrics,
 }
 
 impl ProxyMetrics {
@@ -75,6 +77,7 @@ impl ProxyMetrics {
         let mut root = Registry::default();
         self.requests.register(&mut root);
         let r = root.sub_registry_with_prefix("mizzen_proxy");
+        self.authz.register(r);
         r.register(
             "connections",
             "Connections by direction, TLS mode and peer identity",
