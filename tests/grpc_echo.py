@@ -12,6 +12,10 @@ bytes.
                                  stream is bidirectional in flight); prints
                                  the answers
   grpc_echo.py fail ADDR         prints "<status code name> <details>"
+  grpc_echo.py hold-chat ADDR S  opens a Chat stream, prints "open" once its
+                                 first message was answered, then keeps it
+                                 open until it ends or S seconds pass;
+                                 prints "ended <status code name>" or "held"
 """
 import os
 import queue
@@ -72,6 +76,21 @@ def main():
         rest = list(replies)
         if rest:
             sys.exit(f"unexpected extra replies: {rest}")
+    elif mode == "hold-chat":
+        secs = float(sys.argv[3])
+        outgoing = queue.Queue()
+        call = channel.stream_stream(f"/{SERVICE}/Chat")
+        replies = call(iter(outgoing.get, None), timeout=secs)
+        outgoing.put(b"first")
+        next(replies)
+        print("open", flush=True)
+        try:
+            for _ in replies:
+                pass
+            print("ended OK", flush=True)
+        except grpc.RpcError as e:
+            code = e.code().name
+            print("held" if code == "DEADLINE_EXCEEDED" else f"ended {code}", flush=True)
     elif mode == "fail":
         call = channel.unary_unary(f"/{SERVICE}/Fail")
         try:

@@ -12,6 +12,7 @@ pub mod ca_client;
 pub mod capture;
 pub mod cluster;
 pub mod daemon;
+pub mod http_mesh;
 pub mod k8s;
 pub mod mesh;
 pub mod netns;

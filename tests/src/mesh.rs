@@ -20,12 +20,31 @@ static INSTALLED: OnceCell<()> = OnceCell::const_new();
 /// so two tests applying the same object at once race to AlreadyExists.
 static APPLYING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Applies the namespace, CA and agent manifests (ServiceAccounts and RBAC)
-/// with kubectl, once per test binary.
+/// Applies the policy CRDs with kubectl and waits until they are served;
+/// returns what kubectl apply said.
+pub async fn apply_crds(cluster: &Cluster) -> anyhow::Result<String> {
+    let crds = crate::cluster::repo_root().join("manifests/crds.yaml");
+    let out = cluster.kubectl(["apply", "-f"]).arg(&crds).run().await?;
+    cluster
+        .kubectl([
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            "crd/authorizationpolicies.security.mizzen.dev",
+            "crd/peerauthentications.security.mizzen.dev",
+        ])
+        .run()
+        .await?;
+    Ok(out)
+}
+
+/// Applies the CRDs, the namespace, CA and agent manifests
+/// (ServiceAccounts and RBAC) with kubectl, once per test binary.
 pub async fn install_manifests(cluster: &Cluster) -> anyhow::Result<()> {
     INSTALLED
         .get_or_try_init(|| async {
             let _applying = APPLYING.lock().await;
+            apply_crds(cluster).await?;
             let root = crate::cluster::repo_root();
             for m in ["manifests/namespace.yaml", "manifests/ca.yaml", "manifests/agent.yaml"] {
                 cluster.kubectl(["apply", "-f"]).arg(root.join(m)).run().await?;

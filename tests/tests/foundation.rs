@@ -39,22 +39,11 @@ fn pod(name: &str, sa: &str, labels: &[(&str, &str)], node: Option<&str>) -> any
 }
 
 async fn apply_crds(cluster: &Cluster) -> anyhow::Result<()> {
-    let crds = mizzen_tests::cluster::repo_root().join("manifests/crds.yaml");
-    let out = cluster.kubectl(["apply", "-f"]).arg(&crds).run().await?;
+    let out = mizzen_tests::mesh::apply_crds(cluster).await?;
     assert!(
         out.contains("authorizationpolicies.security.mizzen.dev"),
         "kubectl apply said: {out}"
     );
-    cluster
-        .kubectl([
-            "wait",
-            "--for=condition=Established",
-            "--timeout=30s",
-            "crd/authorizationpolicies.security.mizzen.dev",
-            "crd/peerauthentications.security.mizzen.dev",
-        ])
-        .run()
-        .await?;
     Ok(())
 }
 

@@ -11,130 +11,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use mizzen_tests::daemon::{metric_where, proxy_metric};
+use mizzen_tests::http_mesh::{APP_UID, HttpMesh, MESHED, TIMEOUT, curl_in, service};
 use mizzen_tests::mesh::MeshNode;
 use mizzen_tests::node::{create_pod, wait_ready};
 use mizzen_tests::{Cluster, eventually_some, workspace_bin};
-
-const TIMEOUT: Duration = Duration::from_secs(90);
-const APP_UID: u32 = 1000;
-const MESHED: &[(&str, &str)] = &[("mizzen.dev/inject", "enabled")];
-
-/// Two `web` replicas behind Service `web` (port 80, named `http`), and a
-/// `client` pod, in a namespace of their own on a node of their own.
-struct HttpMesh {
-    mesh: MeshNode,
-    ns: String,
-    vip: String,
-    /// Pod IPs of the replicas and of the client.
-    web_ips: Vec<String>,
-    client_ip: String,
-}
-
-fn web_pod(name: &str, node: &str) -> serde_json::Value {
-    serde_json::json!({
-        "metadata": {"name": name, "labels": {"app": "web"}},
-        "spec": {
-            "nodeName": node,
-            "containers": [{
-                "name": "app", "image": "mizzen-testapp",
-                "args": ["http-echo", "0.0.0.0:8080"],
-                "ports": [{"name": "http", "containerPort": 8080}],
-                "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 1},
-            }],
-        },
-    })
-}
-
-async fn service(client: &kube::Client, ns: &str, name: &str, app: &str, port_name: &str) -> anyhow::Result<String> {
-    let spec = serde_json::json!({
-        "metadata": {"name": name},
-        "spec": {"selector": {"app": app}, "ports": [{"name": port_name, "port": 80, "targetPort": 8080}]},
-    });
-    mizzen_tests::k8s::create_service(client, ns, spec).await
-}
-
-impl HttpMesh {
-    async fn start(node: &str, meshed_ns: bool) -> anyhow::Result<Self> {
-        Self::start_with(node, meshed_ns, |_| {}).await
-    }
-
-    /// [`HttpMesh::start`], with `customise` applied to each replica's pod.
-    async fn start_with(
-        node: &str,
-        meshed_ns: bool,
-        customise: impl Fn(&mut serde_json::Value),
-    ) -> anyhow::Result<Self> {
-        let m = Self::deploy(node, meshed_ns, customise).await?;
-        m.wait_answering().await?;
-        Ok(m)
-    }
-
-    /// The pods ready, before any request.
-    async fn deploy(node: &str, meshed_ns: bool, customise: impl Fn(&mut serde_json::Value)) -> anyhow::Result<Self> {
-        let cluster = Cluster::get();
-        let client = cluster.client().await?;
-        let mesh = MeshNode::start(cluster, node, &workspace_bin("mizzen-proxy"), &[]).await?;
-        let labels = if meshed_ns { MESHED } else { &[] };
-        let ns = cluster.namespace(&client, "http", labels).await?;
-        let vip = service(&client, &ns, "web", "web", "http").await?;
-        for name in ["web-a", "web-b"] {
-            let mut pod = web_pod(name, node);
-            customise(&mut pod);
-            create_pod(&client, &ns, pod).await?;
-        }
-        create_pod(&client, &ns, mizzen_tests::mesh::echo_pod("client", node)).await?;
-        let mut ips = Vec::new();
-        for name in ["web-a", "web-b", "client"] {
-            let pod = wait_ready(&client, &ns, name, TIMEOUT).await?;
-            ips.push(pod.status.and_then(|s| s.pod_ip).context("pod IP")?);
-        }
-        let client_ip = ips.pop().context("client IP")?;
-        Ok(Self {
-            mesh,
-            ns,
-            vip,
-            web_ips: ips,
-            client_ip,
-        })
-    }
-
-    /// Waits for the Service to answer: it reaches the client's proxy a
-    /// moment after the pods are ready.
-    async fn wait_answering(&self) -> anyhow::Result<()> {
-        eventually_some(Duration::from_secs(30), "the Service to answer", || async {
-            Ok(self.curl(&[&self.url("/")]).await.ok())
-        })
-        .await
-        .map(drop)
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.vip)
-    }
-
-    /// Runs curl in the client pod as its app; returns stdout.
-    async fn curl(&self, args: &[&str]) -> anyhow::Result<String> {
-        curl_in(&self.mesh, &self.ns, "client", args).await
-    }
-}
-
-async fn curl_in(mesh: &MeshNode, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = mesh
-        .node
-        .command_as(ns, pod, APP_UID, "curl")?
-        .args(["-sS", "--fail-with-body", "--max-time", "10"])
-        .args(args)
-        .output()
-        .await?;
-    if !out.status.success() {
-        bail!(
-            "curl {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// The proxy's metrics at `ip` once the series starting with `prefix`
 /// sum to at least `at_least`.
@@ -748,5 +628,49 @@ async fn a_slow_replica_gets_few_requests() -> anyhow::Result<()> {
         "the 50 ms replica answered {} of 40 sequential requests",
         count("web-b")
     );
+    Ok(())
+}
+
+/// Issue #12: a policy change reaches requests already in flight. A gRPC
+/// stream held open by grpcio is reset when a new DENY covers its method;
+/// a new call of it gets PERMISSION_DENIED.
+#[tokio::test]
+async fn an_open_grpc_stream_that_a_new_deny_covers_is_closed() -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let m = ScriptMesh::grpc("http-grpc-revoke").await?;
+    let mut held = m
+        .mesh
+        .node
+        .command_as(&m.ns, "client", 0, mizzen_tests::sds::python()?)?
+        .arg(&m.script)
+        .args(["hold-chat", &m.target, "60"])
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(held.stdout.take().context("stdout")?).lines();
+    let first = tokio::time::timeout(TIMEOUT, lines.next_line()).await??;
+    assert_eq!(first.as_deref(), Some("open"), "the stream opened");
+    Cluster::get()
+        .kubectl(["apply", "-n", &m.ns, "-f", "-"])
+        .stdin(
+            "apiVersion: security.mizzen.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: no-chat}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules: [{to: [{operation: {paths: [/mizzen.test.Echo/Chat]}}]}]
+",
+        )
+        .run()
+        .await?;
+    let ended = tokio::time::timeout(TIMEOUT, lines.next_line()).await??;
+    let ended = ended.unwrap_or_default();
+    assert!(
+        ended.starts_with("ended ") && ended != "ended OK",
+        "the stream must end with an error, long before its 60 s: {ended:?}"
+    );
+    let err = m.run(&["chat", &m.target, "1"]).await.expect_err("a new call is denied");
+    assert!(format!("{err:#}").contains("PERMISSION_DENIED"), "{err:#}");
     Ok(())
 }

@@ -103,6 +103,19 @@ async fn service_traffic_is_mutual_tls_with_rotation_and_modes() -> anyhow::Resu
     let target = format!("{}:80", vips[0]);
     let strict_target = format!("{}:80", vips[1]);
 
+    // STRICT for the strict server only: a workload PeerAuthentication,
+    // applied before its pod exists so that its proxy's first policy says so.
+    cluster
+        .kubectl(["apply", "-n", &ns, "-f", "-"])
+        .stdin(
+            "apiVersion: security.mizzen.dev/v1
+kind: PeerAuthentication
+metadata: {name: strict-server}
+spec: {selector: {matchLabels: {app: server-strict}}, mtls: {mode: STRICT}}
+",
+        )
+        .run()
+        .await?;
     for name in ["server", "server-2"] {
         create_pod(
             &client,
@@ -123,7 +136,7 @@ async fn service_traffic_is_mutual_tls_with_rotation_and_modes() -> anyhow::Resu
             "server-strict",
             "server",
             serde_json::json!({"app": "server-strict"}),
-            serde_json::json!({"mizzen.dev/mtls-mode": "strict"}),
+            serde_json::json!({}),
         ),
     )
     .await?;

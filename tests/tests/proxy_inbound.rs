@@ -1,7 +1,7 @@
 //! The real proxy in a network-namespace pod, with its certificate from the
 //! real agent and CA: `openssl s_client` with a mesh SVID is served, without
-//! one is refused; plaintext is refused in STRICT and accepted in
-//! PERMISSIVE; the app sees connections from 127.0.0.6 and an app bound to
+//! one is refused; plaintext is refused under a STRICT PeerAuthentication
+//! and accepted once it is deleted (PERMISSIVE); the app sees connections from 127.0.0.6 and an app bound to
 //! localhost only is not exposed.
 
 use std::path::Path;
@@ -15,6 +15,13 @@ use mizzen_tests::{Cluster, NetnsPod, eventually, workspace_bin};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A namespace-wide STRICT PeerAuthentication.
+const STRICT_NAMESPACE: &str = "apiVersion: security.mizzen.dev/v1
+kind: PeerAuthentication
+metadata: {name: default}
+spec: {mtls: {mode: STRICT}}
+";
 
 fn testapp() -> &'static str {
     env!("CARGO_BIN_EXE_mizzen-testapp")
@@ -61,7 +68,6 @@ async fn start_proxy(
     pod: &NetnsPod,
     agent: &Agent,
     token_file: &Path,
-    mode: &str,
     log: &Path,
 ) -> anyhow::Result<tokio::process::Child> {
     let out = std::fs::File::create(log)?;
@@ -76,7 +82,6 @@ async fn start_proxy(
         .arg("proxy")
         .arg(format!("--agent-socket={}", agent.socket.display()))
         .arg(format!("--token-file={}", token_file.display()))
-        .arg(format!("--mtls-mode={mode}"))
         .arg("--drain-seconds=60")
         .stdout(out.try_clone()?)
         .stderr(out)
@@ -152,8 +157,15 @@ async fn inbound_mtls_with_openssl_and_plaintext_by_mode() -> anyhow::Result<()>
     server.capture().await?;
     let _app = server.spawn_echo(1000, "0.0.0.0:8080").await?;
     let _local_only = server.spawn_echo(1000, "127.0.0.1:9090").await?;
-    let log = dir.join("proxy-strict.log");
-    let proxy = start_proxy(&server, &agent, &server_token, "strict", &log).await?;
+    // STRICT for the namespace, as an operator sets it: before the proxy
+    // starts, so that its first policy already says so.
+    cluster
+        .kubectl(["apply", "-n", &ns, "-f", "-"])
+        .stdin(STRICT_NAMESPACE)
+        .run()
+        .await?;
+    let log = dir.join("proxy.log");
+    let _proxy = start_proxy(&server, &agent, &server_token, &log).await?;
     let target = format!("{}:8080", server.ip());
 
     // openssl with the client's SVID: handshake, and the app answers,
@@ -227,11 +239,13 @@ async fn inbound_mtls_with_openssl_and_plaintext_by_mode() -> anyhow::Result<()>
         std::fs::read_to_string(&log)?.contains(&client_id),
         "the peer identity is logged"
     );
-    drop(proxy);
 
-    // PERMISSIVE: plaintext is forwarded too.
-    let log = dir.join("proxy-permissive.log");
-    let _proxy = start_proxy(&server, &agent, &server_token, "permissive", &log).await?;
+    // Without the PeerAuthentication, PERMISSIVE (the default), on the
+    // running proxy: plaintext is forwarded too.
+    cluster
+        .kubectl(["delete", "-n", &ns, "peerauthentication", "default"])
+        .run()
+        .await?;
     eventually(TIMEOUT, "plaintext to be accepted in PERMISSIVE", || {
         let cmd = peer.command(testapp()).args(["connect", &target, "plain"]).output();
         async move {
@@ -325,7 +339,7 @@ async fn rotation_keeps_open_connections() -> anyhow::Result<()> {
     server.capture().await?;
     let _app = server.spawn_echo(1000, "0.0.0.0:8080").await?;
     let log = dir.join("proxy.log");
-    let mut proxy = start_proxy(&server, &short, &server_token, "strict", &log).await?;
+    let mut proxy = start_proxy(&server, &short, &server_token, &log).await?;
     let target = format!("{}:8080", server.ip());
 
     // One long-lived mTLS connection, used throughout.
@@ -428,7 +442,7 @@ async fn ipv6_inbound_mtls_and_outbound() -> anyhow::Result<()> {
     // The app listens on both families ([::] accepts IPv4 too).
     let _app = server.spawn_echo(1000, "[::]:8080").await?;
     let log = dir.join("proxy-v6.log");
-    let _proxy = start_proxy(&server, &agent, &server_token, "permissive", &log).await?;
+    let _proxy = start_proxy(&server, &agent, &server_token, &log).await?;
 
     let target = format!("[{server6}]:8080");
     let out = s_client(&peer, &target, &dir, true).await?;
@@ -484,7 +498,7 @@ async fn a_peer_of_another_trust_domain_is_refused_under_our_own_root() -> anyho
     server.capture().await?;
     let _app = server.spawn_echo(1000, "0.0.0.0:8080").await?;
     let log = dir.join("proxy-td.log");
-    let _proxy = start_proxy(&server, &agent, &server_token, "strict", &log).await?;
+    let _proxy = start_proxy(&server, &agent, &server_token, &log).await?;
     let target = format!("{}:8080", server.ip());
     let out = s_client(&peer, &target, &dir, true).await?;
     assert!(
