@@ -248,8 +248,8 @@ enum Reading {
     Deny,
 }
 
-fn principal(peer: Option<&SpiffeId>) -> Option<String> {
-    peer.map(|p| p.as_str().trim_start_matches("spiffe://").to_owned())
+fn principal(peer: Option<&SpiffeId>) -> Option<&str> {
+    peer.map(|p| p.as_str().trim_start_matches("spiffe://"))
 }
 
 fn namespace(peer: Option<&SpiffeId>) -> Option<&str> {
@@ -269,8 +269,7 @@ fn ips(f: &Field<IpNet>, ip: IpAddr) -> bool {
 
 impl SourceMatch {
     fn matches(&self, c: &Connection<'_>) -> bool {
-        let p = principal(c.peer);
-        strings(&self.principals, p.as_deref())
+        strings(&self.principals, principal(c.peer))
             && strings(&self.namespaces, namespace(c.peer))
             && ips(&self.ip_blocks, c.source_ip)
             && ips(&self.remote_ip_blocks, c.source_ip)
@@ -300,10 +299,9 @@ impl OperationMatch {
         }
         match r {
             Some(r) => {
-                let host = bare_host(r.host);
-                strings(&self.hosts, Some(&host))
-                    && strings(&self.methods, Some(r.method))
+                strings(&self.methods, Some(r.method))
                     && strings(&self.paths, Some(r.path))
+                    && (self.hosts.is_empty() || strings(&self.hosts, Some(&bare_host(r.host))))
             }
             // TCP: HTTP fields never match for ALLOW; ignored for DENY.
             None => reading == Reading::Deny || !self.http_only(),
@@ -313,7 +311,6 @@ impl OperationMatch {
 
 impl ConditionMatch {
     fn matches(&self, c: &Connection<'_>, r: Option<&Request<'_>>, reading: Reading) -> bool {
-        let p = principal(c.peer);
         let one = |v: Option<&str>| match &self.values {
             ConditionValues::Strings(f) => strings(f, v),
             ConditionValues::Ips(f) => v.and_then(|v| v.parse().ok()).is_some_and(|ip| ips(f, ip)),
@@ -327,7 +324,7 @@ impl ConditionMatch {
             ConditionKey::DestinationIp => ip(c.destination_ip),
             ConditionKey::DestinationPort => one(Some(&c.destination_port.to_string())),
             ConditionKey::SourceNamespace => one(namespace(c.peer)),
-            ConditionKey::SourcePrincipal => one(p.as_deref()),
+            ConditionKey::SourcePrincipal => one(principal(c.peer)),
             ConditionKey::ConnectionSni => one(c.sni),
             ConditionKey::RequestHeader(name) => match r {
                 None => reading == Reading::Deny,
