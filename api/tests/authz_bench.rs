@@ -8,10 +8,10 @@
 use std::hint::black_box;
 use std::time::Instant;
 
+use mizzen_api::SpiffeId;
 use mizzen_api::authz::compile::compile_spec;
 use mizzen_api::authz::{Connection, Request, evaluate};
 use mizzen_api::policy::AuthorizationPolicySpec;
-use mizzen_api::SpiffeId;
 
 fn per_call(n: u32, mut f: impl FnMut() -> bool) -> f64 {
     let started = Instant::now();
@@ -53,7 +53,10 @@ fn evaluating_100_rules_against_none() {
         host: "web.demo.svc.cluster.local",
         headers: &headers,
     };
-    assert!(!evaluate(&policies, &conn, Some(&req)).allowed(), "no rule matches: denied");
+    assert!(
+        !evaluate(&policies, &conn, Some(&req)).allowed(),
+        "no rule matches: denied"
+    );
     assert!(evaluate(&[], &conn, Some(&req)).allowed(), "no policy: allowed");
     let n = 200_000;
     // Warm up both, then measure in turns so that both see the same machine.

@@ -19,9 +19,9 @@ use crate::drain::Connections;
 use crate::http::trace::Tracing;
 use crate::identity::{self, SdsSource, TlsMaterial};
 use crate::inbound::{self, Inbound};
-use crate::policy::{Policy, PolicyRx};
 use crate::metrics::ProxyMetrics;
 use crate::outbound::{self, Outbound};
+use crate::policy::{Policy, PolicyRx};
 use crate::probes;
 
 /// `mizzen-proxy proxy`'s settings.

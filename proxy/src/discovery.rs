@@ -157,7 +157,10 @@ impl Routes {
 }
 
 /// The body of `r`, which must be a `type_url`.
-fn body<'a>(r: &'a envoy_types::pb::envoy::service::discovery::v3::Resource, type_url: &str) -> Result<&'a [u8], String> {
+fn body<'a>(
+    r: &'a envoy_types::pb::envoy::service::discovery::v3::Resource,
+    type_url: &str,
+) -> Result<&'a [u8], String> {
     let any = r
         .resource
         .as_ref()
@@ -213,7 +216,12 @@ pub fn apply_policy(held: &mut HeldPolicy, resp: &DeltaDiscoveryResponse) -> Res
     Ok(())
 }
 
-fn request(type_url: &str, initial: Option<HashMap<String, String>>, nonce: &str, error: Option<String>) -> DeltaDiscoveryRequest {
+fn request(
+    type_url: &str,
+    initial: Option<HashMap<String, String>>,
+    nonce: &str,
+    error: Option<String>,
+) -> DeltaDiscoveryRequest {
     DeltaDiscoveryRequest {
         type_url: type_url.into(),
         initial_resource_versions: initial.unwrap_or_default(),
@@ -275,7 +283,11 @@ impl Following {
                 );
                 self.policy_tx.send_replace(now);
             }
-            other => return Err(format!("this proxy follows {SERVICE_TYPE} and {POLICY_TYPE}, not {other:?}")),
+            other => {
+                return Err(format!(
+                    "this proxy follows {SERVICE_TYPE} and {POLICY_TYPE}, not {other:?}"
+                ));
+            }
         }
         Ok(())
     }
@@ -316,7 +328,11 @@ async fn stream_once(src: &SdsSource, state: &mut Following, token: String) -> R
 /// agent's discovery stream, forever: `None` until the first response of
 /// each (the agent sends them once it has listed the cluster). Both are
 /// kept across reconnects (the last known state beats none).
-pub async fn follow(src: SdsSource, tx: watch::Sender<Option<Arc<Routes>>>, policy_tx: watch::Sender<Option<Arc<Policy>>>) {
+pub async fn follow(
+    src: SdsSource,
+    tx: watch::Sender<Option<Arc<Routes>>>,
+    policy_tx: watch::Sender<Option<Arc<Policy>>>,
+) {
     let mut state = Following {
         held: BTreeMap::new(),
         tx,

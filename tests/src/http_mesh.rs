@@ -44,7 +44,13 @@ pub fn web_pod(name: &str, node: &str) -> serde_json::Value {
     })
 }
 
-pub async fn service(client: &kube::Client, ns: &str, name: &str, app: &str, port_name: &str) -> anyhow::Result<String> {
+pub async fn service(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    app: &str,
+    port_name: &str,
+) -> anyhow::Result<String> {
     let spec = serde_json::json!({
         "metadata": {"name": name},
         "spec": {"selector": {"app": app}, "ports": [{"name": port_name, "port": 80, "targetPort": 8080}]},
@@ -69,7 +75,11 @@ impl HttpMesh {
     }
 
     /// The pods ready, before any request.
-    pub async fn deploy(node: &str, meshed_ns: bool, customise: impl Fn(&mut serde_json::Value)) -> anyhow::Result<Self> {
+    pub async fn deploy(
+        node: &str,
+        meshed_ns: bool,
+        customise: impl Fn(&mut serde_json::Value),
+    ) -> anyhow::Result<Self> {
         let cluster = Cluster::get();
         let client = cluster.client().await?;
         let mesh = MeshNode::start(cluster, node, &workspace_bin("mizzen-proxy"), &[]).await?;
@@ -134,4 +144,3 @@ pub async fn curl_in(mesh: &MeshNode, ns: &str, pod: &str, args: &[&str]) -> any
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
-

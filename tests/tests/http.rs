@@ -670,7 +670,10 @@ spec:
         ended.starts_with("ended ") && ended != "ended OK",
         "the stream must end with an error, long before its 60 s: {ended:?}"
     );
-    let err = m.run(&["chat", &m.target, "1"]).await.expect_err("a new call is denied");
+    let err = m
+        .run(&["chat", &m.target, "1"])
+        .await
+        .expect_err("a new call is denied");
     assert!(format!("{err:#}").contains("PERMISSION_DENIED"), "{err:#}");
     Ok(())
 }

@@ -139,7 +139,12 @@ spec:
     }
     // An encoded separator is refused outright while a policy applies: the
     // app might decode it into a path the policy never saw.
-    let (code, _) = status(&m, "client", &["--path-as-is", "-X", "GET", &m.url("/public%2F..%2Fadmin")]).await?;
+    let (code, _) = status(
+        &m,
+        "client",
+        &["--path-as-is", "-X", "GET", &m.url("/public%2F..%2Fadmin")],
+    )
+    .await?;
     assert_eq!(code, 403);
     Ok(())
 }

@@ -169,7 +169,12 @@ pub struct Scope {
 /// [`Snapshot`] on `tx` after each burst of changes. Nothing is published
 /// until every watch has listed once: a proxy fails closed until then,
 /// rather than act on a partial set of policies.
-pub async fn follow(client: kube::Client, scope: Scope, tx: watch::Sender<Option<Arc<Snapshot>>>, metrics: Arc<Metrics>) {
+pub async fn follow(
+    client: kube::Client,
+    scope: Scope,
+    tx: watch::Sender<Option<Arc<Snapshot>>>,
+    metrics: Arc<Metrics>,
+) {
     let changed = Arc::new(Notify::new());
     let (authz, w1) = reflector::store::<AuthorizationPolicy>();
     let (peer_authn, w2) = reflector::store::<PeerAuthentication>();
@@ -213,7 +218,12 @@ pub async fn follow(client: kube::Client, scope: Scope, tx: watch::Sender<Option
     info!("policy watches synced");
     loop {
         let started = std::time::Instant::now();
-        let (built, rejected) = build(&authz.state(), &peer_authn.state(), &pods.state(), &scope.root_namespace);
+        let (built, rejected) = build(
+            &authz.state(),
+            &peer_authn.state(),
+            &pods.state(),
+            &scope.root_namespace,
+        );
         for r in &rejected {
             warn!(policy = %r.policy, reason = r.error.reason(), error = %r.error,
                 "authorization policy cannot be enforced as written; it fails closed");

@@ -41,15 +41,33 @@ fn names(p: &pb::WorkloadPolicy) -> Vec<&str> {
 fn each_pod_gets_the_policies_that_select_it() {
     let policies = [
         authz("mizzen-system", "mesh-audit", json!({"action": "AUDIT", "rules": [{}]})),
-        authz("demo", "web-only", json!({"selector": {"matchLabels": {"app": "web"}}, "rules": [{}]})),
-        authz("demo", "all-demo", json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]})),
+        authz(
+            "demo",
+            "web-only",
+            json!({"selector": {"matchLabels": {"app": "web"}}, "rules": [{}]}),
+        ),
+        authz(
+            "demo",
+            "all-demo",
+            json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]}),
+        ),
         authz("prod", "prod-only", json!({"rules": [{}]})),
     ];
-    let pods = [pod("demo", "web-1", "web"), pod("demo", "db-1", "db"), pod("other", "x-1", "web")];
+    let pods = [
+        pod("demo", "web-1", "web"),
+        pod("demo", "db-1", "db"),
+        pod("other", "x-1", "web"),
+    ];
     let (built, rejected) = build(&policies, &[], &pods, "mizzen-system");
     assert!(rejected.is_empty());
-    assert_eq!(names(&built["demo/web-1"]), ["demo/all-demo", "demo/web-only", "mizzen-system/mesh-audit"]);
-    assert_eq!(names(&built["demo/db-1"]), ["demo/all-demo", "mizzen-system/mesh-audit"]);
+    assert_eq!(
+        names(&built["demo/web-1"]),
+        ["demo/all-demo", "demo/web-only", "mizzen-system/mesh-audit"]
+    );
+    assert_eq!(
+        names(&built["demo/db-1"]),
+        ["demo/all-demo", "mizzen-system/mesh-audit"]
+    );
     assert_eq!(names(&built["other/x-1"]), ["mizzen-system/mesh-audit"]);
     let sent: AuthorizationPolicySpec =
         serde_json::from_str(&built["demo/web-1"].authorization[1].spec_json).expect("the spec as JSON");
@@ -67,8 +85,16 @@ fn a_pod_without_policies_still_gets_a_resource() {
 #[test]
 fn a_policy_that_cannot_be_compiled_fails_closed() {
     let policies = [
-        authz("demo", "allow-custom-key", json!({"rules": [{"when": [{"key": "request.auth.claims[iss]", "values": ["x"]}]}]})),
-        authz("demo", "deny-bad-ip", json!({"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["not-an-ip"]}}]}]})),
+        authz(
+            "demo",
+            "allow-custom-key",
+            json!({"rules": [{"when": [{"key": "request.auth.claims[iss]", "values": ["x"]}]}]}),
+        ),
+        authz(
+            "demo",
+            "deny-bad-ip",
+            json!({"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["not-an-ip"]}}]}]}),
+        ),
     ];
     let (built, rejected) = build(&policies, &[], &[pod("demo", "web-1", "web")], "mizzen-system");
     let reasons: Vec<_> = rejected.iter().map(|r| (r.policy.as_str(), r.error.reason())).collect();

@@ -158,10 +158,17 @@ fn acks_track_the_last_response() {
     assert_eq!(acks.answer(&n1, "v1", None), Answer::Ack);
     assert_eq!(acks.send("v1"), None, "acked: nothing to resend");
     let n2 = acks.send("v2").expect("a change");
-    assert_eq!(acks.answer(&n1, "v1", None), Answer::Stale, "an answer to an older response");
+    assert_eq!(
+        acks.answer(&n1, "v1", None),
+        Answer::Stale,
+        "an answer to an older response"
+    );
     assert_eq!(acks.answer(&n2, "v1", Some("bad")), Answer::Nack("bad".into()));
     assert_eq!(acks.version(), Some("v2"));
     assert_eq!(acks.send("v2"), None, "a NACKed version is not resent");
     assert_eq!(acks.answer("", "", None), Answer::Fresh);
-    assert!(acks.send("v2").is_some(), "a fresh request is answered even if nothing changed");
+    assert!(
+        acks.send("v2").is_some(),
+        "a fresh request is answered even if nothing changed"
+    );
 }

@@ -155,7 +155,11 @@ mod tests {
             ("nothing: PERMISSIVE", vec![], Mode::Permissive),
             ("mesh-wide", vec![mesh.clone()], Mode::Strict),
             ("namespace over mesh", vec![mesh.clone(), ns.clone()], Mode::Permissive),
-            ("workload over namespace", vec![mesh.clone(), ns.clone(), wl.clone()], Mode::Disable),
+            (
+                "workload over namespace",
+                vec![mesh.clone(), ns.clone(), wl.clone()],
+                Mode::Disable,
+            ),
             ("a selector for other pods", vec![mesh.clone(), other_wl], Mode::Strict),
             ("another namespace", vec![other_ns], Mode::Permissive),
             ("UNSET inherits", vec![mesh.clone(), unset_wl], Mode::Strict),
@@ -184,7 +188,11 @@ mod tests {
         .into();
         let e = resolve(&[wl]);
         assert_eq!(e.on(8080), Mode::Strict);
-        assert_eq!(e.on(9090), Mode::Permissive, "UNSET on a port inherits the workload's mode");
+        assert_eq!(
+            e.on(9090),
+            Mode::Permissive,
+            "UNSET on a port inherits the workload's mode"
+        );
         assert_eq!(e.on(7000), Mode::Permissive);
         assert_eq!(e.ports.len(), 2, "a port that is not a number is skipped");
     }

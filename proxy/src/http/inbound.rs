@@ -167,7 +167,12 @@ async fn request(inbound: &Inbound, on: Connection<'_>, req: Request<Incoming>) 
     exchange.upstream(dst);
     if !allowed {
         exchange.facts.flag = Some(ResponseFlag::RbacDenied);
-        return super::recorded(super::denied(super::is_grpc(&parts.headers)), exchange, inbound.metrics.clone(), ());
+        return super::recorded(
+            super::denied(super::is_grpc(&parts.headers)),
+            exchange,
+            inbound.metrics.clone(),
+            (),
+        );
     }
     // Registered while the response lives, so a policy change can close it.
     let stream = registry.open_stream(StreamInfo {

@@ -240,7 +240,8 @@ pub fn denied(grpc: bool) -> hyper::Response<Body> {
     } else {
         let mut r = hyper::Response::new(full(BODY));
         *r.status_mut() = hyper::StatusCode::FORBIDDEN;
-        r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         r
     };
     r.headers_mut().insert(

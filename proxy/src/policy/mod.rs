@@ -15,13 +15,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use mizzen_api::SpiffeId;
 use mizzen_api::authz::compile::{CompileError, compile_spec};
 use mizzen_api::authz::path::{PathError, normalize};
 use mizzen_api::authz::peer::{Effective, Mode};
 use mizzen_api::authz::{CompiledPolicy, Connection, Decision, Request, evaluate};
 use mizzen_api::policy::AuthorizationPolicySpec;
 use mizzen_api::proto::discovery as pb;
-use mizzen_api::SpiffeId;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::sync::watch;
@@ -66,10 +66,11 @@ pub fn decode(p: &pb::WorkloadPolicy) -> Result<Policy, PolicyError> {
         .authorization
         .iter()
         .map(|a| {
-            let spec: AuthorizationPolicySpec = serde_json::from_str(&a.spec_json).map_err(|error| PolicyError::Spec {
-                policy: a.name.clone(),
-                error,
-            })?;
+            let spec: AuthorizationPolicySpec =
+                serde_json::from_str(&a.spec_json).map_err(|error| PolicyError::Spec {
+                    policy: a.name.clone(),
+                    error,
+                })?;
             compile_spec(a.name.clone(), &spec).map_err(|error| PolicyError::Compile {
                 policy: a.name.clone(),
                 error,
@@ -120,7 +121,12 @@ impl RequestFacts {
         let headers = parts
             .headers
             .iter()
-            .map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect();
         Ok(Self {
             method: parts.method.as_str().to_owned(),
@@ -214,12 +220,16 @@ impl AuthzMetrics {
                 audited
             }
             Decision::Deny {
-                policy: Some(p), audited, ..
+                policy: Some(p),
+                audited,
+                ..
             } => {
                 self.count(p, "DENY", "denied");
                 audited
             }
-            Decision::Deny { policy: None, audited, .. } => {
+            Decision::Deny {
+                policy: None, audited, ..
+            } => {
                 self.count("none", "ALLOW", "denied");
                 audited
             }
@@ -243,7 +253,10 @@ impl AuthzMetrics {
 
 /// Logs a denial with the policy and rule that decided it.
 pub fn log_denial(d: &Decision, peer: SocketAddr, dst: SocketAddr, identity: Option<&SpiffeId>, what: &str) {
-    if let Decision::Deny { policy, rule, reason, .. } = d {
+    if let Decision::Deny {
+        policy, rule, reason, ..
+    } = d
+    {
         info!(%peer, %dst, identity = ?identity.map(SpiffeId::as_str), policy = policy.as_deref().unwrap_or("none"),
             rule = ?rule, reason = reason.as_str(), what, "denied by authorization policy");
     }
@@ -255,7 +268,10 @@ fn still_allowed_connection(policy: &Policy, c: &ConnInfo) -> bool {
         return false;
     }
     // HTTP connections are decided per request.
-    c.http || policy.connection(&connection(c.peer, dst, c.identity.as_ref())).allowed()
+    c.http
+        || policy
+            .connection(&connection(c.peer, dst, c.identity.as_ref()))
+            .allowed()
 }
 
 fn still_allowed_request(policy: &Policy, s: &StreamInfo) -> bool {
@@ -304,7 +320,11 @@ pub async fn enforce_changes(mut rx: PolicyRx, registry: Connections, metrics: A
         };
         let (conns, streams) = reevaluate(&policy, &registry, &metrics);
         if conns + streams > 0 {
-            warn!(connections = conns, requests = streams, "closed what the new policy denies");
+            warn!(
+                connections = conns,
+                requests = streams,
+                "closed what the new policy denies"
+            );
         }
     }
 }

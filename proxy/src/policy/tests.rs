@@ -45,13 +45,25 @@ fn a_workload_policy_compiles_with_its_modes() {
 #[test]
 fn what_cannot_be_enforced_is_rejected_whole() {
     let cases = [
-        ("not JSON", wire(vec![authz("demo/x", serde_json::json!("{"))], pb::MtlsMode::Strict)),
+        (
+            "not JSON",
+            wire(vec![authz("demo/x", serde_json::json!("{"))], pb::MtlsMode::Strict),
+        ),
         (
             "CUSTOM",
-            wire(vec![deny_admin(), authz("demo/c", serde_json::json!({"action": "CUSTOM"}))], pb::MtlsMode::Strict),
+            wire(
+                vec![deny_admin(), authz("demo/c", serde_json::json!({"action": "CUSTOM"}))],
+                pb::MtlsMode::Strict,
+            ),
         ),
         ("no mode", wire(vec![], pb::MtlsMode::Unspecified)),
-        ("unknown mode", pb::WorkloadPolicy { mtls: 42, ..Default::default() }),
+        (
+            "unknown mode",
+            pb::WorkloadPolicy {
+                mtls: 42,
+                ..Default::default()
+            },
+        ),
     ];
     for (what, w) in cases {
         assert!(decode(&w).is_err(), "{what}");
@@ -110,7 +122,10 @@ fn a_request_that_came_before_any_policy_is_decided_on_what_was_kept() {
         "a path that cannot be read is denied"
     );
     let none = decode(&wire(vec![], pb::MtlsMode::Permissive)).expect("valid");
-    assert!(still_allowed_request(&none, &request_info("POST", "/a%2Fb")), "no policy: nothing to read");
+    assert!(
+        still_allowed_request(&none, &request_info("POST", "/a%2Fb")),
+        "no policy: nothing to read"
+    );
 }
 
 #[test]
@@ -132,5 +147,8 @@ fn tcp_connections_are_decided_on_their_port_and_peer() {
     };
     assert!(!still_allowed_connection(&p, &info(8080, false)));
     assert!(still_allowed_connection(&p, &info(9000, false)));
-    assert!(still_allowed_connection(&p, &info(8080, true)), "HTTP is decided per request");
+    assert!(
+        still_allowed_connection(&p, &info(8080, true)),
+        "HTTP is decided per request"
+    );
 }
