@@ -47,7 +47,7 @@ impl AccessEntry {
                 .path_and_query()
                 .map_or_else(|| p.uri.to_string(), |pq| pq.to_string()),
             protocol: super::headers::version_name(version),
-            authority: p.uri.authority().map(|a| a.to_string()).or_else(|| header(p, "host")),
+            authority: super::headers::authority(&p.uri, &p.headers).map(str::to_owned),
             user_agent: header(p, "user-agent"),
             request_id: header(p, REQUEST_ID),
             traceparent: header(p, "traceparent"),

@@ -37,6 +37,14 @@ const HOP_BY_HOP: [&str; 6] = [
     "upgrade",
 ];
 
+/// The request's authority: the URI's (HTTP/2 `:authority`, an absolute
+/// HTTP/1 target), else the `Host` header.
+pub fn authority<'a>(uri: &'a hyper::Uri, h: &'a HeaderMap) -> Option<&'a str> {
+    uri.authority()
+        .map(|a| a.as_str())
+        .or_else(|| h.get(hyper::header::HOST).and_then(|v| v.to_str().ok()))
+}
+
 /// Removes hop-by-hop headers, keeping `te: trailers` (gRPC needs it).
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h

@@ -182,7 +182,7 @@ async fn request(inbound: &Inbound, on: Connection<'_>, req: Request<Incoming>) 
         identity: client.map(|c| c.id.clone()),
         method: parts.method.to_string(),
         path: parts.uri.path_and_query().map_or_else(String::new, |p| p.to_string()),
-        authority: parts.uri.authority().map(ToString::to_string),
+        authority: headers::authority(&parts.uri, &parts.headers).map(str::to_owned),
         facts,
     });
     let mut req = Request::from_parts(parts, body);

@@ -254,16 +254,8 @@ pub fn denied(grpc: bool) -> hyper::Response<Body> {
 /// `req` as a proxy sends it over HTTP/2: absolute URI (`:scheme`,
 /// `:authority` from the URI, else `Host`, else `fallback`), no `Host`.
 pub fn into_h2_form(req: &mut hyper::Request<Body>, fallback: std::net::SocketAddr) {
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(hyper::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
+    let authority = headers::authority(req.uri(), req.headers())
+        .map(str::to_owned)
         .unwrap_or_else(|| fallback.to_string());
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
     if let Ok(uri) = hyper::Uri::builder()

@@ -106,18 +106,9 @@ impl RequestFacts {
     /// error (and the request is denied).
     pub fn of(parts: &hyper::http::request::Parts) -> Result<Self, PathError> {
         let path = normalize(parts.uri.path())?;
-        let host = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(hyper::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_default();
+        let host = crate::http::headers::authority(&parts.uri, &parts.headers)
+            .unwrap_or_default()
+            .to_owned();
         let headers = parts
             .headers
             .iter()
