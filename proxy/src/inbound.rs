@@ -183,13 +183,10 @@ impl Inbound {
         if !policy.authorizes() {
             return Ok(());
         }
-        let decision = policy.connection(&crate::policy::connection(peer, dst, id));
-        self.metrics.authz.record(&decision);
-        if let mizzen_api::authz::Decision::Deny { policy, .. } = &decision {
-            crate::policy::log_denial(&decision, peer, dst, id, "connection");
-            return Err(InboundError::Denied { policy: policy.clone() });
+        match self.metrics.authz.decide(&policy, (peer, dst), id, None) {
+            mizzen_api::authz::Decision::Deny { policy, .. } => Err(InboundError::Denied { policy }),
+            mizzen_api::authz::Decision::Allow { .. } => Ok(()),
         }
-        Ok(())
     }
 
     async fn handle(
@@ -206,9 +203,7 @@ impl Inbound {
         let _ = conn.set_nodelay(true);
         let dst = captured_dst(&conn)?;
         guard.destined(dst);
-        if self.policy.borrow().is_none() {
-            return Err(InboundError::NoPolicyYet);
-        }
+        self.current_policy()?;
         let (protocol, conn) = detect(conn, place, self.timeouts.detect).await?;
         if protocol == Protocol::MeshTls {
             let (material, config) = tls.ok_or(InboundError::NoCertificateYet)?;

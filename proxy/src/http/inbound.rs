@@ -242,10 +242,11 @@ fn authorize(
             return (None, false);
         }
     };
-    let decision = policy.request(&crate::policy::connection(at.peer, at.dst, id), &facts);
-    inbound.metrics.authz.record(&decision);
-    crate::policy::log_denial(&decision, at.peer, at.dst, id, parts.uri.path());
-    let allowed = decision.allowed();
+    let allowed = inbound
+        .metrics
+        .authz
+        .decide(&policy, (at.peer, at.dst), id, Some(&facts))
+        .allowed();
     (Some(facts), allowed)
 }
 

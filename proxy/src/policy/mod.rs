@@ -204,7 +204,7 @@ impl AuthzMetrics {
     }
 
     /// Counts `d` (and every AUDIT policy that matched).
-    pub fn record(&self, d: &Decision) {
+    fn record(&self, d: &Decision) {
         let audited = match d {
             Decision::Allow { audited } => {
                 self.count("none", "ALLOW", "allowed");
@@ -235,6 +235,31 @@ impl AuthzMetrics {
         self.count("none", "NONE", "unreadable");
     }
 
+    /// Decides a new connection on a TCP port (`request` `None`) or a
+    /// request under `policy`; counts the decision and logs a denial.
+    pub fn decide(
+        &self,
+        policy: &Policy,
+        (peer, dst): (SocketAddr, SocketAddr),
+        identity: Option<&SpiffeId>,
+        request: Option<&RequestFacts>,
+    ) -> Decision {
+        let c = connection(peer, dst, identity);
+        let decision = match request {
+            Some(r) => policy.request(&c, r),
+            None => policy.connection(&c),
+        };
+        self.record(&decision);
+        log_denial(
+            &decision,
+            peer,
+            dst,
+            identity,
+            request.map_or("connection", |r| r.path.as_str()),
+        );
+        decision
+    }
+
     fn revoked(&self, kind: &'static str, n: usize) {
         self.revoked
             .get_or_create(&vec![("kind", kind.into())])
@@ -243,7 +268,7 @@ impl AuthzMetrics {
 }
 
 /// Logs a denial with the policy and rule that decided it.
-pub fn log_denial(d: &Decision, peer: SocketAddr, dst: SocketAddr, identity: Option<&SpiffeId>, what: &str) {
+fn log_denial(d: &Decision, peer: SocketAddr, dst: SocketAddr, identity: Option<&SpiffeId>, what: &str) {
     if let Decision::Deny {
         policy, rule, reason, ..
     } = d
