@@ -86,7 +86,7 @@ impl Feeds {
                 nacks: metrics.discovery_nacks.clone(),
             },
             policy: Feed {
-                state: StreamState::pinned(POLICY_TYPE, caller.workload()),
+                state: StreamState::pinned(POLICY_TYPE, caller.workload.clone()),
                 pushes: metrics.policy_pushes.clone(),
                 nacks: metrics.policy_nacks.clone(),
             },
@@ -96,7 +96,7 @@ impl Feeds {
     fn of(&mut self, type_url: &str, caller: &Caller) -> Result<&mut Feed, Status> {
         match type_url {
             SERVICE_TYPE => Ok(&mut self.services),
-            POLICY_TYPE if caller.workload().is_none() => Err(Status::permission_denied(format!(
+            POLICY_TYPE if caller.workload.is_none() => Err(Status::permission_denied(format!(
                 "{POLICY_TYPE} is served to a pod's proxy only: the token of {} is not bound to a pod",
                 caller.id
             ))),
@@ -200,7 +200,7 @@ impl AggregatedDiscoveryService for Discovery {
         let (tx, rx) = mpsc::channel::<Result<DeltaDiscoveryResponse, Status>>(4);
         let metrics = self.metrics.clone();
         metrics.discovery_streams_open.inc();
-        info!(%id, workload = ?caller.workload(), "discovery stream opened");
+        info!(%id, workload = ?caller.workload, "discovery stream opened");
         let serving = Serving {
             caller,
             services: self.services.clone(),

@@ -229,8 +229,9 @@ pub struct Caller {
     /// served on an expired token; the proxy reconnects with the fresh one
     /// the kubelet wrote.
     pub expires_at: Option<SystemTime>,
-    /// The name of the pod the token is bound to (projected tokens are).
-    pub pod_name: Option<String>,
+    /// `<namespace>/<pod>` of the pod the token is bound to (projected
+    /// tokens are), as TokenReview said.
+    pub workload: Option<String>,
 }
 
 impl std::fmt::Debug for Caller {
@@ -239,18 +240,12 @@ impl std::fmt::Debug for Caller {
             .field("id", &self.id)
             .field("token", &"...")
             .field("expires_at", &self.expires_at)
-            .field("pod_name", &self.pod_name)
+            .field("workload", &self.workload)
             .finish()
     }
 }
 
 impl Caller {
-    /// `<namespace>/<pod>` of the caller's pod, when its token is bound to one.
-    pub fn workload(&self) -> Option<String> {
-        let ns = self.id.path().strip_prefix("/ns/")?.split('/').next()?;
-        Some(format!("{ns}/{}", self.pod_name.as_deref()?))
-    }
-
     /// Resolves when the caller's token expires (never, for a token
     /// without an `exp` claim).
     pub async fn token_expired(&self) {
@@ -304,7 +299,7 @@ async fn review_caller(
         id,
         token,
         expires_at: reviewed.expires_at,
-        pod_name: reviewed.pod_name,
+        workload: reviewed.pod_name.map(|pod| format!("{}/{pod}", reviewed.namespace)),
     })
 }
 

@@ -47,18 +47,18 @@ struct Prepared<'a> {
 
 fn prepare(policy: &AuthorizationPolicy) -> (Prepared<'_>, Option<Rejected>) {
     let name = name_of(policy);
-    let (spec, rejected): (std::borrow::Cow<'_, AuthorizationPolicySpec>, _) = match compile(policy) {
-        Ok(_) => (std::borrow::Cow::Borrowed(&policy.spec), None),
+    // A spec is plain data: serialising it cannot fail.
+    let json = |spec: &AuthorizationPolicySpec| serde_json::to_string(spec).unwrap_or_default();
+    let (spec_json, rejected) = match compile(policy) {
+        Ok(_) => (json(&policy.spec), None),
         Err(error) => (
-            std::borrow::Cow::Owned(fail_closed(&policy.spec)),
+            json(&fail_closed(&policy.spec)),
             Some(Rejected {
                 policy: name.clone(),
                 error,
             }),
         ),
     };
-    // A spec is plain data: serialising it cannot fail.
-    let spec_json = serde_json::to_string(&*spec).unwrap_or_default();
     (
         Prepared {
             policy,
