@@ -275,7 +275,7 @@ spec:
 
 #[test]
 fn hosts_compare_without_case_or_port() {
-    let allow_host = policy(
+    let deny_host = policy(
         r#"
 apiVersion: security.mizzen.dev/v1
 kind: AuthorizationPolicy
@@ -296,7 +296,7 @@ spec:
             ..http(None, "GET", "/")
         };
         assert!(
-            !allowed(std::slice::from_ref(&allow_host), &c),
+            !allowed(std::slice::from_ref(&deny_host), &c),
             "{host} is the denied host (CVE-2021-39155)"
         );
     }
