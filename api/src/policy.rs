@@ -49,7 +49,10 @@ pub struct WorkloadSelector {
     shortname = "mzap",
     category = "mizzen",
     namespaced,
+    status = "PolicyStatus",
     printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action","description":"The action taken when a rule matches"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status","description":"Whether Mizzen enforces the policy as written"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Accepted\")].reason","description":"Why it is or is not accepted"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -221,6 +224,41 @@ pub struct Condition {
     pub not_values: Vec<String>,
 }
 
+/// What Mizzen made of a policy: the `status` subresource of both policy
+/// kinds, written by the CA (one writer for the cluster, not one per node).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    /// `Accepted`: `True` when the policy is enforced as written; `False`
+    /// with the reason when it is not (it then fails closed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<StatusCondition>,
+}
+
+/// One condition of a [`PolicyStatus`], with the fields and meanings of
+/// Kubernetes' `metav1.Condition` (k8s-openapi's type would need its
+/// `schemars` feature, which derives schemas for every Kubernetes type).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusCondition {
+    /// The aspect this condition describes (`Accepted`).
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// A CamelCase word for programs and `kubectl get -o wide`.
+    pub reason: String,
+    /// What a person needs to know, e.g. which field is wrong.
+    #[serde(default)]
+    pub message: String,
+    /// The `metadata.generation` this condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When `status` last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+}
+
 /// The mutual TLS mode a workload accepts from its peers.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[kube(
@@ -232,7 +270,10 @@ pub struct Condition {
     shortname = "mzpa",
     category = "mizzen",
     namespaced,
+    status = "PolicyStatus",
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mtls.mode","description":"The mTLS mode"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status","description":"Whether Mizzen enforces the policy as written"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Accepted\")].reason","description":"Why it is or is not accepted"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

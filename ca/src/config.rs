@@ -56,6 +56,11 @@ pub struct Config {
     )]
     pub trusted_agents: Vec<String>,
 
+    /// Write the `Accepted` condition into the status of every
+    /// AuthorizationPolicy and PeerAuthentication (`kubectl get mzap`).
+    #[arg(long, env = "MIZZEN_CA_POLICY_STATUS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub policy_status: bool,
+
     /// Accept workloads calling with only their own token (as Istio's agent does).
     #[arg(long, env = "MIZZEN_CA_ALLOW_DIRECT_WORKLOAD_CALLS")]
     pub allow_direct_workload_calls: bool,

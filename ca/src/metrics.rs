@@ -23,6 +23,8 @@ pub struct Metrics {
     pub root_configmaps_published: Counter,
     /// Connections closed at once because --max-connections were open.
     pub connections_refused: Counter,
+    policy_status_writes: Family<Labels, Counter>,
+    policy_status_errors: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -72,6 +74,18 @@ impl Metrics {
             "Writes of the mizzen-root-ca ConfigMap into namespaces",
             root_configmaps_published.clone(),
         );
+        let policy_status_writes = Family::<Labels, Counter>::default();
+        registry.register(
+            "policy_status_writes",
+            "Status writes to policies, by kind and verdict (accepted or rejected)",
+            policy_status_writes.clone(),
+        );
+        let policy_status_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "policy_status_write_errors",
+            "Policy status writes the API server refused, by kind",
+            policy_status_errors.clone(),
+        );
         Self {
             registry,
             issued,
@@ -82,7 +96,21 @@ impl Metrics {
             signing_expiring,
             root_configmaps_published,
             connections_refused,
+            policy_status_writes,
+            policy_status_errors,
         }
+    }
+
+    /// Counts a policy status written.
+    pub fn policy_status_written(&self, kind: &'static str, verdict: &'static str) {
+        self.policy_status_writes
+            .get_or_create(&vec![("kind", kind), ("verdict", verdict)])
+            .inc();
+    }
+
+    /// Counts a policy status write that failed.
+    pub fn policy_status_failed(&self, kind: &'static str) {
+        self.policy_status_errors.get_or_create(&vec![("kind", kind)]).inc();
     }
 
     /// Counts a refused request.

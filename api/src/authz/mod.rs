@@ -8,6 +8,8 @@
 //!   cannot be enforced refused by name.
 //! - `peer` (with the `k8s` feature): `PeerAuthentication` resolved for
 //!   one workload.
+//! - `status` (with the `k8s` feature): the `Accepted` condition a
+//!   policy's status carries.
 
 pub mod eval;
 pub mod path;
@@ -18,6 +20,8 @@ pub mod compile;
 pub mod peer;
 #[cfg(test)]
 mod properties;
+#[cfg(feature = "k8s")]
+pub mod status;
 #[cfg(all(test, feature = "k8s"))]
 mod tests;
 

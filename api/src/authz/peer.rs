@@ -9,7 +9,38 @@
 
 use std::collections::BTreeMap;
 
-use crate::policy::{MtlsMode, PeerAuthentication};
+use crate::policy::{MtlsMode, PeerAuthentication, PeerAuthenticationSpec};
+
+/// Why a `PeerAuthentication` cannot be enforced as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// A `portLevelMtls` key that is not a port number; that entry is
+    /// ignored, so the port keeps the workload's mode.
+    #[error("portLevelMtls: {0:?} is not a port number (1-65535)")]
+    Port(String),
+}
+
+impl PeerError {
+    /// The metric label / status reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PeerError::Port(_) => "bad_port",
+        }
+    }
+}
+
+/// The port a `portLevelMtls` key names.
+fn port_of(key: &str) -> Option<u16> {
+    key.parse::<u16>().ok().filter(|p| *p != 0)
+}
+
+/// Whether `spec` is enforced exactly as written.
+pub fn check(spec: &PeerAuthenticationSpec) -> Result<(), PeerError> {
+    match spec.port_level_mtls.keys().find(|k| port_of(k).is_none()) {
+        Some(bad) => Err(PeerError::Port(bad.clone())),
+        None => Ok(()),
+    }
+}
 
 /// A mode after inheritance: never UNSET.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -104,7 +135,7 @@ pub fn effective<'a>(
             w.spec
                 .port_level_mtls
                 .iter()
-                .filter_map(|(port, m)| Some((port.parse::<u16>().ok()?, Mode::of(m.mode).unwrap_or(mode))))
+                .filter_map(|(port, m)| Some((port_of(port)?, Mode::of(m.mode).unwrap_or(mode))))
                 .collect()
         })
         .unwrap_or_default();
@@ -195,5 +226,18 @@ mod tests {
         );
         assert_eq!(e.on(7000), Mode::Permissive);
         assert_eq!(e.ports.len(), 2, "a port that is not a number is skipped");
+    }
+
+    #[test]
+    fn check_names_a_port_key_that_is_not_a_port() {
+        let mut spec = PeerAuthenticationSpec::default();
+        for ok in ["1", "8080", "65535"] {
+            spec.port_level_mtls = [(ok.to_owned(), MutualTls { mode: MtlsMode::Strict })].into();
+            assert_eq!(check(&spec), Ok(()), "{ok}");
+        }
+        for bad in ["0", "65536", "http", "-1", " 80", ""] {
+            spec.port_level_mtls = [(bad.to_owned(), MutualTls { mode: MtlsMode::Strict })].into();
+            assert_eq!(check(&spec), Err(PeerError::Port(bad.to_owned())), "{bad:?}");
+        }
     }
 }
