@@ -122,6 +122,20 @@ impl Agent {
     /// `mizzen-system/mizzen-agent` (the manifests' RBAC), with the agent's
     /// own pod-bound token as its credential for the CA at `ca_port`.
     pub async fn start(cluster: &Cluster, node: &str, ca_port: u16, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_as(cluster, node, ca_port, extra, "mizzen-agent").await
+    }
+
+    /// [`Agent::start`], reading the API server as ServiceAccount
+    /// `mizzen-system/<api_account>` (its token for the CA stays that of
+    /// `mizzen-agent`): to run the agent with other RBAC than the
+    /// manifests'.
+    pub async fn start_as(
+        cluster: &Cluster,
+        node: &str,
+        ca_port: u16,
+        extra: &[&str],
+        api_account: &str,
+    ) -> anyhow::Result<Self> {
         let client = cluster.client().await?;
         let pod_name = format!("mizzen-agent-{node}-{}", free_port());
         let pod = k8s::pod_on_node(&client, SYSTEM, &pod_name, "mizzen-agent", node).await?;
@@ -132,7 +146,7 @@ impl Agent {
         std::fs::write(&token_file, token)?;
         let socket = dir.join("agent.sock");
         let kubeconfig = cluster
-            .kubeconfig_for_service_account(&client, SYSTEM, "mizzen-agent")
+            .kubeconfig_for_service_account(&client, SYSTEM, api_account)
             .await?;
         let mut args = vec![
             format!("--socket={}", socket.display()),

@@ -2,7 +2,8 @@
 //! real agent and CA: `openssl s_client` with a mesh SVID is served, without
 //! one is refused; plaintext is refused under a STRICT PeerAuthentication
 //! and accepted once it is deleted (PERMISSIVE); the app sees connections from 127.0.0.6 and an app bound to
-//! localhost only is not exposed.
+//! localhost only is not exposed; a proxy whose policy has not arrived
+//! refuses every inbound connection.
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use mizzen_tests::daemon::{http_get, metric};
 use mizzen_tests::k8s::{pod_on_node, service_account, token};
-use mizzen_tests::mesh::{Agent, Ca, ca_and_agent, install_manifests};
+use mizzen_tests::mesh::{Agent, Ca, SYSTEM, ca_and_agent, install_manifests};
 use mizzen_tests::{Cluster, NetnsPod, eventually, workspace_bin};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -70,8 +71,21 @@ async fn start_proxy(
     token_file: &Path,
     log: &Path,
 ) -> anyhow::Result<tokio::process::Child> {
+    let child = spawn_proxy(pod, agent, token_file, log)?;
+    let url = format!("http://{}:15021/healthz/ready", pod.ip());
+    eventually(TIMEOUT, "the proxy to be ready", || {
+        let url = url.clone();
+        async move { Ok(http_get(&url).await.map(|(c, _)| c == 200).unwrap_or(false)) }
+    })
+    .await
+    .with_context(|| std::fs::read_to_string(log).unwrap_or_default())?;
+    Ok(child)
+}
+
+/// Starts the proxy in `pod` as UID 1337.
+fn spawn_proxy(pod: &NetnsPod, agent: &Agent, token_file: &Path, log: &Path) -> anyhow::Result<tokio::process::Child> {
     let out = std::fs::File::create(log)?;
-    let child = pod
+    Ok(pod
         .command_as(1337, 1337, workspace_bin("mizzen-proxy"))
         .env("RUST_LOG", "info,mizzen_proxy=debug")
         .env("INSTANCE_IP", pod.ip().to_string())
@@ -85,15 +99,7 @@ async fn start_proxy(
         .arg("--drain-seconds=60")
         .stdout(out.try_clone()?)
         .stderr(out)
-        .spawn()?;
-    let url = format!("http://{}:15021/healthz/ready", pod.ip());
-    eventually(TIMEOUT, "the proxy to be ready", || {
-        let url = url.clone();
-        async move { Ok(http_get(&url).await.map(|(c, _)| c == 200).unwrap_or(false)) }
-    })
-    .await
-    .with_context(|| std::fs::read_to_string(log).unwrap_or_default())?;
-    Ok(child)
+        .spawn()?)
 }
 
 /// `openssl s_client` from `pod` to `addr`, sending one line; returns what came back.
@@ -544,5 +550,118 @@ openssl verify -CAfile root.pem -untrusted cert-chain.pem leaf.pem
     })
     .await
     .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    Ok(())
+}
+
+/// A ServiceAccount whose RBAC is the agent's ClusterRole (as
+/// `manifests/agent.yaml` has it) without the policy rule, and the agent's
+/// Role in mizzen-system: an agent upgraded before its ClusterRole.
+/// Returns its name.
+async fn agent_account_without_policy_rbac(cluster: &Cluster) -> anyhow::Result<String> {
+    use serde::Deserialize;
+    let account = format!("agent-before-policy-{}", std::process::id());
+    let manifest = std::fs::read_to_string(mizzen_tests::cluster::repo_root().join("manifests/agent.yaml"))?;
+    let mut role = serde_yaml::Deserializer::from_str(&manifest)
+        .filter_map(|doc| serde_json::Value::deserialize(doc).ok())
+        .find(|d| d["kind"] == "ClusterRole")
+        .context("the agent's ClusterRole")?;
+    let rules = role["rules"].as_array_mut().context("rules")?;
+    let before = rules.len();
+    rules.retain(|r| !r["apiGroups"].to_string().contains("security.mizzen.dev"));
+    anyhow::ensure!(rules.len() == before - 1, "the policy rule was not found in {role}");
+    role["metadata"] = serde_json::json!({"name": account});
+    let subject = serde_json::json!([{"kind": "ServiceAccount", "name": account, "namespace": SYSTEM}]);
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": account, "namespace": SYSTEM}},
+        role,
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": account},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": account},
+         "subjects": subject},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": account, "namespace": SYSTEM},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "mizzen-agent"},
+         "subjects": subject},
+    ]});
+    cluster
+        .kubectl(["apply", "-f", "-"])
+        .stdin(list.to_string())
+        .run()
+        .await?;
+    Ok(account)
+}
+
+#[tokio::test]
+async fn a_proxy_without_its_policy_fails_closed_until_the_policy_arrives() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let node = "no-policy-node";
+    install_manifests(cluster).await?;
+    mizzen_tests::cluster::register_node(&cluster.client().await?, node).await?;
+    let account = agent_account_without_policy_rbac(cluster).await?;
+    let ca = Ca::start(cluster, None, &[]).await?;
+    // Discovery and certificates work; the policy watches are forbidden.
+    let agent = Agent::start_as(cluster, node, ca.grpc_port, &[], &account).await?;
+    let Workloads { dir, server_token, .. } = workloads(cluster, "no-policy", node, node, &agent).await?;
+    let server = NetnsPod::create("nopol-server")?;
+    let peer = NetnsPod::create("nopol-client")?;
+    server.capture().await?;
+    let _app = server.spawn_echo(1000, "0.0.0.0:8080").await?;
+    let log = dir.join("proxy.log");
+    let _proxy = spawn_proxy(&server, &agent, &server_token, &log)?;
+    let target = format!("{}:8080", server.ip());
+    let metrics_url = format!("http://{}:15020/metrics", server.ip());
+    let ready_url = format!("http://{}:15021/healthz/ready", server.ip());
+    let connect = || peer.command(testapp()).args(["connect", &target, "plain"]).output();
+
+    // The proxy has its certificate and captures inbound traffic, but no
+    // policy: plaintext, which PERMISSIVE (the default) would let in, is
+    // refused, and the proxy is not ready.
+    let text = mizzen_tests::eventually_some(TIMEOUT, "the proxy's certificate", || async {
+        let text = http_get(&metrics_url).await.map(|(_, t)| t).unwrap_or_default();
+        Ok((metric(&text, "mizzen_proxy_certificate_updates_total") >= 1.0).then_some(text))
+    })
+    .await
+    .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    let refused = |t: &str| {
+        metric(
+            t,
+            "mizzen_proxy_refused_total{direction=\"inbound\",reason=\"no_policy_yet\"}",
+        )
+    };
+    let before = refused(&text);
+    let out = connect().await?;
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("127.0.0.6:"),
+        "the app was reached without a policy: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = http_get(&metrics_url).await?.1;
+    assert!(refused(&text) > before, "refused for want of a policy: {text}");
+    assert_ne!(http_get(&ready_url).await?.0, 200, "ready without a policy");
+
+    // The RBAC the manifests grant: the agent's watches recover, the policy
+    // arrives, and the same connection is let in.
+    cluster
+        .kubectl([
+            "create".to_owned(),
+            "clusterrolebinding".to_owned(),
+            format!("{account}-upgraded"),
+            "--clusterrole=mizzen-agent".to_owned(),
+            format!("--serviceaccount={SYSTEM}:{account}"),
+        ])
+        .run()
+        .await?;
+    eventually(TIMEOUT, "the proxy to be ready once its policy arrives", || {
+        let url = ready_url.clone();
+        async move { Ok(http_get(&url).await.map(|(c, _)| c == 200).unwrap_or(false)) }
+    })
+    .await
+    .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    let out = connect().await?;
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("127.0.0.6:"),
+        "plaintext in PERMISSIVE once the policy is there: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     Ok(())
 }
