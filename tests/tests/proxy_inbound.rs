@@ -2,7 +2,8 @@
 //! real agent and CA: `openssl s_client` with a mesh SVID is served, without
 //! one is refused; plaintext is refused under a STRICT PeerAuthentication
 //! and accepted once it is deleted (PERMISSIVE); the app sees connections from 127.0.0.6 and an app bound to
-//! localhost only is not exposed; a proxy whose policy has not arrived
+//! localhost only is not exposed; a PERMISSIVE workload with one STRICT
+//! port (`portLevelMtls`) mixes both; a proxy whose policy has not arrived
 //! refuses every inbound connection.
 
 use std::path::Path;
@@ -662,6 +663,71 @@ async fn a_proxy_without_its_policy_fails_closed_until_the_policy_arrives() -> a
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("127.0.0.6:"),
         "plaintext in PERMISSIVE once the policy is there: {}",
         String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_permissive_workload_with_one_strict_port_mixes_both() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let node = "port-mtls-node";
+    let (_ca, agent) = ca_and_agent(cluster, node, &[]).await?;
+    let Workloads { ns, dir, server_token } = workloads(cluster, "port-mtls", node, node, &agent).await?;
+    cluster
+        .kubectl(["label", "pod", "-n", &ns, "server", "app=web"])
+        .run()
+        .await?;
+    cluster
+        .kubectl(["apply", "-n", &ns, "-f", "-"])
+        .stdin(
+            "apiVersion: security.mizzen.dev/v1
+kind: PeerAuthentication
+metadata: {name: web}
+spec:
+  selector: {matchLabels: {app: web}}
+  mtls: {mode: PERMISSIVE}
+  portLevelMtls:
+    \"8080\": {mode: STRICT}
+",
+        )
+        .run()
+        .await?;
+    let server = NetnsPod::create("portmtls-server")?;
+    let peer = NetnsPod::create("portmtls-client")?;
+    server.capture().await?;
+    let _strict_app = server.spawn_echo(1000, "0.0.0.0:8080").await?;
+    let _permissive_app = server.spawn_echo(1000, "0.0.0.0:9090").await?;
+    let log = dir.join("proxy.log");
+    let _proxy = start_proxy(&server, &agent, &server_token, &log).await?;
+    let (strict, permissive) = (format!("{}:8080", server.ip()), format!("{}:9090", server.ip()));
+    let plaintext_reaches = |target: String| {
+        let cmd = peer.command(testapp()).args(["connect", &target, "plain"]).output();
+        async move {
+            let out = cmd.await?;
+            Ok::<_, anyhow::Error>(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("127.0.0.6:"))
+        }
+    };
+
+    // The policy may reach the proxy a moment after it is ready.
+    eventually(TIMEOUT, "plaintext to the STRICT port to be refused", || {
+        let reaches = plaintext_reaches(strict.clone());
+        async move { Ok(!reaches.await?) }
+    })
+    .await
+    .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    assert!(
+        plaintext_reaches(permissive.clone()).await?,
+        "plaintext to the workload's other port (PERMISSIVE) is let in"
+    );
+    let out = s_client(&peer, &strict, &dir, true).await?;
+    assert!(out.contains("hello-through-mtls"), "mTLS to the STRICT port: {out}");
+    let (_, text) = http_get(&format!("http://{}:15020/metrics", server.ip())).await?;
+    assert!(
+        metric(
+            &text,
+            "mizzen_proxy_refused_total{direction=\"inbound\",reason=\"plaintext_in_strict\"}"
+        ) >= 1.0,
+        "{text}"
     );
     Ok(())
 }
