@@ -196,6 +196,31 @@ async fn unenforceable_policies_are_refused_at_admission_with_a_message() -> any
             serde_json::json!({"portLevelMtls": {"8080": {"mode": "STRICT"}}}),
             "portLevelMtls needs a selector",
         ),
+        (
+            "AuthorizationPolicy",
+            serde_json::json!({"action": "DENY", "rules": [{"from": [{"source": {"principals": ["spiffe://cluster.local/ns/a/sa/b"]}}]}]}),
+            "source.principals[0]: Invalid value",
+        ),
+        (
+            "AuthorizationPolicy",
+            serde_json::json!({"action": "DENY", "rules": [{"from": [{"source": {"notNamespaces": ["Team_A"]}}]}]}),
+            "source.notNamespaces[0]: Invalid value",
+        ),
+        (
+            "AuthorizationPolicy",
+            serde_json::json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/api/*/admin"]}}]}]}),
+            "operation.paths[0]: Invalid value",
+        ),
+        (
+            "AuthorizationPolicy",
+            serde_json::json!({"action": "DENY", "rules": [{"to": [{"operation": {"methods": [""]}}]}]}),
+            "operation.methods[0]: Invalid value",
+        ),
+        (
+            "AuthorizationPolicy",
+            serde_json::json!({"rules": [{"when": [{"key": "request.headers[x-user]", "values": ["*admin*"]}]}]}),
+            "when[0].values[0]: Invalid value",
+        ),
     ];
     for (kind, spec, want) in cases {
         let message = refusal(kind, spec.clone()).await?;
@@ -207,6 +232,11 @@ async fn unenforceable_policies_are_refused_at_admission_with_a_message() -> any
     // What the mesh enforces is accepted.
     let valid = serde_json::json!({"rules": [{"when": [{"key": "request.headers[x-version]", "values": ["v1"]}]}]});
     assert_eq!(refusal("AuthorizationPolicy", valid).await?, None);
+    let wildcards = serde_json::json!({"rules": [{
+        "from": [{"source": {"principals": ["*", "cluster.local/ns/a/*", "*/sa/b"], "namespaces": ["team-*", "*-prod"]}}],
+        "to": [{"operation": {"hosts": ["*.example.com"], "paths": ["/api/*", "*.css"], "methods": ["GET"]}}],
+    }]});
+    assert_eq!(refusal("AuthorizationPolicy", wildcards).await?, None);
     Ok(())
 }
 

@@ -29,6 +29,16 @@ pub enum CompileError {
     ConditionKey(String),
     #[error("when: {0:?} has neither values nor notValues")]
     EmptyCondition(String),
+    #[error("{field}: an empty value never matches")]
+    EmptyValue { field: &'static str },
+    #[error("{field}: {value:?}: `*` may only stand alone, begin a value (suffix match) or end it (prefix match)")]
+    Wildcard { field: &'static str, value: String },
+    #[error(
+        "{field}: {value:?}: write principals without `spiffe://`, as `<trust-domain>/ns/<namespace>/sa/<account>`"
+    )]
+    SpiffePrincipal { field: &'static str, value: String },
+    #[error("{field}: {value:?} is not a namespace name (lower-case letters, digits and `-`)")]
+    Namespace { field: &'static str, value: String },
 }
 
 impl CompileError {
@@ -41,27 +51,81 @@ impl CompileError {
             CompileError::Port { .. } => "bad_port",
             CompileError::ConditionKey(_) => "unsupported_condition_key",
             CompileError::EmptyCondition(_) => "empty_condition",
+            CompileError::EmptyValue { .. } => "empty_value",
+            CompileError::Wildcard { .. } => "bad_wildcard",
+            CompileError::SpiffePrincipal { .. } => "spiffe_principal",
+            CompileError::Namespace { .. } => "bad_namespace",
         }
     }
 }
 
-fn patterns(list: &[String]) -> Vec<StringMatch> {
-    list.iter().map(|s| StringMatch::parse(s)).collect()
+/// A field's name and its `not*` twin, for error messages.
+type Names = (&'static str, &'static str);
+
+/// What a string field holds, for the checks beyond Istio's wildcards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Plain,
+    /// Istio's principal form, `<trust-domain>/ns/<ns>/sa/<sa>`.
+    Principal,
+    /// A namespace name (a DNS label).
+    Namespace,
+    /// Compared case-insensitively.
+    Host,
 }
 
-fn string_field(any: &[String], none: &[String]) -> Field<StringMatch> {
-    Field {
-        any_of: (!any.is_empty()).then(|| patterns(any)),
-        none_of: patterns(none),
+/// One string value as a pattern. Refused rather than read literally,
+/// since each would never match and so silently narrow a DENY: an empty
+/// value, a `*` anywhere but at one end, a principal written with
+/// `spiffe://`, a namespace that is not a DNS label.
+fn pattern(field: &'static str, kind: Kind, s: &str) -> Result<StringMatch, CompileError> {
+    let value = || s.to_owned();
+    if s.is_empty() {
+        return Err(CompileError::EmptyValue { field });
     }
+    let inner = s.strip_prefix('*').unwrap_or(s);
+    let inner = inner.strip_suffix('*').unwrap_or(inner);
+    if s != "*" && (inner.contains('*') || (s.starts_with('*') && s.ends_with('*'))) {
+        return Err(CompileError::Wildcard { field, value: value() });
+    }
+    match kind {
+        Kind::Principal if s.starts_with("spiffe://") => {
+            return Err(CompileError::SpiffePrincipal { field, value: value() });
+        }
+        Kind::Namespace
+            if !inner
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
+        {
+            return Err(CompileError::Namespace { field, value: value() });
+        }
+        _ => {}
+    }
+    let m = StringMatch::parse(s);
+    Ok(if kind == Kind::Host { m.lowercase() } else { m })
 }
 
-fn host_field(any: &[String], none: &[String]) -> Field<StringMatch> {
-    let lower = |l: &[String]| l.iter().map(|s| StringMatch::parse(s).lowercase()).collect::<Vec<_>>();
-    Field {
-        any_of: (!any.is_empty()).then(|| lower(any)),
-        none_of: lower(none),
-    }
+/// A field and its `not*` twin, each value read by `one`. An empty list
+/// is an absent field.
+fn field<T>(
+    names: Names,
+    any: &[String],
+    none: &[String],
+    one: impl Fn(&'static str, &str) -> Result<T, CompileError>,
+) -> Result<Field<T>, CompileError> {
+    let list = |name, l: &[String]| l.iter().map(|s| one(name, s)).collect::<Result<Vec<_>, _>>();
+    Ok(Field {
+        any_of: if any.is_empty() {
+            None
+        } else {
+            Some(list(names.0, any)?)
+        },
+        none_of: list(names.1, none)?,
+    })
+}
+
+fn string_field(names: Names, kind: Kind, any: &[String], none: &[String]) -> Result<Field<StringMatch>, CompileError> {
+    field(names, any, none, |name, s| pattern(name, kind, s))
 }
 
 /// An address is a /32 (or /128) block.
@@ -75,36 +139,14 @@ fn ip_block(field: &'static str, s: &str) -> Result<IpNet, CompileError> {
         })
 }
 
-fn ip_field(field: &'static str, any: &[String], none: &[String]) -> Result<Field<IpNet>, CompileError> {
-    let parse = |l: &[String]| l.iter().map(|s| ip_block(field, s)).collect::<Result<Vec<_>, _>>();
-    Ok(Field {
-        any_of: if any.is_empty() { None } else { Some(parse(any)?) },
-        none_of: parse(none)?,
-    })
-}
-
-fn port_field(any: &[String], none: &[String]) -> Result<Field<u16>, CompileError> {
-    let parse = |field: &'static str, l: &[String]| {
-        l.iter()
-            .map(|s| {
-                s.parse::<u16>()
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or_else(|| CompileError::Port {
-                        field,
-                        value: s.clone(),
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()
-    };
-    Ok(Field {
-        any_of: if any.is_empty() {
-            None
-        } else {
-            Some(parse("ports", any)?)
-        },
-        none_of: parse("notPorts", none)?,
-    })
+fn port(field: &'static str, s: &str) -> Result<u16, CompileError> {
+    s.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| CompileError::Port {
+            field,
+            value: s.to_owned(),
+        })
 }
 
 fn source(s: &Source) -> Result<SourceMatch, CompileError> {
@@ -115,19 +157,34 @@ fn source(s: &Source) -> Result<SourceMatch, CompileError> {
         return Err(CompileError::RequestAuthentication("notRequestPrincipals"));
     }
     Ok(SourceMatch {
-        principals: string_field(&s.principals, &s.not_principals),
-        namespaces: string_field(&s.namespaces, &s.not_namespaces),
-        ip_blocks: ip_field("ipBlocks", &s.ip_blocks, &s.not_ip_blocks)?,
-        remote_ip_blocks: ip_field("remoteIpBlocks", &s.remote_ip_blocks, &s.not_remote_ip_blocks)?,
+        principals: string_field(
+            ("principals", "notPrincipals"),
+            Kind::Principal,
+            &s.principals,
+            &s.not_principals,
+        )?,
+        namespaces: string_field(
+            ("namespaces", "notNamespaces"),
+            Kind::Namespace,
+            &s.namespaces,
+            &s.not_namespaces,
+        )?,
+        ip_blocks: field(("ipBlocks", "notIpBlocks"), &s.ip_blocks, &s.not_ip_blocks, ip_block)?,
+        remote_ip_blocks: field(
+            ("remoteIpBlocks", "notRemoteIpBlocks"),
+            &s.remote_ip_blocks,
+            &s.not_remote_ip_blocks,
+            ip_block,
+        )?,
     })
 }
 
 fn operation(o: &Operation) -> Result<OperationMatch, CompileError> {
     Ok(OperationMatch {
-        hosts: host_field(&o.hosts, &o.not_hosts),
-        ports: port_field(&o.ports, &o.not_ports)?,
-        methods: string_field(&o.methods, &o.not_methods),
-        paths: string_field(&o.paths, &o.not_paths),
+        hosts: string_field(("hosts", "notHosts"), Kind::Host, &o.hosts, &o.not_hosts)?,
+        ports: field(("ports", "notPorts"), &o.ports, &o.not_ports, port)?,
+        methods: string_field(("methods", "notMethods"), Kind::Plain, &o.methods, &o.not_methods)?,
+        paths: string_field(("paths", "notPaths"), Kind::Plain, &o.paths, &o.not_paths)?,
     })
 }
 
@@ -149,15 +206,19 @@ fn condition(c: &Condition) -> Result<ConditionMatch, CompileError> {
             _ => return Err(CompileError::ConditionKey(c.key.clone())),
         },
     };
+    const NAMES: Names = ("when values", "when notValues");
+    let strings = |kind| string_field(NAMES, kind, &c.values, &c.not_values);
     let values = match key {
         ConditionKey::SourceIp | ConditionKey::RemoteIp | ConditionKey::DestinationIp => {
-            ConditionValues::Ips(ip_field("when", &c.values, &c.not_values)?)
+            ConditionValues::Ips(field(NAMES, &c.values, &c.not_values, ip_block)?)
         }
         ConditionKey::DestinationPort => {
-            port_field(&c.values, &c.not_values)?;
-            ConditionValues::Strings(string_field(&c.values, &c.not_values))
+            field(NAMES, &c.values, &c.not_values, port)?;
+            ConditionValues::Strings(strings(Kind::Plain)?)
         }
-        _ => ConditionValues::Strings(string_field(&c.values, &c.not_values)),
+        ConditionKey::SourcePrincipal => ConditionValues::Strings(strings(Kind::Principal)?),
+        ConditionKey::SourceNamespace => ConditionValues::Strings(strings(Kind::Namespace)?),
+        _ => ConditionValues::Strings(strings(Kind::Plain)?),
     };
     Ok(ConditionMatch { key, values })
 }

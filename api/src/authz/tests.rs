@@ -450,6 +450,79 @@ fn what_cannot_be_enforced_is_refused_by_name() {
     ));
 }
 
+/// Values that would never match are refused, not read literally: in a
+/// DENY rule each would silently deny less than it says.
+#[test]
+fn values_that_could_never_match_are_refused_by_field() {
+    let refused = |rule: &str| {
+        let yaml = format!(
+            "apiVersion: security.mizzen.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: x, namespace: foo}}\nspec:\n  action: DENY\n  rules: [{rule}]\n"
+        );
+        let p: AuthorizationPolicy = serde_yaml::from_str(&yaml).expect("yaml");
+        compile(&p).err()
+    };
+    let cases: &[(&str, Option<CompileError>)] = &[
+        (
+            "{from: [{source: {principals: [\"\"]}}]}",
+            Some(CompileError::EmptyValue { field: "principals" }),
+        ),
+        (
+            "{to: [{operation: {notPaths: [\"\"]}}]}",
+            Some(CompileError::EmptyValue { field: "notPaths" }),
+        ),
+        (
+            "{from: [{source: {principals: [\"spiffe://cluster.local/ns/a/sa/b\"]}}]}",
+            Some(CompileError::SpiffePrincipal {
+                field: "principals",
+                value: "spiffe://cluster.local/ns/a/sa/b".into(),
+            }),
+        ),
+        (
+            "{when: [{key: source.principal, values: [\"spiffe://cluster.local/ns/a/sa/b\"]}]}",
+            Some(CompileError::SpiffePrincipal {
+                field: "when values",
+                value: "spiffe://cluster.local/ns/a/sa/b".into(),
+            }),
+        ),
+        (
+            "{from: [{source: {principals: [\"cluster.local/ns/*/sa/b\"]}}]}",
+            Some(CompileError::Wildcard {
+                field: "principals",
+                value: "cluster.local/ns/*/sa/b".into(),
+            }),
+        ),
+        (
+            "{to: [{operation: {paths: [\"*admin*\"]}}]}",
+            Some(CompileError::Wildcard {
+                field: "paths",
+                value: "*admin*".into(),
+            }),
+        ),
+        (
+            "{from: [{source: {notNamespaces: [\"Team_A\"]}}]}",
+            Some(CompileError::Namespace {
+                field: "notNamespaces",
+                value: "Team_A".into(),
+            }),
+        ),
+        (
+            "{from: [{source: {namespaces: [\"team-*\", \"*-prod\", \"*\"]}}]}",
+            None,
+        ),
+        (
+            "{from: [{source: {principals: [\"*\", \"cluster.local/ns/a/*\", \"*/sa/b\"]}}]}",
+            None,
+        ),
+        (
+            "{to: [{operation: {hosts: [\"*.Example.com\"], paths: [\"/api/*\"]}}]}",
+            None,
+        ),
+    ];
+    for (rule, want) in cases {
+        assert_eq!(&refused(rule), want, "{rule}");
+    }
+}
+
 #[test]
 fn policies_apply_by_namespace_root_and_selector() {
     use std::collections::BTreeMap;

@@ -10,6 +10,8 @@
 //! These are data types; the semantics (CUSTOM, then DENY, then ALLOW; no
 //! ALLOW policy means allow) live in the components that enforce them.
 
+mod admission;
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -148,6 +150,7 @@ pub struct RuleTo {
     {"rule": "!has(self.requestPrincipals) && !has(self.notRequestPrincipals)",
      "message": "requestPrincipals and notRequestPrincipals need RequestAuthentication (JWT), which Mizzen does not support yet"}
 ]))]
+#[schemars(transform = admission::source)]
 pub struct Source {
     /// Peer identities, as `<trust-domain>/ns/<ns>/sa/<sa>` (Istio's form).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -180,6 +183,7 @@ pub struct Source {
 /// ORed. `hosts`, `methods` and `paths` apply to HTTP only.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = admission::operation)]
 pub struct Operation {
     /// HTTP `Host`/`:authority` values, compared case-insensitively.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -213,6 +217,7 @@ pub struct Operation {
     {"rule": "(has(self.values) && size(self.values) > 0) || (has(self.notValues) && size(self.notValues) > 0)",
      "message": "a condition needs values or notValues"}
 ]))]
+#[schemars(transform = admission::condition)]
 pub struct Condition {
     /// The attribute, e.g. `source.ip`, `request.headers[User-Agent]`.
     pub key: String,
