@@ -6,8 +6,10 @@ aggregated discovery (DeltaAggregatedResources) on the agent's Unix socket.
 usage: discovery_client.py SOCKET TOKEN_FILE|- TYPE_URL
 
 Subscribes to every resource of TYPE_URL. Prints one JSON line per
-response: {"nonce", "type_url", "resources": [{"name", "version",
-"type_url", "value_hex"}], "removed": [...]}. Reads commands from stdin,
+response: {"nonce", "type_url", "system_version_info", "bytes" (its
+encoded size), "resources": [{"name", "version", "type_url",
+"value_hex"}], "removed": [...]}. gRPC's default limits apply (4 MiB per
+message received). Reads commands from stdin,
 one per line: "ACK" or "NACK <message>" answers the latest response;
 "QUIT" ends the stream. On a gRPC error prints {"error": CODE, "message"}
 and exits 3.
@@ -60,6 +62,8 @@ def main() -> int:
                 print(json.dumps({
                     "nonce": resp.nonce,
                     "type_url": resp.type_url,
+                    "system_version_info": resp.system_version_info,
+                    "bytes": resp.ByteSize(),
                     "resources": [{
                         "name": r.name,
                         "version": r.version,

@@ -15,8 +15,11 @@
 //! Every response carries only resources of one type that are new or
 //! changed for this client, the names of those removed, and a fresh nonce;
 //! the client ACKs by echoing the nonce and NACKs by adding
-//! `error_detail`. Callers present their projected token, as on the SDS
-//! stream; the state-of-the-world variant is not served.
+//! `error_detail`. A push larger than `--max-discovery-message-bytes` is
+//! split over several responses; all but the last say
+//! [`MORE`](crate::xds::MORE) in `system_version_info`. Callers present
+//! their projected token, as on the SDS stream; the state-of-the-world
+//! variant is not served.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -53,6 +56,8 @@ pub struct Discovery {
     pub metrics: Arc<Metrics>,
     /// Shared with SDS: streams per identity and in total.
     pub limits: Arc<StreamLimits>,
+    /// Largest response; larger pushes are split ([`crate::xds::Push`]).
+    pub max_message_bytes: usize,
 }
 
 impl std::fmt::Debug for Discovery {
@@ -120,6 +125,7 @@ struct Serving {
     services: Snapshots,
     policies: Snapshots,
     metrics: Arc<Metrics>,
+    max_message_bytes: usize,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 }
 
@@ -157,16 +163,20 @@ impl Serving {
                 let Some(snap) = snapshots.borrow_and_update().clone() else {
                     continue;
                 };
-                let Some(resp) = feed.state.diff(&snap, (nonce + 1).to_string()) else {
+                let Some(mut push) = feed.state.push(&snap) else {
                     continue;
                 };
-                nonce += 1;
-                debug!(%id, type_url = feed.state.type_url(), nonce, changed = resp.resources.len(),
-                    removed = resp.removed_resources.len(), "pushing");
-                if self.tx.send(Ok(resp)).await.is_err() {
-                    return Ok(());
+                debug!(%id, type_url = feed.state.type_url(), items = push.len(), "pushing");
+                // Built one at a time: a stream holds at most the response
+                // being sent and the one queued, not the whole push.
+                while let Some(mut resp) = push.next_response(self.max_message_bytes) {
+                    nonce += 1;
+                    resp.nonce = nonce.to_string();
+                    if self.tx.send(Ok(resp)).await.is_err() {
+                        return Ok(());
+                    }
+                    feed.pushes.inc();
                 }
-                feed.pushes.inc();
             }
         }
     }
@@ -197,7 +207,7 @@ impl AggregatedDiscoveryService for Discovery {
             .admit(&id)
             .inspect_err(|_| self.metrics.reject("too_many_streams"))?;
         let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<DeltaDiscoveryResponse, Status>>(4);
+        let (tx, rx) = mpsc::channel::<Result<DeltaDiscoveryResponse, Status>>(1);
         let metrics = self.metrics.clone();
         metrics.discovery_streams_open.inc();
         info!(%id, workload = ?caller.workload, "discovery stream opened");
@@ -206,6 +216,7 @@ impl AggregatedDiscoveryService for Discovery {
             services: self.services.clone(),
             policies: self.policies.clone(),
             metrics: metrics.clone(),
+            max_message_bytes: self.max_message_bytes,
             tx: tx.clone(),
         };
         tokio::spawn(async move {

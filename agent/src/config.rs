@@ -100,6 +100,12 @@ pub struct Config {
     #[arg(long, default_value_t = 512)]
     pub max_streams_per_identity: usize,
 
+    /// Largest discovery response, in bytes: a push that is larger is split
+    /// over several responses (all but the last marked as continued), so
+    /// that clients with gRPC's default 4 MiB limit can follow any cluster.
+    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(4096..=(64 << 20)))]
+    pub max_discovery_message_bytes: u64,
+
     /// How long discovery gathers a burst of changes (Services, endpoints, policies) before pushing.
     #[arg(long, default_value = "100ms", value_parser = duration)]
     pub discovery_debounce: Duration,

@@ -153,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
         policy: policy.clone(),
         metrics: metrics.clone(),
         limits: limits.clone(),
+        max_message_bytes: usize::try_from(config.max_discovery_message_bytes).unwrap_or(usize::MAX),
     };
     let sds = Sds {
         manager,

@@ -16,4 +16,9 @@ pub mod discovery {
     pub const SERVICE_TYPE: &str = "type.googleapis.com/mizzen.discovery.v1.Service";
     /// The type URL of [`WorkloadPolicy`] resources.
     pub const POLICY_TYPE: &str = "type.googleapis.com/mizzen.discovery.v1.WorkloadPolicy";
+    /// Says, in a delta response's `system_version_info`, that the push it
+    /// belongs to continues in the next response of the same type: a
+    /// client applies its resources but acts on the whole (and counts the
+    /// first state as received) only after a response without it.
+    pub const MORE: &str = "mizzen.dev/more";
 }

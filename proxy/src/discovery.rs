@@ -9,7 +9,10 @@
 //! Each response is applied whole or not at all (a resource that does not
 //! decode or compile NACKs the response and changes nothing), what was
 //! applied is ACKed, and the stream reconnects with backoff, telling the
-//! agent which versions it already holds.
+//! agent which versions it already holds. A push the agent split over
+//! several responses (all but the last say [`MORE`]) becomes routes once
+//! its last response is applied: the proxy is not ready before it has the
+//! whole first state.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -18,7 +21,7 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use mizzen_api::SpiffeId;
-use mizzen_api::proto::discovery::{self as pb, POLICY_TYPE, SERVICE_TYPE};
+use mizzen_api::proto::discovery::{self as pb, MORE, POLICY_TYPE, SERVICE_TYPE};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -265,11 +268,17 @@ impl Following {
         match resp.type_url.as_str() {
             SERVICE_TYPE => {
                 apply(&mut self.held, resp)?;
-                publish(&self.held, &self.tx);
+                let more = resp.system_version_info == MORE;
+                // A push split over several responses is acted on whole:
+                // routes (and readiness, at first) wait for its last part.
+                if !more {
+                    publish(&self.held, &self.tx);
+                }
                 debug!(
                     changed = resp.resources.len(),
                     removed = resp.removed_resources.len(),
                     services = self.held.len(),
+                    more,
                     "discovery updated"
                 );
             }
@@ -460,5 +469,27 @@ mod tests {
         assert!(apply(&mut held, &wrong).is_err());
         apply(&mut held, &resp(&[], &["demo/web"])).expect("removal");
         assert!(held.is_empty());
+    }
+
+    #[test]
+    fn a_push_in_several_responses_becomes_routes_after_its_last() {
+        let (tx, rx) = watch::channel(None);
+        let (policy_tx, _policy_rx) = watch::channel(None);
+        let mut following = Following {
+            held: BTreeMap::new(),
+            tx,
+            policy: HeldPolicy::default(),
+            policy_tx,
+        };
+        let mut other = web();
+        other.name = "api".into();
+        other.cluster_ips = vec!["10.0.0.11".into()];
+        let mut first = resp(&[web()], &[]);
+        first.system_version_info = MORE.into();
+        following.apply(&first).expect("applies");
+        assert!(rx.borrow().is_none(), "no routes from part of the first state");
+        following.apply(&resp(&[other], &[])).expect("applies");
+        let routes = rx.borrow().clone().expect("routes once the push is whole");
+        assert_eq!(routes.service_count(), 2);
     }
 }

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use mizzen_api::proto::discovery::{SERVICE_TYPE, Service as DiscoveredService};
+use mizzen_api::proto::discovery::{MORE, SERVICE_TYPE, Service as DiscoveredService};
 use mizzen_tests::daemon::metric;
 use mizzen_tests::k8s::{pod_on_node, service_account, token};
 use mizzen_tests::mesh::ca_and_agent;
@@ -243,6 +243,65 @@ async fn services_and_endpoints_stream_incrementally_to_an_independent_client() 
     let text = agent.daemon.metrics().await?;
     assert!(metric(&text, "mizzen_agent_discovery_streams_open") >= 1.0, "{text}");
     assert!(metric(&text, "mizzen_agent_discovery_pushes_total") >= 4.0, "{text}");
+    stream.say("QUIT").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_first_state_larger_than_the_message_limit_comes_in_bounded_parts() -> anyhow::Result<()> {
+    const LIMIT: u64 = 4096;
+    const SERVICES: usize = 60;
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    let node = "discovery-split-node";
+    let (_ca, agent) = ca_and_agent(cluster, node, &[&format!("--max-discovery-message-bytes={LIMIT}")]).await?;
+    let ns = cluster.namespace(&client, "disco-split", &[]).await?;
+    service_account(&client, &ns, "caller").await?;
+    let caller = pod_on_node(&client, &ns, "caller", "caller", node).await?;
+    let token_file = cluster.dir().join(format!("{ns}-token"));
+    std::fs::write(
+        &token_file,
+        token(&client, &ns, "caller", Some(&caller), "mizzen-ca").await?,
+    )?;
+    let services = Api::<Service>::namespaced(client.clone(), &ns);
+    for i in 0..SERVICES {
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("svc-{i:02}")},
+            "spec": {"ports": [{"name": "http", "port": 80}, {"name": "grpc", "port": 9090, "appProtocol": "grpc"}]},
+        }))?;
+        services.create(&PostParams::default(), &svc).await?;
+    }
+    eventually(TIMEOUT, "the agent to know every Service", || {
+        let daemon = &agent.daemon;
+        async move { Ok(metric(&daemon.metrics().await?, "mizzen_agent_discovery_services") >= SERVICES as f64) }
+    })
+    .await?;
+
+    let mut stream = Client::start(&agent.socket, &token_file.to_string_lossy()).await?;
+    let mut parts = Vec::new();
+    loop {
+        let part = stream.next().await?;
+        stream.say("ACK").await?;
+        let more = part["system_version_info"] == MORE;
+        parts.push(part);
+        if !more {
+            break;
+        }
+    }
+    assert!(parts.len() >= 2, "{} part(s)", parts.len());
+    for part in &parts {
+        let bytes = part["bytes"].as_u64().unwrap_or(u64::MAX);
+        assert!(bytes <= LIMIT, "a part of {bytes} bytes");
+    }
+    let got: std::collections::BTreeSet<String> = parts.iter().flat_map(|p| names(p, "resources")).collect();
+    for i in 0..SERVICES {
+        assert!(got.contains(&format!("{ns}/svc-{i:02}")), "svc-{i:02} missing");
+    }
+    assert_eq!(
+        got.len(),
+        parts.iter().map(|p| names(p, "resources").len()).sum::<usize>(),
+        "each once"
+    );
     stream.say("QUIT").await?;
     Ok(())
 }

@@ -11,7 +11,11 @@
 //!   a request either answers the last response (ACK or NACK), answers an
 //!   older one (stale: ignored) or asks anew.
 //! - [`Snapshot`] and [`pack`]: resources as every stream shares them,
-//!   each with a version naming its contents.
+//!   each with a version naming its contents, and which of them changed
+//!   since the snapshot before, so that a stream compares only those.
+//! - [`Push`]: what one stream is owed, sent in responses of bounded size
+//!   ([`Push::next_response`]); every response of a push but the last says
+//!   [`MORE`] in `system_version_info`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -22,10 +26,17 @@ use tonic::Status;
 
 use crate::limits::{MAX_NAME_LEN, MAX_NAMES_PER_STREAM, MAX_VERSION_LEN};
 
+pub use mizzen_api::proto::discovery::MORE;
+
 /// All resources of one type, by name, as sent on streams.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Snapshot {
     pub resources: BTreeMap<String, Arc<Resource>>,
+    /// Counts the snapshots of one source.
+    pub generation: u64,
+    /// The names changed or removed since snapshot `generation - 1`;
+    /// `None`: not known (a stream compares everything).
+    pub changed: Option<Arc<BTreeSet<String>>>,
 }
 
 /// The version of encoded contents: the first 8 bytes of their SHA-256.
@@ -52,19 +63,125 @@ pub fn pack(type_url: &str, encoded: impl IntoIterator<Item = (String, Vec<u8>)>
             (name, Arc::new(resource))
         })
         .collect();
-    Snapshot { resources }
+    Snapshot {
+        resources,
+        ..Default::default()
+    }
 }
 
-/// Replaces the published snapshot with `next` unless they are equal;
-/// whether it did.
-pub fn publish(tx: &tokio::sync::watch::Sender<Option<Arc<Snapshot>>>, next: Snapshot) -> bool {
+/// Replaces the published snapshot with `next` (whose `generation` and
+/// `changed` are set here) unless its resources are the same; whether it
+/// did.
+pub fn publish(tx: &tokio::sync::watch::Sender<Option<Arc<Snapshot>>>, mut next: Snapshot) -> bool {
     tx.send_if_modified(|cur| {
-        if cur.as_deref() == Some(&next) {
+        if cur.as_ref().is_some_and(|c| c.resources == next.resources) {
             return false;
         }
+        next.generation = cur.as_ref().map_or(1, |c| c.generation + 1);
+        next.changed = None;
         *cur = Some(Arc::new(next));
         true
     })
+}
+
+/// Publishes the snapshot before with `changes` applied (`None` removes
+/// a resource), recording which names changed, unless nothing did;
+/// whether it published. The cost is that of copying the map of
+/// references, not of the resources.
+pub fn publish_changes(
+    tx: &tokio::sync::watch::Sender<Option<Arc<Snapshot>>>,
+    changes: impl IntoIterator<Item = (String, Option<Arc<Resource>>)>,
+) -> bool {
+    tx.send_if_modified(|cur| {
+        let before = cur.as_deref();
+        let mut changed = BTreeSet::new();
+        let mut updates = Vec::new();
+        for (name, next) in changes {
+            let now = before.and_then(|b| b.resources.get(&name));
+            if now.map(|r| &r.version) != next.as_ref().map(|r| &r.version) {
+                changed.insert(name.clone());
+                updates.push((name, next));
+            }
+        }
+        // The first snapshot is published even when empty: it tells
+        // streams the cluster was listed.
+        if changed.is_empty() && before.is_some() {
+            return false;
+        }
+        let mut resources = before.map(|b| b.resources.clone()).unwrap_or_default();
+        for (name, next) in updates {
+            match next {
+                Some(r) => resources.insert(name, r),
+                None => resources.remove(&name),
+            };
+        }
+        *cur = Some(Arc::new(Snapshot {
+            resources,
+            generation: before.map_or(1, |b| b.generation + 1),
+            changed: before.map(|_| Arc::new(changed)),
+        }));
+        true
+    })
+}
+
+/// What one stream is owed of one type: resources new or changed for it
+/// and the names of those removed, sent in as many responses as
+/// [`Push::next_response`] needs to keep each under its size.
+#[derive(Debug, Default)]
+pub struct Push {
+    type_url: &'static str,
+    /// In reverse order: the next one to send is last.
+    resources: Vec<Arc<Resource>>,
+    removed: Vec<String>,
+}
+
+impl Push {
+    /// How many resources and removals are left to send.
+    pub fn len(&self) -> usize {
+        self.resources.len() + self.removed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The next response, of at most `max_bytes` encoded (a single
+    /// resource larger than that goes alone), without a nonce; `None`
+    /// when all was sent. Responses before the last say [`MORE`].
+    pub fn next_response(&mut self, max_bytes: usize) -> Option<DeltaDiscoveryResponse> {
+        use prost::Message;
+        if self.is_empty() {
+            return None;
+        }
+        // A name costs its bytes and a tag and length; a resource its
+        // encoding and the same.
+        let framed = |len: usize| len + 1 + prost::length_delimiter_len(len);
+        let mut size = framed(self.type_url.len()) + 32;
+        let mut removed = Vec::new();
+        while let Some(name) = self.removed.last() {
+            if !removed.is_empty() && size + framed(name.len()) > max_bytes {
+                break;
+            }
+            size += framed(name.len());
+            removed.extend(self.removed.pop());
+        }
+        let mut resources = Vec::new();
+        while let Some(r) = self.resources.last() {
+            let len = framed(r.encoded_len());
+            if (!resources.is_empty() || !removed.is_empty()) && size + len > max_bytes {
+                break;
+            }
+            size += len;
+            resources.extend(self.resources.pop().map(|r| (*r).clone()));
+        }
+        Some(DeltaDiscoveryResponse {
+            type_url: self.type_url.into(),
+            system_version_info: if self.is_empty() { String::new() } else { MORE.into() },
+            resources,
+            removed_resources: removed,
+            ..Default::default()
+        })
+    }
 }
 
 /// What one delta stream subscribed to of one type, and what it was sent.
@@ -79,6 +196,9 @@ pub struct StreamState {
     sent: BTreeMap<String, String>,
     /// Whether the client's first request was seen.
     started: bool,
+    /// The generation of the snapshot last compared, while the
+    /// subscription has not changed since.
+    seen: Option<u64>,
 }
 
 impl StreamState {
@@ -91,6 +211,7 @@ impl StreamState {
             pinned: false,
             sent: BTreeMap::new(),
             started: false,
+            seen: None,
         }
     }
 
@@ -142,6 +263,10 @@ impl StreamState {
         }
         let first = !self.started;
         self.started = true;
+        if first || !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty() {
+            // What the client wants changed: compare everything next time.
+            self.seen = None;
+        }
         if first {
             if req.initial_resource_versions.len() > MAX_NAMES_PER_STREAM {
                 return Err(too_many());
@@ -181,25 +306,55 @@ impl StreamState {
     }
 
     /// The response that brings the client from what it holds to `snap`,
-    /// or `None` when it is up to date (or has not asked yet). Records the
-    /// new versions as sent.
+    /// whole, or `None` when it is up to date (or has not asked yet).
+    /// Records the new versions as sent.
     pub fn diff(&mut self, snap: &Snapshot, nonce: String) -> Option<DeltaDiscoveryResponse> {
+        let mut push = self.push(snap)?;
+        let mut resp = push.next_response(usize::MAX)?;
+        resp.nonce = nonce;
+        Some(resp)
+    }
+
+    /// What brings the client from what it holds to `snap`, or `None`
+    /// when it is up to date (or has not asked yet). Records the new
+    /// versions as sent. When the client saw the snapshot before this one
+    /// and its subscription has not changed since, only the names that
+    /// changed are compared.
+    pub fn push(&mut self, snap: &Snapshot) -> Option<Push> {
         if !self.started {
             return None;
         }
+        let incremental = match (&snap.changed, self.seen) {
+            (Some(changed), Some(seen)) if seen + 1 == snap.generation => Some(changed.clone()),
+            _ if self.seen == Some(snap.generation) => return None,
+            _ => None,
+        };
+        self.seen = Some(snap.generation);
         let wanted = |name: &str| self.wildcard || self.names.contains(name);
         let mut resources = Vec::new();
-        for (name, r) in &snap.resources {
-            if wanted(name) && self.sent.get(name) != Some(&r.version) {
-                resources.push((**r).clone());
+        let mut removed = Vec::new();
+        let mut consider = |name: &String| match snap.resources.get(name) {
+            Some(r) if wanted(name) => {
+                if self.sent.get(name) != Some(&r.version) {
+                    resources.push(r.clone());
+                }
+            }
+            _ => {
+                if self.sent.contains_key(name) {
+                    removed.push(name.clone());
+                }
+            }
+        };
+        match incremental {
+            Some(changed) => changed.iter().for_each(&mut consider),
+            None => {
+                snap.resources.keys().for_each(&mut consider);
+                self.sent
+                    .keys()
+                    .filter(|n| !snap.resources.contains_key(*n))
+                    .for_each(|n| removed.push(n.clone()));
             }
         }
-        let removed: Vec<String> = self
-            .sent
-            .keys()
-            .filter(|n| !wanted(n) || !snap.resources.contains_key(*n))
-            .cloned()
-            .collect();
         if resources.is_empty() && removed.is_empty() {
             return None;
         }
@@ -209,12 +364,12 @@ impl StreamState {
         for r in &resources {
             self.sent.insert(r.name.clone(), r.version.clone());
         }
-        Some(DeltaDiscoveryResponse {
-            type_url: self.type_url.into(),
+        resources.reverse();
+        removed.reverse();
+        Some(Push {
+            type_url: self.type_url,
             resources,
-            removed_resources: removed,
-            nonce,
-            ..Default::default()
+            removed,
         })
     }
 }

@@ -6,11 +6,17 @@ use super::*;
 
 const TYPE: &str = "type.googleapis.com/test.Thing";
 
+/// A snapshot as [`publish`] gives them: each of a new generation, with
+/// no record of what changed.
 fn snap(items: &[(&str, &str)]) -> Snapshot {
-    pack(
-        TYPE,
-        items.iter().map(|(n, body)| (n.to_string(), body.as_bytes().to_vec())),
-    )
+    static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    Snapshot {
+        generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        ..pack(
+            TYPE,
+            items.iter().map(|(n, body)| (n.to_string(), body.as_bytes().to_vec())),
+        )
+    }
 }
 
 fn names(resp: &DeltaDiscoveryResponse) -> Vec<&str> {
@@ -29,7 +35,7 @@ fn versions_name_contents() {
     let a = snap(&[("x/a", "one")]);
     let b = snap(&[("x/a", "one")]);
     let c = snap(&[("x/a", "two")]);
-    assert_eq!(a, b);
+    assert_eq!(a.resources, b.resources);
     assert_ne!(a.resources["x/a"].version, c.resources["x/a"].version);
 }
 
@@ -171,4 +177,107 @@ fn acks_track_the_last_response() {
         acks.send("v2").is_some(),
         "a fresh request is answered even if nothing changed"
     );
+}
+
+fn resource(name: &str, body: &str) -> (String, Option<Arc<Resource>>) {
+    let snap = pack(TYPE, [(name.to_string(), body.as_bytes().to_vec())]);
+    (name.to_string(), snap.resources.get(name).cloned())
+}
+
+#[test]
+fn published_changes_name_what_changed_and_streams_compare_only_those() {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    assert!(publish_changes(&tx, [resource("x/a", "1"), resource("x/b", "1")]));
+    let first = rx.borrow().clone().expect("published");
+    assert_eq!(
+        (first.generation, first.changed.is_none()),
+        (1, true),
+        "the first names nothing"
+    );
+
+    let mut state = StreamState::new(TYPE);
+    state.subscribe(&Default::default()).expect("valid");
+    let resp = state.diff(&first, "1".into()).expect("everything at first");
+    assert_eq!(names(&resp), ["x/a", "x/b"]);
+
+    assert!(
+        !publish_changes(&tx, [resource("x/a", "1")]),
+        "the same version is no change"
+    );
+    assert!(publish_changes(&tx, [resource("x/a", "2"), ("x/b".into(), None)]));
+    let second = rx.borrow().clone().expect("published");
+    assert_eq!(second.generation, 2);
+    let changed: Vec<&str> = second
+        .changed
+        .iter()
+        .flat_map(|c| c.iter().map(String::as_str))
+        .collect();
+    assert_eq!(changed, ["x/a", "x/b"]);
+    let resp = state.diff(&second, "2".into()).expect("the change");
+    assert_eq!(names(&resp), ["x/a"]);
+    assert_eq!(resp.removed_resources, ["x/b"]);
+    assert!(state.diff(&second, "3".into()).is_none(), "already compared");
+}
+
+#[test]
+fn a_stream_that_missed_a_snapshot_compares_everything() {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    publish_changes(&tx, [resource("x/a", "1"), resource("x/b", "1")]);
+    let mut state = StreamState::new(TYPE);
+    state.subscribe(&Default::default()).expect("valid");
+    state.diff(&rx.borrow().clone().expect("first"), "1".into());
+    publish_changes(&tx, [resource("x/a", "2")]);
+    publish_changes(&tx, [resource("x/c", "1")]);
+    let third = rx.borrow().clone().expect("third");
+    let resp = state.diff(&third, "2".into()).expect("both changes");
+    assert_eq!(names(&resp), ["x/a", "x/c"], "x/a changed in the snapshot it missed");
+}
+
+#[test]
+fn a_push_is_split_into_responses_under_the_limit() {
+    let items: Vec<(String, String)> = (0..50).map(|i| (format!("ns/svc-{i:02}"), "x".repeat(100))).collect();
+    let snap = Snapshot {
+        generation: 1,
+        ..pack(TYPE, items.iter().map(|(n, b)| (n.clone(), b.clone().into_bytes())))
+    };
+    let mut state = StreamState::new(TYPE);
+    state.subscribe(&Default::default()).expect("valid");
+    let mut push = state.push(&snap).expect("everything");
+    let mut got = Vec::new();
+    let mut responses = Vec::new();
+    while let Some(resp) = push.next_response(1_000) {
+        use prost::Message;
+        assert!(resp.encoded_len() <= 1_000, "{} bytes", resp.encoded_len());
+        got.extend(resp.resources.iter().map(|r| r.name.clone()));
+        responses.push(resp);
+    }
+    assert!(responses.len() >= 6, "{} responses", responses.len());
+    let (last, before) = responses.split_last().expect("responses");
+    assert!(before.iter().all(|r| r.system_version_info == MORE));
+    assert_eq!(last.system_version_info, "", "the last response ends the push");
+    let want: Vec<String> = items.into_iter().map(|(n, _)| n).collect();
+    assert_eq!(got, want, "every resource once, in order");
+}
+
+#[test]
+fn a_resource_larger_than_the_limit_goes_alone() {
+    let snap = Snapshot {
+        generation: 1,
+        ..pack(
+            TYPE,
+            [
+                ("ns/big".to_string(), vec![7; 5_000]),
+                ("ns/small".to_string(), vec![1; 10]),
+            ],
+        )
+    };
+    let mut state = StreamState::new(TYPE);
+    state.subscribe(&Default::default()).expect("valid");
+    let mut push = state.push(&snap).expect("everything");
+    let first = push.next_response(1_000).expect("first");
+    assert_eq!(names(&first), ["ns/big"]);
+    assert_eq!(first.system_version_info, MORE);
+    let second = push.next_response(1_000).expect("second");
+    assert_eq!(names(&second), ["ns/small"]);
+    assert!(push.next_response(1_000).is_none());
 }
