@@ -205,7 +205,8 @@ async fn services_and_endpoints_stream_incrementally_to_an_independent_client() 
             names(r, "resources").contains(&format!("{ns}/api"))
         })
         .await?;
-    assert_eq!(names(&added, "resources"), [format!("{ns}/api")], "{added}");
+    // (Other tests' Services may change in the same push.)
+    assert!(!names(&added, "resources").contains(&web_name), "{added}");
 
     // The meshed pod stops being meshed (label removed): web is resent.
     pods.patch(

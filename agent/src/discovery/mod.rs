@@ -11,22 +11,25 @@
 //! what changed ([`crate::ads`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
-use kube::runtime::{reflector, watcher};
+use kube::runtime::watcher;
 use mizzen_api::mesh::{PROXY_CONTAINER, TLS_MODE_LABEL, TLS_MODE_MIZZEN};
 use mizzen_api::proto::discovery::{self as pb, SERVICE_TYPE};
 use mizzen_api::{SpiffeId, TrustDomain};
 use prost::Message;
 use tokio::sync::{Notify, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::metrics::Metrics;
 pub use crate::xds::Snapshot;
+
+mod index;
+pub use index::Index;
 
 /// The label tying an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -107,137 +110,162 @@ impl PodFacts {
     }
 }
 
-/// The discovery resource of every Service, by `<namespace>/<name>`.
-/// Endpoints come from the Service's EndpointSlices: only ready ones, IP
-/// addresses only; `owner` says which pod holds an address. An endpoint's
-/// identity and whether it is meshed come from that pod only, never from
-/// the slice's `targetRef`.
+/// The discovery resource of every Service, by `<namespace>/<name>`
+/// ([`build_one`] for each).
 pub fn build(
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],
     owner: impl Fn(&str) -> IpOwner,
     trust_domain: &TrustDomain,
 ) -> BTreeMap<String, pb::Service> {
-    let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+    let mut by_service: HashMap<String, Vec<&EndpointSlice>> = HashMap::new();
     for slice in slices {
-        let (Some(ns), Some(name)) = (
-            slice.metadata.namespace.as_ref(),
-            slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)),
-        ) else {
-            continue;
-        };
-        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
-            continue;
+        if let Some(key) = service_of(slice) {
+            by_service.entry(key).or_default().push(slice);
         }
-        by_service.entry((ns.clone(), name.clone())).or_default().push(slice);
     }
-    let mut out = BTreeMap::new();
-    for svc in services {
-        let (Some(ns), Some(name)) = (svc.metadata.namespace.clone(), svc.metadata.name.clone()) else {
-            continue;
-        };
-        let spec = svc.spec.clone().unwrap_or_default();
-        let cluster_ips = spec
-            .cluster_ips
-            .clone()
-            .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
-            .collect();
-        let ports = spec
+    services
+        .iter()
+        .filter_map(|svc| {
+            let key = key_of(&**svc)?;
+            let slices = by_service.remove(&key).unwrap_or_default();
+            Some((key, build_one(svc, slices, &owner, trust_domain)))
+        })
+        .collect()
+}
+
+/// `<namespace>/<name>` of an object.
+pub fn key_of(o: &impl kube::Resource) -> Option<String> {
+    Some(format!(
+        "{}/{}",
+        o.meta().namespace.as_deref()?,
+        o.meta().name.as_deref()?
+    ))
+}
+
+/// The key of the Service an EndpointSlice belongs to (its
+/// `kubernetes.io/service-name` label), if it lists IP addresses.
+pub fn service_of(slice: &EndpointSlice) -> Option<String> {
+    let ns = slice.metadata.namespace.as_deref()?;
+    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    matches!(slice.address_type.as_str(), "IPv4" | "IPv6").then(|| format!("{ns}/{name}"))
+}
+
+/// One Service's discovery resource. Endpoints come from its
+/// EndpointSlices: only ready ones, IP addresses only; `owner` says which
+/// pod holds an address. An endpoint's identity and whether it is meshed
+/// come from that pod only, never from the slice's `targetRef`.
+pub fn build_one<'a>(
+    svc: &Service,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    owner: impl Fn(&str) -> IpOwner,
+    trust_domain: &TrustDomain,
+) -> pb::Service {
+    let spec = svc.spec.as_ref();
+    let cluster_ips = spec
+        .and_then(|s| {
+            s.cluster_ips
+                .clone()
+                .or_else(|| s.cluster_ip.clone().map(|ip| vec![ip]))
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
+        .collect();
+    let ports = spec
+        .and_then(|s| s.ports.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|p| pb::ServicePort {
+            name: p.name.clone().unwrap_or_default(),
+            port: u32::try_from(p.port).unwrap_or(0),
+            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            app_protocol: p.app_protocol.clone().unwrap_or_default(),
+        })
+        .collect();
+    let mut slices: Vec<&EndpointSlice> = slices.into_iter().collect();
+    slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut endpoints = Vec::new();
+    for slice in slices {
+        let ports: BTreeMap<String, u32> = slice
             .ports
             .iter()
             .flatten()
-            .map(|p| pb::ServicePort {
-                name: p.name.clone().unwrap_or_default(),
-                port: u32::try_from(p.port).unwrap_or(0),
-                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                app_protocol: p.app_protocol.clone().unwrap_or_default(),
-            })
+            .filter_map(|p| Some((p.name.clone().unwrap_or_default(), u32::try_from(p.port?).ok()?)))
             .collect();
-        let mut endpoints = Vec::new();
-        let mut slices = by_service.remove(&(ns.clone(), name.clone())).unwrap_or_default();
-        slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-        for slice in slices {
-            let ports: BTreeMap<String, u32> = slice
-                .ports
-                .iter()
-                .flatten()
-                .filter_map(|p| Some((p.name.clone().unwrap_or_default(), u32::try_from(p.port?).ok()?)))
-                .collect();
-            for ep in &slice.endpoints {
-                // Unknown readiness counts as ready (the API's documented meaning).
-                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                if !ready {
-                    continue;
-                }
-                let addresses: Vec<String> = ep
-                    .addresses
-                    .iter()
-                    .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
-                    .cloned()
-                    .collect();
-                if addresses.is_empty() {
-                    continue;
-                }
-                // Every address of an endpoint (dual stack) must be the
-                // same pod's; anything else is a conflict.
-                let mut owners = addresses.iter().map(|a| owner(a));
-                let first = owners.next().unwrap_or(IpOwner::Unknown);
-                let holder = if owners.all(|o| o == first) {
-                    first
-                } else {
-                    IpOwner::Conflict
-                };
-                let (meshed, spiffe_id, pod) = match holder {
-                    IpOwner::Pod(f) => (
-                        f.meshed,
-                        SpiffeId::workload(trust_domain, &f.namespace, &f.service_account)
-                            .map(|id| id.to_string())
-                            .unwrap_or_default(),
-                        format!("{}/{}", f.namespace, f.name),
-                    ),
-                    IpOwner::Unknown => (false, String::new(), String::new()),
-                    // Meshed without an identity: proxies refuse to connect.
-                    IpOwner::Conflict => (true, String::new(), String::new()),
-                };
-                endpoints.push(pb::Endpoint {
-                    addresses,
-                    ports: ports.clone().into_iter().collect(),
-                    meshed,
-                    spiffe_id,
-                    pod,
-                });
+        for ep in &slice.endpoints {
+            // Unknown readiness counts as ready (the API's documented meaning).
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if !ready {
+                continue;
             }
+            let addresses: Vec<String> = ep
+                .addresses
+                .iter()
+                .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
+                .cloned()
+                .collect();
+            if addresses.is_empty() {
+                continue;
+            }
+            // Every address of an endpoint (dual stack) must be the
+            // same pod's; anything else is a conflict.
+            let mut owners = addresses.iter().map(|a| owner(a));
+            let first = owners.next().unwrap_or(IpOwner::Unknown);
+            let holder = if owners.all(|o| o == first) {
+                first
+            } else {
+                IpOwner::Conflict
+            };
+            let (meshed, spiffe_id, pod) = match holder {
+                IpOwner::Pod(f) => (
+                    f.meshed,
+                    SpiffeId::workload(trust_domain, &f.namespace, &f.service_account)
+                        .map(|id| id.to_string())
+                        .unwrap_or_default(),
+                    format!("{}/{}", f.namespace, f.name),
+                ),
+                IpOwner::Unknown => (false, String::new(), String::new()),
+                // Meshed without an identity: proxies refuse to connect.
+                IpOwner::Conflict => (true, String::new(), String::new()),
+            };
+            endpoints.push(pb::Endpoint {
+                addresses,
+                ports: ports.clone().into_iter().collect(),
+                meshed,
+                spiffe_id,
+                pod,
+            });
         }
-        endpoints.sort_by(|a, b| a.addresses.cmp(&b.addresses));
-        out.insert(
-            format!("{ns}/{name}"),
-            pb::Service {
-                namespace: ns,
-                name,
-                cluster_ips,
-                ports,
-                endpoints,
-            },
-        );
     }
-    out
+    endpoints.sort_by(|a, b| a.addresses.cmp(&b.addresses));
+    pb::Service {
+        namespace: svc.metadata.namespace.clone().unwrap_or_default(),
+        name: svc.metadata.name.clone().unwrap_or_default(),
+        cluster_ips,
+        ports,
+        endpoints,
+    }
 }
 
-/// Packs `services` as delta xDS resources whose version names their contents.
-pub fn snapshot(services: BTreeMap<String, pb::Service>) -> Snapshot {
-    crate::xds::pack(
-        SERVICE_TYPE,
-        services.into_iter().map(|(name, svc)| (name, svc.encode_to_vec())),
-    )
+/// Hands watch events to `apply` on the index, and says something changed.
+fn feed<K: Send + 'static>(
+    index: &Arc<Mutex<Index>>,
+    changed: &Arc<Notify>,
+    apply: fn(&mut Index, watcher::Event<K>),
+) -> impl FnMut(watcher::Event<K>) + Send + 'static {
+    let (index, changed) = (index.clone(), changed.clone());
+    move |ev| {
+        apply(&mut index.lock().unwrap_or_else(|e| e.into_inner()), ev);
+        changed.notify_one();
+    }
 }
 
-/// Watches Services, EndpointSlices and Pods cluster-wide and publishes a
-/// new [`Snapshot`] on `tx` after each burst of changes (bursts are
-/// gathered for `debounce`). Nothing is published until all three watches
-/// have listed once, so proxies never see a partial cluster.
+/// Watches Services, EndpointSlices and Pods cluster-wide into an
+/// [`Index`] and, after each burst of changes (gathered for `debounce`),
+/// rebuilds the Services the burst touched and publishes them on `tx`
+/// ([`crate::xds::publish_changes`]). Nothing is published until all three
+/// watches have listed once, so proxies never see a partial cluster.
 pub async fn follow(
     client: kube::Client,
     trust_domain: TrustDomain,
@@ -245,95 +273,60 @@ pub async fn follow(
     tx: watch::Sender<Option<Arc<Snapshot>>>,
     metrics: Arc<Metrics>,
 ) {
+    let index = Arc::new(Mutex::new(Index::default()));
     let changed = Arc::new(Notify::new());
-    let (services, w1) = reflector::store::<Service>();
-    let (slices, w2) = reflector::store::<EndpointSlice>();
-    let (pods, w3) = reflector::store::<Pod>();
-    tokio::spawn(crate::watch::reflect(
-        watcher(Api::all(client.clone()), watcher::Config::default()),
-        w1,
-        changed.clone(),
+    let config = watcher::Config::default;
+    tokio::spawn(crate::watch::follow(
+        watcher(Api::<Service>::all(client.clone()), config()),
         "services",
         |s| {
             s.metadata.managed_fields = None;
             s.metadata.annotations = None;
             s.status = None;
         },
+        feed(&index, &changed, Index::service_event),
     ));
-    tokio::spawn(crate::watch::reflect(
-        watcher(Api::all(client.clone()), watcher::Config::default()),
-        w2,
-        changed.clone(),
+    tokio::spawn(crate::watch::follow(
+        watcher(Api::<EndpointSlice>::all(client.clone()), config()),
         "endpointslices",
         |s| {
             s.metadata.managed_fields = None;
             s.metadata.annotations = None;
         },
+        feed(&index, &changed, Index::slice_event),
     ));
-    tokio::spawn(crate::watch::reflect(
-        watcher(Api::all(client), watcher::Config::default()),
-        w3,
-        changed.clone(),
+    tokio::spawn(crate::watch::follow(
+        watcher(Api::<Pod>::all(client), config()),
         "pods",
-        trim_pod,
+        |_| {},
+        feed(&index, &changed, Index::pod_event),
     ));
-    for (ready, what) in [
-        (services.wait_until_ready().await.is_ok(), "services"),
-        (slices.wait_until_ready().await.is_ok(), "endpointslices"),
-        (pods.wait_until_ready().await.is_ok(), "pods"),
-    ] {
-        if !ready {
-            warn!(what, "discovery store closed before it was ready");
-            return;
-        }
-    }
-    info!("discovery watches synced");
+    let mut synced = false;
     loop {
-        let started = std::time::Instant::now();
-        let all_pods = pods.state();
-        let owners = ip_owners(all_pods.iter().map(|p| &**p));
-        let built = build(
-            &services.state(),
-            &slices.state(),
-            |ip| owners.get(ip).cloned().unwrap_or(IpOwner::Unknown),
-            &trust_domain,
-        );
-        let endpoints: usize = built.values().map(|s| s.endpoints.len()).sum();
-        let next = snapshot(built);
-        metrics.discovery_services.set(next.resources.len() as i64);
-        metrics.discovery_endpoints.set(endpoints as i64);
-        if crate::xds::publish(&tx, next) {
-            debug!(took = ?started.elapsed(), "discovery snapshot rebuilt");
-        }
         changed.notified().await;
         tokio::time::sleep(debounce).await;
-    }
-}
-
-/// Keeps of a pod only what [`PodFacts`] reads: every agent holds every
-/// pod of the cluster, so the rest (status, env, volumes, ...) is dropped.
-fn trim_pod(p: &mut Pod) {
-    p.metadata.managed_fields = None;
-    p.metadata.annotations = None;
-    p.metadata.owner_references = None;
-    // Its IPs and phase say which addresses it holds.
-    p.status = p.status.take().map(|s| k8s_openapi::api::core::v1::PodStatus {
-        phase: s.phase,
-        pod_ips: s.pod_ips,
-        ..Default::default()
-    });
-    if let Some(spec) = p.spec.as_mut() {
-        let keep = |c: &k8s_openapi::api::core::v1::Container| k8s_openapi::api::core::v1::Container {
-            name: c.name.clone(),
-            ..Default::default()
+        let started = std::time::Instant::now();
+        let (built, endpoints) = {
+            let mut index = index.lock().unwrap_or_else(|e| e.into_inner());
+            if !index.synced.all() {
+                continue;
+            }
+            (index.rebuild(&trust_domain), index.endpoints())
         };
-        *spec = k8s_openapi::api::core::v1::PodSpec {
-            service_account_name: spec.service_account_name.clone(),
-            host_network: spec.host_network,
-            containers: spec.containers.iter().map(keep).collect(),
-            init_containers: spec.init_containers.as_ref().map(|cs| cs.iter().map(keep).collect()),
-            ..Default::default()
-        };
+        if !synced {
+            synced = true;
+            info!(services = built.len(), "discovery watches synced");
+        }
+        let rebuilt = built.len();
+        let changes = built.into_iter().map(|(key, svc)| {
+            let resource = svc.map(|s| crate::xds::resource(SERVICE_TYPE, key.clone(), s.encode_to_vec()));
+            (key, resource)
+        });
+        let published = crate::xds::publish_changes(&tx, changes);
+        let services = tx.borrow().as_ref().map_or(0, |s| s.resources.len());
+        metrics.discovery_services.set(services as i64);
+        metrics.discovery_endpoints.set(endpoints as i64);
+        debug!(rebuilt, published, took = ?started.elapsed(), "discovery rebuilt what changed");
     }
 }
 

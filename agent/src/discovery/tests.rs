@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::*;
 
-fn service(ns: &str, name: &str, ip: &str) -> Arc<Service> {
+pub(super) fn service(ns: &str, name: &str, ip: &str) -> Arc<Service> {
     Arc::new(
         serde_json::from_value(json!({
             "metadata": {"namespace": ns, "name": name},
@@ -18,7 +18,7 @@ fn service(ns: &str, name: &str, ip: &str) -> Arc<Service> {
     )
 }
 
-fn slice(ns: &str, svc: &str, name: &str, endpoints: serde_json::Value) -> Arc<EndpointSlice> {
+pub(super) fn slice(ns: &str, svc: &str, name: &str, endpoints: serde_json::Value) -> Arc<EndpointSlice> {
     Arc::new(
         serde_json::from_value(json!({
             "metadata": {"namespace": ns, "name": name, "labels": {SERVICE_NAME_LABEL: svc}},
@@ -30,7 +30,7 @@ fn slice(ns: &str, svc: &str, name: &str, endpoints: serde_json::Value) -> Arc<E
     )
 }
 
-fn pod(ns: &str, name: &str, ip: &str, meshed: bool, sa: &str) -> Pod {
+pub(super) fn pod(ns: &str, name: &str, ip: &str, meshed: bool, sa: &str) -> Pod {
     let mut p: Pod = serde_json::from_value(json!({
         "metadata": {"namespace": ns, "name": name},
         "spec": {"serviceAccountName": sa, "containers": [{"name": "app"}]},
@@ -149,26 +149,6 @@ fn meshed_needs_both_the_label_and_the_proxy_container() {
     assert!(!PodFacts::of(&pod(label.clone(), json!([{"name": "app"}]))).meshed);
     assert!(!PodFacts::of(&pod(json!({TLS_MODE_LABEL: "disabled"}), proxy)).meshed);
     assert_eq!(PodFacts::of(&pod(label.clone(), json!([]))).service_account, "sa");
-    // What the agent stores of a pod still gives the same facts.
-    let mut full: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "p", "labels": label, "annotations": {"big": "x"}},
-        "spec": {"serviceAccountName": "sa", "volumes": [{"name": "v", "emptyDir": {}}],
-                 "initContainers": [{"name": "mizzen-proxy", "image": "i", "env": [{"name": "A", "value": "b"}]}],
-                 "containers": [{"name": "app", "image": "i", "args": ["serve"]}]},
-        "status": {"phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}],
-                   "conditions": [{"type": "Ready", "status": "True"}]},
-    }))
-    .expect("pod");
-    let before = (PodFacts::of(&full), ip_owners([&full]));
-    trim_pod(&mut full);
-    assert_eq!((PodFacts::of(&full), ip_owners([&full])), before);
-    let status = full.status.as_ref().expect("the IPs and phase stay");
-    assert!(status.conditions.is_none() && status.pod_ip.is_none() && full.metadata.annotations.is_none());
-    assert!(
-        full.spec
-            .as_ref()
-            .is_some_and(|s| s.volumes.is_none() && s.containers[0].image.is_none())
-    );
 }
 
 // Issue #10, item 7: anyone may write an EndpointSlice. One in namespace

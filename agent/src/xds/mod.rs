@@ -50,23 +50,25 @@ pub fn version_of(bytes: &[u8]) -> String {
 pub fn pack(type_url: &str, encoded: impl IntoIterator<Item = (String, Vec<u8>)>) -> Snapshot {
     let resources = encoded
         .into_iter()
-        .map(|(name, value)| {
-            let resource = Resource {
-                name: name.clone(),
-                version: version_of(&value),
-                resource: Some(Any {
-                    type_url: type_url.into(),
-                    value,
-                }),
-                ..Default::default()
-            };
-            (name, Arc::new(resource))
-        })
+        .map(|(name, value)| (name.clone(), resource(type_url, name, value)))
         .collect();
     Snapshot {
         resources,
         ..Default::default()
     }
+}
+
+/// One encoded resource of `type_url`, its version naming its contents.
+pub fn resource(type_url: &str, name: String, value: Vec<u8>) -> Arc<Resource> {
+    Arc::new(Resource {
+        name,
+        version: version_of(&value),
+        resource: Some(Any {
+            type_url: type_url.into(),
+            value,
+        }),
+        ..Default::default()
+    })
 }
 
 /// Replaces the published snapshot with `next` (whose `generation` and

@@ -1,0 +1,210 @@
+use std::collections::BTreeMap;
+
+use serde_json::json;
+
+use super::*;
+use crate::discovery::tests::{pod, service, slice};
+use crate::discovery::{build, ip_owners};
+
+fn td() -> TrustDomain {
+    TrustDomain::default()
+}
+
+/// An index that has listed `services`, `slices` and `pods`, rebuilt once.
+fn listed(services: &[Arc<Service>], slices: &[Arc<EndpointSlice>], pods: &[Pod]) -> Index {
+    let mut index = Index::default();
+    index.service_event(Event::Init);
+    for s in services {
+        index.service_event(Event::InitApply((**s).clone()));
+    }
+    index.service_event(Event::InitDone);
+    index.slice_event(Event::Init);
+    for s in slices {
+        index.slice_event(Event::InitApply((**s).clone()));
+    }
+    index.slice_event(Event::InitDone);
+    index.pod_event(Event::Init);
+    for p in pods {
+        index.pod_event(Event::InitApply(p.clone()));
+    }
+    index.pod_event(Event::InitDone);
+    assert!(index.synced.all());
+    index.rebuild(&td());
+    index
+}
+
+fn web_slice(ips: &[&str]) -> Arc<EndpointSlice> {
+    let endpoints: Vec<_> = ips.iter().map(|ip| json!({"addresses": [ip]})).collect();
+    slice("demo", "web", "web-a", json!(endpoints))
+}
+
+fn rebuilt(index: &mut Index) -> Vec<String> {
+    let mut keys: Vec<String> = index.rebuild(&td()).into_iter().map(|(k, _)| k).collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn a_pod_change_discovery_does_not_read_rebuilds_nothing() {
+    let web = service("demo", "web", "10.0.0.10");
+    let api = service("demo", "api", "10.0.0.11");
+    let mut index = listed(
+        &[web, api],
+        &[web_slice(&["10.200.0.3"])],
+        &[pod("demo", "meshed", "10.200.0.3", true, "web")],
+    );
+    // A label, a condition, a restart: not what discovery reads.
+    let mut changed = pod("demo", "meshed", "10.200.0.3", true, "web");
+    changed
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert("version".into(), "v2".into());
+    index.pod_event(Event::Apply(changed));
+    // A pod whose address no endpoint lists.
+    index.pod_event(Event::Apply(pod("demo", "elsewhere", "10.200.0.99", false, "x")));
+    assert_eq!(index.dirty(), 0);
+    assert!(index.rebuild(&td()).is_empty());
+}
+
+#[test]
+fn a_pod_change_rebuilds_the_services_that_list_its_address() {
+    let mut index = listed(
+        &[
+            service("demo", "web", "10.0.0.10"),
+            service("demo", "api", "10.0.0.11"),
+            service("other", "web", "10.0.0.12"),
+        ],
+        &[
+            web_slice(&["10.200.0.3"]),
+            slice("other", "web", "web-x", json!([{"addresses": ["10.200.0.3"]}])),
+        ],
+        &[pod("demo", "meshed", "10.200.0.3", false, "web")],
+    );
+    index.pod_event(Event::Apply(pod("demo", "meshed", "10.200.0.3", true, "web")));
+    assert_eq!(rebuilt(&mut index), ["demo/web", "other/web"]);
+    // The pod goes: its address has no owner any more.
+    index.pod_event(Event::Delete(pod("demo", "meshed", "10.200.0.3", true, "web")));
+    let out = index.rebuild(&td());
+    assert_eq!(out.len(), 2);
+    assert!(
+        out.iter()
+            .all(|(_, s)| s.as_ref().is_some_and(|s| !s.endpoints[0].meshed))
+    );
+}
+
+#[test]
+fn a_slice_that_changes_service_rebuilds_both() {
+    let mut index = listed(
+        &[service("demo", "web", "10.0.0.10"), service("demo", "api", "10.0.0.11")],
+        &[web_slice(&["10.200.0.3"])],
+        &[],
+    );
+    index.slice_event(Event::Apply(
+        (*slice("demo", "api", "web-a", json!([{"addresses": ["10.200.0.3"]}]))).clone(),
+    ));
+    let out: BTreeMap<String, Option<pb::Service>> = index.rebuild(&td()).into_iter().collect();
+    assert_eq!(out.len(), 2);
+    assert!(out["demo/web"].as_ref().is_some_and(|s| s.endpoints.is_empty()));
+    assert_eq!(out["demo/api"].as_ref().map(|s| s.endpoints.len()), Some(1));
+}
+
+#[test]
+fn a_relist_deletes_what_it_no_longer_lists() {
+    let mut index = listed(
+        &[service("demo", "web", "10.0.0.10"), service("demo", "api", "10.0.0.11")],
+        &[],
+        &[],
+    );
+    index.service_event(Event::Init);
+    index.service_event(Event::InitApply((*service("demo", "web", "10.0.0.10")).clone()));
+    index.service_event(Event::InitDone);
+    let out: BTreeMap<String, Option<pb::Service>> = index.rebuild(&td()).into_iter().collect();
+    assert_eq!(out.get("demo/api"), Some(&None), "gone while the watch was down");
+    assert!(out.get("demo/web").is_some_and(Option::is_some));
+}
+
+/// A small deterministic generator (no dependency for one test).
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// Whatever the events, building only what they mark gives what building
+/// everything gives.
+#[test]
+fn incremental_rebuilds_equal_a_full_build() {
+    let mut rng = Lcg(7);
+    let mut index = listed(&[], &[], &[]);
+    let mut held: BTreeMap<String, pb::Service> = BTreeMap::new();
+    let mut services: BTreeMap<String, Arc<Service>> = BTreeMap::new();
+    let mut slices: BTreeMap<String, Arc<EndpointSlice>> = BTreeMap::new();
+    let mut pods: BTreeMap<String, Pod> = BTreeMap::new();
+    let ip = |i: u64| format!("10.200.0.{i}");
+    for step in 0..2_000 {
+        let n = rng.below(6);
+        match rng.below(7) {
+            0 => {
+                let s = service("ns", &format!("svc-{n}"), &format!("10.0.0.{n}"));
+                services.insert(format!("ns/svc-{n}"), s.clone());
+                index.service_event(Event::Apply((*s).clone()));
+            }
+            1 => {
+                if let Some(s) = services.remove(&format!("ns/svc-{n}")) {
+                    index.service_event(Event::Delete((*s).clone()));
+                }
+            }
+            2 | 3 => {
+                let owner = format!("svc-{}", rng.below(6));
+                let endpoints: Vec<_> = (0..rng.below(4))
+                    .map(|_| json!({"addresses": [ip(rng.below(8))], "conditions": {"ready": rng.below(4) != 0}}))
+                    .collect();
+                let s = slice("ns", &owner, &format!("slice-{n}"), json!(endpoints));
+                slices.insert(format!("ns/slice-{n}"), s.clone());
+                index.slice_event(Event::Apply((*s).clone()));
+            }
+            4 => {
+                if let Some(s) = slices.remove(&format!("ns/slice-{n}")) {
+                    index.slice_event(Event::Delete((*s).clone()));
+                }
+            }
+            5 => {
+                let p = pod("ns", &format!("pod-{n}"), &ip(rng.below(8)), rng.below(2) == 0, "sa");
+                pods.insert(format!("ns/pod-{n}"), p.clone());
+                index.pod_event(Event::Apply(p));
+            }
+            _ => {
+                if let Some(p) = pods.remove(&format!("ns/pod-{n}")) {
+                    index.pod_event(Event::Delete(p));
+                }
+            }
+        }
+        if rng.below(3) == 0 {
+            for (key, built) in index.rebuild(&td()) {
+                match built {
+                    Some(s) => held.insert(key, s),
+                    None => held.remove(&key),
+                };
+            }
+            let owners = ip_owners(pods.values());
+            let services: Vec<_> = services.values().cloned().collect();
+            let slices: Vec<_> = slices.values().cloned().collect();
+            let full = build(
+                &services,
+                &slices,
+                |ip| owners.get(ip).cloned().unwrap_or(IpOwner::Unknown),
+                &td(),
+            );
+            assert_eq!(held, full, "step {step}");
+            let endpoints: usize = full.values().map(|s| s.endpoints.len()).sum();
+            assert_eq!(index.endpoints(), endpoints, "step {step}");
+        }
+    }
+}
