@@ -25,10 +25,10 @@ for d in "${TMPDIR:-/tmp}"/mizzen-cluster-*; do
   if [ -d "$d" ] && ! ls "$d/pids/"* >/dev/null 2>&1; then rm -rf "$d"; fi
 done
 
-# End-to-end tests run the components' real binaries; the proxy benchmark
-# measures the release build of the proxy.
+# End-to-end tests run the components' real binaries; the proxy and
+# discovery benchmarks measure the release builds of the proxy and agent.
 cargo build --workspace --bins --locked
-cargo build --release --locked -p mizzen-proxy
+cargo build --release --locked -p mizzen-proxy -p mizzen-agent
 
 # Each test binary's fixtures are torn down by a helper after it exits; wait
 # for them so that nothing is left running when a run ends.

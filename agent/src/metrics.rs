@@ -28,6 +28,10 @@ pub struct Metrics {
     /// Services and ready endpoints in the latest discovery snapshot.
     pub discovery_services: Gauge,
     pub discovery_endpoints: Gauge,
+    /// Watch events (Services, EndpointSlices, Pods) discovery applied.
+    pub discovery_events: Counter,
+    /// Services discovery rebuilt because an event touched them.
+    pub discovery_rebuilds: Counter,
     pub policy_pushes: Counter,
     pub policy_nacks: Counter,
     /// Authorization policies replaced by their fail-closed stand-in.
@@ -93,6 +97,18 @@ impl Metrics {
             "Services in the latest discovery snapshot",
             discovery_services.clone(),
         );
+        let discovery_events = Counter::default();
+        registry.register(
+            "discovery_events",
+            "Watch events (Services, EndpointSlices, Pods) discovery applied",
+            discovery_events.clone(),
+        );
+        let discovery_rebuilds = Counter::default();
+        registry.register(
+            "discovery_rebuilds",
+            "Services discovery rebuilt because a watch event touched them",
+            discovery_rebuilds.clone(),
+        );
         let discovery_endpoints = Gauge::default();
         registry.register(
             "discovery_endpoints",
@@ -135,6 +151,8 @@ impl Metrics {
             discovery_nacks,
             discovery_services,
             discovery_endpoints,
+            discovery_events,
+            discovery_rebuilds,
             policy_pushes,
             policy_nacks,
             policies_rejected,

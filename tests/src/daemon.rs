@@ -21,9 +21,24 @@ impl Daemon {
     /// then `--admin-addr=127.0.0.1:<admin_port>`, and waits until its
     /// `/readyz` answers 200. Fails at once, with the log, if it exits.
     pub async fn start(name: &str, kubeconfig: &Path, admin_port: u16, args: &[String]) -> anyhow::Result<Self> {
+        Self::start_program(&workspace_bin(name), kubeconfig, admin_port, args).await
+    }
+
+    /// [`Daemon::start`] with the binary at `program` (a release build, say).
+    pub async fn start_program(
+        program: &Path,
+        kubeconfig: &Path,
+        admin_port: u16,
+        args: &[String],
+    ) -> anyhow::Result<Self> {
+        let name = program
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("a program name")?
+            .to_owned();
         let log = Cluster::get().dir().join(format!("logs/{name}-{admin_port}.log"));
         let out = std::fs::File::create(&log)?;
-        let child = tokio::process::Command::new(workspace_bin(name))
+        let child = tokio::process::Command::new(program)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", format!("info,{}=debug", name.replace('-', "_")))
             .args(args)

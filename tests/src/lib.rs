@@ -8,6 +8,7 @@
 //! rcgen. Fixtures clean up after themselves and, through the
 //! [`reaper`], when the test binary exits in any way.
 
+pub mod ads;
 pub mod ca_client;
 pub mod capture;
 pub mod cluster;
@@ -48,6 +49,25 @@ pub fn workspace_bin(name: &str) -> std::path::PathBuf {
         path.display()
     );
     path
+}
+
+/// The release build of workspace binary `name` (`target/release/<name>`),
+/// for benchmarks. `scripts/test.sh` builds the proxy's and the agent's.
+pub fn release_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    let debug = workspace_bin(name);
+    let release = debug
+        .parent()
+        .and_then(|d| d.parent())
+        .context("target dir")?
+        .join("release")
+        .join(name);
+    anyhow::ensure!(
+        release.exists(),
+        "{} is missing: build it with `cargo build --release -p {name}` (scripts/test.sh does)",
+        release.display()
+    );
+    Ok(release)
 }
 
 /// A TCP port on 127.0.0.1 for a server a test starts, from

@@ -122,19 +122,20 @@ impl Agent {
     /// `mizzen-system/mizzen-agent` (the manifests' RBAC), with the agent's
     /// own pod-bound token as its credential for the CA at `ca_port`.
     pub async fn start(cluster: &Cluster, node: &str, ca_port: u16, extra: &[&str]) -> anyhow::Result<Self> {
-        Self::start_as(cluster, node, ca_port, extra, "mizzen-agent").await
+        Self::start_as(cluster, node, ca_port, extra, "mizzen-agent", None).await
     }
 
     /// [`Agent::start`], reading the API server as ServiceAccount
     /// `mizzen-system/<api_account>` (its token for the CA stays that of
-    /// `mizzen-agent`): to run the agent with other RBAC than the
-    /// manifests'.
+    /// `mizzen-agent`), to run the agent with other RBAC than the
+    /// manifests', and running `program` (a release build, say) when given.
     pub async fn start_as(
         cluster: &Cluster,
         node: &str,
         ca_port: u16,
         extra: &[&str],
         api_account: &str,
+        program: Option<&std::path::Path>,
     ) -> anyhow::Result<Self> {
         let client = cluster.client().await?;
         let pod_name = format!("mizzen-agent-{node}-{}", free_port());
@@ -156,7 +157,8 @@ impl Agent {
             format!("--agent-token-file={}", token_file.display()),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let daemon = Daemon::start("mizzen-agent", &kubeconfig, free_port(), &args).await?;
+        let program = program.map_or_else(|| crate::workspace_bin("mizzen-agent"), ToOwned::to_owned);
+        let daemon = Daemon::start_program(&program, &kubeconfig, free_port(), &args).await?;
         Ok(Self {
             daemon,
             socket,

@@ -16,8 +16,13 @@ pub const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_so
 
 /// A client connected to the Unix socket at `path`.
 pub async fn connect(path: &Path) -> anyhow::Result<SecretDiscoveryServiceClient<Channel>> {
+    Ok(SecretDiscoveryServiceClient::new(channel(path).await?))
+}
+
+/// A gRPC channel to the agent's Unix socket at `path`.
+pub async fn channel(path: &Path) -> anyhow::Result<Channel> {
     let path: PathBuf = path.to_owned();
-    let channel = Endpoint::from_static("http://agent.local")
+    Endpoint::from_static("http://agent.local")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move {
@@ -27,8 +32,7 @@ pub async fn connect(path: &Path) -> anyhow::Result<SecretDiscoveryServiceClient
             }
         }))
         .await
-        .context("connect to the agent's socket")?;
-    Ok(SecretDiscoveryServiceClient::new(channel))
+        .context("connect to the agent's socket")
 }
 
 /// What a response carried.

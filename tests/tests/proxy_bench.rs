@@ -30,19 +30,7 @@ const APP_UID: u32 = 1000;
 const CONNS: &str = "4";
 
 fn release_proxy() -> anyhow::Result<std::path::PathBuf> {
-    let debug = workspace_bin("mizzen-proxy");
-    let release = debug
-        .parent()
-        .and_then(|d| d.parent())
-        .context("target dir")?
-        .join("release/mizzen-proxy");
-    if !release.exists() {
-        bail!(
-            "{} is missing: build it with `cargo build --release -p mizzen-proxy` (scripts/test.sh does)",
-            release.display()
-        );
-    }
-    Ok(release)
+    mizzen_tests::release_bin("mizzen-proxy")
 }
 
 fn pod(name: &str, labels: serde_json::Value, args: serde_json::Value) -> serde_json::Value {

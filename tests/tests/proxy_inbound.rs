@@ -601,7 +601,7 @@ async fn a_proxy_without_its_policy_fails_closed_until_the_policy_arrives() -> a
     let account = agent_account_without_policy_rbac(cluster).await?;
     let ca = Ca::start(cluster, None, &[]).await?;
     // Discovery and certificates work; the policy watches are forbidden.
-    let agent = Agent::start_as(cluster, node, ca.grpc_port, &[], &account).await?;
+    let agent = Agent::start_as(cluster, node, ca.grpc_port, &[], &account, None).await?;
     let Workloads { dir, server_token, .. } = workloads(cluster, "no-policy", node, node, &agent).await?;
     let server = NetnsPod::create("nopol-server")?;
     let peer = NetnsPod::create("nopol-client")?;

@@ -21,6 +21,7 @@ use kube::runtime::watcher;
 use mizzen_api::mesh::{PROXY_CONTAINER, TLS_MODE_LABEL, TLS_MODE_MIZZEN};
 use mizzen_api::proto::discovery::{self as pb, SERVICE_TYPE};
 use mizzen_api::{SpiffeId, TrustDomain};
+use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info};
@@ -252,11 +253,13 @@ pub fn build_one<'a>(
 fn feed<K: Send + 'static>(
     index: &Arc<Mutex<Index>>,
     changed: &Arc<Notify>,
+    events: &Counter,
     apply: fn(&mut Index, watcher::Event<K>),
 ) -> impl FnMut(watcher::Event<K>) + Send + 'static {
-    let (index, changed) = (index.clone(), changed.clone());
+    let (index, changed, events) = (index.clone(), changed.clone(), events.clone());
     move |ev| {
         apply(&mut index.lock().unwrap_or_else(|e| e.into_inner()), ev);
+        events.inc();
         changed.notify_one();
     }
 }
@@ -284,7 +287,7 @@ pub async fn follow(
             s.metadata.annotations = None;
             s.status = None;
         },
-        feed(&index, &changed, Index::service_event),
+        feed(&index, &changed, &metrics.discovery_events, Index::service_event),
     ));
     tokio::spawn(crate::watch::follow(
         watcher(Api::<EndpointSlice>::all(client.clone()), config()),
@@ -293,13 +296,13 @@ pub async fn follow(
             s.metadata.managed_fields = None;
             s.metadata.annotations = None;
         },
-        feed(&index, &changed, Index::slice_event),
+        feed(&index, &changed, &metrics.discovery_events, Index::slice_event),
     ));
     tokio::spawn(crate::watch::follow(
         watcher(Api::<Pod>::all(client), config()),
         "pods",
         |_| {},
-        feed(&index, &changed, Index::pod_event),
+        feed(&index, &changed, &metrics.discovery_events, Index::pod_event),
     ));
     let mut synced = false;
     loop {
@@ -318,6 +321,7 @@ pub async fn follow(
             info!(services = built.len(), "discovery watches synced");
         }
         let rebuilt = built.len();
+        metrics.discovery_rebuilds.inc_by(rebuilt as u64);
         let changes = built.into_iter().map(|(key, svc)| {
             let resource = svc.map(|s| crate::xds::resource(SERVICE_TYPE, key.clone(), s.encode_to_vec()));
             (key, resource)

@@ -31,7 +31,9 @@ pub use mizzen_api::proto::discovery::MORE;
 /// All resources of one type, by name, as sent on streams.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Snapshot {
-    pub resources: BTreeMap<String, Arc<Resource>>,
+    /// A persistent map: the next snapshot shares all but what changed,
+    /// so a change costs its own size, not the cluster's.
+    pub resources: imbl::OrdMap<String, Arc<Resource>>,
     /// Counts the snapshots of one source.
     pub generation: u64,
     /// The names changed or removed since snapshot `generation - 1`;
@@ -88,8 +90,8 @@ pub fn publish(tx: &tokio::sync::watch::Sender<Option<Arc<Snapshot>>>, mut next:
 
 /// Publishes the snapshot before with `changes` applied (`None` removes
 /// a resource), recording which names changed, unless nothing did;
-/// whether it published. The cost is that of copying the map of
-/// references, not of the resources.
+/// whether it published. The map is persistent: the cost is that of the
+/// changes, not of the map.
 pub fn publish_changes(
     tx: &tokio::sync::watch::Sender<Option<Arc<Snapshot>>>,
     changes: impl IntoIterator<Item = (String, Option<Arc<Resource>>)>,
