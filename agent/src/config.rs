@@ -103,7 +103,7 @@ pub struct Config {
     /// Largest discovery response, in bytes: a push that is larger is split
     /// over several responses (all but the last marked as continued), so
     /// that clients with gRPC's default 4 MiB limit can follow any cluster.
-    #[arg(long, default_value_t = 256 << 10, value_parser = clap::value_parser!(u64).range(4096..=(64 << 20)))]
+    #[arg(long, default_value_t = 64 << 10, value_parser = clap::value_parser!(u64).range(4096..=(64 << 20)))]
     pub max_discovery_message_bytes: u64,
 
     /// How long discovery gathers a burst of changes (Services, endpoints, policies) before pushing.

@@ -42,7 +42,7 @@ const FLIPS: usize = 20;
 const POD_TOUCHES: usize = 200;
 const STREAMS: usize = 50;
 /// The agent's default `--max-discovery-message-bytes`.
-const LIMIT: usize = 256 << 10;
+const LIMIT: usize = 64 << 10;
 const IN_FLIGHT: usize = 32;
 const TIMEOUT: Duration = Duration::from_secs(600);
 

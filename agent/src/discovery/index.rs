@@ -12,9 +12,12 @@
 //! [`Index::rebuild`] then builds the marked Services only
 //! ([`super::build_one`]). A relist after a broken watch ends with the
 //! deletion of what it did not list again, as a reflector's store does.
-//! Of a pod only its addresses and [`PodFacts`] are kept.
+//! Of each object only what discovery reads is kept: a Service's ports
+//! and addresses, a slice's ports and ready addresses, a pod's addresses
+//! and [`PodFacts`].
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -23,7 +26,7 @@ use kube::runtime::watcher::Event;
 use mizzen_api::TrustDomain;
 use mizzen_api::proto::discovery as pb;
 
-use super::{IpOwner, PodFacts, build_one, key_of, service_of};
+use super::{IpOwner, PodFacts, SliceShape, build_one, key_of, service_of, shape_of};
 
 /// What discovery reads of a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,16 +82,19 @@ impl Synced {
 /// The objects discovery is built from, and what must be rebuilt.
 #[derive(Debug, Default)]
 pub struct Index {
-    services: HashMap<String, Arc<Service>>,
-    /// Slice key → the Service it belongs to, and the slice.
-    slices: HashMap<String, (String, Arc<EndpointSlice>)>,
+    /// Each Service as discovery reads it ([`shape_of`]).
+    services: HashMap<String, pb::Service>,
+    /// Slice key → the Service it belongs to, and what discovery reads of
+    /// the slice.
+    slices: HashMap<String, (String, SliceShape)>,
     slices_of: HashMap<String, BTreeSet<String>>,
     pods: HashMap<String, PodEntry>,
-    pods_at_ip: HashMap<String, Vec<String>>,
+    pods_at_ip: HashMap<IpAddr, Vec<String>>,
     /// The Services whose built endpoints list an address, and the
     /// addresses each one's endpoints list.
-    services_at_ip: HashMap<String, HashSet<String>>,
-    ips_of_service: HashMap<String, Vec<String>>,
+    services_at_ip: HashMap<IpAddr, Vec<Arc<str>>>,
+    /// Keyed by the one shared copy of each Service's key.
+    ips_of_service: HashMap<Arc<str>, Vec<IpAddr>>,
     endpoints: usize,
     endpoints_of_service: HashMap<String, usize>,
     dirty: HashSet<String>,
@@ -144,7 +150,7 @@ impl Index {
         );
         for svc in puts {
             if let Some(key) = key_of(&svc) {
-                self.services.insert(key.clone(), Arc::new(svc));
+                self.services.insert(key.clone(), shape_of(&svc));
                 self.dirty.insert(key);
             }
         }
@@ -172,7 +178,7 @@ impl Index {
             if let Some(owner) = service_of(&slice) {
                 self.slices_of.entry(owner.clone()).or_default().insert(key.clone());
                 self.dirty.insert(owner.clone());
-                self.slices.insert(key, (owner, Arc::new(slice)));
+                self.slices.insert(key, (owner, SliceShape::of(&slice)));
             }
         }
         for key in deletes {
@@ -223,8 +229,11 @@ impl Index {
         if old == entry {
             return;
         }
-        let old_ips = old.map(|o| o.ips).unwrap_or_default();
-        let new_ips = entry.map(|e| e.ips).unwrap_or_default();
+        let parsed = |e: Option<PodEntry>| -> Vec<IpAddr> {
+            e.map(|e| e.ips.iter().filter_map(|ip| ip.parse().ok()).collect())
+                .unwrap_or_default()
+        };
+        let (old_ips, new_ips) = (parsed(old), parsed(entry));
         for ip in &old_ips {
             if let Some(holders) = self.pods_at_ip.get_mut(ip) {
                 holders.retain(|k| k != &key);
@@ -234,18 +243,19 @@ impl Index {
             }
         }
         for ip in &new_ips {
-            self.pods_at_ip.entry(ip.clone()).or_default().push(key.clone());
+            self.pods_at_ip.entry(*ip).or_default().push(key.clone());
         }
         for ip in old_ips.iter().chain(&new_ips) {
             if let Some(services) = self.services_at_ip.get(ip) {
-                self.dirty.extend(services.iter().cloned());
+                self.dirty.extend(services.iter().map(|s| s.to_string()));
             }
         }
     }
 
     /// Who holds `ip`, as the Pods say.
     pub fn owner(&self, ip: &str) -> IpOwner {
-        match self.pods_at_ip.get(ip).map(Vec::as_slice) {
+        let holders = ip.parse::<IpAddr>().ok().and_then(|ip| self.pods_at_ip.get(&ip));
+        match holders.map(Vec::as_slice) {
             Some([one]) => self
                 .pods
                 .get(one)
@@ -277,12 +287,13 @@ impl Index {
                     .get(&key)
                     .into_iter()
                     .flatten()
-                    .filter_map(|s| self.slices.get(s).map(|(_, slice)| &**slice));
+                    .filter_map(|s| self.slices.get(s).map(|(_, slice)| slice));
                 build_one(svc, slices, |ip| self.owner(ip), trust_domain)
             });
-            let ips: Vec<String> = built
+            let ips: Vec<IpAddr> = built
                 .iter()
-                .flat_map(|b| b.endpoints.iter().flat_map(|e| e.addresses.iter().cloned()))
+                .flat_map(|b| b.endpoints.iter().flat_map(|e| e.addresses.iter()))
+                .filter_map(|a| a.parse().ok())
                 .collect();
             self.record_ips(&key, ips);
             let count = built.as_ref().map_or(0, |b| b.endpoints.len());
@@ -297,23 +308,29 @@ impl Index {
     }
 
     /// Remembers which addresses `key`'s endpoints list, for Pod events.
-    fn record_ips(&mut self, key: &str, ips: Vec<String>) {
-        for ip in self.ips_of_service.remove(key).unwrap_or_default() {
-            if let Some(set) = self.services_at_ip.get_mut(&ip) {
-                set.remove(key);
-                if set.is_empty() {
-                    self.services_at_ip.remove(&ip);
+    fn record_ips(&mut self, key: &str, ips: Vec<IpAddr>) {
+        let shared: Arc<str> = match self.ips_of_service.remove_entry(key) {
+            Some((shared, old)) => {
+                for ip in old {
+                    if let Some(list) = self.services_at_ip.get_mut(&ip) {
+                        list.retain(|s| **s != *key);
+                        if list.is_empty() {
+                            self.services_at_ip.remove(&ip);
+                        }
+                    }
                 }
+                shared
+            }
+            None => key.into(),
+        };
+        for ip in &ips {
+            let list = self.services_at_ip.entry(*ip).or_default();
+            if !list.contains(&shared) {
+                list.push(shared.clone());
             }
         }
-        for ip in &ips {
-            self.services_at_ip
-                .entry(ip.clone())
-                .or_default()
-                .insert(key.to_owned());
-        }
         if !ips.is_empty() {
-            self.ips_of_service.insert(key.to_owned(), ips);
+            self.ips_of_service.insert(shared, ips);
         }
     }
 }

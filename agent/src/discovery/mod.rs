@@ -119,10 +119,10 @@ pub fn build(
     owner: impl Fn(&str) -> IpOwner,
     trust_domain: &TrustDomain,
 ) -> BTreeMap<String, pb::Service> {
-    let mut by_service: HashMap<String, Vec<&EndpointSlice>> = HashMap::new();
+    let mut by_service: HashMap<String, Vec<SliceShape>> = HashMap::new();
     for slice in slices {
         if let Some(key) = service_of(slice) {
-            by_service.entry(key).or_default().push(slice);
+            by_service.entry(key).or_default().push(SliceShape::of(slice));
         }
     }
     services
@@ -130,7 +130,7 @@ pub fn build(
         .filter_map(|svc| {
             let key = key_of(&**svc)?;
             let slices = by_service.remove(&key).unwrap_or_default();
-            Some((key, build_one(svc, slices, &owner, trust_domain)))
+            Some((key, build_one(&shape_of(svc), &slices, &owner, trust_domain)))
         })
         .collect()
 }
@@ -152,63 +152,90 @@ pub fn service_of(slice: &EndpointSlice) -> Option<String> {
     matches!(slice.address_type.as_str(), "IPv4" | "IPv6").then(|| format!("{ns}/{name}"))
 }
 
-/// One Service's discovery resource. Endpoints come from its
-/// EndpointSlices: only ready ones, IP addresses only; `owner` says which
-/// pod holds an address. An endpoint's identity and whether it is meshed
-/// come from that pod only, never from the slice's `targetRef`.
+/// What discovery reads of a Service: its resource without endpoints.
+pub fn shape_of(svc: &Service) -> pb::Service {
+    let spec = svc.spec.as_ref();
+    pb::Service {
+        namespace: svc.metadata.namespace.clone().unwrap_or_default(),
+        name: svc.metadata.name.clone().unwrap_or_default(),
+        cluster_ips: spec
+            .and_then(|s| {
+                s.cluster_ips
+                    .clone()
+                    .or_else(|| s.cluster_ip.clone().map(|ip| vec![ip]))
+            })
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
+            .collect(),
+        ports: spec
+            .and_then(|s| s.ports.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|p| pb::ServicePort {
+                name: p.name.clone().unwrap_or_default(),
+                port: u32::try_from(p.port).unwrap_or(0),
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                app_protocol: p.app_protocol.clone().unwrap_or_default(),
+            })
+            .collect(),
+        endpoints: Vec::new(),
+    }
+}
+
+/// What discovery reads of an EndpointSlice: its name (the order slices
+/// are read in), its ports, and the addresses of each ready endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceShape {
+    name: String,
+    ports: Vec<(String, u32)>,
+    /// Ready endpoints' IP addresses (an endpoint without one is left out).
+    ready: Vec<Vec<String>>,
+}
+
+impl SliceShape {
+    pub fn of(slice: &EndpointSlice) -> Self {
+        Self {
+            name: slice.metadata.name.clone().unwrap_or_default(),
+            ports: slice
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| Some((p.name.clone().unwrap_or_default(), u32::try_from(p.port?).ok()?)))
+                .collect(),
+            ready: slice
+                .endpoints
+                .iter()
+                // Unknown readiness counts as ready (the API's documented meaning).
+                .filter(|ep| ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                .map(|ep| {
+                    ep.addresses
+                        .iter()
+                        .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
+                        .cloned()
+                        .collect::<Vec<_>>()
+                })
+                .filter(|addresses| !addresses.is_empty())
+                .collect(),
+        }
+    }
+}
+
+/// One Service's discovery resource: `shape` ([`shape_of`]) with the ready
+/// endpoints of its `slices`; `owner` says which pod holds an address. An
+/// endpoint's identity and whether it is meshed come from that pod only,
+/// never from the slice's `targetRef`.
 pub fn build_one<'a>(
-    svc: &Service,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    shape: &pb::Service,
+    slices: impl IntoIterator<Item = &'a SliceShape>,
     owner: impl Fn(&str) -> IpOwner,
     trust_domain: &TrustDomain,
 ) -> pb::Service {
-    let spec = svc.spec.as_ref();
-    let cluster_ips = spec
-        .and_then(|s| {
-            s.cluster_ips
-                .clone()
-                .or_else(|| s.cluster_ip.clone().map(|ip| vec![ip]))
-        })
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
-        .collect();
-    let ports = spec
-        .and_then(|s| s.ports.as_ref())
-        .into_iter()
-        .flatten()
-        .map(|p| pb::ServicePort {
-            name: p.name.clone().unwrap_or_default(),
-            port: u32::try_from(p.port).unwrap_or(0),
-            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-            app_protocol: p.app_protocol.clone().unwrap_or_default(),
-        })
-        .collect();
-    let mut slices: Vec<&EndpointSlice> = slices.into_iter().collect();
-    slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut slices: Vec<&SliceShape> = slices.into_iter().collect();
+    slices.sort_by(|a, b| a.name.cmp(&b.name));
     let mut endpoints = Vec::new();
     for slice in slices {
-        let ports: BTreeMap<String, u32> = slice
-            .ports
-            .iter()
-            .flatten()
-            .filter_map(|p| Some((p.name.clone().unwrap_or_default(), u32::try_from(p.port?).ok()?)))
-            .collect();
-        for ep in &slice.endpoints {
-            // Unknown readiness counts as ready (the API's documented meaning).
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            if !ready {
-                continue;
-            }
-            let addresses: Vec<String> = ep
-                .addresses
-                .iter()
-                .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
-                .cloned()
-                .collect();
-            if addresses.is_empty() {
-                continue;
-            }
+        for addresses in &slice.ready {
             // Every address of an endpoint (dual stack) must be the
             // same pod's; anything else is a conflict.
             let mut owners = addresses.iter().map(|a| owner(a));
@@ -231,8 +258,8 @@ pub fn build_one<'a>(
                 IpOwner::Conflict => (true, String::new(), String::new()),
             };
             endpoints.push(pb::Endpoint {
-                addresses,
-                ports: ports.clone().into_iter().collect(),
+                addresses: addresses.clone(),
+                ports: slice.ports.iter().cloned().collect(),
                 meshed,
                 spiffe_id,
                 pod,
@@ -241,11 +268,8 @@ pub fn build_one<'a>(
     }
     endpoints.sort_by(|a, b| a.addresses.cmp(&b.addresses));
     pb::Service {
-        namespace: svc.metadata.namespace.clone().unwrap_or_default(),
-        name: svc.metadata.name.clone().unwrap_or_default(),
-        cluster_ips,
-        ports,
         endpoints,
+        ..shape.clone()
     }
 }
 
@@ -282,20 +306,13 @@ pub async fn follow(
     tokio::spawn(crate::watch::follow(
         watcher(Api::<Service>::all(client.clone()), config()),
         "services",
-        |s| {
-            s.metadata.managed_fields = None;
-            s.metadata.annotations = None;
-            s.status = None;
-        },
+        |_| {},
         feed(&index, &changed, &metrics.discovery_events, Index::service_event),
     ));
     tokio::spawn(crate::watch::follow(
         watcher(Api::<EndpointSlice>::all(client.clone()), config()),
         "endpointslices",
-        |s| {
-            s.metadata.managed_fields = None;
-            s.metadata.annotations = None;
-        },
+        |_| {},
         feed(&index, &changed, &metrics.discovery_events, Index::slice_event),
     ));
     tokio::spawn(crate::watch::follow(

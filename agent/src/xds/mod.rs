@@ -17,7 +17,7 @@
 //!   ([`Push::next_response`]); every response of a push but the last says
 //!   [`MORE`] in `system_version_info`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
@@ -196,8 +196,11 @@ pub struct StreamState {
     names: BTreeSet<String>,
     /// The client may not choose its names: they were fixed by the server.
     pinned: bool,
-    /// Name → version the client holds (as far as the agent knows).
-    sent: BTreeMap<String, String>,
+    /// What the client holds (as far as the agent knows), by name; only
+    /// the versions are read. A stream that follows everything holds the
+    /// snapshot's own map, sharing its structure: it costs the stream
+    /// next to nothing.
+    sent: imbl::OrdMap<String, Arc<Resource>>,
     /// Whether the client's first request was seen.
     started: bool,
     /// The generation of the snapshot last compared, while the
@@ -213,7 +216,7 @@ impl StreamState {
             wildcard: false,
             names: BTreeSet::new(),
             pinned: false,
-            sent: BTreeMap::new(),
+            sent: imbl::OrdMap::new(),
             started: false,
             seen: None,
         }
@@ -279,7 +282,14 @@ impl StreamState {
                 .initial_resource_versions
                 .iter()
                 .filter(|(k, _)| !self.pinned || self.names.contains(*k))
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .map(|(k, v)| {
+                    let held = Resource {
+                        name: k.clone(),
+                        version: v.clone(),
+                        ..Default::default()
+                    };
+                    (k.clone(), Arc::new(held))
+                })
                 .collect();
             if self.pinned {
                 return Ok(());
@@ -339,7 +349,7 @@ impl StreamState {
         let mut removed = Vec::new();
         let mut consider = |name: &String| match snap.resources.get(name) {
             Some(r) if wanted(name) => {
-                if self.sent.get(name) != Some(&r.version) {
+                if self.sent.get(name).map(|h| &h.version) != Some(&r.version) {
                     resources.push(r.clone());
                 }
             }
@@ -362,11 +372,16 @@ impl StreamState {
         if resources.is_empty() && removed.is_empty() {
             return None;
         }
-        for n in &removed {
-            self.sent.remove(n);
-        }
-        for r in &resources {
-            self.sent.insert(r.name.clone(), r.version.clone());
+        if self.wildcard && !self.pinned {
+            // It now holds exactly the snapshot.
+            self.sent = snap.resources.clone();
+        } else {
+            for n in &removed {
+                self.sent.remove(n);
+            }
+            for r in &resources {
+                self.sent.insert(r.name.clone(), r.clone());
+            }
         }
         resources.reverse();
         removed.reverse();
