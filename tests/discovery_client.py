@@ -3,9 +3,10 @@
 (grpcio) with Envoy's published protos (xds-protos), speaking incremental
 aggregated discovery (DeltaAggregatedResources) on the agent's Unix socket.
 
-usage: discovery_client.py SOCKET TOKEN_FILE|- TYPE_URL
+usage: discovery_client.py SOCKET TOKEN_FILE|- TYPE_URL [NAME,...]
 
-Subscribes to every resource of TYPE_URL. Prints one JSON line per
+Subscribes to every resource of TYPE_URL, or to the names given (a name,
+or <namespace>/* for a whole namespace). Prints one JSON line per
 response: {"nonce", "type_url", "system_version_info", "bytes" (its
 encoded size), "resources": [{"name", "version", "type_url",
 "value_hex"}], "removed": [...]}. gRPC's default limits apply (4 MiB per
@@ -26,12 +27,13 @@ from google.rpc import status_pb2
 
 def main() -> int:
     socket, token_file, type_url = sys.argv[1], sys.argv[2], sys.argv[3]
+    names = [n for n in sys.argv[4].split(",") if n] if len(sys.argv) > 4 else []
     metadata = []
     if token_file != "-":
         with open(token_file) as f:
             metadata.append(("authorization", "Bearer " + f.read().strip()))
     requests = queue.Queue()
-    requests.put(discovery_pb2.DeltaDiscoveryRequest(type_url=type_url))
+    requests.put(discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, resource_names_subscribe=names))
     latest = {"nonce": ""}
 
     def outgoing():

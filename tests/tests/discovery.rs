@@ -29,12 +29,18 @@ struct Client {
 
 impl Client {
     async fn start(socket: &std::path::Path, token_file: &str) -> anyhow::Result<Self> {
+        Self::subscribed(socket, token_file, &[]).await
+    }
+
+    /// A client subscribed to `names` (none: everything).
+    async fn subscribed(socket: &std::path::Path, token_file: &str, names: &[&str]) -> anyhow::Result<Self> {
         let script = mizzen_tests::cluster::repo_root().join("tests/discovery_client.py");
         let mut child = tokio::process::Command::new(mizzen_tests::sds::python()?)
             .arg(script)
             .arg(socket)
             .arg(token_file)
             .arg(SERVICE_TYPE)
+            .arg(names.join(","))
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
@@ -302,6 +308,67 @@ async fn a_first_state_larger_than_the_message_limit_comes_in_bounded_parts() ->
         got.len(),
         parts.iter().map(|p| names(p, "resources").len()).sum::<usize>(),
         "each once"
+    );
+    stream.say("QUIT").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_subscribed_to_a_namespace_gets_that_namespace_only() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    let node = "discovery-scope-node";
+    let (_ca, agent) = ca_and_agent(cluster, node, &[]).await?;
+    let ns = cluster.namespace(&client, "disco-scope", &[]).await?;
+    let elsewhere = cluster.namespace(&client, "disco-elsewhere", &[]).await?;
+    service_account(&client, &ns, "caller").await?;
+    let caller = pod_on_node(&client, &ns, "caller", "caller", node).await?;
+    let token_file = cluster.dir().join(format!("{ns}-token"));
+    std::fs::write(
+        &token_file,
+        token(&client, &ns, "caller", Some(&caller), "mizzen-ca").await?,
+    )?;
+    let svc = |name: &str| -> anyhow::Result<Service> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"ports": [{"name": "http", "port": 80}]},
+        }))?)
+    };
+    for namespace in [&ns, &elsewhere] {
+        Api::<Service>::namespaced(client.clone(), namespace)
+            .create(&PostParams::default(), &svc("web")?)
+            .await?;
+    }
+    let mut stream = Client::subscribed(&agent.socket, &token_file.to_string_lossy(), &[&format!("{ns}/*")]).await?;
+    let first = stream
+        .until("the namespace's web", |r| {
+            names(r, "resources").contains(&format!("{ns}/web"))
+        })
+        .await?;
+    let foreign: Vec<String> = names(&first, "resources")
+        .into_iter()
+        .filter(|n| !n.starts_with(&format!("{ns}/")))
+        .collect();
+    assert!(foreign.is_empty(), "Services of other namespaces: {foreign:?}");
+
+    // A Service created in another namespace is not pushed; one in the
+    // subscribed namespace is.
+    Api::<Service>::namespaced(client.clone(), &elsewhere)
+        .create(&PostParams::default(), &svc("api")?)
+        .await?;
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &svc("api")?)
+        .await?;
+    let added = stream
+        .until("the namespace's api", |r| {
+            names(r, "resources").contains(&format!("{ns}/api"))
+        })
+        .await?;
+    assert!(
+        names(&added, "resources")
+            .iter()
+            .all(|n| n.starts_with(&format!("{ns}/"))),
+        "{added}"
     );
     stream.say("QUIT").await?;
     Ok(())

@@ -3,7 +3,8 @@
 //! and what to send it next.
 //!
 //! - [`StreamState`]: one resource type on an incremental (delta) stream,
-//!   Envoy's protocol: the client names what it wants (or `*`), may list
+//!   Envoy's protocol: the client names what it wants (names, whole
+//!   namespaces as `<namespace>/*`, or everything as `*`), may list
 //!   what it holds after a reconnect, and each response carries only what
 //!   is new or changed for it, the names of what was removed, and a fresh
 //!   nonce. Discovery's Services and the workload policy both use it.
@@ -194,6 +195,8 @@ pub struct StreamState {
     type_url: &'static str,
     wildcard: bool,
     names: BTreeSet<String>,
+    /// Namespaces subscribed to whole, as `<namespace>/*`.
+    namespaces: BTreeSet<String>,
     /// The client may not choose its names: they were fixed by the server.
     pinned: bool,
     /// What the client holds (as far as the agent knows), by name; only
@@ -215,6 +218,7 @@ impl StreamState {
             type_url,
             wildcard: false,
             names: BTreeSet::new(),
+            namespaces: BTreeSet::new(),
             pinned: false,
             sent: imbl::OrdMap::new(),
             started: false,
@@ -300,23 +304,38 @@ impl StreamState {
             return Ok(());
         }
         for n in &req.resource_names_subscribe {
-            if n == "*" {
-                self.wildcard = true;
-            } else {
-                self.names.insert(n.clone());
+            match Subscription::of(n)? {
+                Subscription::All => self.wildcard = true,
+                Subscription::Namespace(ns) => {
+                    self.namespaces.insert(ns.to_owned());
+                }
+                Subscription::Name(name) => {
+                    self.names.insert(name.to_owned());
+                }
             }
         }
         for n in &req.resource_names_unsubscribe {
-            if n == "*" {
-                self.wildcard = false;
-            } else {
-                self.names.remove(n);
+            match Subscription::of(n)? {
+                Subscription::All => self.wildcard = false,
+                Subscription::Namespace(ns) => {
+                    self.namespaces.remove(ns);
+                }
+                Subscription::Name(name) => {
+                    self.names.remove(name);
+                }
             }
         }
-        if self.names.len() > MAX_NAMES_PER_STREAM {
+        if self.names.len() + self.namespaces.len() > MAX_NAMES_PER_STREAM {
             return Err(too_many());
         }
         Ok(())
+    }
+
+    /// Whether the client follows resource `name`.
+    fn wants(&self, name: &str) -> bool {
+        self.wildcard
+            || self.names.contains(name)
+            || name.split_once('/').is_some_and(|(ns, _)| self.namespaces.contains(ns))
     }
 
     /// The response that brings the client from what it holds to `snap`,
@@ -344,7 +363,7 @@ impl StreamState {
             _ => None,
         };
         self.seen = Some(snap.generation);
-        let wanted = |name: &str| self.wildcard || self.names.contains(name);
+        let wanted = |name: &str| self.wants(name);
         let mut resources = Vec::new();
         let mut removed = Vec::new();
         let mut consider = |name: &String| match snap.resources.get(name) {
@@ -391,6 +410,42 @@ impl StreamState {
             removed,
         })
     }
+}
+
+/// One name a client subscribes to or unsubscribes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Subscription<'a> {
+    /// `*`: every resource of the type.
+    All,
+    /// `<namespace>/*`: every resource of a namespace, present and future.
+    Namespace(&'a str),
+    /// `<namespace>/<name>`, or any other name, followed as it is.
+    Name(&'a str),
+}
+
+impl<'a> Subscription<'a> {
+    fn of(name: &'a str) -> Result<Self, Status> {
+        if name == "*" {
+            return Ok(Subscription::All);
+        }
+        match name.strip_suffix("/*") {
+            Some(ns) if is_dns_label(ns) => Ok(Subscription::Namespace(ns)),
+            Some(_) => Err(Status::invalid_argument(format!(
+                "{name:?}: a namespace subscription is <namespace>/*, the namespace a DNS label"
+            ))),
+            None => Ok(Subscription::Name(name)),
+        }
+    }
+}
+
+/// A Kubernetes namespace name: 1 to 63 of `a-z`, `0-9` and `-`, not
+/// starting or ending with `-`.
+fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 fn too_many() -> Status {

@@ -281,3 +281,36 @@ fn a_resource_larger_than_the_limit_goes_alone() {
     assert_eq!(names(&second), ["ns/small"]);
     assert!(push.next_response(1_000).is_none());
 }
+
+#[test]
+fn a_namespace_subscription_follows_that_namespace_only() {
+    let mut state = StreamState::new(TYPE);
+    state.subscribe(&subscribing(&["demo/*", "other/api"])).expect("valid");
+    let first = snap(&[("demo/web", "1"), ("other/api", "1"), ("other/web", "1")]);
+    let resp = state.diff(&first, "1".into()).expect("demo's and the named one");
+    assert_eq!(names(&resp), ["demo/web", "other/api"]);
+    let next = snap(&[
+        ("demo/web", "1"),
+        ("demo/db", "1"),
+        ("other/api", "1"),
+        ("other/web", "2"),
+    ]);
+    let resp = state.diff(&next, "2".into()).expect("a new Service of demo");
+    assert_eq!(names(&resp), ["demo/db"], "other/web changed but is not followed");
+    let unsubscribing = DeltaDiscoveryRequest {
+        resource_names_unsubscribe: vec!["demo/*".into()],
+        ..Default::default()
+    };
+    state.subscribe(&unsubscribing).expect("valid");
+    let resp = state.diff(&next, "3".into()).expect("demo removed");
+    assert!(resp.resources.is_empty());
+    assert_eq!(resp.removed_resources, ["demo/db", "demo/web"]);
+}
+
+#[test]
+fn a_namespace_subscription_must_name_a_namespace() {
+    for bad in ["/*", "Demo/*", "-x/*", "a/b/*"] {
+        let mut state = StreamState::new(TYPE);
+        assert!(state.subscribe(&subscribing(&[bad])).is_err(), "{bad}");
+    }
+}
