@@ -169,6 +169,15 @@ impl Cluster {
         Ok(name)
     }
 
+    /// `kubectl apply -n <ns> -f -` of `yaml`, as an operator applies it.
+    pub async fn apply(&self, ns: &str, yaml: &str) -> anyhow::Result<()> {
+        self.kubectl(["apply", "-n", ns, "-f", "-"])
+            .stdin(yaml)
+            .run()
+            .await
+            .map(drop)
+    }
+
     /// Writes a kubeconfig that authenticates as ServiceAccount
     /// `namespace/name` with a fresh one-hour token, so a component under
     /// test runs with exactly the RBAC its manifests grant. Returns its path.

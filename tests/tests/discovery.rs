@@ -107,21 +107,27 @@ fn decode(resp: &serde_json::Value, name: &str) -> anyhow::Result<DiscoveredServ
     Ok(DiscoveredService::decode(bytes.as_slice())?)
 }
 
+/// A pod `caller` of ServiceAccount `caller` on `node` in `ns`, and a file
+/// holding its pod-bound token for the agent.
+async fn caller_token(cluster: &Cluster, client: &kube::Client, ns: &str, node: &str) -> anyhow::Result<String> {
+    service_account(client, ns, "caller").await?;
+    let caller = pod_on_node(client, ns, "caller", "caller", node).await?;
+    let token_file = cluster.dir().join(format!("{ns}-token"));
+    std::fs::write(
+        &token_file,
+        token(client, ns, "caller", Some(&caller), "mizzen-ca").await?,
+    )?;
+    Ok(token_file.to_string_lossy().into_owned())
+}
+
 #[tokio::test]
 async fn services_and_endpoints_stream_incrementally_to_an_independent_client() -> anyhow::Result<()> {
     let cluster = Cluster::get();
     let client = cluster.client().await?;
     let (_ca, agent) = ca_and_agent(cluster, NODE, &[]).await?;
     let ns = cluster.namespace(&client, "disco", &[]).await?;
-    for sa in ["caller", "web"] {
-        service_account(&client, &ns, sa).await?;
-    }
-    let caller = pod_on_node(&client, &ns, "caller", "caller", NODE).await?;
-    let token_file = cluster.dir().join(format!("{ns}-token"));
-    std::fs::write(
-        &token_file,
-        token(&client, &ns, "caller", Some(&caller), "mizzen-ca").await?,
-    )?;
+    service_account(&client, &ns, "web").await?;
+    let token_file = caller_token(cluster, &client, &ns, NODE).await?;
 
     // A meshed pod (as the injector leaves it) and an unmeshed one, on
     // another node: nothing runs them, so their IPs are reported here (the
@@ -178,7 +184,7 @@ async fn services_and_endpoints_stream_incrementally_to_an_independent_client() 
     assert_eq!(refused["error"], "UNAUTHENTICATED", "{refused}");
 
     // The first response holds every Service; ours is complete.
-    let mut stream = Client::start(&agent.socket, &token_file.to_string_lossy()).await?;
+    let mut stream = Client::start(&agent.socket, &token_file).await?;
     let web_name = format!("{ns}/web");
     let first = stream
         .until("web with both ready endpoints", |r| {
@@ -263,13 +269,7 @@ async fn a_first_state_larger_than_the_message_limit_comes_in_bounded_parts() ->
     let node = "discovery-split-node";
     let (_ca, agent) = ca_and_agent(cluster, node, &[&format!("--max-discovery-message-bytes={LIMIT}")]).await?;
     let ns = cluster.namespace(&client, "disco-split", &[]).await?;
-    service_account(&client, &ns, "caller").await?;
-    let caller = pod_on_node(&client, &ns, "caller", "caller", node).await?;
-    let token_file = cluster.dir().join(format!("{ns}-token"));
-    std::fs::write(
-        &token_file,
-        token(&client, &ns, "caller", Some(&caller), "mizzen-ca").await?,
-    )?;
+    let token_file = caller_token(cluster, &client, &ns, node).await?;
     let services = Api::<Service>::namespaced(client.clone(), &ns);
     for i in 0..SERVICES {
         let svc: Service = serde_json::from_value(serde_json::json!({
@@ -284,7 +284,7 @@ async fn a_first_state_larger_than_the_message_limit_comes_in_bounded_parts() ->
     })
     .await?;
 
-    let mut stream = Client::start(&agent.socket, &token_file.to_string_lossy()).await?;
+    let mut stream = Client::start(&agent.socket, &token_file).await?;
     let mut parts = Vec::new();
     loop {
         let part = stream.next().await?;
@@ -321,13 +321,7 @@ async fn a_client_subscribed_to_a_namespace_gets_that_namespace_only() -> anyhow
     let (_ca, agent) = ca_and_agent(cluster, node, &[]).await?;
     let ns = cluster.namespace(&client, "disco-scope", &[]).await?;
     let elsewhere = cluster.namespace(&client, "disco-elsewhere", &[]).await?;
-    service_account(&client, &ns, "caller").await?;
-    let caller = pod_on_node(&client, &ns, "caller", "caller", node).await?;
-    let token_file = cluster.dir().join(format!("{ns}-token"));
-    std::fs::write(
-        &token_file,
-        token(&client, &ns, "caller", Some(&caller), "mizzen-ca").await?,
-    )?;
+    let token_file = caller_token(cluster, &client, &ns, node).await?;
     let svc = |name: &str| -> anyhow::Result<Service> {
         Ok(serde_json::from_value(serde_json::json!({
             "metadata": {"name": name},
@@ -339,7 +333,7 @@ async fn a_client_subscribed_to_a_namespace_gets_that_namespace_only() -> anyhow
             .create(&PostParams::default(), &svc("web")?)
             .await?;
     }
-    let mut stream = Client::subscribed(&agent.socket, &token_file.to_string_lossy(), &[&format!("{ns}/*")]).await?;
+    let mut stream = Client::subscribed(&agent.socket, &token_file, &[&format!("{ns}/*")]).await?;
     let first = stream
         .until("the namespace's web", |r| {
             names(r, "resources").contains(&format!("{ns}/web"))

@@ -19,12 +19,7 @@ const PROPAGATION: Duration = Duration::from_secs(20);
 
 /// `kubectl apply` of `yaml` in `ns`.
 async fn apply(ns: &str, yaml: &str) -> anyhow::Result<()> {
-    Cluster::get()
-        .kubectl(["apply", "-n", ns, "-f", "-"])
-        .stdin(yaml)
-        .run()
-        .await
-        .map(drop)
+    Cluster::get().apply(ns, yaml).await
 }
 
 /// curl from `pod`'s app, without failing on an HTTP error: the status

@@ -33,13 +33,9 @@ async fn namespace(prefix: &str) -> anyhow::Result<String> {
     cluster.namespace(&cluster.client().await?, prefix, &[]).await
 }
 
+/// `kubectl apply` of `yaml` in `ns`.
 async fn apply(ns: &str, yaml: &str) -> anyhow::Result<()> {
-    Cluster::get()
-        .kubectl(["apply", "-n", ns, "-f", "-"])
-        .stdin(yaml)
-        .run()
-        .await
-        .map(drop)
+    Cluster::get().apply(ns, yaml).await
 }
 
 /// The `kubectl get <resource> -o wide` row of `name`, split into columns,
