@@ -89,6 +89,12 @@ pub struct ProxyArgs {
     /// follow its sampled flag).
     #[arg(long, env = "MIZZEN_TRACING_SAMPLING_PERCENT", default_value_t = 1.0)]
     tracing_sampling_percent: f64,
+    /// Follow only the Services of these namespaces (comma-separated), as
+    /// Istio's Sidecar egress hosts do; connections to other Services pass
+    /// through as the app addressed them (no mTLS, no balancing). Empty:
+    /// every Service of the mesh.
+    #[arg(long, env = "MIZZEN_DISCOVERY_NAMESPACES", value_delimiter = ',', value_parser = namespace_name)]
+    discovery_namespaces: Vec<String>,
     /// Write a JSON line per HTTP request to stdout (the access log).
     #[arg(long, env = "MIZZEN_ACCESS_LOG")]
     access_log: bool,
@@ -98,6 +104,17 @@ pub struct ProxyArgs {
     /// Log format: text or json. Levels come from MIZZEN_LOG_LEVEL or RUST_LOG.
     #[arg(long, default_value = "text")]
     log_format: String,
+}
+
+/// A namespace name, as `--discovery-namespaces` takes them.
+fn namespace_name(s: &str) -> Result<String, String> {
+    if mizzen_api::mesh::is_namespace_name(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a namespace name (lower-case letters, digits and -)"
+        ))
+    }
 }
 
 impl ProxyArgs {
@@ -143,7 +160,12 @@ fn follow_agent(a: &ProxyArgs, pod: &PodEnv) -> FromAgent {
     tokio::spawn(identity::follow(source.clone(), tx));
     let (routes_tx, routes) = watch::channel(None::<Arc<Routes>>);
     let (policy_tx, policy) = watch::channel(None::<Arc<Policy>>);
-    tokio::spawn(discovery::follow(source, routes_tx, policy_tx));
+    tokio::spawn(discovery::follow(
+        source,
+        discovery::Scope::of(&a.discovery_namespaces),
+        routes_tx,
+        policy_tx,
+    ));
     let ready = Arc::new(AtomicBool::new(false));
     let (mut c, mut r, mut p, flag) = (certs.clone(), routes.clone(), policy.clone(), ready.clone());
     tokio::spawn(async move {
@@ -179,6 +201,19 @@ fn watch_certificates(mut certs: Certificates, metrics: ProxyMetrics) {
                 tracing::warn!(id = %m.id, "the trust bundle changed: expected only during a CA rotation");
             }
             bundle = Some(m.roots_pem.clone());
+        }
+    });
+}
+
+/// Records how many Services the routes cover.
+fn watch_routes(mut routes: watch::Receiver<Option<Arc<Routes>>>, metrics: ProxyMetrics) {
+    tokio::spawn(async move {
+        loop {
+            let n = routes.borrow_and_update().as_ref().map_or(0, |r| r.service_count());
+            metrics.discovery_services(n);
+            if routes.changed().await.is_err() {
+                return;
+            }
         }
     });
 }
@@ -244,6 +279,7 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<()> {
     let (workload, namespace) = pod.workload();
     let metrics = ProxyMetrics::for_workload(workload, namespace);
     watch_certificates(certs.clone(), metrics.clone());
+    watch_routes(routes.clone(), metrics.clone());
     serve_admin(&a, &pod, &metrics, ready.clone()).await?;
 
     let inbound_listeners = crate::net::bind_listeners(a.inbound_port).context("bind inbound port")?;

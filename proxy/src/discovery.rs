@@ -1,7 +1,8 @@
 //! The agent's aggregated discovery stream (delta xDS), carrying two
 //! resource types:
 //! - `mizzen.discovery.v1.Service`: where outbound connections go, turned
-//!   into [`Routes`] (every Service is subscribed to);
+//!   into [`Routes`] (every Service, or those of the namespaces of the
+//!   proxy's [`Scope`]);
 //! - `mizzen.discovery.v1.WorkloadPolicy`: this pod's authorization and
 //!   peer authentication, compiled into a [`Policy`] (the agent sends this
 //!   pod's only).
@@ -219,6 +220,22 @@ pub fn apply_policy(held: &mut HeldPolicy, resp: &DeltaDiscoveryResponse) -> Res
     Ok(())
 }
 
+/// Which Services the proxy follows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Subscription names: `<namespace>/*` each; none: every Service.
+    names: Vec<String>,
+}
+
+impl Scope {
+    /// The Services of `namespaces`, or every Service when there are none.
+    pub fn of(namespaces: &[String]) -> Self {
+        Self {
+            names: namespaces.iter().map(|ns| format!("{ns}/*")).collect(),
+        }
+    }
+}
+
 fn request(
     type_url: &str,
     initial: Option<HashMap<String, String>>,
@@ -241,6 +258,7 @@ fn publish(held: &BTreeMap<String, (String, pb::Service)>, tx: &watch::Sender<Op
 /// What the discovery stream keeps across reconnections: what it holds of
 /// each type (sent as initial versions on reconnect) and where it goes.
 struct Following {
+    scope: Scope,
     held: BTreeMap<String, (String, pb::Service)>,
     tx: watch::Sender<Option<Arc<Routes>>>,
     policy: HeldPolicy,
@@ -257,10 +275,9 @@ impl Following {
             .iter()
             .map(|(name, version, _)| (name.clone(), version.clone()))
             .collect();
-        [
-            request(SERVICE_TYPE, Some(services), "", None),
-            request(POLICY_TYPE, Some(policy), "", None),
-        ]
+        let mut services = request(SERVICE_TYPE, Some(services), "", None);
+        services.resource_names_subscribe = self.scope.names.clone();
+        [services, request(POLICY_TYPE, Some(policy), "", None)]
     }
 
     /// Applies a response of either type; publishes what changed.
@@ -339,10 +356,12 @@ async fn stream_once(src: &SdsSource, state: &mut Following, token: String) -> R
 /// kept across reconnects (the last known state beats none).
 pub async fn follow(
     src: SdsSource,
+    scope: Scope,
     tx: watch::Sender<Option<Arc<Routes>>>,
     policy_tx: watch::Sender<Option<Arc<Policy>>>,
 ) {
     let mut state = Following {
+        scope,
         held: BTreeMap::new(),
         tx,
         policy: HeldPolicy::default(),
@@ -476,6 +495,7 @@ mod tests {
         let (tx, rx) = watch::channel(None);
         let (policy_tx, _policy_rx) = watch::channel(None);
         let mut following = Following {
+            scope: Scope::default(),
             held: BTreeMap::new(),
             tx,
             policy: HeldPolicy::default(),
@@ -491,5 +511,38 @@ mod tests {
         following.apply(&resp(&[other], &[])).expect("applies");
         let routes = rx.borrow().clone().expect("routes once the push is whole");
         assert_eq!(routes.service_count(), 2);
+    }
+
+    #[test]
+    fn a_scoped_proxy_subscribes_to_its_namespaces_on_every_stream() {
+        let (tx, _rx) = watch::channel(None);
+        let (policy_tx, _policy_rx) = watch::channel(None);
+        let mut following = Following {
+            scope: Scope::of(&["demo".to_owned(), "shared".to_owned()]),
+            held: BTreeMap::new(),
+            tx,
+            policy: HeldPolicy::default(),
+            policy_tx,
+        };
+        let [services, policy] = following.opening();
+        assert_eq!(services.resource_names_subscribe, ["demo/*", "shared/*"]);
+        assert!(policy.resource_names_subscribe.is_empty());
+        following.apply(&resp(&[web()], &[])).expect("applies");
+        let [again, _] = following.opening();
+        assert_eq!(
+            again.resource_names_subscribe,
+            ["demo/*", "shared/*"],
+            "after a reconnect too"
+        );
+        assert_eq!(again.initial_resource_versions.len(), 1, "with what it holds");
+        let [everything, _] = Following {
+            scope: Scope::default(),
+            ..following
+        }
+        .opening();
+        assert!(
+            everything.resource_names_subscribe.is_empty(),
+            "unscoped: every Service"
+        );
     }
 }

@@ -677,3 +677,35 @@ spec:
     assert!(format!("{err:#}").contains("PERMISSION_DENIED"), "{err:#}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_proxy_scoped_to_its_namespace_follows_its_services_only_and_still_secures_them() -> anyhow::Result<()> {
+    let m = HttpMesh::start("http-scope", true).await?;
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    let mut scoped = mizzen_tests::mesh::echo_pod("scoped", &m.mesh.node.name);
+    scoped["metadata"]["annotations"] = serde_json::json!({"mizzen.dev/discovery-namespaces": m.ns});
+    create_pod(&client, &m.ns, scoped).await?;
+    let pod = wait_ready(&client, &m.ns, "scoped", TIMEOUT).await?;
+    let ip = pod.status.and_then(|s| s.pod_ip).context("pod IP")?;
+
+    // Its namespace has one Service (web); the unscoped client follows the
+    // whole cluster's, at least the API server's `kubernetes` too.
+    let (services, text) = proxy_metric(&ip, "mizzen_proxy_discovery_services").await?;
+    assert_eq!(services, 1.0, "{text}");
+    let (everything, _) = proxy_metric(&m.client_ip, "mizzen_proxy_discovery_services").await?;
+    assert!(everything >= 2.0, "the unscoped proxy follows {everything} Services");
+
+    // Its own namespace's Service is reached over mTLS, naming the caller.
+    let out = eventually_some(Duration::from_secs(30), "the scoped client to reach web", || async {
+        Ok(curl_in(&m.mesh, &m.ns, "scoped", &[&m.url("/")]).await.ok())
+    })
+    .await?;
+    let xfcc = header(&out, "x-forwarded-client-cert");
+    assert!(
+        xfcc.first()
+            .is_some_and(|x| x.ends_with(&format!("URI=spiffe://cluster.local/ns/{}/sa/default", m.ns))),
+        "{out}"
+    );
+    Ok(())
+}

@@ -429,23 +429,13 @@ impl<'a> Subscription<'a> {
             return Ok(Subscription::All);
         }
         match name.strip_suffix("/*") {
-            Some(ns) if is_dns_label(ns) => Ok(Subscription::Namespace(ns)),
+            Some(ns) if mizzen_api::mesh::is_namespace_name(ns) => Ok(Subscription::Namespace(ns)),
             Some(_) => Err(Status::invalid_argument(format!(
                 "{name:?}: a namespace subscription is <namespace>/*, the namespace a DNS label"
             ))),
             None => Ok(Subscription::Name(name)),
         }
     }
-}
-
-/// A Kubernetes namespace name: 1 to 63 of `a-z`, `0-9` and `-`, not
-/// starting or ending with `-`.
-fn is_dns_label(s: &str) -> bool {
-    (1..=63).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 fn too_many() -> Status {

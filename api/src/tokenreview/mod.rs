@@ -131,7 +131,7 @@ pub fn parse_review(status: &TokenReviewStatus, audience: &str) -> Result<Review
     let username = user.and_then(|u| u.username.as_deref()).unwrap_or_default();
     let parts: Vec<&str> = username.split(':').collect();
     let (namespace, sa) = match parts.as_slice() {
-        ["system", "serviceaccount", ns, sa] if is_dns_label(ns, 63, false) && is_dns_label(sa, 253, true) => {
+        ["system", "serviceaccount", ns, sa] if crate::mesh::is_namespace_name(ns) && is_dns_label(sa, 253, true) => {
             (*ns, *sa)
         }
         _ => return Err(AuthError::NotServiceAccount(username.to_owned())),

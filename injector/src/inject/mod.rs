@@ -56,6 +56,9 @@ pub const ANN_PROXY_WORKERS: &str = "mizzen.dev/proxy-workers";
 pub const MAX_PROXY_WORKERS: u16 = 16;
 /// `true`: the proxy writes a JSON access log line per HTTP request.
 pub const ANN_ACCESS_LOG: &str = "mizzen.dev/access-log";
+/// Namespaces (comma-separated) whose Services the proxy follows; others
+/// pass through. Absent: every Service of the mesh.
+pub const ANN_DISCOVERY_NAMESPACES: &str = "mizzen.dev/discovery-namespaces";
 
 /// Why a pod is left alone. Not an error: the pod is admitted unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -288,6 +291,7 @@ struct Effective {
     log_level: String,
     workers: Option<u16>,
     access_log: bool,
+    discovery_namespaces: Vec<String>,
 }
 
 fn ann_err(name: &'static str, value: &str, reason: impl Into<String>) -> InjectError {
@@ -365,6 +369,7 @@ fn effective(pod: &Pod, cfg: &InjectConfig) -> Result<Effective, InjectError> {
         log_level: cfg.log_level.clone(),
         workers: None,
         access_log: false,
+        discovery_namespaces: Vec::new(),
     };
     if let Some(v) = get(ANN_EXCLUDE_INBOUND_PORTS) {
         e.exclude_inbound_ports
@@ -438,6 +443,18 @@ fn effective(pod: &Pod, cfg: &InjectConfig) -> Result<Effective, InjectError> {
             "false" => false,
             _ => return Err(ann_err(ANN_ACCESS_LOG, v, "use true or false")),
         };
+    }
+    if let Some(v) = get(ANN_DISCOVERY_NAMESPACES) {
+        for ns in v.split(',').map(str::trim) {
+            if !mizzen_api::mesh::is_namespace_name(ns) {
+                return Err(ann_err(
+                    ANN_DISCOVERY_NAMESPACES,
+                    v,
+                    format!("{ns:?} is not a namespace name: list namespaces separated by commas"),
+                ));
+            }
+            e.discovery_namespaces.push(ns.to_owned());
+        }
     }
     e.exclude_inbound_ports.sort_unstable();
     e.exclude_inbound_ports.dedup();
@@ -605,6 +622,9 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
     }
     if e.access_log {
         env.push(literal("MIZZEN_ACCESS_LOG", "true".into()));
+    }
+    if !e.discovery_namespaces.is_empty() {
+        env.push(literal("MIZZEN_DISCOVERY_NAMESPACES", e.discovery_namespaces.join(",")));
     }
     if let Some(endpoint) = &cfg.tracing.otlp_endpoint {
         env.push(literal("MIZZEN_TRACING_OTLP_ENDPOINT", endpoint.clone()));

@@ -284,6 +284,12 @@ fn annotations_customise_and_bad_values_name_the_annotation() {
             .any(|e| e.name == "MIZZEN_PROXY_WORKERS" && e.value.as_deref() == Some("2")),
         "{env:?}"
     );
+    let env = injected(ANN_DISCOVERY_NAMESPACES, "demo, shared", 1).env.expect("env");
+    assert!(
+        env.iter()
+            .any(|e| e.name == "MIZZEN_DISCOVERY_NAMESPACES" && e.value.as_deref() == Some("demo,shared")),
+        "{env:?}"
+    );
     let env = injected(ANN_ACCESS_LOG, "true", 1).env.expect("env");
     assert!(
         env.iter()
@@ -310,6 +316,9 @@ fn annotations_customise_and_bad_values_name_the_annotation() {
         (ANN_PROXY_WORKERS, "17"),
         (ANN_PROXY_WORKERS, "two"),
         (ANN_ACCESS_LOG, "yes"),
+        (ANN_DISCOVERY_NAMESPACES, "demo,"),
+        (ANN_DISCOVERY_NAMESPACES, "Demo"),
+        (ANN_DISCOVERY_NAMESPACES, "demo/*"),
     ] {
         match mutate(&with(name, value), &InjectConfig::default(), true) {
             Err(InjectError::Annotation { name: n, .. }) => assert_eq!(n, name, "{value}"),

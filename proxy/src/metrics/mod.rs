@@ -55,6 +55,8 @@ pub struct ProxyMetrics {
     certificate_expiry: Gauge,
     /// Changes of the trust bundle after the first one received.
     trust_bundle_changes: Counter,
+    /// Services the proxy has routes for.
+    discovery_services: Gauge,
     /// Relayed connections that ended with an I/O error, by direction.
     relay_errors: Family<Labels, Counter>,
     /// HTTP requests.
@@ -119,6 +121,11 @@ impl ProxyMetrics {
             self.relay_errors.clone(),
         );
         r.register(
+            "discovery_services",
+            "Services the proxy has routes for (every Service, or those of its --discovery-namespaces)",
+            self.discovery_services.clone(),
+        );
+        r.register(
             "trust_bundle_changes",
             "Changes of the trust bundle the agent sent, after the first (CA rotations; anything else is suspect)",
             self.trust_bundle_changes.clone(),
@@ -144,6 +151,11 @@ impl ProxyMetrics {
     /// Records a change of the trust bundle.
     pub fn trust_bundle_changed(&self) {
         self.trust_bundle_changes.inc();
+    }
+
+    /// Records how many Services the proxy has routes for.
+    pub fn discovery_services(&self, n: usize) {
+        self.discovery_services.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Records a new certificate for `id` that expires at `not_after`.
