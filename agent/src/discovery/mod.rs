@@ -29,7 +29,9 @@ use tracing::{debug, info};
 use crate::metrics::Metrics;
 pub use crate::xds::Snapshot;
 
+mod addresses;
 mod index;
+pub use addresses::{Addresses, ByAddress};
 pub use index::Index;
 
 /// The label tying an EndpointSlice to its Service.
@@ -322,6 +324,7 @@ pub async fn follow(
         feed(&index, &changed, &metrics.discovery_events, Index::pod_event),
     ));
     let mut synced = false;
+    let mut addresses = Addresses::default();
     loop {
         changed.notified().await;
         tokio::time::sleep(debounce).await;
@@ -339,11 +342,14 @@ pub async fn follow(
         }
         let rebuilt = built.len();
         metrics.discovery_rebuilds.inc_by(rebuilt as u64);
+        for (key, svc) in &built {
+            addresses.update(key, svc.as_ref());
+        }
         let changes = built.into_iter().map(|(key, svc)| {
             let resource = svc.map(|s| crate::xds::resource(SERVICE_TYPE, key.clone(), s.encode_to_vec()));
             (key, resource)
         });
-        let published = crate::xds::publish_changes(&tx, changes);
+        let published = crate::xds::publish_changes(&tx, changes, addresses.snapshot());
         let services = tx.borrow().as_ref().map_or(0, |s| s.resources.len());
         metrics.discovery_services.set(services as i64);
         metrics.discovery_endpoints.set(endpoints as i64);

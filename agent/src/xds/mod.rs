@@ -19,6 +19,7 @@
 //!   [`MORE`] in `system_version_info`.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
@@ -40,6 +41,9 @@ pub struct Snapshot {
     /// The names changed or removed since snapshot `generation - 1`;
     /// `None`: not known (a stream compares everything).
     pub changed: Option<Arc<BTreeSet<String>>>,
+    /// Which resources each address belongs to, for `address/<ip>`
+    /// subscriptions (empty for types that have none).
+    pub addresses: crate::discovery::ByAddress,
 }
 
 /// The version of encoded contents: the first 8 bytes of their SHA-256.
@@ -96,6 +100,7 @@ pub fn publish(tx: &tokio::sync::watch::Sender<Option<Arc<Snapshot>>>, mut next:
 pub fn publish_changes(
     tx: &tokio::sync::watch::Sender<Option<Arc<Snapshot>>>,
     changes: impl IntoIterator<Item = (String, Option<Arc<Resource>>)>,
+    addresses: crate::discovery::ByAddress,
 ) -> bool {
     tx.send_if_modified(|cur| {
         let before = cur.as_deref();
@@ -124,6 +129,7 @@ pub fn publish_changes(
             resources,
             generation: before.map_or(1, |b| b.generation + 1),
             changed: before.map(|_| Arc::new(changed)),
+            addresses,
         }));
         true
     })
@@ -197,6 +203,12 @@ pub struct StreamState {
     names: BTreeSet<String>,
     /// Namespaces subscribed to whole, as `<namespace>/*`.
     namespaces: BTreeSet<String>,
+    /// Addresses subscribed to as `address/<ip>`: the resources they
+    /// belong to are followed.
+    addresses: BTreeSet<IpAddr>,
+    /// Addresses subscribed to and not answered yet: one no resource has
+    /// is answered by its subscription name among the removed ones.
+    unanswered: BTreeSet<IpAddr>,
     /// The client may not choose its names: they were fixed by the server.
     pinned: bool,
     /// What the client holds (as far as the agent knows), by name; only
@@ -219,6 +231,8 @@ impl StreamState {
             wildcard: false,
             names: BTreeSet::new(),
             namespaces: BTreeSet::new(),
+            addresses: BTreeSet::new(),
+            unanswered: BTreeSet::new(),
             pinned: false,
             sent: imbl::OrdMap::new(),
             started: false,
@@ -309,6 +323,10 @@ impl StreamState {
                 Subscription::Namespace(ns) => {
                     self.namespaces.insert(ns.to_owned());
                 }
+                Subscription::Address(ip) => {
+                    self.addresses.insert(ip);
+                    self.unanswered.insert(ip);
+                }
                 Subscription::Name(name) => {
                     self.names.insert(name.to_owned());
                 }
@@ -320,22 +338,28 @@ impl StreamState {
                 Subscription::Namespace(ns) => {
                     self.namespaces.remove(ns);
                 }
+                Subscription::Address(ip) => {
+                    self.addresses.remove(&ip);
+                    self.unanswered.remove(&ip);
+                }
                 Subscription::Name(name) => {
                     self.names.remove(name);
                 }
             }
         }
-        if self.names.len() + self.namespaces.len() > MAX_NAMES_PER_STREAM {
+        if self.names.len() + self.namespaces.len() + self.addresses.len() > MAX_NAMES_PER_STREAM {
             return Err(too_many());
         }
         Ok(())
     }
 
-    /// Whether the client follows resource `name`.
-    fn wants(&self, name: &str) -> bool {
+    /// Whether the client follows resource `name`; `via_addresses` are
+    /// the names its address subscriptions stand for in this snapshot.
+    fn wants(&self, name: &str, via_addresses: &BTreeSet<String>) -> bool {
         self.wildcard
             || self.names.contains(name)
             || name.split_once('/').is_some_and(|(ns, _)| self.namespaces.contains(ns))
+            || via_addresses.contains(name)
     }
 
     /// The response that brings the client from what it holds to `snap`,
@@ -363,9 +387,20 @@ impl StreamState {
             _ => None,
         };
         self.seen = Some(snap.generation);
-        let wanted = |name: &str| self.wants(name);
+        let via_addresses: BTreeSet<String> = self
+            .addresses
+            .iter()
+            .filter_map(|ip| snap.addresses.get(ip))
+            .flat_map(|names| names.iter().cloned())
+            .collect();
+        // An address no resource has is answered by its own name.
+        let mut removed: Vec<String> = std::mem::take(&mut self.unanswered)
+            .into_iter()
+            .filter(|ip| !snap.addresses.contains_key(ip))
+            .map(|ip| format!("{ADDRESS_PREFIX}{ip}"))
+            .collect();
+        let wanted = |name: &str| self.wants(name, &via_addresses);
         let mut resources = Vec::new();
-        let mut removed = Vec::new();
         let mut consider = |name: &String| match snap.resources.get(name) {
             Some(r) if wanted(name) => {
                 if self.sent.get(name).map(|h| &h.version) != Some(&r.version) {
@@ -412,6 +447,9 @@ impl StreamState {
     }
 }
 
+/// How an address subscription is named: `address/<ip>`.
+pub const ADDRESS_PREFIX: &str = "address/";
+
 /// One name a client subscribes to or unsubscribes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Subscription<'a> {
@@ -419,6 +457,9 @@ enum Subscription<'a> {
     All,
     /// `<namespace>/*`: every resource of a namespace, present and future.
     Namespace(&'a str),
+    /// `address/<ip>`: the resources an address belongs to (a Service's
+    /// cluster IP or an endpoint), present and future.
+    Address(IpAddr),
     /// `<namespace>/<name>`, or any other name, followed as it is.
     Name(&'a str),
 }
@@ -427,6 +468,11 @@ impl<'a> Subscription<'a> {
     fn of(name: &'a str) -> Result<Self, Status> {
         if name == "*" {
             return Ok(Subscription::All);
+        }
+        if let Some(ip) = name.strip_prefix(ADDRESS_PREFIX) {
+            return ip.parse().map(Subscription::Address).map_err(|_| {
+                Status::invalid_argument(format!("{name:?}: an address subscription is {ADDRESS_PREFIX}<ip>"))
+            });
         }
         match name.strip_suffix("/*") {
             Some(ns) if mizzen_api::mesh::is_namespace_name(ns) => Ok(Subscription::Namespace(ns)),

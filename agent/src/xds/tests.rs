@@ -187,7 +187,11 @@ fn resource(name: &str, body: &str) -> (String, Option<Arc<Resource>>) {
 #[test]
 fn published_changes_name_what_changed_and_streams_compare_only_those() {
     let (tx, rx) = tokio::sync::watch::channel(None);
-    assert!(publish_changes(&tx, [resource("x/a", "1"), resource("x/b", "1")]));
+    assert!(publish_changes(
+        &tx,
+        [resource("x/a", "1"), resource("x/b", "1")],
+        Default::default()
+    ));
     let first = rx.borrow().clone().expect("published");
     assert_eq!(
         (first.generation, first.changed.is_none()),
@@ -201,10 +205,14 @@ fn published_changes_name_what_changed_and_streams_compare_only_those() {
     assert_eq!(names(&resp), ["x/a", "x/b"]);
 
     assert!(
-        !publish_changes(&tx, [resource("x/a", "1")]),
+        !publish_changes(&tx, [resource("x/a", "1")], Default::default()),
         "the same version is no change"
     );
-    assert!(publish_changes(&tx, [resource("x/a", "2"), ("x/b".into(), None)]));
+    assert!(publish_changes(
+        &tx,
+        [resource("x/a", "2"), ("x/b".into(), None)],
+        Default::default()
+    ));
     let second = rx.borrow().clone().expect("published");
     assert_eq!(second.generation, 2);
     let changed: Vec<&str> = second
@@ -222,12 +230,12 @@ fn published_changes_name_what_changed_and_streams_compare_only_those() {
 #[test]
 fn a_stream_that_missed_a_snapshot_compares_everything() {
     let (tx, rx) = tokio::sync::watch::channel(None);
-    publish_changes(&tx, [resource("x/a", "1"), resource("x/b", "1")]);
+    publish_changes(&tx, [resource("x/a", "1"), resource("x/b", "1")], Default::default());
     let mut state = StreamState::new(TYPE);
     state.subscribe(&Default::default()).expect("valid");
     state.diff(&rx.borrow().clone().expect("first"), "1".into());
-    publish_changes(&tx, [resource("x/a", "2")]);
-    publish_changes(&tx, [resource("x/c", "1")]);
+    publish_changes(&tx, [resource("x/a", "2")], Default::default());
+    publish_changes(&tx, [resource("x/c", "1")], Default::default());
     let third = rx.borrow().clone().expect("third");
     let resp = state.diff(&third, "2".into()).expect("both changes");
     assert_eq!(names(&resp), ["x/a", "x/c"], "x/a changed in the snapshot it missed");
@@ -313,4 +321,49 @@ fn a_namespace_subscription_must_name_a_namespace() {
         let mut state = StreamState::new(TYPE);
         assert!(state.subscribe(&subscribing(&[bad])).is_err(), "{bad}");
     }
+}
+
+#[test]
+fn an_address_subscription_follows_what_the_address_belongs_to() {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let mut addresses = crate::discovery::Addresses::default();
+    let web = mizzen_api::proto::discovery::Service {
+        cluster_ips: vec!["10.0.0.10".into()],
+        ..Default::default()
+    };
+    addresses.update("demo/web", Some(&web));
+    publish_changes(
+        &tx,
+        [resource("demo/web", "1"), resource("demo/db", "1")],
+        addresses.snapshot(),
+    );
+    let first = rx.borrow().clone().expect("first");
+    let mut state = StreamState::new(TYPE);
+    state
+        .subscribe(&subscribing(&["address/10.0.0.10", "address/192.0.2.1"]))
+        .expect("valid");
+    let resp = state.diff(&first, "1".into()).expect("an answer");
+    assert_eq!(names(&resp), ["demo/web"], "the Service whose cluster IP it is");
+    assert_eq!(
+        resp.removed_resources,
+        ["address/192.0.2.1"],
+        "no Service has this address"
+    );
+    assert!(state.diff(&first, "2".into()).is_none(), "answered once");
+
+    // The address moves to another Service: that one is followed now.
+    let mut api = web.clone();
+    api.name = "api".into();
+    addresses.update("demo/web", None);
+    addresses.update("demo/api", Some(&api));
+    publish_changes(
+        &tx,
+        [("demo/web".into(), None), resource("demo/api", "1")],
+        addresses.snapshot(),
+    );
+    let second = rx.borrow().clone().expect("second");
+    let resp = state.diff(&second, "3".into()).expect("the move");
+    assert_eq!(names(&resp), ["demo/api"]);
+    assert_eq!(resp.removed_resources, ["demo/web"]);
+    assert!(state.subscribe(&subscribing(&["address/not-an-ip"])).is_err());
 }
