@@ -21,4 +21,8 @@ pub mod discovery {
     /// client applies its resources but acts on the whole (and counts the
     /// first state as received) only after a response without it.
     pub const MORE: &str = "mizzen.dev/more";
+    /// Subscription names of the form `address/<ip>` follow the Services
+    /// whose cluster IP or endpoint `<ip>` is; the agent answers one that
+    /// no Service has with that name among the removed resources.
+    pub const ADDRESS_PREFIX: &str = "address/";
 }

@@ -146,6 +146,8 @@ struct FromAgent {
     /// True once all three arrived (an app connection before then could
     /// not be secured, an inbound one not authorised).
     ready: Arc<AtomicBool>,
+    /// Services fetched on first use, when the proxy follows only some.
+    on_demand: Option<Arc<discovery::OnDemand>>,
 }
 
 /// Follows the agent's certificates, routes and workload policy.
@@ -160,12 +162,10 @@ fn follow_agent(a: &ProxyArgs, pod: &PodEnv) -> FromAgent {
     tokio::spawn(identity::follow(source.clone(), tx));
     let (routes_tx, routes) = watch::channel(None::<Arc<Routes>>);
     let (policy_tx, policy) = watch::channel(None::<Arc<Policy>>);
-    tokio::spawn(discovery::follow(
-        source,
-        discovery::Scope::of(&a.discovery_namespaces),
-        routes_tx,
-        policy_tx,
-    ));
+    let scope = discovery::Scope::of(&a.discovery_namespaces);
+    let on_demand = scope.is_partial().then(discovery::OnDemand::new);
+    let handle = on_demand.as_ref().map(|(od, _)| od.clone());
+    tokio::spawn(discovery::follow(source, scope, on_demand, routes_tx, policy_tx));
     let ready = Arc::new(AtomicBool::new(false));
     let (mut c, mut r, mut p, flag) = (certs.clone(), routes.clone(), policy.clone(), ready.clone());
     tokio::spawn(async move {
@@ -183,6 +183,7 @@ fn follow_agent(a: &ProxyArgs, pod: &PodEnv) -> FromAgent {
         routes,
         policy,
         ready,
+        on_demand: handle,
     }
 }
 
@@ -275,6 +276,7 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<()> {
         routes,
         policy,
         ready,
+        on_demand,
     } = follow_agent(&a, &pod);
     let (workload, namespace) = pod.workload();
     let metrics = ProxyMetrics::for_workload(workload, namespace);
@@ -289,6 +291,7 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<()> {
     let tracing = tracing(&a, &pod)?;
     let mut outbound = Outbound::new(routes, certs.clone(), metrics.clone(), timeouts);
     outbound.access_log = a.access_log;
+    outbound.on_demand = on_demand;
     outbound.tracing = tracing.clone();
     let outbound = Arc::new(outbound);
     tokio::spawn(crate::policy::enforce_changes(

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use mizzen_api::SpiffeId;
-use mizzen_api::proto::discovery::{self as pb, MORE, POLICY_TYPE, SERVICE_TYPE};
+use mizzen_api::proto::discovery::{self as pb, ADDRESS_PREFIX, MORE, POLICY_TYPE, SERVICE_TYPE};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -76,6 +76,10 @@ pub enum Destination {
 pub struct Routes {
     services: HashMap<SocketAddr, Arc<Target>>,
     pods: HashMap<IpAddr, PodInfo>,
+    /// Every Service's cluster IPs.
+    vips: std::collections::HashSet<IpAddr>,
+    /// How many Services were indexed.
+    count: usize,
 }
 
 fn identity_of(ep: &pb::Endpoint) -> Option<Result<SpiffeId, String>> {
@@ -89,6 +93,10 @@ impl Routes {
     pub fn new<'a>(services: impl IntoIterator<Item = &'a pb::Service>) -> Self {
         let mut routes = Routes::default();
         for svc in services {
+            routes.count += 1;
+            routes
+                .vips
+                .extend(svc.cluster_ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()));
             let name = format!("{}/{}", svc.namespace, svc.name);
             for ep in &svc.endpoints {
                 for a in &ep.addresses {
@@ -155,8 +163,14 @@ impl Routes {
         }
     }
 
+    /// How many Services the routes cover.
     pub fn service_count(&self) -> usize {
-        self.services.len()
+        self.count
+    }
+
+    /// Whether `ip` is a Service's cluster IP or a known endpoint's.
+    pub fn knows(&self, ip: IpAddr) -> bool {
+        self.vips.contains(&ip) || self.pods.contains_key(&ip)
     }
 }
 
@@ -223,7 +237,8 @@ pub fn apply_policy(held: &mut HeldPolicy, resp: &DeltaDiscoveryResponse) -> Res
 /// Which Services the proxy follows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Scope {
-    /// Subscription names: `<namespace>/*` each; none: every Service.
+    /// Subscription names: `<namespace>/*` each, and `address/<ip>` for
+    /// each address fetched on demand; none: every Service.
     names: Vec<String>,
 }
 
@@ -232,6 +247,80 @@ impl Scope {
     pub fn of(namespaces: &[String]) -> Self {
         Self {
             names: namespaces.iter().map(|ns| format!("{ns}/*")).collect(),
+        }
+    }
+
+    /// Whether only some Services are followed (others are fetched on
+    /// demand).
+    pub fn is_partial(&self) -> bool {
+        !self.names.is_empty()
+    }
+}
+
+/// Services fetched on first use, for a proxy that follows only some
+/// namespaces: an outbound connection to an address the routes do not know
+/// subscribes to `address/<ip>` and waits (at most its connect timeout)
+/// until the routes know it or the agent says no Service has it.
+#[derive(Debug)]
+pub struct OnDemand {
+    asks: mpsc::UnboundedSender<IpAddr>,
+    asked: std::sync::Mutex<std::collections::HashSet<IpAddr>>,
+    /// Addresses the agent said no Service has; bumped on each answer.
+    unknown: watch::Sender<std::collections::HashSet<IpAddr>>,
+}
+
+impl OnDemand {
+    /// The handle, and the requests for the discovery stream to send.
+    pub fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<IpAddr>) {
+        let (asks, rx) = mpsc::unbounded_channel();
+        let (unknown, _) = watch::channel(Default::default());
+        let od = Self {
+            asks,
+            asked: Default::default(),
+            unknown,
+        };
+        (Arc::new(od), rx)
+    }
+
+    /// Waits until `routes` know `ip` or the agent says no Service has it,
+    /// at most `limit`, asking the agent the first time.
+    pub async fn fetch(
+        &self,
+        ip: IpAddr,
+        mut routes: watch::Receiver<Option<Arc<Routes>>>,
+        limit: std::time::Duration,
+    ) {
+        let first = self.asked.lock().unwrap_or_else(|e| e.into_inner()).insert(ip);
+        if first {
+            let _ = self.asks.send(ip);
+        } else if self.unknown.borrow().contains(&ip) {
+            return;
+        }
+        let mut unknown = self.unknown.subscribe();
+        let settled = async {
+            loop {
+                let known = routes.borrow_and_update().as_ref().is_some_and(|r| r.knows(ip));
+                if known || unknown.borrow_and_update().contains(&ip) {
+                    return;
+                }
+                tokio::select! {
+                    r = routes.changed() => if r.is_err() { return },
+                    u = unknown.changed() => if u.is_err() { return },
+                }
+            }
+        };
+        let _ = tokio::time::timeout(limit, settled).await;
+    }
+
+    /// The agent's answers in a response: `address/<ip>` among the
+    /// removed names means no Service has it.
+    fn answered(&self, removed: &[String]) {
+        let nobody: Vec<IpAddr> = removed
+            .iter()
+            .filter_map(|n| n.strip_prefix(ADDRESS_PREFIX)?.parse().ok())
+            .collect();
+        if !nobody.is_empty() {
+            self.unknown.send_modify(|u| u.extend(nobody));
         }
     }
 }
@@ -259,6 +348,8 @@ fn publish(held: &BTreeMap<String, (String, pb::Service)>, tx: &watch::Sender<Op
 /// each type (sent as initial versions on reconnect) and where it goes.
 struct Following {
     scope: Scope,
+    /// Addresses to fetch on demand, and where answers go.
+    on_demand: Option<(Arc<OnDemand>, mpsc::UnboundedReceiver<IpAddr>)>,
     held: BTreeMap<String, (String, pb::Service)>,
     tx: watch::Sender<Option<Arc<Routes>>>,
     policy: HeldPolicy,
@@ -285,6 +376,9 @@ impl Following {
         match resp.type_url.as_str() {
             SERVICE_TYPE => {
                 apply(&mut self.held, resp)?;
+                if let Some((od, _)) = &self.on_demand {
+                    od.answered(&resp.removed_resources);
+                }
                 let more = resp.system_version_info == MORE;
                 // A push split over several responses is acted on whole:
                 // routes (and readiness, at first) wait for its last part.
@@ -333,11 +427,25 @@ async fn stream_once(src: &SdsSource, state: &mut Following, token: String) -> R
         .map_err(|s| format!("agent refused the discovery stream: {:?}: {}", s.code(), s.message()))?
         .into_inner();
     loop {
-        let resp = inbound
-            .message()
-            .await
-            .map_err(|s| format!("discovery stream failed: {:?}: {}", s.code(), s.message()))?
-            .ok_or("the agent closed the discovery stream")?;
+        let asked = async {
+            match state.on_demand.as_mut() {
+                Some((_, asks)) => asks.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let resp = tokio::select! {
+            msg = inbound.message() => msg
+                .map_err(|s| format!("discovery stream failed: {:?}: {}", s.code(), s.message()))?
+                .ok_or("the agent closed the discovery stream")?,
+            Some(ip) = asked => {
+                let name = format!("{ADDRESS_PREFIX}{ip}");
+                state.scope.names.push(name.clone());
+                let mut ask = request(SERVICE_TYPE, None, "", None);
+                ask.resource_names_subscribe = vec![name];
+                req_tx.send(ask).await.map_err(|_| "send a subscription")?;
+                continue;
+            }
+        };
         // `apply` changes nothing unless the whole response is usable.
         let answer = match state.apply(&resp) {
             Ok(()) => request(&resp.type_url, None, &resp.nonce, None),
@@ -357,11 +465,13 @@ async fn stream_once(src: &SdsSource, state: &mut Following, token: String) -> R
 pub async fn follow(
     src: SdsSource,
     scope: Scope,
+    on_demand: Option<(Arc<OnDemand>, mpsc::UnboundedReceiver<IpAddr>)>,
     tx: watch::Sender<Option<Arc<Routes>>>,
     policy_tx: watch::Sender<Option<Arc<Policy>>>,
 ) {
     let mut state = Following {
         scope,
+        on_demand,
         held: BTreeMap::new(),
         tx,
         policy: HeldPolicy::default(),
@@ -496,6 +606,7 @@ mod tests {
         let (policy_tx, _policy_rx) = watch::channel(None);
         let mut following = Following {
             scope: Scope::default(),
+            on_demand: None,
             held: BTreeMap::new(),
             tx,
             policy: HeldPolicy::default(),
@@ -519,6 +630,7 @@ mod tests {
         let (policy_tx, _policy_rx) = watch::channel(None);
         let mut following = Following {
             scope: Scope::of(&["demo".to_owned(), "shared".to_owned()]),
+            on_demand: None,
             held: BTreeMap::new(),
             tx,
             policy: HeldPolicy::default(),
@@ -544,5 +656,43 @@ mod tests {
             everything.resource_names_subscribe.is_empty(),
             "unscoped: every Service"
         );
+    }
+
+    #[tokio::test]
+    async fn on_demand_asks_once_and_waits_for_the_routes_or_the_agents_no() {
+        use std::time::{Duration, Instant};
+        let (od, mut asks) = OnDemand::new();
+        let (tx, rx) = watch::channel(Some(Arc::new(Routes::default())));
+        let vip: IpAddr = "10.0.0.10".parse().expect("ip");
+        let long = Duration::from_secs(30);
+
+        // The routes learn the address while the connection waits.
+        let waiting = tokio::spawn({
+            let (od, rx) = (od.clone(), rx.clone());
+            async move { od.fetch(vip, rx, long).await }
+        });
+        assert_eq!(asks.recv().await, Some(vip), "asked the agent");
+        tx.send_replace(Some(Arc::new(Routes::new([&web()]))));
+        let started = Instant::now();
+        waiting.await.expect("fetch");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "woke when the routes knew it"
+        );
+
+        // An address no Service has: the agent's answer ends the wait,
+        // and later connections do not wait or ask again.
+        let outside: IpAddr = "192.0.2.1".parse().expect("ip");
+        let waiting = tokio::spawn({
+            let (od, rx) = (od.clone(), rx.clone());
+            async move { od.fetch(outside, rx, long).await }
+        });
+        assert_eq!(asks.recv().await, Some(outside));
+        od.answered(&[format!("{ADDRESS_PREFIX}{outside}")]);
+        let started = Instant::now();
+        waiting.await.expect("fetch");
+        assert!(started.elapsed() < Duration::from_secs(5), "woke on the agent's no");
+        od.fetch(outside, rx, long).await;
+        assert!(asks.try_recv().is_err(), "asked once");
     }
 }

@@ -50,6 +50,8 @@ pub struct Outbound {
     pub access_log: bool,
     /// Spans of HTTP requests, when exported.
     pub tracing: Option<Arc<crate::http::trace::Tracing>>,
+    /// Services fetched on first use, when the proxy follows only some.
+    pub on_demand: Option<Arc<crate::discovery::OnDemand>>,
     base: Mutex<Option<Arc<ClientBase>>>,
 }
 
@@ -152,6 +154,7 @@ impl Outbound {
             http: Default::default(),
             access_log: false,
             tracing: None,
+            on_demand: None,
             base: Mutex::new(None),
         }
     }
@@ -249,7 +252,16 @@ impl Outbound {
     ) -> Result<(), OutboundError> {
         let _ = conn.set_nodelay(true);
         let dst = captured_dst(&conn)?;
-        let destination = self.routes().await?.resolve(dst);
+        let mut routes = self.routes().await?;
+        if let Some(od) = &self.on_demand
+            && !routes.knows(dst.ip())
+        {
+            // Not followed: ask the agent, and wait for its answer rather
+            // than send plaintext to what may be a meshed Service.
+            od.fetch(dst.ip(), self.routes.clone(), self.timeouts.connect).await;
+            routes = self.routes().await?;
+        }
+        let destination = routes.resolve(dst);
         let protocol = match &destination {
             Destination::Service(t) => t.protocol,
             _ => PortProtocol::Tcp,

@@ -679,7 +679,7 @@ spec:
 }
 
 #[tokio::test]
-async fn a_proxy_scoped_to_its_namespace_follows_its_services_only_and_still_secures_them() -> anyhow::Result<()> {
+async fn a_proxy_scoped_to_its_namespace_follows_its_services_and_fetches_others_on_first_use() -> anyhow::Result<()> {
     let m = HttpMesh::start("http-scope", true).await?;
     let cluster = Cluster::get();
     let client = cluster.client().await?;
@@ -702,10 +702,33 @@ async fn a_proxy_scoped_to_its_namespace_follows_its_services_only_and_still_sec
     })
     .await?;
     let xfcc = header(&out, "x-forwarded-client-cert");
-    assert!(
-        xfcc.first()
-            .is_some_and(|x| x.ends_with(&format!("URI=spiffe://cluster.local/ns/{}/sa/default", m.ns))),
-        "{out}"
-    );
+    let caller = format!("URI=spiffe://cluster.local/ns/{}/sa/default", m.ns);
+    assert!(xfcc.first().is_some_and(|x| x.ends_with(&caller)), "{out}");
+
+    // A Service of another namespace, once the mesh knows it (the unscoped
+    // client reaches it): the scoped proxy fetches it on first use, and
+    // the first request succeeds, over mTLS.
+    let other = cluster.namespace(&client, "http-scope-other", MESHED).await?;
+    let vip = service(&client, &other, "web", "web", "http").await?;
+    create_pod(
+        &client,
+        &other,
+        mizzen_tests::http_mesh::web_pod("web-x", &m.mesh.node.name),
+    )
+    .await?;
+    wait_ready(&client, &other, "web-x", TIMEOUT).await?;
+    let url = format!("http://{vip}/");
+    eventually_some(
+        Duration::from_secs(30),
+        "the other namespace's web to answer",
+        || async { Ok(m.curl(&[&url]).await.ok()) },
+    )
+    .await?;
+    let out = curl_in(&m.mesh, &m.ns, "scoped", &[&url]).await?;
+    assert!(out.contains("web-x"), "answered by the other namespace's pod: {out}");
+    let xfcc = header(&out, "x-forwarded-client-cert");
+    assert!(xfcc.first().is_some_and(|x| x.ends_with(&caller)), "{out}");
+    let (services, text) = proxy_metric(&ip, "mizzen_proxy_discovery_services").await?;
+    assert_eq!(services, 2.0, "its namespace's and the one it fetched: {text}");
     Ok(())
 }

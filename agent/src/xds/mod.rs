@@ -447,8 +447,7 @@ impl StreamState {
     }
 }
 
-/// How an address subscription is named: `address/<ip>`.
-pub const ADDRESS_PREFIX: &str = "address/";
+pub use mizzen_api::proto::discovery::ADDRESS_PREFIX;
 
 /// One name a client subscribes to or unsubscribes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
