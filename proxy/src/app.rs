@@ -89,10 +89,10 @@ pub struct ProxyArgs {
     /// follow its sampled flag).
     #[arg(long, env = "MIZZEN_TRACING_SAMPLING_PERCENT", default_value_t = 1.0)]
     tracing_sampling_percent: f64,
-    /// Follow only the Services of these namespaces (comma-separated), as
-    /// Istio's Sidecar egress hosts do; connections to other Services pass
-    /// through as the app addressed them (no mTLS, no balancing). Empty:
-    /// every Service of the mesh.
+    /// Follow the Services of these namespaces (comma-separated; `*`: every
+    /// Service of the mesh), as Istio's Sidecar egress hosts do; any other
+    /// Service is fetched from the agent on first use. Default: the pod's
+    /// own namespace (POD_NAMESPACE), else every Service.
     #[arg(long, env = "MIZZEN_DISCOVERY_NAMESPACES", value_delimiter = ',', value_parser = namespace_name)]
     discovery_namespaces: Vec<String>,
     /// Write a JSON line per HTTP request to stdout (the access log).
@@ -108,7 +108,7 @@ pub struct ProxyArgs {
 
 /// A namespace name, as `--discovery-namespaces` takes them.
 fn namespace_name(s: &str) -> Result<String, String> {
-    if mizzen_api::mesh::is_namespace_name(s) {
+    if s == "*" || mizzen_api::mesh::is_namespace_name(s) {
         Ok(s.to_owned())
     } else {
         Err(format!(
@@ -162,7 +162,7 @@ fn follow_agent(a: &ProxyArgs, pod: &PodEnv) -> FromAgent {
     tokio::spawn(identity::follow(source.clone(), tx));
     let (routes_tx, routes) = watch::channel(None::<Arc<Routes>>);
     let (policy_tx, policy) = watch::channel(None::<Arc<Policy>>);
-    let scope = discovery::Scope::of(&a.discovery_namespaces);
+    let scope = discovery::Scope::for_pod(&a.discovery_namespaces, pod.namespace.as_deref());
     let on_demand = scope.is_partial().then(discovery::OnDemand::new);
     let handle = on_demand.as_ref().map(|(od, _)| od.clone());
     tokio::spawn(discovery::follow(source, scope, on_demand, routes_tx, policy_tx));

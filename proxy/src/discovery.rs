@@ -250,6 +250,19 @@ impl Scope {
         }
     }
 
+    /// What a proxy follows: `namespaces` as configured; `*` among them
+    /// means every Service; none means its own namespace's, when it knows
+    /// it (an injected proxy does), else every Service.
+    pub fn for_pod(namespaces: &[String], own: Option<&str>) -> Self {
+        if namespaces.iter().any(|ns| ns == "*") {
+            return Self::default();
+        }
+        match (namespaces, own) {
+            ([], Some(own)) => Self::of(&[own.to_owned()]),
+            _ => Self::of(namespaces),
+        }
+    }
+
     /// Whether only some Services are followed (others are fetched on
     /// demand).
     pub fn is_partial(&self) -> bool {
@@ -694,5 +707,25 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5), "woke on the agent's no");
         od.fetch(outside, rx, long).await;
         assert!(asks.try_recv().is_err(), "asked once");
+    }
+
+    #[test]
+    fn a_proxy_follows_its_own_namespace_unless_told_otherwise() {
+        let own = Some("demo");
+        let list = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(Scope::for_pod(&[], own), Scope::of(&list(&["demo"])));
+        assert_eq!(Scope::for_pod(&list(&["a", "b"]), own), Scope::of(&list(&["a", "b"])));
+        assert_eq!(
+            Scope::for_pod(&list(&["*"]), own),
+            Scope::default(),
+            "* follows everything"
+        );
+        assert_eq!(Scope::for_pod(&list(&["a", "*"]), own), Scope::default());
+        assert_eq!(
+            Scope::for_pod(&[], None),
+            Scope::default(),
+            "no namespace known: everything"
+        );
+        assert!(!Scope::default().is_partial() && Scope::for_pod(&[], own).is_partial());
     }
 }

@@ -679,34 +679,33 @@ spec:
 }
 
 #[tokio::test]
-async fn a_proxy_scoped_to_its_namespace_follows_its_services_and_fetches_others_on_first_use() -> anyhow::Result<()> {
+async fn a_proxy_follows_its_namespace_and_fetches_other_services_on_first_use() -> anyhow::Result<()> {
     let m = HttpMesh::start("http-scope", true).await?;
     let cluster = Cluster::get();
     let client = cluster.client().await?;
-    let mut scoped = mizzen_tests::mesh::echo_pod("scoped", &m.mesh.node.name);
-    scoped["metadata"]["annotations"] = serde_json::json!({"mizzen.dev/discovery-namespaces": m.ns});
-    create_pod(&client, &m.ns, scoped).await?;
-    let pod = wait_ready(&client, &m.ns, "scoped", TIMEOUT).await?;
-    let ip = pod.status.and_then(|s| s.pod_ip).context("pod IP")?;
+    let mut everything = mizzen_tests::mesh::echo_pod("everything", &m.mesh.node.name);
+    everything["metadata"]["annotations"] = serde_json::json!({"mizzen.dev/discovery-namespaces": "*"});
+    create_pod(&client, &m.ns, everything).await?;
+    let pod = wait_ready(&client, &m.ns, "everything", TIMEOUT).await?;
+    let everything_ip = pod.status.and_then(|s| s.pod_ip).context("pod IP")?;
 
-    // Its namespace has one Service (web); the unscoped client follows the
-    // whole cluster's, at least the API server's `kubernetes` too.
+    // By default a proxy follows its own namespace's Services (web);
+    // asked to, every Service: at least the API server's `kubernetes` too.
+    let ip = m.client_ip.clone();
     let (services, text) = proxy_metric(&ip, "mizzen_proxy_discovery_services").await?;
     assert_eq!(services, 1.0, "{text}");
-    let (everything, _) = proxy_metric(&m.client_ip, "mizzen_proxy_discovery_services").await?;
-    assert!(everything >= 2.0, "the unscoped proxy follows {everything} Services");
+    let (all, _) = proxy_metric(&everything_ip, "mizzen_proxy_discovery_services").await?;
+    assert!(all >= 2.0, "the proxy following everything has {all} Services");
 
     // Its own namespace's Service is reached over mTLS, naming the caller.
-    let out = eventually_some(Duration::from_secs(30), "the scoped client to reach web", || async {
-        Ok(curl_in(&m.mesh, &m.ns, "scoped", &[&m.url("/")]).await.ok())
-    })
-    .await?;
+    let out = m.curl(&[&m.url("/")]).await?;
     let xfcc = header(&out, "x-forwarded-client-cert");
     let caller = format!("URI=spiffe://cluster.local/ns/{}/sa/default", m.ns);
     assert!(xfcc.first().is_some_and(|x| x.ends_with(&caller)), "{out}");
 
-    // A Service of another namespace, once the mesh knows it (the unscoped
-    // client reaches it): the scoped proxy fetches it on first use, and
+    // A Service of another namespace, once the mesh knows it (the proxy
+    // that follows everything reaches it): the client's proxy fetches it
+    // on first use, and
     // the first request succeeds, over mTLS.
     let other = cluster.namespace(&client, "http-scope-other", MESHED).await?;
     let vip = service(&client, &other, "web", "web", "http").await?;
@@ -721,10 +720,10 @@ async fn a_proxy_scoped_to_its_namespace_follows_its_services_and_fetches_others
     eventually_some(
         Duration::from_secs(30),
         "the other namespace's web to answer",
-        || async { Ok(m.curl(&[&url]).await.ok()) },
+        || async { Ok(curl_in(&m.mesh, &m.ns, "everything", &[&url]).await.ok()) },
     )
     .await?;
-    let out = curl_in(&m.mesh, &m.ns, "scoped", &[&url]).await?;
+    let out = m.curl(&[&url]).await?;
     assert!(out.contains("web-x"), "answered by the other namespace's pod: {out}");
     let xfcc = header(&out, "x-forwarded-client-cert");
     assert!(xfcc.first().is_some_and(|x| x.ends_with(&caller)), "{out}");

@@ -144,6 +144,8 @@ pub struct Push {
     /// In reverse order: the next one to send is last.
     resources: Vec<Arc<Resource>>,
     removed: Vec<String>,
+    /// Whether an empty push still gets one (empty) response.
+    answer_empty: bool,
 }
 
 impl Push {
@@ -161,9 +163,10 @@ impl Push {
     /// when all was sent. Responses before the last say [`MORE`].
     pub fn next_response(&mut self, max_bytes: usize) -> Option<DeltaDiscoveryResponse> {
         use prost::Message;
-        if self.is_empty() {
+        if self.is_empty() && !std::mem::take(&mut self.answer_empty) {
             return None;
         }
+        self.answer_empty = false;
         // A name costs its bytes and a tag and length; a resource its
         // encoding and the same.
         let framed = |len: usize| len + 1 + prost::length_delimiter_len(len);
@@ -218,6 +221,10 @@ pub struct StreamState {
     sent: imbl::OrdMap<String, Arc<Resource>>,
     /// Whether the client's first request was seen.
     started: bool,
+    /// Whether the client has a first state: the first response is sent
+    /// even when empty, so that a client following nothing that exists
+    /// yet learns that (and a proxy becomes ready).
+    responded: bool,
     /// The generation of the snapshot last compared, while the
     /// subscription has not changed since.
     seen: Option<u64>,
@@ -236,6 +243,7 @@ impl StreamState {
             pinned: false,
             sent: imbl::OrdMap::new(),
             started: false,
+            responded: false,
             seen: None,
         }
     }
@@ -296,6 +304,8 @@ impl StreamState {
             if req.initial_resource_versions.len() > MAX_NAMES_PER_STREAM {
                 return Err(too_many());
             }
+            // A client that holds something already has a first state.
+            self.responded = !req.initial_resource_versions.is_empty();
             self.sent = req
                 .initial_resource_versions
                 .iter()
@@ -423,9 +433,10 @@ impl StreamState {
                     .for_each(|n| removed.push(n.clone()));
             }
         }
-        if resources.is_empty() && removed.is_empty() {
+        if resources.is_empty() && removed.is_empty() && self.responded {
             return None;
         }
+        self.responded = true;
         if self.wildcard && !self.pinned {
             // It now holds exactly the snapshot.
             self.sent = snap.resources.clone();
@@ -443,6 +454,7 @@ impl StreamState {
             type_url: self.type_url,
             resources,
             removed,
+            answer_empty: true,
         })
     }
 }

@@ -367,3 +367,13 @@ fn an_address_subscription_follows_what_the_address_belongs_to() {
     assert_eq!(resp.removed_resources, ["demo/web"]);
     assert!(state.subscribe(&subscribing(&["address/not-an-ip"])).is_err());
 }
+
+#[test]
+fn a_client_that_follows_nothing_existing_still_gets_a_first_answer() {
+    let mut state = StreamState::new(TYPE);
+    state.subscribe(&subscribing(&["empty/*"])).expect("valid");
+    let snap = snap(&[("demo/web", "1")]);
+    let resp = state.diff(&snap, "1".into()).expect("an empty first response");
+    assert!(resp.resources.is_empty() && resp.removed_resources.is_empty());
+    assert!(state.diff(&snap, "2".into()).is_none(), "once");
+}

@@ -56,8 +56,8 @@ pub const ANN_PROXY_WORKERS: &str = "mizzen.dev/proxy-workers";
 pub const MAX_PROXY_WORKERS: u16 = 16;
 /// `true`: the proxy writes a JSON access log line per HTTP request.
 pub const ANN_ACCESS_LOG: &str = "mizzen.dev/access-log";
-/// Namespaces (comma-separated) whose Services the proxy follows; others
-/// pass through. Absent: every Service of the mesh.
+/// Namespaces (comma-separated, `*` for all) whose Services the proxy
+/// follows; others are fetched on first use. Absent: the pod's own.
 pub const ANN_DISCOVERY_NAMESPACES: &str = "mizzen.dev/discovery-namespaces";
 
 /// Why a pod is left alone. Not an error: the pod is admitted unchanged.
@@ -446,7 +446,7 @@ fn effective(pod: &Pod, cfg: &InjectConfig) -> Result<Effective, InjectError> {
     }
     if let Some(v) = get(ANN_DISCOVERY_NAMESPACES) {
         for ns in v.split(',').map(str::trim) {
-            if !mizzen_api::mesh::is_namespace_name(ns) {
+            if ns != "*" && !mizzen_api::mesh::is_namespace_name(ns) {
                 return Err(ann_err(
                     ANN_DISCOVERY_NAMESPACES,
                     v,
