@@ -1,6 +1,5 @@
 //! `mizzen-injector`: `serve` the admission webhook, or `inject` manifests.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -22,7 +21,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use mizzen_api::runtime;
 use mizzen_injector::config::{NativeSidecars, SharedConfig};
-use mizzen_injector::webhook::{self, LookupError, NamespaceLabels, Verdict};
+use mizzen_injector::webhook::{self, LookupError, NamespaceLabels, NamespaceMeta, Verdict};
 use mizzen_injector::{manual, tls};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -153,8 +152,8 @@ impl Metrics {
     }
 }
 
-/// Namespace labels from a watch cache, falling back to a GET for
-/// namespaces the cache has not seen yet.
+/// Namespace labels and annotations from a watch cache, falling back to a
+/// GET for namespaces the cache has not seen yet.
 #[derive(Clone)]
 struct Namespaces {
     store: Store<Namespace>,
@@ -162,12 +161,16 @@ struct Namespaces {
 }
 
 impl NamespaceLabels for Namespaces {
-    async fn labels(&self, namespace: &str) -> Result<BTreeMap<String, String>, LookupError> {
+    async fn meta(&self, namespace: &str) -> Result<NamespaceMeta, LookupError> {
+        let meta = |ns: &Namespace| NamespaceMeta {
+            labels: ns.metadata.labels.clone().unwrap_or_default(),
+            annotations: ns.metadata.annotations.clone().unwrap_or_default(),
+        };
         if let Some(ns) = self.store.get(&ObjectRef::new(namespace)) {
-            return Ok(ns.metadata.labels.clone().unwrap_or_default());
+            return Ok(meta(&ns));
         }
         match self.api.get_opt(namespace).await {
-            Ok(ns) => Ok(ns.and_then(|n| n.metadata.labels).unwrap_or_default()),
+            Ok(ns) => Ok(ns.as_ref().map(meta).unwrap_or_default()),
             Err(e) => {
                 warn!(%namespace, error = %e, "cannot read namespace labels");
                 Err(LookupError {

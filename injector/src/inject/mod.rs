@@ -57,7 +57,8 @@ pub const MAX_PROXY_WORKERS: u16 = 16;
 /// `true`: the proxy writes a JSON access log line per HTTP request.
 pub const ANN_ACCESS_LOG: &str = "mizzen.dev/access-log";
 /// Namespaces (comma-separated, `*` for all) whose Services the proxy
-/// follows; others are fetched on first use. Absent: the pod's own.
+/// follows; others are fetched on first use. Absent: the pod's own. Set on
+/// a namespace, it is the default for the namespace's pods.
 pub const ANN_DISCOVERY_NAMESPACES: &str = "mizzen.dev/discovery-namespaces";
 
 /// Why a pod is left alone. Not an error: the pod is admitted unchanged.
@@ -808,18 +809,41 @@ pub enum Outcome {
 }
 
 /// Decides and, if so, returns the patch that injects `pod`.
+/// Customisation annotations a namespace may set for all its pods (a
+/// pod's own wins).
+pub const NAMESPACE_DEFAULTS: &[&str] = &[ANN_DISCOVERY_NAMESPACES];
+
+/// `pod` with the [`NAMESPACE_DEFAULTS`] its namespace sets and it does not.
+pub fn with_namespace_defaults(mut pod: Pod, ns_annotations: &BTreeMap<String, String>) -> Pod {
+    for name in NAMESPACE_DEFAULTS {
+        if let Some(v) = ns_annotations.get(*name) {
+            pod.metadata
+                .annotations
+                .get_or_insert_default()
+                .entry((*name).to_owned())
+                .or_insert_with(|| v.clone());
+        }
+    }
+    pod
+}
+
 pub fn inject(
     pod: &Pod,
     namespace: &str,
     ns_labels: &BTreeMap<String, String>,
+    ns_annotations: &BTreeMap<String, String>,
     cfg: &InjectConfig,
     native: bool,
 ) -> Result<Outcome, InjectError> {
     if let Err(skip) = decide(pod, namespace, ns_labels) {
         return Ok(Outcome::Skip(skip));
     }
+    // The patch applies to the pod as submitted: the namespace's defaults
+    // it takes are part of the patch.
     let before = serde_json::to_value(pod).map_err(|e| InjectError::Serialize(e.to_string()))?;
-    let after = serde_json::to_value(mutate(pod, cfg, native)?).map_err(|e| InjectError::Serialize(e.to_string()))?;
+    let defaulted = with_namespace_defaults(pod.clone(), ns_annotations);
+    let after =
+        serde_json::to_value(mutate(&defaulted, cfg, native)?).map_err(|e| InjectError::Serialize(e.to_string()))?;
     Ok(Outcome::Inject(json_patch::diff(&before, &after)))
 }
 

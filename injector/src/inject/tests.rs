@@ -291,6 +291,25 @@ fn annotations_customise_and_bad_values_name_the_annotation() {
         "{env:?}"
     );
     let env = injected(ANN_ACCESS_LOG, "true", 1).env.expect("env");
+    // A namespace's default, and a pod's own that wins over it.
+    let ns: BTreeMap<String, String> = [(ANN_DISCOVERY_NAMESPACES.to_owned(), "*".to_owned())].into();
+    let defaulted = with_namespace_defaults(with(ANN_LOG_LEVEL, "debug"), &ns);
+    assert_eq!(
+        defaulted
+            .metadata
+            .annotations
+            .as_ref()
+            .map(|a| a[ANN_DISCOVERY_NAMESPACES].as_str()),
+        Some("*")
+    );
+    let own = with_namespace_defaults(with(ANN_DISCOVERY_NAMESPACES, "demo"), &ns);
+    assert_eq!(
+        own.metadata
+            .annotations
+            .as_ref()
+            .map(|a| a[ANN_DISCOVERY_NAMESPACES].as_str()),
+        Some("demo")
+    );
     assert!(
         env.iter()
             .any(|e| e.name == "MIZZEN_ACCESS_LOG" && e.value.as_deref() == Some("true")),
@@ -333,15 +352,31 @@ fn annotations_customise_and_bad_values_name_the_annotation() {
 fn patch_applies_and_reinjection_is_a_no_op() {
     let enabled = labels(&[(INJECT_LABEL, "enabled")]);
     let original = app();
-    let Outcome::Inject(patch) = inject(&original, "demo", &enabled, &InjectConfig::default(), true).expect("ok")
-    else {
+    let Outcome::Inject(patch) = inject(
+        &original,
+        "demo",
+        &enabled,
+        &BTreeMap::new(),
+        &InjectConfig::default(),
+        true,
+    )
+    .expect("ok") else {
         panic!("should inject")
     };
     let mut doc = serde_json::to_value(&original).expect("json");
     json_patch::patch(&mut doc, &patch).expect("the patch applies to its pod");
     let patched: Pod = serde_json::from_value(doc).expect("still a pod");
     assert_eq!(patched, mutate(&original, &InjectConfig::default(), true).expect("ok"));
-    match inject(&patched, "demo", &enabled, &InjectConfig::default(), true).expect("ok") {
+    match inject(
+        &patched,
+        "demo",
+        &enabled,
+        &BTreeMap::new(),
+        &InjectConfig::default(),
+        true,
+    )
+    .expect("ok")
+    {
         Outcome::Skip(Skip::AlreadyInjected) => {}
         other => panic!("re-injection must be skipped: {other:?}"),
     }

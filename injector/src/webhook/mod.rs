@@ -95,13 +95,19 @@ pub struct LookupError {
     pub reason: String,
 }
 
-/// What [`review`] needs to know about the request's namespace: its labels
-/// (none for a namespace that does not exist), or why they are unknown.
+/// What [`review`] reads of the request's namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamespaceMeta {
+    /// Whether its pods are meshed.
+    pub labels: BTreeMap<String, String>,
+    /// Defaults for its pods' customisation annotations.
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// What [`review`] needs to know about the request's namespace (nothing
+/// for a namespace that does not exist), or why it is unknown.
 pub trait NamespaceLabels {
-    fn labels(
-        &self,
-        namespace: &str,
-    ) -> impl std::future::Future<Output = Result<BTreeMap<String, String>, LookupError>> + Send;
+    fn meta(&self, namespace: &str) -> impl std::future::Future<Output = Result<NamespaceMeta, LookupError>> + Send;
 }
 
 fn respond(resp: AdmissionResponse) -> Result<Vec<u8>, Unanswerable> {
@@ -160,15 +166,15 @@ pub async fn review(
         .unwrap_or_default();
     // Unknown labels are not "no labels": the webhook is only called for
     // pods that should be meshed, so refuse rather than admit one unmeshed.
-    let labels = match namespaces.labels(&namespace).await {
-        Ok(l) => l,
+    let ns = match namespaces.meta(&namespace).await {
+        Ok(ns) => ns,
         Err(e) => {
             let reason =
                 format!("mizzen sidecar injection: {e}; refusing the pod rather than starting it outside the mesh");
             return Ok((respond(base.deny(&reason))?, Verdict::Denied(reason)));
         }
     };
-    match inject::inject(&pod, &namespace, &labels, cfg, native) {
+    match inject::inject(&pod, &namespace, &ns.labels, &ns.annotations, cfg, native) {
         Ok(Outcome::Inject(patch)) => match base.clone().with_patch(patch) {
             Ok(resp) => Ok((respond(resp)?, Verdict::Injected)),
             Err(e) => {

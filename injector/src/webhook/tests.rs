@@ -6,8 +6,11 @@ use super::*;
 struct Labels(BTreeMap<String, String>);
 
 impl NamespaceLabels for Labels {
-    async fn labels(&self, _ns: &str) -> Result<BTreeMap<String, String>, LookupError> {
-        Ok(self.0.clone())
+    async fn meta(&self, _ns: &str) -> Result<NamespaceMeta, LookupError> {
+        Ok(NamespaceMeta {
+            labels: self.0.clone(),
+            ..Default::default()
+        })
     }
 }
 
@@ -15,7 +18,7 @@ impl NamespaceLabels for Labels {
 struct Unreachable;
 
 impl NamespaceLabels for Unreachable {
-    async fn labels(&self, ns: &str) -> Result<BTreeMap<String, String>, LookupError> {
+    async fn meta(&self, ns: &str) -> Result<NamespaceMeta, LookupError> {
         Err(LookupError {
             namespace: ns.into(),
             reason: "connection refused".into(),
@@ -100,6 +103,35 @@ async fn pod_create_gets_a_patch_that_applies() {
     let mut doc = pod_json();
     json_patch::patch(&mut doc, &patch_of(&resp)).expect("applies");
     assert!(doc["metadata"]["annotations"][inject::STATUS_ANNOTATION].is_string());
+}
+
+/// A meshed namespace that sets a default for its pods.
+struct Annotated;
+
+impl NamespaceLabels for Annotated {
+    async fn meta(&self, _ns: &str) -> Result<NamespaceMeta, LookupError> {
+        Ok(NamespaceMeta {
+            labels: [("mizzen.dev/inject".to_owned(), "enabled".to_owned())].into(),
+            annotations: [(inject::ANN_DISCOVERY_NAMESPACES.to_owned(), "*".to_owned())].into(),
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_namespace_annotation_is_its_pods_default() {
+    let body = serde_json::to_vec(&admission(pod_json(), "Pod", "CREATE")).expect("json");
+    let (out, verdict) = review(&body, &Annotated, &InjectConfig::default(), true)
+        .await
+        .expect("answered");
+    assert_eq!(verdict, Verdict::Injected);
+    let resp: serde_json::Value = serde_json::from_slice(&out).expect("json");
+    let mut doc = pod_json();
+    json_patch::patch(&mut doc, &patch_of(&resp)).expect("applies");
+    let env = doc.to_string();
+    assert!(
+        env.contains(r#"{"name":"MIZZEN_DISCOVERY_NAMESPACES","value":"*"}"#),
+        "the proxy follows what the namespace says: {env}"
+    );
 }
 
 #[tokio::test]
