@@ -8,8 +8,9 @@ use std::net::IpAddr;
 
 use mizzen_api::proto::discovery as pb;
 
-/// Address → names of the Services that list it.
-pub type ByAddress = imbl::OrdMap<IpAddr, imbl::OrdSet<String>>;
+/// Address → names of the Services that list it (sorted; usually one:
+/// a small vector, where a persistent set would take a whole tree node).
+pub type ByAddress = imbl::OrdMap<IpAddr, Vec<String>>;
 
 /// [`ByAddress`], updated Service by Service.
 #[derive(Debug, Default)]
@@ -36,7 +37,7 @@ impl Addresses {
     pub fn update(&mut self, name: &str, svc: Option<&pb::Service>) {
         for ip in self.of_service.remove(name).unwrap_or_default() {
             let emptied = self.by_address.get_mut(&ip).is_some_and(|names| {
-                names.remove(name);
+                names.retain(|n| n != name);
                 names.is_empty()
             });
             if emptied {
@@ -45,7 +46,10 @@ impl Addresses {
         }
         let ips = svc.map(addresses_of).unwrap_or_default();
         for ip in &ips {
-            self.by_address.entry(*ip).or_default().insert(name.to_owned());
+            let names = self.by_address.entry(*ip).or_default();
+            if let Err(at) = names.binary_search_by(|n| n.as_str().cmp(name)) {
+                names.insert(at, name.to_owned());
+            }
         }
         if !ips.is_empty() {
             self.of_service.insert(name.to_owned(), ips);
