@@ -84,7 +84,7 @@ mod tests {
         let ip: IpAddr = ip.parse().expect("ip");
         a.snapshot()
             .get(&ip)
-            .map(|s| s.iter().cloned().collect())
+            .map(|s| s.to_vec())
             .unwrap_or_default()
     }
 
