@@ -65,6 +65,7 @@ where
     let (Some(ns), Some(name)) = (policy.meta().namespace.as_deref(), policy.meta().name.as_deref()) else {
         return;
     };
+    let policy_name = format!("{ns}/{name}");
     let verdict = policy.verdict();
     let Some(next) = status::next(policy.current(), &verdict, policy.meta().generation, &now()) else {
         return;
@@ -78,8 +79,8 @@ where
         Ok(_) => {
             metrics.policy_status_written(K::KIND, verdict.label());
             match &verdict {
-                Verdict::Accepted => debug!(kind = K::KIND, policy = %format!("{ns}/{name}"), "policy accepted"),
-                Verdict::Rejected { reason, message } => info!(kind = K::KIND, policy = %format!("{ns}/{name}"),
+                Verdict::Accepted => debug!(kind = K::KIND, policy = %policy_name, "policy accepted"),
+                Verdict::Rejected { reason, message } => info!(kind = K::KIND, policy = %policy_name,
                     reason, message, "policy not accepted as written"),
             }
         }
@@ -87,7 +88,7 @@ where
         Err(kube::Error::Api(e)) if e.code == 404 => {}
         Err(e) => {
             metrics.policy_status_failed(K::KIND);
-            warn!(kind = K::KIND, policy = %format!("{ns}/{name}"), error = %e,
+            warn!(kind = K::KIND, policy = %policy_name, error = %e,
                 "cannot write policy status; retried on the next change or resync");
         }
     }

@@ -82,10 +82,7 @@ mod tests {
 
     fn names(a: &Addresses, ip: &str) -> Vec<String> {
         let ip: IpAddr = ip.parse().expect("ip");
-        a.snapshot()
-            .get(&ip)
-            .map(|s| s.to_vec())
-            .unwrap_or_default()
+        a.snapshot().get(&ip).map(|s| s.to_vec()).unwrap_or_default()
     }
 
     #[test]

@@ -144,8 +144,9 @@ pub struct Push {
     /// In reverse order: the next one to send is last.
     resources: Vec<Arc<Resource>>,
     removed: Vec<String>,
-    /// Whether an empty push still gets one (empty) response.
-    answer_empty: bool,
+    /// Whether a response was made: a push always gets at least one,
+    /// even when empty (a first answer that nothing matches).
+    answered: bool,
 }
 
 impl Push {
@@ -163,10 +164,10 @@ impl Push {
     /// when all was sent. Responses before the last say [`MORE`].
     pub fn next_response(&mut self, max_bytes: usize) -> Option<DeltaDiscoveryResponse> {
         use prost::Message;
-        if self.is_empty() && !std::mem::take(&mut self.answer_empty) {
+        if self.is_empty() && self.answered {
             return None;
         }
-        self.answer_empty = false;
+        self.answered = true;
         // A name costs its bytes and a tag and length; a resource its
         // encoding and the same.
         let framed = |len: usize| len + 1 + prost::length_delimiter_len(len);
@@ -372,16 +373,6 @@ impl StreamState {
             || via_addresses.contains(name)
     }
 
-    /// The response that brings the client from what it holds to `snap`,
-    /// whole, or `None` when it is up to date (or has not asked yet).
-    /// Records the new versions as sent.
-    pub fn diff(&mut self, snap: &Snapshot, nonce: String) -> Option<DeltaDiscoveryResponse> {
-        let mut push = self.push(snap)?;
-        let mut resp = push.next_response(usize::MAX)?;
-        resp.nonce = nonce;
-        Some(resp)
-    }
-
     /// What brings the client from what it holds to `snap`, or `None`
     /// when it is up to date (or has not asked yet). Records the new
     /// versions as sent. When the client saw the snapshot before this one
@@ -454,7 +445,7 @@ impl StreamState {
             type_url: self.type_url,
             resources,
             removed,
-            answer_empty: true,
+            answered: false,
         })
     }
 }

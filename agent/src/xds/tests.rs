@@ -19,6 +19,17 @@ fn snap(items: &[(&str, &str)]) -> Snapshot {
     }
 }
 
+impl StreamState {
+    /// The push that brings the client from what it holds to `snap`, in
+    /// one response of any size, or `None` when it is up to date.
+    fn diff(&mut self, snap: &Snapshot, nonce: String) -> Option<DeltaDiscoveryResponse> {
+        let mut push = self.push(snap)?;
+        let mut resp = push.next_response(usize::MAX)?;
+        resp.nonce = nonce;
+        Some(resp)
+    }
+}
+
 fn names(resp: &DeltaDiscoveryResponse) -> Vec<&str> {
     resp.resources.iter().map(|r| r.name.as_str()).collect()
 }
