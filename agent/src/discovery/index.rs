@@ -26,7 +26,7 @@ use kube::runtime::watcher::Event;
 use mizzen_api::TrustDomain;
 use mizzen_api::proto::discovery as pb;
 
-use super::{IpOwner, PodFacts, SliceShape, build_one, key_of, service_of, shape_of};
+use super::{IpOwner, PodFacts, SliceShape, build_one, held_ips, key_of, service_of, shape_of};
 
 /// What discovery reads of a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,20 +38,8 @@ struct PodEntry {
 
 impl PodEntry {
     fn of(pod: &Pod) -> Self {
-        let holds_ips = pod.spec.as_ref().and_then(|s| s.host_network) != Some(true)
-            && !matches!(
-                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-                Some("Succeeded" | "Failed")
-            );
-        let ips = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.pod_ips.as_ref())
-            .filter(|_| holds_ips)
-            .map(|ips| ips.iter().map(|i| i.ip.clone()).collect())
-            .unwrap_or_default();
         Self {
-            ips,
+            ips: held_ips(pod),
             facts: PodFacts::of(pod),
         }
     }

@@ -3,14 +3,14 @@
 //! protocol with Mizzen's own resource type
 //! ([`SERVICE_TYPE`](mizzen_api::proto::discovery::SERVICE_TYPE)).
 //!
-//! The agent watches Services, EndpointSlices and Pods, and after each burst
-//! of changes rebuilds one resource per Service ([`build`], pure): its
+//! The agent watches Services, EndpointSlices and Pods into an [`Index`],
+//! and after each burst of changes rebuilds the resources of the Services
+//! it touched ([`build_one`], pure): its
 //! cluster IPs and ports, and its ready endpoints, each with whether its pod
 //! is meshed and the SPIFFE ID the pod's ServiceAccount gives it. A resource
 //! whose contents did not change keeps its version, so a stream only carries
 //! what changed ([`crate::ads`]).
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,31 +60,20 @@ pub enum IpOwner {
     Conflict,
 }
 
-/// Pod IP → owner, from every pod that has one of its own (not host
-/// network, not finished).
-pub fn ip_owners<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> HashMap<String, IpOwner> {
-    let mut owners: HashMap<String, IpOwner> = HashMap::new();
-    for pod in pods {
-        let spec = pod.spec.as_ref();
-        let status = pod.status.as_ref();
-        if spec.and_then(|s| s.host_network) == Some(true)
-            || matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
-        {
-            continue;
-        }
-        let ips = status
-            .and_then(|s| s.pod_ips.as_ref())
-            .map(|ips| ips.iter().map(|i| i.ip.clone()).collect::<Vec<_>>())
-            .unwrap_or_default();
-        let facts = PodFacts::of(pod);
-        for ip in ips {
-            owners
-                .entry(ip)
-                .and_modify(|o| *o = IpOwner::Conflict)
-                .or_insert_with(|| IpOwner::Pod(facts.clone()));
-        }
+/// The addresses `pod` holds (`status.podIPs`): none when it uses the
+/// host's network or has finished.
+pub fn held_ips(pod: &Pod) -> Vec<String> {
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    if spec.and_then(|s| s.host_network) == Some(true)
+        || matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+    {
+        return Vec::new();
     }
-    owners
+    status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().map(|i| i.ip.clone()).collect())
+        .unwrap_or_default()
 }
 
 impl PodFacts {
@@ -111,30 +100,6 @@ impl PodFacts {
                 .unwrap_or_else(|| "default".into()),
         }
     }
-}
-
-/// The discovery resource of every Service, by `<namespace>/<name>`
-/// ([`build_one`] for each).
-pub fn build(
-    services: &[Arc<Service>],
-    slices: &[Arc<EndpointSlice>],
-    owner: impl Fn(&str) -> IpOwner,
-    trust_domain: &TrustDomain,
-) -> BTreeMap<String, pb::Service> {
-    let mut by_service: HashMap<String, Vec<SliceShape>> = HashMap::new();
-    for slice in slices {
-        if let Some(key) = service_of(slice) {
-            by_service.entry(key).or_default().push(SliceShape::of(slice));
-        }
-    }
-    services
-        .iter()
-        .filter_map(|svc| {
-            let key = key_of(&**svc)?;
-            let slices = by_service.remove(&key).unwrap_or_default();
-            Some((key, build_one(&shape_of(svc), &slices, &owner, trust_domain)))
-        })
-        .collect()
 }
 
 /// `<namespace>/<name>` of an object.

@@ -1,10 +1,51 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
 
 use super::*;
+
+/// Pod IP → owner, from every pod's held addresses: the whole-cluster
+/// reading that [`Index::owner`] keeps up to date event by event (the
+/// reference the index's tests compare with).
+pub(super) fn ip_owners<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> HashMap<String, IpOwner> {
+    let mut owners: HashMap<String, IpOwner> = HashMap::new();
+    for pod in pods {
+        let facts = PodFacts::of(pod);
+        for ip in held_ips(pod) {
+            owners
+                .entry(ip)
+                .and_modify(|o| *o = IpOwner::Conflict)
+                .or_insert_with(|| IpOwner::Pod(facts.clone()));
+        }
+    }
+    owners
+}
+
+/// The discovery resource of every Service, built whole ([`build_one`]
+/// for each): what [`Index::rebuild`] must add up to.
+pub(super) fn build(
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+    owner: impl Fn(&str) -> IpOwner,
+    trust_domain: &TrustDomain,
+) -> BTreeMap<String, pb::Service> {
+    let mut by_service: HashMap<String, Vec<SliceShape>> = HashMap::new();
+    for slice in slices {
+        if let Some(key) = service_of(slice) {
+            by_service.entry(key).or_default().push(SliceShape::of(slice));
+        }
+    }
+    services
+        .iter()
+        .filter_map(|svc| {
+            let key = key_of(&**svc)?;
+            let slices = by_service.remove(&key).unwrap_or_default();
+            Some((key, build_one(&shape_of(svc), &slices, &owner, trust_domain)))
+        })
+        .collect()
+}
 
 pub(super) fn service(ns: &str, name: &str, ip: &str) -> Arc<Service> {
     Arc::new(

@@ -4,8 +4,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use super::*;
-use crate::discovery::tests::{pod, service, slice};
-use crate::discovery::{build, ip_owners};
+use crate::discovery::tests::{build, ip_owners, pod, service, slice};
 
 fn td() -> TrustDomain {
     TrustDomain::default()
