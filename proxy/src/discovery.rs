@@ -268,7 +268,26 @@ impl Scope {
     pub fn is_partial(&self) -> bool {
         !self.names.is_empty()
     }
+
+    /// Adds `ip` to what is followed; the name to subscribe to. Past
+    /// [`MAX_ON_DEMAND`] addresses (an app reaching many addresses outside
+    /// the mesh), every Service is followed instead (`*`): the agent
+    /// bounds the names one stream may follow, and a stream it refuses
+    /// would carry no policy either.
+    fn fetch(&mut self, ip: IpAddr) -> String {
+        let asked = self.names.iter().filter(|n| n.starts_with(ADDRESS_PREFIX)).count();
+        if asked >= MAX_ON_DEMAND {
+            self.names.clear();
+            return "*".to_owned();
+        }
+        let name = format!("{ADDRESS_PREFIX}{ip}");
+        self.names.push(name.clone());
+        name
+    }
 }
+
+/// Addresses a proxy fetches on demand before it follows every Service.
+pub const MAX_ON_DEMAND: usize = 1024;
 
 /// Services fetched on first use, for a proxy that follows only some
 /// namespaces: an outbound connection to an address the routes do not know
@@ -277,6 +296,8 @@ impl Scope {
 #[derive(Debug)]
 pub struct OnDemand {
     asks: mpsc::UnboundedSender<IpAddr>,
+    /// Set once the proxy follows every Service: nothing to fetch.
+    everything: std::sync::atomic::AtomicBool,
     asked: std::sync::Mutex<std::collections::HashSet<IpAddr>>,
     /// Addresses the agent said no Service has; bumped on each answer.
     unknown: watch::Sender<std::collections::HashSet<IpAddr>>,
@@ -289,6 +310,7 @@ impl OnDemand {
         let (unknown, _) = watch::channel(Default::default());
         let od = Self {
             asks,
+            everything: Default::default(),
             asked: Default::default(),
             unknown,
         };
@@ -303,6 +325,9 @@ impl OnDemand {
         mut routes: watch::Receiver<Option<Arc<Routes>>>,
         limit: std::time::Duration,
     ) {
+        if self.everything.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let first = self.asked.lock().unwrap_or_else(|e| e.into_inner()).insert(ip);
         if first {
             let _ = self.asks.send(ip);
@@ -323,6 +348,11 @@ impl OnDemand {
             }
         };
         let _ = tokio::time::timeout(limit, settled).await;
+    }
+
+    /// The proxy now follows every Service: stop fetching.
+    fn follow_everything(&self) {
+        self.everything.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The agent's answers in a response: `address/<ip>` among the
@@ -451,10 +481,14 @@ async fn stream_once(src: &SdsSource, state: &mut Following, token: String) -> R
                 .map_err(|s| format!("discovery stream failed: {:?}: {}", s.code(), s.message()))?
                 .ok_or("the agent closed the discovery stream")?,
             Some(ip) = asked => {
-                let name = format!("{ADDRESS_PREFIX}{ip}");
-                state.scope.names.push(name.clone());
                 let mut ask = request(SERVICE_TYPE, None, "", None);
-                ask.resource_names_subscribe = vec![name];
+                ask.resource_names_subscribe = vec![state.scope.fetch(ip)];
+                if state.scope.names.is_empty() {
+                    // Too many addresses asked for: follow everything.
+                    if let Some((od, _)) = &state.on_demand {
+                        od.follow_everything();
+                    }
+                }
                 req_tx.send(ask).await.map_err(|_| "send a subscription")?;
                 continue;
             }
@@ -727,5 +761,17 @@ mod tests {
             "no namespace known: everything"
         );
         assert!(!Scope::default().is_partial() && Scope::for_pod(&[], own).is_partial());
+    }
+
+    #[test]
+    fn past_the_on_demand_bound_a_proxy_follows_every_service() {
+        let mut scope = Scope::of(&["demo".to_owned()]);
+        for i in 0..MAX_ON_DEMAND {
+            let ip = IpAddr::from([192, 0, (i / 256) as u8, (i % 256) as u8]);
+            assert_eq!(scope.fetch(ip), format!("{ADDRESS_PREFIX}{ip}"));
+        }
+        assert_eq!(scope.names.len(), MAX_ON_DEMAND + 1, "the namespace and each address");
+        assert_eq!(scope.fetch(IpAddr::from([198, 51, 100, 1])), "*");
+        assert!(!scope.is_partial(), "a reconnect asks for everything too");
     }
 }
