@@ -609,6 +609,9 @@ async fn a_foreign_endpointslice_cannot_downgrade_a_pod_ip_to_plaintext() -> any
     let evil_ns = cluster.namespace(&client, "aa-evil", &[]).await?;
     mesh.server_and_client(&client, &victim_ns, "victim").await?;
     let (_, victim_ip) = mesh.node.pod(&victim_ns, "victim")?;
+    // Counted before the shadow exists: the agent may publish it before
+    // the slice's create call returns.
+    let before = discovery_endpoints(&mesh).await?;
     // The shadow: a selector-less Service and a hand-written slice.
     let shadow: Service = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "shadow"},
@@ -629,7 +632,6 @@ async fn a_foreign_endpointslice_cannot_downgrade_a_pod_ip_to_plaintext() -> any
         .await?;
     // The agent publishes the shadow's endpoint (and pushes it to the
     // client's proxy) before the client calls.
-    let before = discovery_endpoints(&mesh).await?;
     eventually_some(
         Duration::from_secs(30),
         "the shadow slice to reach discovery",
