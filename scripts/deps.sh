@@ -14,6 +14,8 @@ declare -A PKG=(
   [openssl]=openssl [curl]=curl [tac]=coreutils [base64]=coreutils
   [protoc]=protobuf-compiler
   [tcpdump]=tcpdump [tshark]=tshark [unshare]=util-linux [mount]=mount
+  # Images (scripts/images.sh) and the real node (scripts/node.sh).
+  [umoci]=umoci [skopeo]=skopeo [containerd]=containerd [ctr]=containerd [runc]=runc [nft]=nftables
 )
 
 missing=()
@@ -22,6 +24,8 @@ for cmd in "${!PKG[@]}"; do
 done
 # protoc's well-known types (google/protobuf/struct.proto)
 [ -f /usr/include/google/protobuf/struct.proto ] || missing+=(libprotobuf-dev)
+# The real node's pod network (CNI bridge, host-local, portmap).
+[ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   log "installing ${missing[*]}"

@@ -5,8 +5,16 @@
 #                                kube-scheduler, kubectl and etcd from published Go modules
 #                                (cached in $MIZZEN_CACHE, a no-op when present)
 #   scripts/kube.sh start DIR    start etcd + the control plane, write DIR/kubeconfig
+#                                (MIZZEN_API_ADVERTISE=IP: listen on every address
+#                                and advertise IP, for a real node)
+#   scripts/kube.sh client DIR NAME SUBJECT [EXT]
+#                                a client certificate from DIR's cluster CA and
+#                                DIR/NAME.kubeconfig using it
 #   scripts/kube.sh stop DIR     stop everything started in DIR
 #   scripts/kube.sh bin          print the directory holding the binaries
+#   scripts/kube.sh install-node build kubelet and kube-proxy (same version) and
+#                                CoreDNS, for a real node (scripts/node.sh)
+#   scripts/kube.sh node-bin     print the directory holding those
 #
 # Nothing is downloaded but Go modules through the Go module proxy.
 set -euo pipefail
@@ -17,7 +25,15 @@ CACHE="${MIZZEN_CACHE:-$HOME/.cache/mizzen}"
 K8S_DIR="$CACHE/k8s/$K8S_VERSION"
 ETCD_DIR="$CACHE/etcd/$ETCD_VERSION"
 BIN_DIR="$CACHE/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION"
+# A non-loopback address for the API server to advertise (and listen on),
+# for a control plane with a real node (scripts/node.sh); empty: loopback only.
+ADVERTISE="${MIZZEN_API_ADVERTISE:-}"
 K8S_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+# A real node (scripts/node.sh): kubelet and kube-proxy of the same version, and CoreDNS.
+NODE_CMDS=(kubelet kube-proxy)
+COREDNS_VERSION="${MIZZEN_COREDNS_VERSION:-v1.12.1}"
+COREDNS_DIR="$CACHE/coredns/$COREDNS_VERSION"
+NODE_BIN_DIR="$CACHE/bin/node-k8s-$K8S_VERSION-coredns-$COREDNS_VERSION"
 
 log() { printf '[kube.sh] %s\n' "$*" >&2; }
 die() { printf '[kube.sh] error: %s\n' "$*" >&2; exit 1; }
@@ -35,11 +51,14 @@ installed() {
 # Go module proxy versions: k8s.io/kubernetes v1.X.Y publishes staging modules as v0.X.Y.
 staging_version() { echo "v0.${K8S_VERSION#v1.}"; }
 
+# build_k8s WRAPPER CMD...: go build k8s.io/kubernetes/cmd/CMD for each CMD
+# (into $K8S_DIR/bin) from a wrapper module in $K8S_DIR/WRAPPER.
 build_k8s() {
-  local w="$K8S_DIR/wrapper" sv
+  local w="$K8S_DIR/$1" sv; shift
+  local cmds=("$@")
   sv=$(staging_version)
   mkdir -p "$w" "$K8S_DIR/bin"
-  log "building Kubernetes $K8S_VERSION (staging modules $sv) in $w"
+  log "building Kubernetes $K8S_VERSION ${cmds[*]} (staging modules $sv) in $w"
   # The upstream go.mod replaces every staging module with ./staging/...; a module
   # zip has no ./staging, so replace each with its published version instead.
   local upstream
@@ -63,7 +82,7 @@ build_k8s() {
     echo "package tools"
     echo
     echo "import ("
-    for c in "${K8S_CMDS[@]}"; do echo "	_ \"k8s.io/kubernetes/cmd/$c\""; done
+    for c in "${cmds[@]}"; do echo "	_ \"k8s.io/kubernetes/cmd/$c\""; done
     echo ")"
   } > "$w/tools.go"
   (cd "$w" && go mod tidy)
@@ -73,7 +92,7 @@ build_k8s() {
   ld+=" -X k8s.io/component-base/version.gitTreeState=clean"
   ld+=" -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
   ld+=" -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
-  for c in "${K8S_CMDS[@]}"; do
+  for c in "${cmds[@]}"; do
     if [ ! -x "$K8S_DIR/bin/$c" ]; then
       log "go build $c"
       (cd "$w" && CGO_ENABLED=0 go build -trimpath -ldflags "$ld" -o "$K8S_DIR/bin/$c.tmp" "k8s.io/kubernetes/cmd/$c")
@@ -102,6 +121,48 @@ GOMOD
   mv "$ETCD_DIR/bin/etcd.tmp" "$ETCD_DIR/bin/etcd"
 }
 
+build_coredns() {
+  local w="$COREDNS_DIR/wrapper"
+  mkdir -p "$w" "$COREDNS_DIR/bin"
+  [ -x "$COREDNS_DIR/bin/coredns" ] && return 0
+  log "building CoreDNS $COREDNS_VERSION in $w"
+  cat > "$w/go.mod" <<GOMOD
+module local/mizzen-corednsbin
+
+go 1.24
+
+require github.com/coredns/coredns $COREDNS_VERSION
+GOMOD
+  printf '//go:build tools\n\npackage tools\n\nimport _ "github.com/coredns/coredns"\n' > "$w/tools.go"
+  (cd "$w" && go mod tidy)
+  (cd "$w" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$COREDNS_DIR/bin/coredns.tmp" github.com/coredns/coredns)
+  mv "$COREDNS_DIR/bin/coredns.tmp" "$COREDNS_DIR/bin/coredns"
+}
+
+node_installed() {
+  for b in "${NODE_CMDS[@]}" coredns; do
+    [ -x "$NODE_BIN_DIR/$b" ] || return 1
+  done
+}
+
+cmd_install_node() {
+  if node_installed; then
+    log "kubelet, kube-proxy $K8S_VERSION and CoreDNS $COREDNS_VERSION already installed in $NODE_BIN_DIR"
+    return 0
+  fi
+  need go "install Go >= 1.24 (https://go.dev/doc/install); the Go module proxy must be reachable"
+  local t0=$SECONDS
+  # A wrapper of its own, so that the control plane's module graph is not
+  # touched; the Go build cache the control plane warmed is shared.
+  build_k8s node-wrapper "${NODE_CMDS[@]}"
+  build_coredns
+  mkdir -p "$NODE_BIN_DIR"
+  for c in "${NODE_CMDS[@]}"; do ln -sf "$K8S_DIR/bin/$c" "$NODE_BIN_DIR/$c"; done
+  ln -sf "$COREDNS_DIR/bin/coredns" "$NODE_BIN_DIR/coredns"
+  node_installed || die "install-node finished but binaries are missing from $NODE_BIN_DIR"
+  log "installed the node's binaries in $NODE_BIN_DIR in $((SECONDS - t0)) s"
+}
+
 cmd_install() {
   if installed; then
     log "Kubernetes $K8S_VERSION and etcd $ETCD_VERSION already installed in $BIN_DIR"
@@ -110,7 +171,7 @@ cmd_install() {
   need go "install Go >= 1.24 (https://go.dev/doc/install); the Go module proxy must be reachable"
   local t0=$SECONDS
   build_etcd
-  build_k8s
+  build_k8s wrapper "${K8S_CMDS[@]}"
   mkdir -p "$BIN_DIR"
   for c in "${K8S_CMDS[@]}"; do ln -sf "$K8S_DIR/bin/$c" "$BIN_DIR/$c"; done
   ln -sf "$ETCD_DIR/bin/etcd" "$BIN_DIR/etcd"
@@ -138,7 +199,7 @@ gen_pki() {
     -keyout "$pki/ca.key" -out "$pki/ca.crt" -days 3650 -sha256 -subj "/CN=mizzen-test-cluster-ca" \
     -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
   gen_cert "$pki" apiserver "/CN=kube-apiserver" \
-    "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth"
+    "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,${ADVERTISE:+IP:$ADVERTISE,}DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth"
   gen_cert "$pki" admin "/O=system:masters/CN=mizzen-test-admin" \
     "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth"
   openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
@@ -146,9 +207,11 @@ gen_pki() {
   chmod 600 "$pki"/*.key
 }
 
+# write_kubeconfig DIR PORT [OUT CERT]: a kubeconfig for the client certificate
+# DIR/pki/CERT.{crt,key} (default: admin, written to DIR/kubeconfig).
 write_kubeconfig() {
-  local dir=$1 port=$2 pki=$1/pki
-  cat > "$dir/kubeconfig" <<KC
+  local dir=$1 port=$2 out=${3:-$1/kubeconfig} cert=${4:-admin} pki=$1/pki
+  cat > "$out" <<KC
 apiVersion: v1
 kind: Config
 clusters:
@@ -159,8 +222,8 @@ clusters:
 users:
 - name: mizzen-test-admin
   user:
-    client-certificate-data: $(base64 -w0 < "$pki/admin.crt")
-    client-key-data: $(base64 -w0 < "$pki/admin.key")
+    client-certificate-data: $(base64 -w0 < "$pki/$cert.crt")
+    client-key-data: $(base64 -w0 < "$pki/$cert.key")
 contexts:
 - name: mizzen-test
   context:
@@ -168,7 +231,20 @@ contexts:
     user: mizzen-test-admin
 current-context: mizzen-test
 KC
-  chmod 600 "$dir/kubeconfig"
+  chmod 600 "$out"
+}
+
+# cmd_client DIR NAME SUBJECT [EXTENSIONS]: a client certificate signed by
+# DIR's cluster CA and a kubeconfig DIR/NAME.kubeconfig using it (for the
+# node's kubelet and kube-proxy).
+cmd_client() {
+  local dir=${1:?usage: kube.sh client DIR NAME SUBJECT [EXT]} name=${2:?} subj=${3:?}
+  local ext=${4:-"basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth"}
+  dir=$(cd "$dir" && pwd)
+  local port; port=$(sed -n 's/^MIZZEN_API_PORT=//p' "$dir/env")
+  [ -n "$port" ] || die "no control plane in $dir (no MIZZEN_API_PORT in $dir/env)"
+  gen_cert "$dir/pki" "$name" "$subj" "$ext"
+  write_kubeconfig "$dir" "$port" "$dir/$name.kubeconfig" "$name"
 }
 
 # spawn DIR NAME BINARY ARGS...: start a daemon in its own session, logging to DIR/logs/NAME.log.
@@ -214,9 +290,14 @@ start_once() {
   wait_until "$dir" etcd 30 curl -sf "http://127.0.0.1:$etcd_port/health"
 
   local issuer=https://kubernetes.default.svc.cluster.local
+  # Pods reach the API server through the `kubernetes` Service, whose
+  # endpoint is the advertised address: loopback is not a valid endpoint.
+  local bind=127.0.0.1
+  [ -z "$ADVERTISE" ] || bind=0.0.0.0
   spawn "$dir" kube-apiserver "$BIN_DIR/kube-apiserver" \
     --etcd-servers="http://127.0.0.1:$etcd_port" \
-    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" \
+    --bind-address="$bind" --advertise-address="${ADVERTISE:-127.0.0.1}" --secure-port="$api_port" \
+    --kubelet-preferred-address-types=InternalIP,Hostname \
     --cert-dir="$pki" --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
     --client-ca-file="$pki/ca.crt" \
     --service-account-issuer="$issuer" --api-audiences="$issuer" \
@@ -251,6 +332,7 @@ KUBECONFIG=$dir/kubeconfig
 MIZZEN_KUBE_BIN=$BIN_DIR
 MIZZEN_API_PORT=$api_port
 MIZZEN_ETCD_PORT=$etcd_port
+MIZZEN_API_ADVERTISE=$ADVERTISE
 ENV
   log "control plane $K8S_VERSION up in $((SECONDS - t0)) s: export KUBECONFIG=$dir/kubeconfig"
 }
@@ -314,9 +396,12 @@ cmd_stop() {
 
 case "${1:-}" in
   install) cmd_install ;;
+  install-node) cmd_install_node ;;
+  client) shift; cmd_client "$@" ;;
+  node-bin) echo "$NODE_BIN_DIR" ;;
   start) shift; cmd_start "$@" ;;
   start-once) shift; start_once "$@" ;;
   stop) shift; cmd_stop "$@" ;;
   bin) echo "$BIN_DIR" ;;
-  *) die "usage: $0 install|start DIR|stop DIR|bin" ;;
+  *) die "usage: $0 install|install-node|start DIR|stop DIR|client DIR NAME SUBJECT [EXT]|bin|node-bin" ;;
 esac

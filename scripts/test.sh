@@ -19,16 +19,20 @@ fi
 
 scripts/deps.sh
 scripts/kube.sh install
+scripts/kube.sh install-node
 
 # Control planes of earlier runs whose processes are gone leave only logs.
-for d in "${TMPDIR:-/tmp}"/mizzen-cluster-*; do
+for d in "${TMPDIR:-/tmp}"/mizzen-cluster-* "${TMPDIR:-/tmp}"/mizzen-real-node-*; do
   if [ -d "$d" ] && ! ls "$d/pids/"* >/dev/null 2>&1; then rm -rf "$d"; fi
 done
 
 # End-to-end tests run the components' real binaries; the proxy and
-# discovery benchmarks measure the release builds of the proxy and agent.
+# discovery benchmarks measure the release builds of the proxy and agent,
+# which are also what the images the real node runs (tests/tests/real_node.rs)
+# are made of.
 cargo build --workspace --bins --locked
-cargo build --release --locked -p mizzen-proxy -p mizzen-agent
+export MIZZEN_IMAGES="${MIZZEN_IMAGES:-${CARGO_TARGET_DIR:-$PWD/target}/images}"
+scripts/images.sh --node
 
 # Each test binary's fixtures are torn down by a helper after it exits; wait
 # for them so that nothing is left running when a run ends.

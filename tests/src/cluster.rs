@@ -49,8 +49,32 @@ pub fn kube_sh() -> PathBuf {
     repo_root().join("scripts/kube.sh")
 }
 
+/// Runs `script args...` (a script of this repository), its stderr in the error.
+fn run_script(script: &Path, args: &[&str], env: &[(&str, &str)], hint: &str) -> Result<String, String> {
+    let out = std::process::Command::new(script)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{} {}` failed ({}). {hint}\n{}",
+            script.display(),
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 fn start() -> Result<Cluster, String> {
     let dir = std::env::temp_dir().join(format!("mizzen-cluster-{}", std::process::id()));
+    start_in(dir, &[])
+}
+
+fn start_in(dir: PathBuf, env: &[(&str, &str)]) -> Result<Cluster, String> {
     let script = kube_sh();
     // Registered before starting, so a half-started control plane is stopped too.
     reaper::at_exit(&format!(
@@ -59,27 +83,14 @@ fn start() -> Result<Cluster, String> {
         shell_quote(&dir.display().to_string()),
         dir = shell_quote(&dir.display().to_string()),
     ));
-    let out = std::process::Command::new(&script)
-        .arg("start")
-        .arg(&dir)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`{} start {}` failed ({}). Install the control plane with `scripts/kube.sh install` \
-             (scripts/test.sh does it for you).\n{}",
-            script.display(),
-            dir.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let bin = std::process::Command::new(&script)
-        .arg("bin")
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    let bin = PathBuf::from(String::from_utf8_lossy(&bin.stdout).trim());
+    let d = dir.display().to_string();
+    run_script(
+        &script,
+        &["start", &d],
+        env,
+        "Install the control plane with `scripts/kube.sh install` (scripts/test.sh does it for you).",
+    )?;
+    let bin = PathBuf::from(run_script(&script, &["bin"], &[], "")?);
     Ok(Cluster {
         kubeconfig: dir.join("kubeconfig"),
         kubectl: bin.join("kubectl"),
@@ -87,7 +98,49 @@ fn start() -> Result<Cluster, String> {
     })
 }
 
+/// A control plane advertising the host's address and a real node
+/// (`scripts/node.sh`: kubelet, containerd, kube-proxy, CoreDNS) running the
+/// images of `scripts/images.sh --node`.
+fn start_with_real_node() -> Result<Cluster, String> {
+    let dir = std::env::temp_dir().join(format!("mizzen-real-node-{}", std::process::id()));
+    let node_sh = repo_root().join("scripts/node.sh");
+    let ip = run_script(&node_sh, &["ip"], &[], "")?;
+    if ip.is_empty() {
+        return Err("the host has no IPv4 default route: a real node needs an address to advertise".into());
+    }
+    let cluster = start_in(dir.clone(), &[("MIZZEN_API_ADVERTISE", &ip)])?;
+    // Runs before the control plane is stopped (the reaper runs newest first).
+    let d = dir.display().to_string();
+    reaper::at_exit(&format!(
+        "{} down {}",
+        shell_quote(&node_sh.display().to_string()),
+        shell_quote(&d)
+    ));
+    run_script(
+        &node_sh,
+        &["up", &d],
+        &[],
+        "Build the node with `scripts/kube.sh install-node` and the images with `scripts/images.sh --node` \
+         (scripts/test.sh does both).",
+    )?;
+    Ok(cluster)
+}
+
+static REAL_NODE: OnceLock<Result<Cluster, String>> = OnceLock::new();
+
 impl Cluster {
+    /// The control plane of this test binary with a real node, started on
+    /// first use. A test binary uses either this or [`Cluster::get`]; the
+    /// node changes the host's iptables and sysctls while it runs (put back
+    /// when the binary exits), so cargo's one-binary-at-a-time order keeps
+    /// it apart from other tests.
+    pub fn with_real_node() -> &'static Cluster {
+        match REAL_NODE.get_or_init(start_with_real_node) {
+            Ok(c) => c,
+            Err(e) => panic!("the real node did not start: {e}"),
+        }
+    }
+
     /// The control plane of this test binary, started on first use.
     ///
     /// Panics, with the reason and how to fix it, when it cannot start.
@@ -101,6 +154,11 @@ impl Cluster {
     /// Directory holding the kubeconfig, PKI and logs (`logs/<component>.log`).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The `kubectl` binary (see [`Cluster::kubectl`]).
+    pub fn kubectl_path(&self) -> &Path {
+        &self.kubectl
     }
 
     /// Path of an admin kubeconfig (client certificate in `system:masters`).

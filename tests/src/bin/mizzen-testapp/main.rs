@@ -49,8 +49,16 @@
 //!                                     http-load (same JSON line)
 //! mizzen-testapp hold ADDR N SECS [HEX]  open N connections (writing HEX bytes on each), print "open <n>",
 //!                                     keep them for SECS seconds
+//! mizzen-testapp get ADDR PATH        one HTTP/1.1 GET: prints the status line
+//!                                     and the body; exit 1 unless 2xx
+//! mizzen-testapp idle                 do nothing until terminated (a pod to
+//!                                     `kubectl exec` the client commands in)
+//! mizzen-testapp --version            print the version
 //! ```
-//! The servers print `listening <addr>` on stdout once it is bound.
+//! ADDR is `host:port`; host names are resolved (a Service name in a pod).
+//! The servers print `listening <addr>` on stdout once it is bound. SIGTERM
+//! ends every mode at once: in a container the app is PID 1, which the
+//! kernel does not end by a signal it has no handler for.
 
 mod grpc;
 
@@ -164,7 +172,7 @@ fn banner_client(addr: &str) -> Result<(), String> {
 }
 
 fn connect(addr: &str, text: &str) -> Result<(), String> {
-    let sock = addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?;
+    let sock = resolve(addr)?;
     let mut conn =
         TcpStream::connect_timeout(&sock, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))
@@ -192,8 +200,17 @@ fn exchange(conn: &mut BufReader<TcpStream>, text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The first address `host:port` names (an IP address or a resolvable name).
+fn resolve(addr: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .map_err(|e| format!("bad address {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr} resolves to no address"))
+}
+
 fn open(addr: &str) -> Result<BufReader<TcpStream>, String> {
-    let sock = addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?;
+    let sock = resolve(addr)?;
     let conn = TcpStream::connect_timeout(&sock, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
@@ -376,7 +393,7 @@ fn http_load(addr: &str, rate: &str, secs: &str, conns: &str) -> Result<(), Stri
     let rate: f64 = rate.parse().map_err(|_| format!("bad rate {rate:?}"))?;
     let secs: f64 = secs.parse().map_err(|_| format!("bad seconds {secs:?}"))?;
     let conns: usize = conns.parse().map_err(|_| format!("bad connection count {conns:?}"))?;
-    let sock: std::net::SocketAddr = addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?;
+    let sock = resolve(addr)?;
     let mut request = format!("POST /echo HTTP/1.1\r\nhost: bench\r\ncontent-length: {BODY}\r\n\r\n").into_bytes();
     request.extend(std::iter::repeat_n(b'q', BODY));
     let request = std::sync::Arc::new(request);
@@ -469,7 +486,7 @@ fn report(mut latencies: Vec<u64>, errors: u64, secs: f64) {
 fn hold(addr: &str, n: &str, secs: &str, first: &str) -> Result<(), String> {
     let n: usize = n.parse().map_err(|_| format!("bad count {n:?}"))?;
     let secs: u64 = secs.parse().map_err(|_| format!("bad seconds {secs:?}"))?;
-    let sock: std::net::SocketAddr = addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?;
+    let sock = resolve(addr)?;
     let first = (0..first.len())
         .step_by(2)
         .map(|i| first.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
@@ -492,7 +509,42 @@ fn hold(addr: &str, n: &str, secs: &str, first: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn get(addr: &str, path: &str) -> Result<(), String> {
+    let mut conn = open(addr)?;
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    conn.get_mut()
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut body = Vec::new();
+    let head = read_message(&mut conn, &mut body)?.ok_or("connection closed before a response")?;
+    let status = head.lines().next().unwrap_or_default().trim().to_owned();
+    println!("{status}");
+    print!("{}", String::from_utf8_lossy(&body));
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    match status.split_whitespace().nth(1) {
+        Some(code) if code.starts_with('2') => Ok(()),
+        _ => Err(format!("response {status:?}")),
+    }
+}
+
+/// Exits on SIGTERM (see the module's docs).
+fn exit_on_sigterm() {
+    std::thread::spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_io().build() else {
+            return;
+        };
+        rt.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let Ok(mut term) = signal(SignalKind::terminate()) {
+                term.recv().await;
+                std::process::exit(0);
+            }
+        });
+    });
+}
+
 fn main() -> ExitCode {
+    exit_on_sigterm();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let res = match args.as_slice() {
@@ -509,12 +561,20 @@ fn main() -> ExitCode {
         ["http-load", addr, rate, secs, conns] => http_load(addr, rate, secs, conns),
         ["hold", addr, n, secs] => hold(addr, n, secs, ""),
         ["hold", addr, n, secs, first] => hold(addr, n, secs, first),
+        ["get", addr, path] => get(addr, path),
+        ["idle"] => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+        ["--version"] => {
+            println!("mizzen-testapp {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
         ["whoami"] => {
             let (uid, gid) = ids();
             println!("uid={uid} gid={gid}");
             Ok(())
         }
-        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami | load ADDR SECS MS | http-server ADDR | http-echo ADDR | banner-server ADDR | banner-client ADDR | http-keepalive ADDR SECS | grpc-server ADDR | grpc-load ADDR RATE SECS CONNS | http-load ADDR RATE SECS CONNS | hold ADDR N SECS [HEX-BYTES]".into()),
+        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami | load ADDR SECS MS | http-server ADDR | http-echo ADDR | banner-server ADDR | banner-client ADDR | http-keepalive ADDR SECS | grpc-server ADDR | grpc-load ADDR RATE SECS CONNS | http-load ADDR RATE SECS CONNS | hold ADDR N SECS [HEX-BYTES] | get ADDR PATH | idle | --version".into()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
