@@ -6,7 +6,15 @@
 #                               components as local processes, and a test
 #                               node that runs pods as processes in network
 #                               namespaces (the tests' kubelet stand-in)
-#   scripts/run-local.sh down   stop everything
+#   scripts/run-local.sh up --real-node
+#                               the mesh as users install it: a real node
+#                               (kubelet, containerd, kube-proxy, CoreDNS;
+#                               scripts/node.sh) running the images of
+#                               scripts/images.sh, manifests/install.yaml
+#                               applied unchanged, and the sample app of
+#                               manifests/examples/demo.yaml (needs root)
+#   scripts/run-local.sh down   stop everything (either mode), and put the
+#                               host's iptables and sysctls back
 #
 # State lives in $MIZZEN_LOCAL_DIR (default ~/.cache/mizzen/local); component
 # logs in its logs/ folder. Ports: CA gRPC $MIZZEN_CA_PORT (15012), CA admin
@@ -73,8 +81,81 @@ KC
   echo "$out"
 }
 
+# step N TOTAL NAME HINT CMD...: one step of `up --real-node`, its output in
+# $DIR/logs/step-<name>.log; on failure, names the step, its log and the
+# likely fix.
+step() {
+  local n=$1 total=$2 name=$3 hint=$4 t0=$SECONDS; shift 4
+  local slog="$DIR/logs/step-${name// /-}.log"
+  printf '[run-local] [%s/%s] %s ... ' "$n" "$total" "$name" >&2
+  if "$@" > "$slog" 2>&1; then
+    printf 'ok (%s s)\n' "$((SECONDS - t0))" >&2
+  else
+    printf 'FAILED\n' >&2
+    tail -n 15 "$slog" | sed 's/^/    /' >&2
+    die "step \"$name\" failed (log: $slog). Likely fix: $hint"
+  fi
+}
+
+rollout() {
+  local ns=$1 w; shift
+  for w in "$@"; do $KUBECTL -n "$ns" rollout status "$w" --timeout=240s || return 1; done
+}
+
+# The mesh as users install it, on a real node of this machine.
+real_node_up() {
+  mkdir -p "$DIR/logs"
+  local ip total=9
+  ip=$(scripts/node.sh ip)
+  [ -n "$ip" ] || die "this machine has no IPv4 default route: a real node needs an address to advertise"
+  [ "$(id -u)" = 0 ] || die "a real node needs root (kubelet, containerd, iptables)"
+  KUBECTL="$(scripts/kube.sh bin)/kubectl --kubeconfig $DIR/kubeconfig"
+  step 1 $total "system packages" "run scripts/deps.sh by hand and read its error (apt-get needs the package registry)" \
+    scripts/deps.sh
+  step 2 $total "control plane build" "needs Go >= 1.24 and the Go module proxy; see scripts/kube.sh install" \
+    scripts/kube.sh install
+  step 3 $total "node build" "needs Go and the Go module proxy; see scripts/kube.sh install-node" \
+    scripts/kube.sh install-node
+  step 4 $total "images" "a cargo build error is in the log; umoci comes from scripts/deps.sh" \
+    scripts/images.sh --node
+  step 5 $total "control plane" "another run may hold it: scripts/run-local.sh down" \
+    env MIZZEN_API_ADVERTISE="$ip" scripts/kube.sh start "$DIR"
+  step 6 $total "real node" "see $DIR/node/logs/ (kubelet.log, containerd.log); scripts/run-local.sh down cleans up" \
+    scripts/node.sh up "$DIR"
+  step 7 $total "install.yaml" "kubectl -n mizzen-system get pods; kubectl -n mizzen-system logs <pod>" \
+    bash -c "$KUBECTL apply -f manifests/install.yaml && $(declare -f rollout); KUBECTL='$KUBECTL' rollout mizzen-system deploy/mizzen-ca ds/mizzen-agent deploy/mizzen-injector"
+  step 8 $total "sample app" "kubectl -n demo get pods; kubectl -n demo describe pod <pod> (is the webhook up?)" \
+    bash -c "$KUBECTL apply -f manifests/examples/demo.yaml && $(declare -f rollout); KUBECTL='$KUBECTL' rollout demo deploy/echo deploy/client"
+  step 9 $total "first request" "kubectl -n demo logs deploy/client -c mizzen-proxy" \
+    $KUBECTL -n demo exec deploy/client -c app -- mizzen-testapp get echo:8080 /hello
+  cat >&2 <<TRY
+
+Mizzen runs on the real node "mizzen-node" with the sample app in namespace demo.
+  export KUBECONFIG=$DIR/kubeconfig PATH=$(scripts/kube.sh bin):\$PATH
+
+A request from the client to the echo Service, by name, over mutual TLS (the
+echo server prints the x-forwarded-client-cert its proxy added):
+  kubectl -n demo exec deploy/client -c app -- mizzen-testapp get echo:8080 /hello
+
+A policy that denies /admin, then the same request is refused with 403:
+  kubectl apply -f manifests/examples/deny-admin.yaml
+  kubectl -n demo exec deploy/client -c app -- mizzen-testapp get echo:8080 /admin/users
+  kubectl -n demo get authorizationpolicies -o wide
+
+The metrics that show it (mizzen_requests_total by response_code, on the
+echo pods' proxies):
+  kubectl -n demo exec deploy/echo -c app -- mizzen-testapp get 127.0.0.1:15020 /metrics | grep mizzen_requests_total
+
+Stop it with: scripts/run-local.sh down
+TRY
+}
+
 case "${1:-up}" in
   up)
+    if [ "${2:-}" = --real-node ]; then
+      real_node_up
+      exit 0
+    fi
     scripts/deps.sh
     scripts/kube.sh install
     cargo build --workspace --bins --locked
@@ -141,10 +222,11 @@ NODE_AND_POD
     ;;
   down)
     stop_components
+    if [ -d "$DIR/node" ]; then scripts/node.sh down "$DIR"; fi
     scripts/kube.sh stop "$DIR"
     ;;
   *)
-    echo "usage: $0 up|down" >&2
+    echo "usage: $0 up [--real-node] | down" >&2
     exit 2
     ;;
 esac
