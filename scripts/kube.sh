@@ -36,6 +36,8 @@ COREDNS_DIR="$CACHE/coredns/$COREDNS_VERSION"
 NODE_BIN_DIR="$CACHE/bin/node-k8s-$K8S_VERSION-coredns-$COREDNS_VERSION"
 
 log() { printf '[kube.sh] %s\n' "$*" >&2; }
+# shellcheck source=scripts/daemons.sh
+. "$(dirname "$0")/daemons.sh"
 die() { printf '[kube.sh] error: %s\n' "$*" >&2; exit 1; }
 
 need() {
@@ -101,43 +103,23 @@ build_k8s() {
   done
 }
 
-build_etcd() {
-  local w="$ETCD_DIR/wrapper"
-  mkdir -p "$w" "$ETCD_DIR/bin"
-  [ -x "$ETCD_DIR/bin/etcd" ] && return 0
-  log "building etcd $ETCD_VERSION in $w"
-  # etcd's own go.mod has replace directives, which Go ignores in a dependency:
-  # a separate wrapper keeps its gRPC version apart from Kubernetes'.
-  cat > "$w/go.mod" <<GOMOD
-module local/mizzen-etcdbin
-
-go 1.23
-
-require go.etcd.io/etcd/server/v3 $ETCD_VERSION
-GOMOD
-  printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' > "$w/tools.go"
+# build_go_tool NAME DIR MODULE VERSION GO: `go build MODULE` (a main
+# package) at VERSION into DIR/bin/NAME, from a wrapper module of its own in
+# DIR/wrapper (go directive GO). A dependency's replace directives are
+# ignored by Go, so each tool keeps its dependency versions apart (etcd's
+# gRPC is not Kubernetes').
+build_go_tool() {
+  local name=$1 dir=$2 module=$3 version=$4 go=$5 w="$2/wrapper"
+  mkdir -p "$w" "$dir/bin"
+  [ -x "$dir/bin/$name" ] && return 0
+  log "building $name $version in $w"
+  printf 'module local/mizzen-%sbin\n\ngo %s\n\nrequire %s %s\n' "$name" "$go" "$module" "$version" > "$w/go.mod"
+  printf '//go:build tools\n\npackage tools\n\nimport _ "%s"\n' "$module" > "$w/tools.go"
   (cd "$w" && go mod tidy)
-  (cd "$w" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$ETCD_DIR/bin/etcd.tmp" go.etcd.io/etcd/server/v3)
-  mv "$ETCD_DIR/bin/etcd.tmp" "$ETCD_DIR/bin/etcd"
+  (cd "$w" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$dir/bin/$name.tmp" "$module")
+  mv "$dir/bin/$name.tmp" "$dir/bin/$name"
 }
 
-build_coredns() {
-  local w="$COREDNS_DIR/wrapper"
-  mkdir -p "$w" "$COREDNS_DIR/bin"
-  [ -x "$COREDNS_DIR/bin/coredns" ] && return 0
-  log "building CoreDNS $COREDNS_VERSION in $w"
-  cat > "$w/go.mod" <<GOMOD
-module local/mizzen-corednsbin
-
-go 1.24
-
-require github.com/coredns/coredns $COREDNS_VERSION
-GOMOD
-  printf '//go:build tools\n\npackage tools\n\nimport _ "github.com/coredns/coredns"\n' > "$w/tools.go"
-  (cd "$w" && go mod tidy)
-  (cd "$w" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$COREDNS_DIR/bin/coredns.tmp" github.com/coredns/coredns)
-  mv "$COREDNS_DIR/bin/coredns.tmp" "$COREDNS_DIR/bin/coredns"
-}
 
 node_installed() {
   for b in "${NODE_CMDS[@]}" coredns; do
@@ -155,7 +137,7 @@ cmd_install_node() {
   # A wrapper of its own, so that the control plane's module graph is not
   # touched; the Go build cache the control plane warmed is shared.
   build_k8s node-wrapper "${NODE_CMDS[@]}"
-  build_coredns
+  build_go_tool coredns "$COREDNS_DIR" github.com/coredns/coredns "$COREDNS_VERSION" 1.24
   mkdir -p "$NODE_BIN_DIR"
   for c in "${NODE_CMDS[@]}"; do ln -sf "$K8S_DIR/bin/$c" "$NODE_BIN_DIR/$c"; done
   ln -sf "$COREDNS_DIR/bin/coredns" "$NODE_BIN_DIR/coredns"
@@ -170,7 +152,7 @@ cmd_install() {
   fi
   need go "install Go >= 1.24 (https://go.dev/doc/install); the Go module proxy must be reachable"
   local t0=$SECONDS
-  build_etcd
+  build_go_tool etcd "$ETCD_DIR" go.etcd.io/etcd/server/v3 "$ETCD_VERSION" 1.23
   build_k8s wrapper "${K8S_CMDS[@]}"
   mkdir -p "$BIN_DIR"
   for c in "${K8S_CMDS[@]}"; do ln -sf "$K8S_DIR/bin/$c" "$BIN_DIR/$c"; done
@@ -245,31 +227,6 @@ cmd_client() {
   [ -n "$port" ] || die "no control plane in $dir (no MIZZEN_API_PORT in $dir/env)"
   gen_cert "$dir/pki" "$name" "$subj" "$ext"
   write_kubeconfig "$dir" "$port" "$dir/$name.kubeconfig" "$name"
-}
-
-# spawn DIR NAME BINARY ARGS...: start a daemon in its own session, logging to DIR/logs/NAME.log.
-spawn() {
-  local dir=$1 name=$2; shift 2
-  setsid "$@" > "$dir/logs/$name.log" 2>&1 < /dev/null &
-  echo $! > "$dir/pids/$name"
-}
-
-alive() { local pid; pid=$(cat "$1/pids/$2" 2>/dev/null) && kill -0 "$pid" 2>/dev/null; }
-
-# wait_until DIR WHAT SECONDS CMD...: poll CMD, failing early if a daemon died.
-wait_until() {
-  local dir=$1 what=$2 secs=$3 n; shift 3
-  local deadline=$((SECONDS + secs))
-  until "$@" >/dev/null 2>&1; do
-    for n in "$dir"/pids/*; do
-      alive "$dir" "$(basename "$n")" || {
-        tail -n 30 "$dir/logs/$(basename "$n").log" >&2 || true
-        die "$(basename "$n") exited while waiting for $what (log: $dir/logs/$(basename "$n").log)"
-      }
-    done
-    [ $SECONDS -lt $deadline ] || die "timed out after ${secs}s waiting for $what (logs in $dir/logs)"
-    sleep 0.3
-  done
 }
 
 # start_once DIR: one attempt at starting the control plane on fresh ports
@@ -363,25 +320,6 @@ cmd_start() {
   die "the control plane did not start: its ports were taken three times (logs in $dir/logs)"
 }
 
-
-# stop_group DIR NAME...: SIGTERM these daemons together, wait, then SIGKILL stragglers.
-stop_group() {
-  local dir=$1 n pid i; shift
-  local pids=()
-  for n in "$@"; do
-    pid=$(cat "$dir/pids/$n" 2>/dev/null) || continue
-    rm -f "$dir/pids/$n"
-    # Only signal the process we started: its command line names DIR.
-    if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF "$dir"; then
-      kill -TERM "$pid" 2>/dev/null || true
-      pids+=("$pid")
-    fi
-  done
-  for pid in "${pids[@]}"; do
-    for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-}
 
 cmd_stop() {
   local dir=${1:?usage: kube.sh stop DIR}

@@ -41,34 +41,11 @@ TABLES=(filter nat mangle raw)
 
 log() { printf '[node.sh] %s\n' "$*" >&2; }
 die() { printf '[node.sh] error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=scripts/daemons.sh
+. "$SCRIPTS/daemons.sh"
 
 host_ip() {
   ip -4 route get 1.1.1.1 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p'
-}
-
-spawn() {
-  local dir=$1 name=$2; shift 2
-  setsid "$@" > "$dir/logs/$name.log" 2>&1 < /dev/null &
-  echo $! > "$dir/pids/$name"
-}
-
-alive() { local pid; pid=$(cat "$1/pids/$2" 2>/dev/null) && kill -0 "$pid" 2>/dev/null; }
-
-# wait_for DIR WHAT SECONDS CMD...: poll CMD; name the log of a daemon that died.
-wait_for() {
-  local dir=$1 what=$2 secs=$3 n; shift 3
-  local deadline=$((SECONDS + secs))
-  until "$@" >/dev/null 2>&1; do
-    for n in "$dir"/pids/*; do
-      [ -e "$n" ] || continue
-      alive "$dir" "$(basename "$n")" || {
-        tail -n 20 "$dir/logs/$(basename "$n").log" >&2 || true
-        die "$(basename "$n") exited while waiting for $what (log: $dir/logs/$(basename "$n").log)"
-      }
-    done
-    [ $SECONDS -lt $deadline ] || die "timed out after ${secs}s waiting for $what (logs in $dir/logs)"
-    sleep 0.3
-  done
 }
 
 kubectl_() { "$KUBE_BIN/kubectl" --kubeconfig "$CP/kubeconfig" "$@"; }
@@ -216,34 +193,23 @@ cmd_up() {
 
   log "starting containerd"
   spawn "$n" containerd containerd --config "$n/containerd/config.toml"
-  wait_for "$n" containerd 30 ctr -a "$SOCK" version
+  wait_until "$n" containerd 30 ctr -a "$SOCK" version
   log "importing the images of $IMAGES"
   cmd_import "$IMAGES"
 
   log "starting the kubelet (node $NODE_NAME, $ip)"
   spawn "$n" kubelet "$NODE_BIN/kubelet" --config="$n/kubelet.yaml" --kubeconfig="$CP/kubelet.kubeconfig" \
     --root-dir="$n/kubelet" --hostname-override="$NODE_NAME" --node-ip="$ip" --v=1
-  wait_for "$n" "node $NODE_NAME to be Ready" 60 \
+  wait_until "$n" "node $NODE_NAME to be Ready" 60 \
     kubectl_ wait --for=condition=Ready "node/$NODE_NAME" --timeout=1s
   log "starting kube-proxy"
   spawn "$n" kube-proxy "$NODE_BIN/kube-proxy" --config="$n/kube-proxy.yaml" --v=1
-  wait_for "$n" kube-proxy 30 curl -sf http://127.0.0.1:10256/healthz
+  wait_until "$n" kube-proxy 30 curl -sf http://127.0.0.1:10256/healthz
 
   log "deploying CoreDNS"
   sed "s/@DNS_IP@/$DNS_IP/" "$SCRIPTS/node/coredns.yaml" | kubectl_ apply -f - >/dev/null
-  wait_for "$n" CoreDNS 90 kubectl_ -n kube-system rollout status deployment/coredns --timeout=1s
+  wait_until "$n" CoreDNS 90 kubectl_ -n kube-system rollout status deployment/coredns --timeout=1s
   log "node $NODE_NAME Ready in $((SECONDS - t0)) s (logs in $n/logs; containerd socket $SOCK)"
-}
-
-# stop_pid N NAME: SIGTERM, wait, SIGKILL.
-stop_pid() {
-  local n=$1 name=$2 pid i
-  pid=$(cat "$n/pids/$name" 2>/dev/null) || return 0
-  rm -f "$n/pids/$name"
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
 }
 
 cmd_down() {
@@ -251,9 +217,9 @@ cmd_down() {
   local n=$CP/node c m ns pid
   [ -d "$n" ] || { log "no node in $CP"; return 0; }
   NODE_BIN=$("$SCRIPTS/kube.sh" node-bin)
-  stop_pid "$n" kube-proxy
+  stop_group "$n" kube-proxy
   [ -x "$NODE_BIN/kube-proxy" ] && "$NODE_BIN/kube-proxy" --cleanup >/dev/null 2>&1 || true
-  stop_pid "$n" kubelet
+  stop_group "$n" kubelet
   # The kubelet leaves its containers running: stop them, then containerd.
   if [ -S "$SOCK" ]; then
     for c in $(ctr -a "$SOCK" -n k8s.io tasks ls -q 2>/dev/null); do
@@ -264,7 +230,7 @@ cmd_down() {
       ctr -a "$SOCK" -n k8s.io containers rm "$c" >/dev/null 2>&1 || true
     done
   fi
-  stop_pid "$n" containerd
+  stop_group "$n" containerd
   for pid in $(pgrep -f "containerd-shim-runc-v2 .*-address $SOCK" || true); do kill -KILL "$pid" 2>/dev/null || true; done
   # Pod network namespaces (containerd bind-mounts them), then every mount
   # under the node's directories, deepest first.

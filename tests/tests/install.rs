@@ -57,6 +57,28 @@ fn built_twice() -> &'static (PathBuf, PathBuf) {
     }
 }
 
+/// Unpacks image `name` of `dir` with umoci (not our script) into
+/// `dir/unpack-<name>-<what>`; returns the bundle (`config.json`, `rootfs/`).
+fn unpack(dir: &Path, name: &str, what: &str) -> anyhow::Result<PathBuf> {
+    let work = dir.join(format!("unpack-{name}-{what}"));
+    std::fs::create_dir_all(work.join("layout"))?;
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(dir.join(format!("{name}.tar")))
+        .arg("-C")
+        .arg(work.join("layout")))?;
+    run(Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!(
+            "{}:{}",
+            work.join("layout").display(),
+            env!("CARGO_PKG_VERSION")
+        ))
+        .arg(work.join("bundle")))?;
+    Ok(work.join("bundle"))
+}
+
 fn listing(dir: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(dir.join("images.txt")).with_context(|| format!("read {}/images.txt", dir.display()))
 }
@@ -80,27 +102,14 @@ fn every_image_runs_its_entrypoint_inside_its_own_root_filesystem() -> anyhow::R
     let (dir, _) = built_twice();
     let version = env!("CARGO_PKG_VERSION");
     for name in IMAGES {
-        // umoci, not our script, reads the archive back and unpacks it.
-        let work = dir.join(format!("unpack-{name}"));
-        std::fs::create_dir_all(work.join("layout"))?;
-        run(Command::new("tar")
-            .arg("-xf")
-            .arg(dir.join(format!("{name}.tar")))
-            .arg("-C")
-            .arg(work.join("layout")))?;
-        run(Command::new("umoci")
-            .arg("unpack")
-            .arg("--image")
-            .arg(format!("{}:{version}", work.join("layout").display()))
-            .arg(work.join("bundle")))?;
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(work.join("bundle/config.json"))?)?;
+        let bundle = unpack(dir, name, "version")?;
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(bundle.join("config.json"))?)?;
         let entry = config["process"]["args"][0]
             .as_str()
             .with_context(|| format!("{name} has an entrypoint"))?
             .to_owned();
         let out = run(Command::new("chroot")
-            .arg(work.join("bundle/rootfs"))
+            .arg(bundle.join("rootfs"))
             .arg(&entry)
             .arg("--version"))?;
         assert_eq!(
@@ -115,23 +124,7 @@ fn every_image_runs_its_entrypoint_inside_its_own_root_filesystem() -> anyhow::R
 #[test]
 fn the_proxy_image_carries_iptables_on_both_backends_for_its_init_container() -> anyhow::Result<()> {
     let (dir, _) = built_twice();
-    let work = dir.join("unpack-proxy-tools");
-    std::fs::create_dir_all(work.join("layout"))?;
-    run(Command::new("tar")
-        .arg("-xf")
-        .arg(dir.join("mizzen-proxy.tar"))
-        .arg("-C")
-        .arg(work.join("layout")))?;
-    run(Command::new("umoci")
-        .arg("unpack")
-        .arg("--image")
-        .arg(format!(
-            "{}:{}",
-            work.join("layout").display(),
-            env!("CARGO_PKG_VERSION")
-        ))
-        .arg(work.join("bundle")))?;
-    let root = work.join("bundle/rootfs");
+    let root = unpack(dir, "mizzen-proxy", "tools")?.join("rootfs");
     for tool in [
         "iptables-restore",
         "ip6tables-restore",

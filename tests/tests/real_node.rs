@@ -78,41 +78,39 @@ fn demo() -> &'static Cluster {
     c
 }
 
-/// `mizzen-testapp get ADDR PATH` in the demo's client pod: (exit ok, stdout).
+/// `kubectl get pods -l SELECTOR -o jsonpath=TEMPLATE` in `ns`.
+async fn pods_jsonpath(c: &Cluster, ns: &str, selector: &str, template: &str) -> anyhow::Result<String> {
+    c.kubectl(["-n", ns, "get", "pods", "-l", selector, "-o"])
+        .arg(format!("jsonpath={template}"))
+        .run()
+        .await
+}
+
+/// `mizzen-testapp ARGS` in the app container of `ns`'s client pod.
+fn in_client<'a>(c: &Cluster, ns: &str, args: impl IntoIterator<Item = &'a str>) -> mizzen_tests::Kubectl {
+    let mut cmd = c.kubectl(["-n", ns, "exec", "deploy/client", "-c", "app", "--", "mizzen-testapp"]);
+    for a in args {
+        cmd = cmd.arg(a);
+    }
+    cmd
+}
+
+/// `mizzen-testapp get ADDR PATH` in `ns`'s client pod: (exit ok, stdout).
 async fn get_from_client(c: &Cluster, ns: &str, addr: &str, path: &str) -> anyhow::Result<(bool, String)> {
-    let (status, out, _) = c
-        .kubectl([
-            "-n",
-            ns,
-            "exec",
-            "deploy/client",
-            "-c",
-            "app",
-            "--",
-            "mizzen-testapp",
-            "get",
-            addr,
-            path,
-        ])
-        .output()
-        .await?;
+    let (status, out, _) = in_client(c, ns, ["get", addr, path]).output().await?;
     Ok((status.success(), out))
 }
 
 #[tokio::test]
 async fn install_yaml_runs_every_component_from_its_image_on_the_real_node() -> anyhow::Result<()> {
     let c = installed();
-    let pods = c
-        .kubectl([
-            "-n",
-            SYSTEM,
-            "get",
-            "pods",
-            "-o",
-            r#"jsonpath={range .items[*]}{.spec.nodeName} {.status.phase} {.spec.containers[0].image}{"\n"}{end}"#,
-        ])
-        .run()
-        .await?;
+    let pods = pods_jsonpath(
+        c,
+        SYSTEM,
+        "app.kubernetes.io/part-of=mizzen",
+        r#"{range .items[*]}{.spec.nodeName} {.status.phase} {.spec.containers[0].image}{"\n"}{end}"#,
+    )
+    .await?;
     for component in ["mizzen-ca", "mizzen-agent", "mizzen-injector"] {
         let image = format!("ghcr.io/mizzen-mesh/{component}:{}", env!("CARGO_PKG_VERSION"));
         assert!(
@@ -127,19 +125,13 @@ async fn install_yaml_runs_every_component_from_its_image_on_the_real_node() -> 
 async fn injected_pods_call_a_service_by_name_over_mutual_tls() -> anyhow::Result<()> {
     let c = demo();
     // Injected by the webhook running as a pod: the proxy and its init container.
-    let containers = c
-        .kubectl([
-            "-n",
-            "demo",
-            "get",
-            "pods",
-            "-l",
-            "app=echo",
-            "-o",
-            r#"jsonpath={range .items[*]}{.spec.initContainers[*].name} {.spec.containers[*].name}{"\n"}{end}"#,
-        ])
-        .run()
-        .await?;
+    let containers = pods_jsonpath(
+        c,
+        "demo",
+        "app=echo",
+        r#"{range .items[*]}{.spec.initContainers[*].name} {.spec.containers[*].name}{"\n"}{end}"#,
+    )
+    .await?;
     assert_eq!(containers.lines().count(), 2, "two echo replicas: {containers}");
     for line in containers.lines() {
         assert!(line.contains("mizzen-proxy"), "the echo pod was injected: {line}");
@@ -169,36 +161,17 @@ async fn logs_exec_and_rewritten_probes_work_on_injected_pods() -> anyhow::Resul
         logs.contains("listening 0.0.0.0:8080"),
         "kubectl logs of the app: {logs}"
     );
-    let exec = c
-        .kubectl([
-            "-n",
-            "demo",
-            "exec",
-            "deploy/client",
-            "-c",
-            "app",
-            "--",
-            "mizzen-testapp",
-            "whoami",
-        ])
-        .run()
-        .await?;
+    let exec = in_client(c, "demo", ["whoami"]).run().await?;
     assert!(exec.starts_with("uid="), "kubectl exec in an injected pod: {exec}");
     // Readiness is probed through the proxy (the injector rewrites the app's
     // probe); a pod is Ready only when that probe reaches the app.
-    let ready = c
-        .kubectl([
-            "-n",
-            "demo",
-            "get",
-            "pods",
-            "-l",
-            "app=echo",
-            "-o",
-            r#"jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}"#,
-        ])
-        .run()
-        .await?;
+    let ready = pods_jsonpath(
+        c,
+        "demo",
+        "app=echo",
+        r#"{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}"#,
+    )
+    .await?;
     assert_eq!(
         ready.lines().collect::<Vec<_>>(),
         ["True", "True"],
@@ -251,39 +224,34 @@ async fn every_manifest_passes_a_server_side_dry_run() -> anyhow::Result<()> {
     Ok(())
 }
 
-const STEADY: &str = "
+/// A Deployment of the test app's image with `args`.
+fn testapp_deployment(name: &str, replicas: u32, args: &str) -> String {
+    format!(
+        "
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - {{name: app, image: 'ghcr.io/mizzen-mesh/mizzen-testapp:{version}', args: [{args}]}}
+",
+        version = env!("CARGO_PKG_VERSION")
+    )
+}
+
+const SERVER_SERVICE: &str = "
 apiVersion: v1
 kind: Service
 metadata: {name: server}
 spec:
   selector: {app: server}
   ports: [{name: http, port: 8080, appProtocol: http}]
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: server}
-spec:
-  replicas: 2
-  selector: {matchLabels: {app: server}}
-  template:
-    metadata: {labels: {app: server}}
-    spec:
-      terminationGracePeriodSeconds: 5
-      containers:
-      - {name: app, image: ghcr.io/mizzen-mesh/mizzen-testapp:0.1.0, args: [http-server, '0.0.0.0:8080']}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: client}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: client}}
-  template:
-    metadata: {labels: {app: client}}
-    spec:
-      terminationGracePeriodSeconds: 5
-      containers:
-      - {name: app, image: ghcr.io/mizzen-mesh/mizzen-testapp:0.1.0, args: [idle]}
 ";
 
 #[tokio::test]
@@ -293,30 +261,20 @@ async fn rolling_restarts_of_the_agent_ca_and_injector_lose_no_request() -> anyh
     let ns = c
         .namespace(&client, "steady", &[("mizzen.dev/inject", "enabled")])
         .await?;
-    c.apply(&ns, STEADY).await?;
+    for yaml in [
+        SERVER_SERVICE.to_owned(),
+        testapp_deployment("server", 2, "http-server, '0.0.0.0:8080'"),
+        testapp_deployment("client", 1, "idle"),
+    ] {
+        c.apply(&ns, &yaml).await?;
+    }
     for what in ["deployment/server", "deployment/client"] {
         c.kubectl(["-n", &ns, "rollout", "status", what, ROLLOUT]).run().await?;
     }
     // A steady client: 20 requests/s over 2 keep-alive connections, for
     // longer than the restarts take.
     const LOAD_SECS: u64 = 150;
-    let load = c
-        .kubectl([
-            "-n",
-            &ns,
-            "exec",
-            "deploy/client",
-            "-c",
-            "app",
-            "--",
-            "mizzen-testapp",
-            "http-load",
-        ])
-        .arg("server:8080")
-        .arg("20")
-        .arg(LOAD_SECS.to_string())
-        .arg("2")
-        .output();
+    let load = in_client(c, &ns, ["http-load", "server:8080", "20", &LOAD_SECS.to_string(), "2"]).output();
     let load = tokio::spawn(load);
     let started = Instant::now();
     for what in [
@@ -340,19 +298,13 @@ async fn rolling_restarts_of_the_agent_ca_and_injector_lose_no_request() -> anyh
     if restarts >= Duration::from_secs(LOAD_SECS) {
         bail!("the restarts took {restarts:?}, longer than the steady load ({LOAD_SECS} s)");
     }
-    let injected = c
-        .kubectl([
-            "-n",
-            &ns,
-            "get",
-            "pods",
-            "-l",
-            "app=server",
-            "-o",
-            "jsonpath={.items[*].spec.initContainers[*].name} {.items[*].spec.containers[*].name}",
-        ])
-        .run()
-        .await?;
+    let injected = pods_jsonpath(
+        c,
+        &ns,
+        "app=server",
+        "{.items[*].spec.initContainers[*].name} {.items[*].spec.containers[*].name}",
+    )
+    .await?;
     assert_eq!(
         injected.matches("mizzen-proxy").count(),
         3,
