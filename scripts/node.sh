@@ -38,6 +38,7 @@ IMAGES="${MIZZEN_IMAGES:-$TARGET/images}"
 # What the kubelet and the CNI plugins change on the host, put back by `down`.
 SYSCTLS=(vm.overcommit_memory kernel.panic kernel.panic_on_oops net.ipv4.ip_forward)
 TABLES=(filter nat mangle raw)
+HOST_DIRS=(/var/run/mizzen /var/lib/cni /var/lib/kubelet /var/log/containers)
 
 log() { printf '[node.sh] %s\n' "$*" >&2; }
 die() { printf '[node.sh] error: %s\n' "$*" >&2; exit 1; }
@@ -127,8 +128,11 @@ save_host() {
   mkdir -p "$n/host"
   for s in "${SYSCTLS[@]}"; do echo "$s=$(sysctl -n "$s")"; done > "$n/host/sysctls"
   for t in iptables ip6tables; do "$t-save" > "$n/host/$t" 2>/dev/null || true; done
-  [ -e /var/run/mizzen ] && touch "$n/host/had-run-mizzen"
-  [ -e /var/lib/cni ] && touch "$n/host/had-var-lib-cni"
+  # Directories the node creates outside its own (the agent's hostPath
+  # socket, CNI's cache, the kubelet's device-plugins and log links).
+  for d in "${HOST_DIRS[@]}"; do
+    [ -e "$d" ] && touch "$n/host/had${d//\//-}"
+  done
   touch "$n/host/saved"
 }
 
@@ -150,8 +154,11 @@ restore_host() {
       nft delete table "$family" "$table" 2>/dev/null || true
     done
   done
-  [ -e "$n/host/had-run-mizzen" ] || rm -rf /var/run/mizzen
-  [ -e "$n/host/had-var-lib-cni" ] || rm -rf /var/lib/cni
+  for d in "${HOST_DIRS[@]}"; do
+    [ -e "$n/host/had${d//\//-}" ] || rm -rf "$d"
+  done
+  # Links the kubelet made to the node's pod logs, in a directory the host had.
+  find /var/log/containers -maxdepth 1 -type l -lname "$n/*" -delete 2>/dev/null || true
   rm -rf "$n/host"
 }
 

@@ -519,7 +519,13 @@ fn get(addr: &str, path: &str) -> Result<(), String> {
     let head = read_message(&mut conn, &mut body)?.ok_or("connection closed before a response")?;
     let status = head.lines().next().unwrap_or_default().trim().to_owned();
     println!("{status}");
-    print!("{}", String::from_utf8_lossy(&body));
+    let body = String::from_utf8_lossy(&body);
+    // A body without a final newline would run into the shell's next line.
+    if body.is_empty() || body.ends_with('\n') {
+        print!("{body}");
+    } else {
+        println!("{body}");
+    }
     std::io::stdout().flush().map_err(|e| e.to_string())?;
     match status.split_whitespace().nth(1) {
         Some(code) if code.starts_with('2') => Ok(()),
