@@ -27,7 +27,10 @@
 # version of Cargo.toml), as manifests/ name them.
 #
 # Reproducible: every file's time is $SOURCE_DATE_EPOCH (default 0) and
-# the image's creation time too, so the same binaries give the same digests.
+# the image's creation time too, so the same binaries give the same digests;
+# and the binaries are built with their paths remapped, so the same commit
+# gives the same binaries wherever it is checked out (with the same Rust
+# toolchain and Cargo.lock).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,6 +62,12 @@ BIN=/usr/local/bin
 COMPONENTS=(mizzen-proxy mizzen-agent mizzen-ca mizzen-injector mizzen-testapp)
 if [ "$build" = 1 ]; then
   log "building the release binaries"
+  # Binaries name their source files (panic locations, generated code in
+  # the target directory); written relative to fixed prefixes, the same
+  # commit gives the same binaries in any checkout and target directory.
+  RUSTFLAGS="${RUSTFLAGS:-} --remap-path-prefix=$PWD=/mizzen --remap-path-prefix=$TARGET=/target"
+  RUSTFLAGS+=" --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo"
+  export RUSTFLAGS
   cargo build --release --locked -p mizzen-proxy -p mizzen-agent -p mizzen-ca -p mizzen-injector -p mizzen-tests \
     "${COMPONENTS[@]/#/--bin=}"
 fi
