@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::routing::get;
+use hyper::header::HeaderValue;
 use mizzen_api::runtime;
 use tokio::sync::watch;
 use tracing::info;
@@ -279,6 +280,7 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<()> {
         on_demand,
     } = follow_agent(&a, &pod);
     let (workload, namespace) = pod.workload();
+    let workload_name = workload.clone();
     let metrics = ProxyMetrics::for_workload(workload, namespace);
     watch_certificates(certs.clone(), metrics.clone());
     watch_routes(routes.clone(), metrics.clone());
@@ -289,7 +291,8 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<()> {
     let connections = Connections::default();
     let timeouts = a.timeouts();
     let tracing = tracing(&a, &pod)?;
-    let mut outbound = Outbound::new(routes, certs.clone(), metrics.clone(), timeouts);
+    let mut outbound = Outbound::new(routes.clone(), certs.clone(), metrics.clone(), timeouts);
+    outbound.workload = HeaderValue::from_str(&workload_name).ok();
     outbound.access_log = a.access_log;
     outbound.on_demand = on_demand;
     outbound.tracing = tracing.clone();
@@ -310,6 +313,7 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<()> {
         app: Default::default(),
         access_log: a.access_log,
         tracing: tracing.clone(),
+        routes,
     });
     let mut accepting = Vec::new();
     for l in outbound_listeners {

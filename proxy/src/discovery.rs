@@ -78,6 +78,8 @@ pub struct Routes {
     pods: HashMap<IpAddr, PodInfo>,
     /// Every Service's cluster IPs.
     vips: std::collections::HashSet<IpAddr>,
+    /// The Services (`<namespace>/<name>`) an endpoint address serves.
+    serving: HashMap<SocketAddr, Vec<String>>,
     /// How many Services were indexed.
     count: usize,
 }
@@ -116,7 +118,7 @@ impl Routes {
                 let protocol = crate::protocol::select(app_protocol, &port.name);
                 for ip in &svc.cluster_ips {
                     let Ok(vip) = ip.parse::<IpAddr>() else { continue };
-                    let backends = svc
+                    let backends: Vec<Backend> = svc
                         .endpoints
                         .iter()
                         .filter_map(|ep| {
@@ -134,6 +136,12 @@ impl Routes {
                             })
                         })
                         .collect();
+                    for b in &backends {
+                        let names: &mut Vec<String> = routes.serving.entry(b.addr).or_default();
+                        if !names.contains(&name) {
+                            names.push(name.clone());
+                        }
+                    }
                     routes.services.insert(
                         SocketAddr::new(vip, service_port),
                         Arc::new(Target {
@@ -160,6 +168,31 @@ impl Routes {
                 pod: p.pod.clone(),
             }),
             None => Destination::Passthrough(dst),
+        }
+    }
+
+    /// The Service (`<namespace>/<name>`) a request to endpoint `addr` was
+    /// for: the one Service that has it, or, when several have it, the one
+    /// `host` names (`name`, `name.namespace`, `name.namespace.svc…`, with
+    /// or without a port), as Istio's server side names
+    /// `destination_service`. `None` when neither says.
+    pub fn service_at(&self, addr: SocketAddr, host: Option<&str>) -> Option<&str> {
+        match self.serving.get(&addr)?.as_slice() {
+            [one] => Some(one),
+            several => {
+                let host = host?;
+                let host = host
+                    .rsplit_once(':')
+                    .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+                    .map_or(host, |(h, _)| h);
+                let mut labels = host.split('.');
+                let name = labels.next()?;
+                let namespace = labels.next();
+                several.iter().map(String::as_str).find(|s| {
+                    s.split_once('/')
+                        .is_some_and(|(ns, n)| n == name && namespace.is_none_or(|want| want == ns))
+                })
+            }
         }
     }
 
@@ -594,6 +627,30 @@ mod tests {
 
     fn routes(held: &BTreeMap<String, (String, pb::Service)>) -> Routes {
         Routes::new(held.values().map(|(_, s)| s))
+    }
+
+    #[test]
+    fn an_endpoint_names_the_service_it_serves_or_the_one_the_host_names() {
+        let mut other = web();
+        other.name = "web-canary".into();
+        other.cluster_ips = vec!["10.0.0.11".into()];
+        other.endpoints.truncate(1);
+        let r = Routes::new([&web(), &other]);
+        let shared: SocketAddr = "10.200.0.2:8080".parse().expect("addr");
+        let only_web: SocketAddr = "10.200.0.3:8081".parse().expect("addr");
+        let table: [(SocketAddr, Option<&str>, Option<&str>); 8] = [
+            (only_web, None, Some("demo/web")),
+            (only_web, Some("anything"), Some("demo/web")),
+            (shared, None, None),
+            (shared, Some("web-canary"), Some("demo/web-canary")),
+            (shared, Some("web.demo.svc.cluster.local:80"), Some("demo/web")),
+            (shared, Some("web.other"), None),
+            (shared, Some("unrelated"), None),
+            ("10.200.0.9:8080".parse().expect("addr"), Some("web"), None),
+        ];
+        for (addr, host, want) in table {
+            assert_eq!(r.service_at(addr, host), want, "{addr} host {host:?}");
+        }
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub struct Inbound {
     pub access_log: bool,
     /// Spans of HTTP requests, when exported.
     pub tracing: Option<Arc<crate::http::trace::Tracing>>,
+    /// Discovery, for the Service a request was for (request metrics).
+    pub routes: watch::Receiver<Option<Arc<crate::discovery::Routes>>>,
 }
 
 /// Serves inbound connections until the process ends.

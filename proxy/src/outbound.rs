@@ -52,6 +52,8 @@ pub struct Outbound {
     pub tracing: Option<Arc<crate::http::trace::Tracing>>,
     /// Services fetched on first use, when the proxy follows only some.
     pub on_demand: Option<Arc<crate::discovery::OnDemand>>,
+    /// This pod's workload, told to server proxies with each request.
+    pub workload: Option<hyper::header::HeaderValue>,
     base: Mutex<Option<Arc<ClientBase>>>,
 }
 
@@ -155,6 +157,7 @@ impl Outbound {
             access_log: false,
             tracing: None,
             on_demand: None,
+            workload: None,
             base: Mutex::new(None),
         }
     }

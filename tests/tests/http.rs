@@ -250,9 +250,10 @@ async fn request_metrics_carry_istio_labels_and_response_codes() -> anyhow::Resu
         echoed > 100.0,
         "response bytes of the echoed requests are counted:\n{all}"
     );
-    // The server side reports what it served, naming the client.
+    // The server side reports what it served, naming the client's workload
+    // (told by its proxy) and the Service it was called through.
     let from_client = format!(
-        "mizzen_requests_total{{reporter=\"destination\",source_workload=\"unknown\",\
+        "mizzen_requests_total{{reporter=\"destination\",source_workload=\"client\",\
          source_workload_namespace=\"{ns}\",source_principal=\"spiffe://cluster.local/ns/{ns}/sa/default\""
     );
     let servers = || async {
@@ -275,6 +276,14 @@ async fn request_metrics_carry_istio_labels_and_response_codes() -> anyhow::Resu
         Ok(t) => t,
         Err(e) => panic!("{e}: {}", servers().await?),
     };
+    let through_web = format!("destination_service=\"web.{ns}.svc.cluster.local\"");
+    assert!(
+        texts
+            .lines()
+            .filter(|l| l.starts_with(&from_client))
+            .all(|l| l.contains(&through_web)),
+        "the servers' proxies name the Service:\n{texts}"
+    );
     let durations = texts.matches("mizzen_request_duration_milliseconds_count{").count();
     assert!(durations >= 1, "the servers' proxies recorded durations");
     Ok(())

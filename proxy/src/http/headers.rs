@@ -7,6 +7,10 @@
 //! - [`APP_PROTOCOL`] tells the server-side proxy in which HTTP version the
 //!   client app spoke, so the server app gets the same; nothing from an
 //!   app or from outside the mesh can set it.
+//! - [`PEER_WORKLOAD`] tells the server-side proxy the client's workload
+//!   (Istio's peer metadata exchange), for its request metrics'
+//!   `source_workload`; read only from a peer proxy over mutual TLS, and
+//!   removed before any app sees a request.
 //! - [`XFCC`] is set by the server-side proxy alone, in Istio's format;
 //!   whatever a client sent under that name is dropped first, so an app can
 //!   trust it to name the calling workload.
@@ -21,6 +25,8 @@ use mizzen_api::SpiffeId;
 pub const RESPONSE_FLAGS: &str = "x-mizzen-response-flags";
 /// Between proxies: the HTTP version the client app spoke.
 pub const APP_PROTOCOL: &str = "x-mizzen-app-protocol";
+/// Between proxies: the client's workload (a Deployment's name, say).
+pub const PEER_WORKLOAD: &str = "x-mizzen-peer-workload";
 /// The calling workload's identity, for the server app.
 pub const XFCC: &str = "x-forwarded-client-cert";
 /// A request's correlation ID.
@@ -72,11 +78,12 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 /// A request's headers as either proxy forwards it: hop-by-hop headers
-/// and any [`APP_PROTOCOL`] gone (only the client's proxy sets it, after
-/// this), `x-request-id` and `x-forwarded-proto` added when missing.
+/// and any [`APP_PROTOCOL`] and [`PEER_WORKLOAD`] gone (only the client's
+/// proxy sets them, after this), `x-request-id` and `x-forwarded-proto` added when missing.
 pub fn forwarded_request(h: &mut HeaderMap) {
     strip_hop_by_hop(h);
     h.remove(APP_PROTOCOL);
+    h.remove(PEER_WORKLOAD);
     ensure_request_id(h);
     ensure_forwarded_proto(h);
 }
@@ -88,6 +95,22 @@ pub fn version_name(v: Version) -> &'static str {
         Version::HTTP_2 => "HTTP/2",
         _ => "HTTP/1.1",
     }
+}
+
+/// The workload [`PEER_WORKLOAD`] names, when it is a Kubernetes object
+/// name (a DNS subdomain of at most 253 characters); anything else is not
+/// used as a metrics label.
+pub fn peer_workload(h: &HeaderMap) -> Option<String> {
+    let v = h.get(PEER_WORKLOAD)?.to_str().ok()?;
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    (v.len() <= 253 && v.split('.').all(label_ok)).then(|| v.to_owned())
 }
 
 /// The version [`APP_PROTOCOL`] names; HTTP/1.1 when absent or unknown.
@@ -165,6 +188,34 @@ mod tests {
         left.sort_unstable();
         assert_eq!(left, ["te", "traceparent", "x-kept"], "{h:?}");
         assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn a_peer_workload_is_used_only_when_it_is_an_object_name() {
+        let table = [
+            ("reviews-v1", Some("reviews-v1")),
+            ("web.frontend", Some("web.frontend")),
+            ("", None),
+            ("Reviews", None),
+            ("-web", None),
+            ("web-", None),
+            ("a b", None),
+            ("web..x", None),
+        ];
+        for (value, want) in table {
+            let h = map(&[(PEER_WORKLOAD, value)]);
+            assert_eq!(peer_workload(&h).as_deref(), want, "{value:?}");
+        }
+        let long = "a".repeat(254);
+        assert_eq!(peer_workload(&map(&[(PEER_WORKLOAD, &long)])), None, "longer than 253");
+        assert_eq!(peer_workload(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn the_peer_workload_never_passes_a_proxy() {
+        let mut h = map(&[(PEER_WORKLOAD, "client"), (APP_PROTOCOL, "HTTP/2")]);
+        forwarded_request(&mut h);
+        assert!(h.get(PEER_WORKLOAD).is_none() && h.get(APP_PROTOCOL).is_none());
     }
 
     #[test]

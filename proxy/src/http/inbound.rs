@@ -152,6 +152,12 @@ async fn request(inbound: &Inbound, on: Connection<'_>, req: Request<Incoming>) 
         (Some(_), None) => headers::app_version(&parts.headers),
         (None, None) => parts.version,
     };
+    // Said by a peer proxy alone; removed with the other mesh headers.
+    let peer_workload = client.and_then(|_| headers::peer_workload(&parts.headers));
+    let service = inbound.routes.borrow().as_ref().and_then(|r| {
+        r.service_at(dst, headers::authority(&parts.uri, &parts.headers))
+            .map(str::to_owned)
+    });
     headers::forwarded_request(&mut parts.headers);
     parts.headers.remove(XFCC);
     if let Some(c) = client {
@@ -164,6 +170,8 @@ async fn request(inbound: &Inbound, on: Connection<'_>, req: Request<Incoming>) 
     };
     let (mut exchange, body) = Exchange::begin(recording, &mut parts, version, body);
     exchange.facts.peer = client.map(|c| c.id.clone());
+    exchange.facts.peer_workload = peer_workload;
+    exchange.facts.destination_service = service;
     exchange.upstream(dst);
     if !allowed {
         exchange.facts.flag = Some(ResponseFlag::RbacDenied);

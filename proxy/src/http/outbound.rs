@@ -304,6 +304,9 @@ async fn send(
             let conn = connected!(req, o.http.mesh.get(&(b.addr, id.clone()), || mesh_h2(o, b, &id)).await);
             let app_version = HeaderValue::from_static(headers::version_name(version));
             req.headers_mut().insert(APP_PROTOCOL, app_version);
+            if let Some(w) = &o.workload {
+                req.headers_mut().insert(headers::PEER_WORKLOAD, w.clone());
+            }
             super::into_h2_form(&mut req, b.addr);
             if let Some(t) = takeover {
                 upgrade::into_connect_stream(&mut req, t);

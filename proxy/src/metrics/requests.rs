@@ -22,6 +22,10 @@ use crate::http::ResponseFlag;
 
 /// Distinct label sets whose handles are kept.
 const MAX_KEYS: usize = 4096;
+/// Distinct client workloads named in labels. Peer proxies say which
+/// workload they serve; past this many names, further ones are `unknown`,
+/// so a peer that makes names up cannot grow the metrics without bound.
+const MAX_PEER_WORKLOADS: usize = 256;
 const UNKNOWN: &str = "unknown";
 
 /// Istio's buckets for request durations, in milliseconds.
@@ -67,6 +71,8 @@ pub struct RequestFacts {
     pub peer: Option<SpiffeId>,
     /// `<namespace>/<name>` of the server's pod, when discovery knows it.
     pub peer_pod: Option<String>,
+    /// The client's workload, as its proxy said (inbound, over mutual TLS).
+    pub peer_workload: Option<String>,
     /// The Service called (`<namespace>/<name>`), when known.
     pub destination_service: Option<String>,
     pub status: u16,
@@ -82,6 +88,7 @@ impl RequestFacts {
             grpc,
             peer: None,
             peer_pod: None,
+            peer_workload: None,
             destination_service: None,
             status: 0,
             grpc_status: None,
@@ -131,7 +138,7 @@ fn labels(f: &RequestFacts, local: &Local) -> Labels {
         Direction::Inbound => (
             "destination",
             (
-                UNKNOWN.to_owned(),
+                f.peer_workload.clone().unwrap_or_else(|| UNKNOWN.into()),
                 peer_namespace.unwrap_or_else(|| UNKNOWN.into()),
                 peer_principal,
             ),
@@ -181,6 +188,8 @@ pub struct RequestMetrics {
     response_bytes: Family<Labels, Histogram, fn() -> Histogram>,
     local: Arc<RwLock<Local>>,
     handles: Arc<Mutex<HashMap<RequestFacts, Arc<Handles>>>>,
+    /// The client workloads labels have named ([`MAX_PEER_WORKLOADS`]).
+    peer_workloads: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Default for RequestMetrics {
@@ -192,6 +201,7 @@ impl Default for RequestMetrics {
             response_bytes: Family::new_with_constructor(size_histogram),
             local: Arc::new(RwLock::new(Local::new(UNKNOWN.into(), UNKNOWN.into()))),
             handles: Arc::default(),
+            peer_workloads: Arc::default(),
         }
     }
 }
@@ -239,7 +249,28 @@ impl RequestMetrics {
         }
     }
 
+    /// Whether `workload` may be a label: one already named, or one more
+    /// while fewer than [`MAX_PEER_WORKLOADS`] are.
+    fn admit_peer_workload(&self, workload: &str) -> bool {
+        let mut seen = self.peer_workloads.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(workload) {
+            return true;
+        }
+        if seen.len() >= MAX_PEER_WORKLOADS {
+            return false;
+        }
+        seen.insert(workload.to_owned());
+        true
+    }
+
     fn handles(&self, f: &RequestFacts) -> Arc<Handles> {
+        if f.peer_workload.as_deref().is_some_and(|w| !self.admit_peer_workload(w)) {
+            let f = RequestFacts {
+                peer_workload: None,
+                ..f.clone()
+            };
+            return self.handles(&f);
+        }
         let mut cache = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = cache.get(f) {
             return h.clone();
@@ -312,6 +343,57 @@ mod tests {
             assert!(line.contains(label), "{label} in {line}");
         }
         assert!(line.ends_with(" 3"), "{line}");
+    }
+
+    #[test]
+    fn the_server_side_names_the_client_workload_its_proxy_gave() {
+        let m = RequestMetrics::for_workload("web".into(), "shop".into());
+        let mut f = RequestFacts::new(Direction::Inbound, false);
+        f.peer = Some(SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/front").expect("id"));
+        f.peer_workload = Some("frontend".into());
+        f.destination_service = Some("shop/web".into());
+        f.status = 200;
+        m.record(&f, std::time::Duration::from_millis(1), 0, 0);
+        let out = text(&m);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("mizzen_requests_total{"))
+            .expect("counted");
+        for label in [
+            "reporter=\"destination\"",
+            "source_workload=\"frontend\"",
+            "source_workload_namespace=\"shop\"",
+            "destination_workload=\"web\"",
+            "destination_service=\"web.shop.svc.cluster.local\"",
+        ] {
+            assert!(line.contains(label), "{label} in {line}");
+        }
+    }
+
+    #[test]
+    fn client_workload_names_past_the_bound_are_unknown() {
+        let m = RequestMetrics::default();
+        let mut f = RequestFacts::new(Direction::Inbound, false);
+        f.status = 200;
+        for i in 0..MAX_PEER_WORKLOADS + 10 {
+            f.peer_workload = Some(format!("made-up-{i}"));
+            m.record(&f, std::time::Duration::from_millis(1), 0, 0);
+        }
+        let out = text(&m);
+        let lines: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("mizzen_requests_total{"))
+            .collect();
+        assert_eq!(lines.len(), MAX_PEER_WORKLOADS + 1, "the bound, and one unknown");
+        let unknown = lines
+            .iter()
+            .find(|l| l.contains("source_workload=\"unknown\""))
+            .expect("the rest are unknown");
+        assert!(unknown.ends_with(" 10"), "{unknown}");
+        // A name already admitted keeps being used.
+        f.peer_workload = Some("made-up-0".into());
+        m.record(&f, std::time::Duration::from_millis(1), 0, 0);
+        assert!(text(&m).contains("source_workload=\"made-up-0\""));
     }
 
     #[test]
