@@ -16,6 +16,9 @@
 //!
 //! - [`authz`]: authorization policy semantics (compile, normalise paths,
 //!   evaluate) as pure functions.
+//! - [`routing`]: `VirtualService` HTTP routes (match, weighted
+//!   destinations, timeouts, retries, faults) compiled and decided as pure
+//!   functions.
 //! - [`tls`]: a serving certificate replaceable while serving.
 //! - [`mesh`]: how components recognise a meshed pod.
 //! - [`runtime`]: logs, the admin port and shutdown, the same in every server.
@@ -27,6 +30,7 @@ pub mod mesh;
 #[cfg(feature = "k8s")]
 pub mod policy;
 pub mod proto;
+pub mod routing;
 pub mod runtime;
 pub mod spiffe;
 pub mod tls;
