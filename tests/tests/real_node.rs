@@ -151,6 +151,55 @@ async fn injected_pods_call_a_service_by_name_over_mutual_tls() -> anyhow::Resul
 }
 
 #[tokio::test]
+async fn the_server_side_metrics_name_the_client_workload_and_the_service() -> anyhow::Result<()> {
+    let c = demo();
+    let (ok, out) = get_from_client(c, "demo", "echo:8080", "/metrics-check").await?;
+    assert!(ok, "a request to count: {out}");
+    // Either echo replica may have served it: read both proxies' metrics
+    // (their admin port, from the app container of the same pod).
+    let pods = pods_jsonpath(c, "demo", "app=echo", "{.items[*].metadata.name}").await?;
+    let wanted = "reporter=\"destination\",source_workload=\"client\",source_workload_namespace=\"demo\"";
+    let mut lines = Vec::new();
+    for pod in pods.split_whitespace() {
+        let metrics = c
+            .kubectl([
+                "-n",
+                "demo",
+                "exec",
+                pod,
+                "-c",
+                "app",
+                "--",
+                "mizzen-testapp",
+                "get",
+                "127.0.0.1:15020",
+                "/metrics",
+            ])
+            .run()
+            .await?;
+        lines.extend(
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("mizzen_requests_total{") && l.contains(wanted))
+                .map(str::to_owned),
+        );
+    }
+    assert!(
+        !lines.is_empty(),
+        "the echo proxies count the client's requests by its workload"
+    );
+    for l in &lines {
+        assert!(
+            l.contains("destination_service=\"echo.demo.svc.cluster.local\"")
+                && l.contains("destination_workload=\"echo\"")
+                && l.contains("connection_security_policy=\"mutual_tls\""),
+            "{l}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn logs_exec_and_rewritten_probes_work_on_injected_pods() -> anyhow::Result<()> {
     let c = demo();
     let logs = c
