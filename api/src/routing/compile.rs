@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::mesh::is_namespace_name;
+
 use super::spec::{HttpMatchRequest, HttpRoute, StringMatchSpec, VirtualServiceSpec};
 use super::{Destination, Fault, Match, Retries, Route, RouteTable, StringMatch};
 
@@ -114,15 +116,6 @@ pub fn compile(spec: &VirtualServiceSpec, namespace: &str) -> Result<Compiled, R
     })
 }
 
-fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 /// `<namespace>/<name>` of the Service `host` names, from `namespace`.
 pub fn service_of(field: &str, host: &str, namespace: &str) -> Result<String, RouteError> {
     if host.contains('*') {
@@ -138,7 +131,8 @@ pub fn service_of(field: &str, host: &str, namespace: &str) -> Result<String, Ro
         [name, ns, "svc", ..] => (*name, *ns),
         _ => ("", ""),
     };
-    if !dns_label(name) || !dns_label(ns) {
+    // Service and namespace names are both RFC 1123 labels.
+    if !is_namespace_name(name) || !is_namespace_name(ns) {
         return Err(RouteError::NotAService {
             field: field.into(),
             host: host.into(),

@@ -102,15 +102,8 @@ pub fn version_name(v: Version) -> &'static str {
 /// used as a metrics label.
 pub fn peer_workload(h: &HeaderMap) -> Option<String> {
     let v = h.get(PEER_WORKLOAD)?.to_str().ok()?;
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    (v.len() <= 253 && v.split('.').all(label_ok)).then(|| v.to_owned())
+    // Each dot-separated part is an RFC 1123 label, as a namespace name is.
+    (v.len() <= 253 && v.split('.').all(mizzen_api::mesh::is_namespace_name)).then(|| v.to_owned())
 }
 
 /// The version [`APP_PROTOCOL`] names; HTTP/1.1 when absent or unknown.

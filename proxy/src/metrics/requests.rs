@@ -311,6 +311,15 @@ mod tests {
         out
     }
 
+    /// The one `mizzen_requests_total` sample of `m`.
+    fn requests_line(m: &RequestMetrics) -> String {
+        text(m)
+            .lines()
+            .find(|l| l.starts_with("mizzen_requests_total{"))
+            .expect("counted")
+            .to_owned()
+    }
+
     #[test]
     fn a_request_is_counted_under_istios_labels_once_per_record() {
         let m = RequestMetrics::default();
@@ -323,11 +332,7 @@ mod tests {
         for _ in 0..3 {
             m.record(&f, std::time::Duration::from_millis(3), 10, 20);
         }
-        let out = text(&m);
-        let line = out
-            .lines()
-            .find(|l| l.starts_with("mizzen_requests_total{"))
-            .expect("counted");
+        let line = requests_line(&m);
         for label in [
             "reporter=\"source\"",
             "destination_workload=\"reviews-v1\"",
@@ -354,11 +359,7 @@ mod tests {
         f.destination_service = Some("shop/web".into());
         f.status = 200;
         m.record(&f, std::time::Duration::from_millis(1), 0, 0);
-        let out = text(&m);
-        let line = out
-            .lines()
-            .find(|l| l.starts_with("mizzen_requests_total{"))
-            .expect("counted");
+        let line = requests_line(&m);
         for label in [
             "reporter=\"destination\"",
             "source_workload=\"frontend\"",
