@@ -62,6 +62,10 @@ pub enum RouteError {
     Attempts { field: String, value: i64 },
     #[error("{field}: retry condition {value:?} is not one Envoy knows ({})", RETRY_ON.join(", "))]
     RetryOn { field: String, value: String },
+    #[error("{field}: {name:?} is not a subset name (lower-case letters, digits and `-`)")]
+    SubsetName { field: String, name: String },
+    #[error("{field}: subset {name:?} is defined twice")]
+    DuplicateSubset { field: String, name: String },
 }
 
 impl RouteError {
@@ -81,6 +85,8 @@ impl RouteError {
             RouteError::Status { .. } => "status",
             RouteError::Attempts { .. } => "attempts",
             RouteError::RetryOn { .. } => "retry_on",
+            RouteError::SubsetName { .. } => "subset_name",
+            RouteError::DuplicateSubset { .. } => "duplicate_subset",
         }
     }
 }

@@ -10,6 +10,8 @@
 //!   refused by name ([`RouteError`]), never silently ignored.
 //! - [`decide`]: the first route whose match a request satisfies, and the
 //!   weighted destination a roll of the dice picks.
+//! - [`subsets`]: a `DestinationRule`'s subsets (pods by labels), and the
+//!   subsets routes name that no rule defines.
 //!
 //! Semantics follow Istio: routes are tried in order and the first match
 //! wins; within a match every condition must hold, and a route with several
@@ -19,11 +21,13 @@
 pub mod compile;
 pub mod decide;
 pub mod spec;
+pub mod subsets;
 #[cfg(test)]
 mod tests;
 
 pub use compile::{Compiled, RouteError, compile};
 pub use decide::{Decision, NoRoute, RequestView, decide};
+pub use subsets::{Subsets, compile_subsets, undefined_subsets};
 
 use std::time::Duration;
 

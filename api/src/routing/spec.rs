@@ -156,3 +156,25 @@ pub struct Abort {
 pub struct Percent {
     pub value: f64,
 }
+
+/// The part of Istio's `DestinationRule` that Mizzen implements: `host`
+/// and `subsets` by pod labels. `trafficPolicy` (load balancing,
+/// connection pools, outlier detection) is not implemented yet and is
+/// refused by name, like every other unknown field.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DestinationRuleSpec {
+    /// The Service, named as in a VirtualService's hosts.
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<SubsetSpec>,
+}
+
+/// A named group of a Service's endpoints: the pods carrying all `labels`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SubsetSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}

@@ -360,3 +360,72 @@ fn durations_read_as_istio_writes_them() {
         assert_eq!(got.ok().flatten(), want, "{text}");
     }
 }
+
+#[test]
+fn subsets_select_pods_by_all_their_labels() {
+    let dr: spec::DestinationRuleSpec = serde_json::from_value(json!({
+        "host": "reviews.bookinfo.svc.cluster.local",
+        "subsets": [
+            {"name": "v1", "labels": {"version": "v1"}},
+            {"name": "v2", "labels": {"version": "v2", "track": "stable"}}
+        ]
+    }))
+    .expect("spec");
+    let s = compile_subsets(&dr, "bookinfo").expect("compiles");
+    assert_eq!(s.service, "bookinfo/reviews");
+    let pod = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    };
+    assert_eq!(
+        s.selects("v1", &pod(&[("app", "reviews"), ("version", "v1")])),
+        Some(true)
+    );
+    assert_eq!(s.selects("v2", &pod(&[("version", "v2")])), Some(false), "all labels");
+    assert_eq!(
+        s.selects("v2", &pod(&[("version", "v2"), ("track", "stable")])),
+        Some(true)
+    );
+    assert_eq!(s.selects("v9", &pod(&[("version", "v9")])), None, "undefined");
+}
+
+#[test]
+fn subsets_routes_name_without_a_rule_are_reported() {
+    let t = table(json!({
+        "hosts": ["reviews"],
+        "http": [{"route": [
+            {"destination": {"host": "reviews", "subset": "v1"}, "weight": 50},
+            {"destination": {"host": "reviews", "subset": "v3"}, "weight": 50}
+        ]}]
+    }));
+    let dr: spec::DestinationRuleSpec =
+        serde_json::from_value(json!({"host": "reviews", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]}))
+            .expect("spec");
+    let defined = [compile_subsets(&dr, "bookinfo").expect("compiles")];
+    assert_eq!(undefined_subsets(&t, &defined), vec![("bookinfo/reviews", "v3")]);
+    assert_eq!(
+        undefined_subsets(&t, &[]),
+        vec![("bookinfo/reviews", "v1"), ("bookinfo/reviews", "v3")]
+    );
+}
+
+#[test]
+fn destination_rules_refuse_what_they_cannot_honour() {
+    let cases = [
+        (
+            json!({"host": "reviews", "subsets": [{"name": "v1"}, {"name": "v1"}]}),
+            "duplicate_subset",
+        ),
+        (json!({"host": "reviews", "subsets": [{"name": "V1"}]}), "subset_name"),
+        (json!({"host": "*.local"}), "wildcard_host"),
+    ];
+    for (v, reason) in cases {
+        let dr: spec::DestinationRuleSpec = serde_json::from_value(v.clone()).expect("spec");
+        let err = compile_subsets(&dr, "bookinfo").expect_err("refused");
+        assert_eq!(err.reason(), reason, "{v}: {err}");
+    }
+    let err = serde_json::from_value::<spec::DestinationRuleSpec>(
+        json!({"host": "reviews", "trafficPolicy": {"loadBalancer": {"simple": "RANDOM"}}}),
+    )
+    .expect_err("refused");
+    assert!(err.to_string().contains("unknown field `trafficPolicy`"), "{err}");
+}
