@@ -30,13 +30,14 @@ wait_until() {
 
 # stop_group DIR NAME...: SIGTERM these daemons together, wait, then SIGKILL stragglers.
 stop_group() {
-  local dir=$1 n pid i; shift
+  local dir=$1 n pid i cmdline; shift
   local pids=()
   for n in "$@"; do
     pid=$(cat "$dir/pids/$n" 2>/dev/null) || continue
     rm -f "$dir/pids/$n"
     # Only signal the process we started: its command line names DIR.
-    if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF "$dir"; then
+    cmdline=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null) || continue
+    if [[ $cmdline == *"$dir"* ]]; then
       kill -TERM "$pid" 2>/dev/null || true
       pids+=("$pid")
     fi

@@ -7,9 +7,11 @@
 #   scripts/kube.sh start DIR    start etcd + the control plane, write DIR/kubeconfig
 #                                (MIZZEN_API_ADVERTISE=IP: listen on every address
 #                                and advertise IP, for a real node)
-#   scripts/kube.sh client DIR NAME SUBJECT [EXT]
+#   scripts/kube.sh client DIR NAME SUBJECT
 #                                a client certificate from DIR's cluster CA and
 #                                DIR/NAME.kubeconfig using it
+#   scripts/kube.sh cert DIR NAME SUBJECT EXT
+#                                a certificate from DIR's cluster CA, with EXT
 #   scripts/kube.sh stop DIR     stop everything started in DIR
 #   scripts/kube.sh bin          print the directory holding the binaries
 #   scripts/kube.sh install-node build kubelet and kube-proxy (same version) and
@@ -216,16 +218,24 @@ KC
   chmod 600 "$out"
 }
 
-# cmd_client DIR NAME SUBJECT [EXTENSIONS]: a client certificate signed by
-# DIR's cluster CA and a kubeconfig DIR/NAME.kubeconfig using it (for the
-# node's kubelet and kube-proxy).
+# cmd_cert DIR NAME SUBJECT EXTENSIONS: DIR/pki/NAME.{crt,key}, signed by
+# DIR's cluster CA (the kubelet's serving certificate).
+cmd_cert() {
+  local dir=${1:?usage: kube.sh cert DIR NAME SUBJECT EXT} name=${2:?} subj=${3:?} ext=${4:?}
+  [ -f "$dir/pki/ca.key" ] || die "no control plane in $dir (no pki/ca.key)"
+  gen_cert "$dir/pki" "$name" "$subj" "$ext"
+}
+
+# cmd_client DIR NAME SUBJECT: a client certificate signed by DIR's cluster
+# CA and a kubeconfig DIR/NAME.kubeconfig using it (for the node's kubelet
+# and kube-proxy).
 cmd_client() {
-  local dir=${1:?usage: kube.sh client DIR NAME SUBJECT [EXT]} name=${2:?} subj=${3:?}
-  local ext=${4:-"basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth"}
+  local dir=${1:?usage: kube.sh client DIR NAME SUBJECT} name=${2:?} subj=${3:?}
   dir=$(cd "$dir" && pwd)
   local port; port=$(sed -n 's/^MIZZEN_API_PORT=//p' "$dir/env")
   [ -n "$port" ] || die "no control plane in $dir (no MIZZEN_API_PORT in $dir/env)"
-  gen_cert "$dir/pki" "$name" "$subj" "$ext"
+  cmd_cert "$dir" "$name" "$subj" \
+    "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth"
   write_kubeconfig "$dir" "$port" "$dir/$name.kubeconfig" "$name"
 }
 
@@ -336,10 +346,11 @@ case "${1:-}" in
   install) cmd_install ;;
   install-node) cmd_install_node ;;
   client) shift; cmd_client "$@" ;;
+  cert) shift; cmd_cert "$@" ;;
   node-bin) echo "$NODE_BIN_DIR" ;;
   start) shift; cmd_start "$@" ;;
   start-once) shift; start_once "$@" ;;
   stop) shift; cmd_stop "$@" ;;
   bin) echo "$BIN_DIR" ;;
-  *) die "usage: $0 install|install-node|start DIR|stop DIR|client DIR NAME SUBJECT [EXT]|bin|node-bin" ;;
+  *) die "usage: $0 install|install-node|start DIR|stop DIR|client DIR NAME SUBJECT|cert DIR NAME SUBJECT EXT|bin|node-bin" ;;
 esac

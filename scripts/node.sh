@@ -164,13 +164,16 @@ restore_host() {
 
 # cmd_import DIR: every image scripts/images.sh listed in DIR/images.txt.
 cmd_import() {
-  local dir=$1 archive ref digest
+  local dir=$1 archive ref digest listed
   [ -f "$dir/images.txt" ] || die "no images in $dir: run scripts/images.sh --node first"
   while read -r archive ref digest; do
     # The archive's index names the tag; the repository comes from the list.
     ctr -a "$SOCK" -n k8s.io images import --base-name "${ref%:*}" "$dir/$archive" >/dev/null ||
       die "ctr could not import $dir/$archive"
-    ctr -a "$SOCK" -n k8s.io images ls -q | grep -qxF "$ref" || die "$dir/$archive did not import as $ref"
+    # Listed first, then searched: `grep -q` in a pipe may end it early, and
+    # under pipefail ctr's SIGPIPE would read as a failure.
+    listed=$(ctr -a "$SOCK" -n k8s.io images ls -q)
+    grep -qxF "$ref" <<< "$listed" || die "$dir/$archive did not import as $ref"
     : "$digest"
   done < "$dir/images.txt"
 }
@@ -194,7 +197,7 @@ cmd_up() {
 
   "$SCRIPTS/kube.sh" client "$CP" kubelet "/O=system:nodes/CN=system:node:$NODE_NAME"
   "$SCRIPTS/kube.sh" client "$CP" kube-proxy "/CN=system:kube-proxy"
-  "$SCRIPTS/kube.sh" client "$CP" kubelet-serving "/CN=system:node:$NODE_NAME" \
+  "$SCRIPTS/kube.sh" cert "$CP" kubelet-serving "/CN=system:node:$NODE_NAME" \
     "subjectAltName=IP:$ip,DNS:$NODE_NAME\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth"
   write_configs "$n" "$ip"
 

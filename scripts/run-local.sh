@@ -39,7 +39,7 @@ stop_components() {
   local pid c
   for c in mizzen-test-node mizzen-injector mizzen-agent mizzen-ca; do
     pid=$(cat "$DIR/pids/$c" 2>/dev/null) || continue
-    if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q "$c"; then
+    if [[ $(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null) == *"$c"* ]]; then
       kill -TERM "$pid" 2>/dev/null || true
       # The test node removes its pods' namespaces before it exits.
       for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
