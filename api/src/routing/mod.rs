@@ -10,6 +10,8 @@
 //!   refused by name ([`RouteError`]), never silently ignored.
 //! - [`decide`]: the first route whose match a request satisfies, and the
 //!   weighted destination a roll of the dice picks.
+//! - [`policy`]: what a route's fault and retry settings decide for one
+//!   request (delay, abort, whether a failed attempt may be retried).
 //! - [`subsets`]: a `DestinationRule`'s subsets (pods by labels), and the
 //!   subsets routes name that no rule defines.
 //!
@@ -20,6 +22,7 @@
 
 pub mod compile;
 pub mod decide;
+pub mod policy;
 pub mod spec;
 pub mod subsets;
 #[cfg(test)]
