@@ -182,9 +182,10 @@ async fn an_open_tcp_connection_that_a_new_deny_covers_is_closed() -> anyhow::Re
         .kill_on_drop(true)
         .stdout(std::process::Stdio::null())
         .spawn()?;
-    eventually_some(TIMEOUT, "the held connection to reach the server proxy", || async {
+    let held = eventually_some(TIMEOUT, "the held connection to reach the server proxy", || async {
         let (_, text) = proxy_metric(server, "mizzen_proxy_connections_open").await?;
-        Ok((open_inbound(&text) > before).then_some(()))
+        let open = open_inbound(&text);
+        Ok((open > before).then_some(open))
     })
     .await?;
     apply(
@@ -201,12 +202,26 @@ spec:
         ),
     )
     .await?;
-    eventually_some(PROPAGATION, "the server proxy to close the held connection", || async {
+    // Counted against the open connections once the held one was among
+    // them: the client proxy's pooled HTTP/2 connection may have opened or
+    // closed since `before`, and any connection the DENY covers is closed.
+    let closed = eventually_some(PROPAGATION, "the server proxy to close the held connection", || async {
         let (_, text) = proxy_metric(server, "mizzen_proxy_").await?;
         let revoked = metric_where(&text, "mizzen_proxy_authz_revoked_total{kind=\"connection\"}");
-        Ok((revoked >= 1.0 && open_inbound(&text) <= before).then_some(()))
+        Ok((revoked >= 1.0 && open_inbound(&text) < held).then_some(()))
     })
-    .await?;
+    .await;
+    if let Err(e) = closed {
+        let (_, text) = proxy_metric(server, "mizzen_proxy_").await?;
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("connections_open") || l.contains("revoked") || l.contains("denied"))
+            .collect();
+        anyhow::bail!(
+            "{e} (open before {before}, with the held one {held}):\n{}",
+            lines.join("\n")
+        );
+    }
     drop(cmd);
     Ok(())
 }
