@@ -264,16 +264,18 @@ impl RequestMetrics {
     }
 
     fn handles(&self, f: &RequestFacts) -> Arc<Handles> {
+        let mut cache = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = cache.get(f) {
+            // Only admitted workloads are ever cached.
+            return h.clone();
+        }
         if f.peer_workload.as_deref().is_some_and(|w| !self.admit_peer_workload(w)) {
+            drop(cache);
             let f = RequestFacts {
                 peer_workload: None,
                 ..f.clone()
             };
             return self.handles(&f);
-        }
-        let mut cache = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(h) = cache.get(f) {
-            return h.clone();
         }
         if cache.len() >= MAX_KEYS {
             cache.clear();
