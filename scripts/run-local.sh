@@ -97,8 +97,11 @@ step() {
   fi
 }
 
-rollout() {
-  local ns=$1 w; shift
+# apply_and_roll FILE NAMESPACE WORKLOAD...: apply FILE, wait for each
+# workload to roll out.
+apply_and_roll() {
+  local file=$1 ns=$2 w; shift 2
+  $KUBECTL apply -f "$file" || return 1
   for w in "$@"; do $KUBECTL -n "$ns" rollout status "$w" --timeout=240s || return 1; done
 }
 
@@ -123,9 +126,9 @@ real_node_up() {
   step 6 $total "real node" "see $DIR/node/logs/ (kubelet.log, containerd.log); scripts/run-local.sh down cleans up" \
     scripts/node.sh up "$DIR"
   step 7 $total "install.yaml" "kubectl -n mizzen-system get pods; kubectl -n mizzen-system logs <pod>" \
-    bash -c "$KUBECTL apply -f manifests/install.yaml && $(declare -f rollout); KUBECTL='$KUBECTL' rollout mizzen-system deploy/mizzen-ca ds/mizzen-agent deploy/mizzen-injector"
+    apply_and_roll manifests/install.yaml mizzen-system deploy/mizzen-ca ds/mizzen-agent deploy/mizzen-injector
   step 8 $total "sample app" "kubectl -n demo get pods; kubectl -n demo describe pod <pod> (is the webhook up?)" \
-    bash -c "$KUBECTL apply -f manifests/examples/demo.yaml && $(declare -f rollout); KUBECTL='$KUBECTL' rollout demo deploy/echo deploy/client"
+    apply_and_roll manifests/examples/demo.yaml demo deploy/echo deploy/client
   step 9 $total "first request" "kubectl -n demo logs deploy/client -c mizzen-proxy" \
     $KUBECTL -n demo exec deploy/client -c app -- mizzen-testapp get echo:8080 /hello
   cat >&2 <<TRY
