@@ -167,7 +167,8 @@ case "${1:-up}" in
     $KUBECTL apply -f manifests/crds.yaml -f manifests/namespace.yaml
     $KUBECTL apply -f manifests/ca.yaml -f manifests/agent.yaml
     $KUBECTL wait --for=condition=Established --timeout=30s \
-      crd/authorizationpolicies.security.mizzen.dev crd/peerauthentications.security.mizzen.dev
+      crd/authorizationpolicies.security.mizzen.dev crd/peerauthentications.security.mizzen.dev \
+      crd/virtualservices.networking.mizzen.dev crd/destinationrules.networking.mizzen.dev
 
     # The components, as local processes with the manifests' ServiceAccounts and RBAC.
     stop_components

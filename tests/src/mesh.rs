@@ -32,6 +32,8 @@ pub async fn apply_crds(cluster: &Cluster) -> anyhow::Result<String> {
             "--timeout=30s",
             "crd/authorizationpolicies.security.mizzen.dev",
             "crd/peerauthentications.security.mizzen.dev",
+            "crd/virtualservices.networking.mizzen.dev",
+            "crd/destinationrules.networking.mizzen.dev",
         ])
         .run()
         .await?;

@@ -9,6 +9,9 @@
 //!   addresses, ServiceAccount, whether it is meshed): most Pod updates
 //!   (status conditions, restarts) mark nothing.
 //!
+//! - a VirtualService or DestinationRule event marks the Services it names
+//!   and named before ([`Rules`]).
+//!
 //! [`Index::rebuild`] then builds the marked Services only
 //! ([`super::build_one`]). A relist after a broken watch ends with the
 //! deletion of what it did not list again, as a reflector's store does.
@@ -26,7 +29,10 @@ use kube::runtime::watcher::Event;
 use mizzen_api::TrustDomain;
 use mizzen_api::proto::discovery as pb;
 
-use super::{IpOwner, PodFacts, SliceShape, build_one, held_ips, key_of, service_of, shape_of};
+use mizzen_api::routing::spec::{DestinationRule, VirtualService};
+
+use super::rules::Rules;
+use super::{IpOwner, PodFacts, ServiceRules, SliceShape, build_one, held_ips, key_of, service_of, shape_of};
 
 /// What discovery reads of a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +57,8 @@ struct Relists {
     services: Option<HashSet<String>>,
     slices: Option<HashSet<String>>,
     pods: Option<HashSet<String>>,
+    virtual_services: Option<HashSet<String>>,
+    destination_rules: Option<HashSet<String>>,
 }
 
 /// Whether each watch has listed once.
@@ -59,11 +67,13 @@ pub struct Synced {
     pub services: bool,
     pub slices: bool,
     pub pods: bool,
+    pub virtual_services: bool,
+    pub destination_rules: bool,
 }
 
 impl Synced {
     pub fn all(self) -> bool {
-        self.services && self.slices && self.pods
+        self.services && self.slices && self.pods && self.virtual_services && self.destination_rules
     }
 }
 
@@ -85,6 +95,7 @@ pub struct Index {
     ips_of_service: HashMap<Arc<str>, Vec<IpAddr>>,
     endpoints: usize,
     endpoints_of_service: HashMap<String, usize>,
+    rules: Rules,
     dirty: HashSet<String>,
     relists: Relists,
     pub synced: Synced,
@@ -209,6 +220,54 @@ impl Index {
         self.synced.pods |= done;
     }
 
+    /// Applies a VirtualService event.
+    pub fn virtual_service_event(&mut self, event: Event<VirtualService>) {
+        let mut puts = Vec::new();
+        let mut deletes = Vec::new();
+        let done = relist(
+            &mut self.relists.virtual_services,
+            || self.rules.virtual_service_keys(),
+            event,
+            |o| puts.push(o),
+            |k| deletes.push(k),
+        );
+        for vs in puts {
+            if let Some(key) = key_of(&vs) {
+                let touched = self.rules.set_virtual_service(&key, Some(&vs));
+                self.dirty.extend(touched);
+            }
+        }
+        for key in deletes {
+            let touched = self.rules.set_virtual_service(&key, None);
+            self.dirty.extend(touched);
+        }
+        self.synced.virtual_services |= done;
+    }
+
+    /// Applies a DestinationRule event.
+    pub fn destination_rule_event(&mut self, event: Event<DestinationRule>) {
+        let mut puts = Vec::new();
+        let mut deletes = Vec::new();
+        let done = relist(
+            &mut self.relists.destination_rules,
+            || self.rules.destination_rule_keys(),
+            event,
+            |o| puts.push(o),
+            |k| deletes.push(k),
+        );
+        for dr in puts {
+            if let Some(key) = key_of(&dr) {
+                let touched = self.rules.set_destination_rule(&key, Some(&dr));
+                self.dirty.extend(touched);
+            }
+        }
+        for key in deletes {
+            let touched = self.rules.set_destination_rule(&key, None);
+            self.dirty.extend(touched);
+        }
+        self.synced.destination_rules |= done;
+    }
+
     fn set_pod(&mut self, key: String, entry: Option<PodEntry>) {
         let old = match &entry {
             Some(e) => self.pods.insert(key.clone(), e.clone()),
@@ -276,7 +335,11 @@ impl Index {
                     .into_iter()
                     .flatten()
                     .filter_map(|s| self.slices.get(s).map(|(_, slice)| slice));
-                build_one(svc, slices, |ip| self.owner(ip), trust_domain)
+                let rules = ServiceRules {
+                    routing: self.rules.routing(&key),
+                    subsets: self.rules.subsets(&key),
+                };
+                build_one(svc, slices, |ip| self.owner(ip), rules, trust_domain)
             });
             let ips: Vec<IpAddr> = built
                 .iter()

@@ -11,6 +11,7 @@
 //! whose contents did not change keeps its version, so a stream only carries
 //! what changed ([`crate::ads`]).
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use kube::api::Api;
 use kube::runtime::watcher;
 use mizzen_api::mesh::{PROXY_CONTAINER, TLS_MODE_LABEL, TLS_MODE_MIZZEN};
 use mizzen_api::proto::discovery::{self as pb, SERVICE_TYPE};
+use mizzen_api::routing::spec::{DestinationRule, VirtualService};
 use mizzen_api::{SpiffeId, TrustDomain};
 use prometheus_client::metrics::counter::Counter;
 use prost::Message;
@@ -31,6 +33,7 @@ pub use crate::xds::Snapshot;
 
 mod addresses;
 mod index;
+mod rules;
 pub use addresses::{Addresses, ByAddress};
 pub use index::Index;
 
@@ -44,6 +47,8 @@ pub struct PodFacts {
     pub name: String,
     pub meshed: bool,
     pub service_account: String,
+    /// For DestinationRule subsets.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Who holds an endpoint's IP address, as the Pods say (`status.podIPs`),
@@ -98,6 +103,7 @@ impl PodFacts {
             service_account: spec
                 .and_then(|s| s.service_account_name.clone())
                 .unwrap_or_else(|| "default".into()),
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
         }
     }
 }
@@ -147,6 +153,7 @@ pub fn shape_of(svc: &Service) -> pb::Service {
             })
             .collect(),
         endpoints: Vec::new(),
+        routing: None,
     }
 }
 
@@ -188,14 +195,25 @@ impl SliceShape {
     }
 }
 
+/// The traffic rules of one Service.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServiceRules<'r> {
+    /// The VirtualService that routes it.
+    pub routing: Option<&'r pb::Routing>,
+    /// Its DestinationRule's subsets.
+    pub subsets: Option<&'r mizzen_api::routing::Subsets>,
+}
+
 /// One Service's discovery resource: `shape` ([`shape_of`]) with the ready
-/// endpoints of its `slices`; `owner` says which pod holds an address. An
-/// endpoint's identity and whether it is meshed come from that pod only,
-/// never from the slice's `targetRef`.
+/// endpoints of its `slices` and its `rules`; `owner` says which pod holds
+/// an address. An endpoint's identity, whether it is meshed and which
+/// subsets it is in come from that pod only, never from the slice's
+/// `targetRef`.
 pub fn build_one<'a>(
     shape: &pb::Service,
     slices: impl IntoIterator<Item = &'a SliceShape>,
     owner: impl Fn(&str) -> IpOwner,
+    rules: ServiceRules<'_>,
     trust_domain: &TrustDomain,
 ) -> pb::Service {
     let mut slices: Vec<&SliceShape> = slices.into_iter().collect();
@@ -212,17 +230,21 @@ pub fn build_one<'a>(
             } else {
                 IpOwner::Conflict
             };
-            let (meshed, spiffe_id, pod) = match holder {
+            let (meshed, spiffe_id, pod, subsets) = match holder {
                 IpOwner::Pod(f) => (
                     f.meshed,
                     SpiffeId::workload(trust_domain, &f.namespace, &f.service_account)
                         .map(|id| id.to_string())
                         .unwrap_or_default(),
                     format!("{}/{}", f.namespace, f.name),
+                    rules
+                        .subsets
+                        .map(|s| s.containing(&f.labels).map(str::to_owned).collect())
+                        .unwrap_or_default(),
                 ),
-                IpOwner::Unknown => (false, String::new(), String::new()),
+                IpOwner::Unknown => (false, String::new(), String::new(), Vec::new()),
                 // Meshed without an identity: proxies refuse to connect.
-                IpOwner::Conflict => (true, String::new(), String::new()),
+                IpOwner::Conflict => (true, String::new(), String::new(), Vec::new()),
             };
             endpoints.push(pb::Endpoint {
                 addresses: addresses.clone(),
@@ -230,12 +252,14 @@ pub fn build_one<'a>(
                 meshed,
                 spiffe_id,
                 pod,
+                subsets,
             });
         }
     }
     endpoints.sort_by(|a, b| a.addresses.cmp(&b.addresses));
     pb::Service {
         endpoints,
+        routing: rules.routing.cloned(),
         ..shape.clone()
     }
 }
@@ -255,10 +279,11 @@ fn feed<K: Send + 'static>(
     }
 }
 
-/// Watches Services, EndpointSlices and Pods cluster-wide into an
+/// Watches Services, EndpointSlices, Pods, VirtualServices and
+/// DestinationRules cluster-wide into an
 /// [`Index`] and, after each burst of changes (gathered for `debounce`),
 /// rebuilds the Services the burst touched and publishes them on `tx`
-/// ([`crate::xds::publish_changes`]). Nothing is published until all three
+/// ([`crate::xds::publish_changes`]). Nothing is published until all five
 /// watches have listed once, so proxies never see a partial cluster.
 pub async fn follow(
     client: kube::Client,
@@ -283,10 +308,32 @@ pub async fn follow(
         feed(&index, &changed, &metrics.discovery_events, Index::slice_event),
     ));
     tokio::spawn(crate::watch::follow(
-        watcher(Api::<Pod>::all(client), config()),
+        watcher(Api::<Pod>::all(client.clone()), config()),
         "pods",
         |_| {},
         feed(&index, &changed, &metrics.discovery_events, Index::pod_event),
+    ));
+    tokio::spawn(crate::watch::follow(
+        watcher(Api::<VirtualService>::all(client.clone()), config()),
+        "virtualservices",
+        |_| {},
+        feed(
+            &index,
+            &changed,
+            &metrics.discovery_events,
+            Index::virtual_service_event,
+        ),
+    ));
+    tokio::spawn(crate::watch::follow(
+        watcher(Api::<DestinationRule>::all(client), config()),
+        "destinationrules",
+        |_| {},
+        feed(
+            &index,
+            &changed,
+            &metrics.discovery_events,
+            Index::destination_rule_event,
+        ),
     ));
     let mut synced = false;
     let mut addresses = Addresses::default();

@@ -42,7 +42,10 @@ pub(super) fn build(
         .filter_map(|svc| {
             let key = key_of(&**svc)?;
             let slices = by_service.remove(&key).unwrap_or_default();
-            Some((key, build_one(&shape_of(svc), &slices, &owner, trust_domain)))
+            Some((
+                key,
+                build_one(&shape_of(svc), &slices, &owner, ServiceRules::default(), trust_domain),
+            ))
         })
         .collect()
 }

@@ -326,7 +326,13 @@ pub enum MtlsMode {
 
 /// Every CRD this crate defines, in the order they are installed.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![AuthorizationPolicy::crd(), PeerAuthentication::crd()]
+    use crate::routing::spec::{DestinationRule, VirtualService};
+    vec![
+        AuthorizationPolicy::crd(),
+        PeerAuthentication::crd(),
+        VirtualService::crd(),
+        DestinationRule::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML stream, exactly as checked in at
@@ -436,11 +442,18 @@ spec:
             names,
             [
                 "authorizationpolicies.security.mizzen.dev",
-                "peerauthentications.security.mizzen.dev"
+                "peerauthentications.security.mizzen.dev",
+                "virtualservices.networking.mizzen.dev",
+                "destinationrules.networking.mizzen.dev",
             ]
         );
         for c in &crds {
-            assert_eq!(c.spec.group, GROUP);
+            let group = if c.spec.names.kind.ends_with("Policy") || c.spec.names.kind == "PeerAuthentication" {
+                GROUP
+            } else {
+                crate::routing::spec::GROUP
+            };
+            assert_eq!(c.spec.group, group);
             assert_eq!(c.spec.versions[0].name, VERSION);
             assert_eq!(c.spec.scope, "Namespaced");
         }

@@ -11,8 +11,30 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// The API group of the traffic rules.
+pub const GROUP: &str = "networking.mizzen.dev";
+
 /// A `VirtualService`'s spec.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema, kube::CustomResource))]
+#[cfg_attr(
+    feature = "k8s",
+    kube(
+        group = "networking.mizzen.dev",
+        version = "v1",
+        kind = "VirtualService",
+        plural = "virtualservices",
+        singular = "virtualservice",
+        shortname = "mzvs",
+        category = "mizzen",
+        namespaced,
+        status = "crate::policy::PolicyStatus",
+        printcolumn = r#"{"name":"Hosts","type":"string","jsonPath":".spec.hosts","description":"The Services routed"}"#,
+        printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status","description":"Whether Mizzen routes as written"}"#,
+        printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Accepted\")].reason","description":"Why it is or is not accepted"}"#,
+        printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VirtualServiceSpec {
     /// The Services whose traffic the routes apply to: a short name (the
@@ -24,6 +46,7 @@ pub struct VirtualServiceSpec {
 
 /// One HTTP route: the first whose `match` a request satisfies applies.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRoute {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -44,6 +67,7 @@ pub struct HttpRoute {
 
 /// Istio's `StringMatch`: exactly one of the three.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StringMatchSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -57,6 +81,7 @@ pub struct StringMatchSpec {
 
 /// The conditions a request must meet, all of them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpMatchRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,6 +107,7 @@ pub struct HttpMatchRequest {
 
 /// A destination and its share of the route's requests.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteDestination {
     pub destination: DestinationSpec,
@@ -93,6 +119,7 @@ pub struct HttpRouteDestination {
 
 /// A Service (and optionally a subset and port) to send requests to.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DestinationSpec {
     pub host: String,
@@ -104,6 +131,7 @@ pub struct DestinationSpec {
 
 /// A Service port by number.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PortSelector {
     pub number: u32,
@@ -111,6 +139,7 @@ pub struct PortSelector {
 
 /// Istio's `HTTPRetry`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRetry {
     pub attempts: i64,
@@ -123,6 +152,7 @@ pub struct HttpRetry {
 
 /// Istio's `HTTPFaultInjection`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpFaultInjection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -133,6 +163,7 @@ pub struct HttpFaultInjection {
 
 /// A fixed delay before the request is forwarded.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Delay {
     pub fixed_delay: String,
@@ -143,6 +174,7 @@ pub struct Delay {
 
 /// An answer instead of forwarding.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Abort {
     pub http_status: i64,
@@ -152,6 +184,7 @@ pub struct Abort {
 
 /// A percentage, 0 to 100, with fractions.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Percent {
     pub value: f64,
@@ -162,6 +195,24 @@ pub struct Percent {
 /// connection pools, outlier detection) is not implemented yet and is
 /// refused by name, like every other unknown field.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema, kube::CustomResource))]
+#[cfg_attr(
+    feature = "k8s",
+    kube(
+        group = "networking.mizzen.dev",
+        version = "v1",
+        kind = "DestinationRule",
+        plural = "destinationrules",
+        singular = "destinationrule",
+        shortname = "mzdr",
+        category = "mizzen",
+        namespaced,
+        status = "crate::policy::PolicyStatus",
+        printcolumn = r#"{"name":"Host","type":"string","jsonPath":".spec.host","description":"The Service"}"#,
+        printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status","description":"Whether Mizzen applies the rule as written"}"#,
+        printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DestinationRuleSpec {
     /// The Service, named as in a VirtualService's hosts.
@@ -172,6 +223,7 @@ pub struct DestinationRuleSpec {
 
 /// A named group of a Service's endpoints: the pods carrying all `labels`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SubsetSpec {
     pub name: String,

@@ -17,6 +17,14 @@ pub struct Subsets {
 }
 
 impl Subsets {
+    /// The subsets a pod with `labels` is in.
+    pub fn containing<'s>(&'s self, labels: &'s BTreeMap<String, String>) -> impl Iterator<Item = &'s str> + 's {
+        self.by_name
+            .iter()
+            .filter(|(_, want)| want.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            .map(|(name, _)| name.as_str())
+    }
+
     /// Whether a pod with `labels` is in `subset` (`None` when the subset
     /// is not defined: such a route has no endpoints, Istio's 503 `NR`).
     pub fn selects(&self, subset: &str, labels: &BTreeMap<String, String>) -> Option<bool> {

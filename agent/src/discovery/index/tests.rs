@@ -28,6 +28,10 @@ fn listed(services: &[Arc<Service>], slices: &[Arc<EndpointSlice>], pods: &[Pod]
         index.pod_event(Event::InitApply(p.clone()));
     }
     index.pod_event(Event::InitDone);
+    index.virtual_service_event(Event::Init);
+    index.virtual_service_event(Event::InitDone);
+    index.destination_rule_event(Event::Init);
+    index.destination_rule_event(Event::InitDone);
     assert!(index.synced.all());
     index.rebuild(&td());
     index
@@ -53,13 +57,14 @@ fn a_pod_change_discovery_does_not_read_rebuilds_nothing() {
         &[web_slice(&["10.200.0.3"])],
         &[pod("demo", "meshed", "10.200.0.3", true, "web")],
     );
-    // A label, a condition, a restart: not what discovery reads.
+    // A condition, a restart: not what discovery reads.
     let mut changed = pod("demo", "meshed", "10.200.0.3", true, "web");
     changed
         .metadata
-        .labels
+        .annotations
         .get_or_insert_default()
-        .insert("version".into(), "v2".into());
+        .insert("restarted".into(), "1".into());
+    changed.metadata.resource_version = Some("2".into());
     index.pod_event(Event::Apply(changed));
     // A pod whose address no endpoint lists.
     index.pod_event(Event::Apply(pod("demo", "elsewhere", "10.200.0.99", false, "x")));
@@ -207,4 +212,122 @@ fn incremental_rebuilds_equal_a_full_build() {
             assert_eq!(index.endpoints(), endpoints, "step {step}");
         }
     }
+}
+
+fn virtual_service(name: &str, created: &str, spec: serde_json::Value) -> VirtualService {
+    serde_json::from_value(json!({
+        "apiVersion": "networking.mizzen.dev/v1", "kind": "VirtualService",
+        "metadata": {"namespace": "demo", "name": name, "creationTimestamp": created},
+        "spec": spec,
+    }))
+    .expect("virtual service")
+}
+
+fn to_web(host: &str) -> serde_json::Value {
+    json!({"hosts": [host], "http": [{"route": [{"destination": {"host": "web", "subset": "v1"}}]}]})
+}
+
+/// The routing each Service was last built with, by key.
+fn routing(index: &mut Index) -> BTreeMap<String, Option<String>> {
+    index
+        .rebuild(&td())
+        .into_iter()
+        .map(|(k, svc)| (k, svc.and_then(|s| s.routing).map(|r| r.virtual_service)))
+        .collect()
+}
+
+#[test]
+fn a_virtual_service_routes_the_services_it_names_and_moving_it_rebuilds_both() {
+    let mut index = listed(
+        &[service("demo", "web", "10.0.0.10"), service("demo", "api", "10.0.0.11")],
+        &[],
+        &[],
+    );
+    index.virtual_service_event(Event::Apply(virtual_service(
+        "vs",
+        "2026-01-01T00:00:00Z",
+        to_web("web"),
+    )));
+    assert_eq!(
+        routing(&mut index),
+        BTreeMap::from([("demo/web".to_string(), Some("demo/vs".to_string()))])
+    );
+    index.virtual_service_event(Event::Apply(virtual_service(
+        "vs",
+        "2026-01-01T00:00:00Z",
+        to_web("api"),
+    )));
+    assert_eq!(
+        routing(&mut index),
+        BTreeMap::from([
+            ("demo/api".to_string(), Some("demo/vs".to_string())),
+            ("demo/web".to_string(), None),
+        ])
+    );
+}
+
+#[test]
+fn the_oldest_virtual_service_of_a_service_applies_until_it_is_deleted() {
+    let mut index = listed(&[service("demo", "web", "10.0.0.10")], &[], &[]);
+    let newer = virtual_service("b-newer", "2026-02-01T00:00:00Z", to_web("web"));
+    let older = virtual_service("z-older", "2026-01-01T00:00:00Z", to_web("web"));
+    index.virtual_service_event(Event::Apply(newer));
+    index.virtual_service_event(Event::Apply(older.clone()));
+    assert_eq!(routing(&mut index)["demo/web"].as_deref(), Some("demo/z-older"));
+    index.virtual_service_event(Event::Delete(older));
+    assert_eq!(routing(&mut index)["demo/web"].as_deref(), Some("demo/b-newer"));
+}
+
+#[test]
+fn a_virtual_service_that_does_not_compile_routes_nothing() {
+    let mut index = listed(&[service("demo", "web", "10.0.0.10")], &[], &[]);
+    let bad = json!({"hosts": ["web"], "http": [{"route": [
+        {"destination": {"host": "web"}, "weight": 60},
+        {"destination": {"host": "api"}, "weight": 60}]}]});
+    index.virtual_service_event(Event::Apply(virtual_service("vs", "2026-01-01T00:00:00Z", bad)));
+    assert!(routing(&mut index).is_empty(), "no Service was touched");
+    // Fixed, it applies.
+    index.virtual_service_event(Event::Apply(virtual_service(
+        "vs",
+        "2026-01-01T00:00:00Z",
+        to_web("web"),
+    )));
+    assert_eq!(routing(&mut index)["demo/web"].as_deref(), Some("demo/vs"));
+}
+
+#[test]
+fn endpoints_carry_the_subsets_their_pods_labels_select() {
+    let labelled = |version: &str| {
+        let mut p = pod("demo", "meshed", "10.200.0.3", true, "web");
+        p.metadata
+            .labels
+            .get_or_insert_default()
+            .insert("version".into(), version.into());
+        p
+    };
+    let mut index = listed(
+        &[service("demo", "web", "10.0.0.10")],
+        &[web_slice(&["10.200.0.3"])],
+        &[labelled("v1")],
+    );
+    let dr: DestinationRule = serde_json::from_value(json!({
+        "apiVersion": "networking.mizzen.dev/v1", "kind": "DestinationRule",
+        "metadata": {"namespace": "demo", "name": "web", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"host": "web.demo.svc.cluster.local", "subsets": [
+            {"name": "v1", "labels": {"version": "v1"}},
+            {"name": "v2", "labels": {"version": "v2"}},
+            {"name": "all", "labels": {}}]},
+    }))
+    .expect("destination rule");
+    index.destination_rule_event(Event::Apply(dr));
+    let subsets = |index: &mut Index| -> Vec<Vec<String>> {
+        let built = index.rebuild(&td());
+        assert_eq!(built.len(), 1, "only web is rebuilt");
+        let web = built.into_iter().next().and_then(|(_, s)| s).expect("web");
+        web.endpoints.into_iter().map(|e| e.subsets).collect()
+    };
+    assert_eq!(subsets(&mut index), vec![vec!["all".to_string(), "v1".to_string()]]);
+    // Relabelled, the pod moves to the other subset.
+    index.pod_event(Event::Apply(labelled("v2")));
+    assert_eq!(subsets(&mut index), vec![vec!["all".to_string(), "v2".to_string()]]);
 }

@@ -1,0 +1,150 @@
+//! The traffic rules of each Service: the `VirtualService` that routes it
+//! and the `DestinationRule` that names its subsets, kept event by event
+//! like the rest of the [`Index`](super::Index).
+//!
+//! A rule is compiled when it arrives ([`mizzen_api::routing::compile`],
+//! [`compile_subsets`]); one that does not compile applies to nothing (the
+//! CA writes why into its status) and is never sent to a proxy. When
+//! several rules of a kind name the same Service, the oldest applies
+//! (creation time, then `<namespace>/<name>`), as Istio settles conflicts
+//! between sidecar rules; the others apply to nothing until it goes.
+
+use std::collections::{BTreeSet, HashMap};
+
+use mizzen_api::proto::discovery as pb;
+use mizzen_api::routing::spec::{DestinationRule, VirtualService};
+use mizzen_api::routing::{Subsets, compile, compile_subsets};
+
+use super::key_of;
+
+/// Which rule of a kind applies first: creation time (RFC 3339, so that
+/// strings order like times), then key.
+type Rank = (String, String);
+
+/// One kind of rule, by key, and which of them name each Service.
+#[derive(Debug)]
+struct Kind<T> {
+    /// Rule key → its rank, the Services it names and what it compiled to
+    /// (`None`: it did not compile).
+    rules: HashMap<String, (Rank, Vec<String>, Option<T>)>,
+    /// Service key → the ranks of the rules naming it.
+    naming: HashMap<String, BTreeSet<Rank>>,
+}
+
+impl<T> Default for Kind<T> {
+    fn default() -> Self {
+        Self {
+            rules: HashMap::new(),
+            naming: HashMap::new(),
+        }
+    }
+}
+
+impl<T> Kind<T> {
+    /// Stores (or with `None` removes) the rule `key`; returns the Services
+    /// whose rule may have changed.
+    fn set(&mut self, key: &str, entry: Option<(Rank, Vec<String>, Option<T>)>) -> Vec<String> {
+        let mut touched = Vec::new();
+        if let Some((rank, services, _)) = self.rules.remove(key) {
+            for s in services {
+                if let Some(ranks) = self.naming.get_mut(&s) {
+                    ranks.remove(&rank);
+                    if ranks.is_empty() {
+                        self.naming.remove(&s);
+                    }
+                }
+                touched.push(s);
+            }
+        }
+        if let Some((rank, services, compiled)) = entry {
+            for s in &services {
+                self.naming.entry(s.clone()).or_default().insert(rank.clone());
+                touched.push(s.clone());
+            }
+            self.rules.insert(key.to_owned(), (rank, services, compiled));
+        }
+        touched
+    }
+
+    /// The rule that applies to `service`.
+    fn for_service(&self, service: &str) -> Option<&T> {
+        let (_, key) = self.naming.get(service)?.first()?;
+        self.rules.get(key)?.2.as_ref()
+    }
+
+    fn keys(&self) -> Vec<String> {
+        self.rules.keys().cloned().collect()
+    }
+}
+
+/// The rank of `o`, a rule.
+fn rank(o: &impl kube::Resource) -> Option<Rank> {
+    let created = o
+        .meta()
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .unwrap_or_default();
+    Some((created, key_of(o)?))
+}
+
+/// Every Service's traffic rules.
+#[derive(Debug, Default)]
+pub(super) struct Rules {
+    routes: Kind<pb::Routing>,
+    subsets: Kind<Subsets>,
+}
+
+impl Rules {
+    /// Stores a VirtualService (or removes the one keyed `key`); returns
+    /// the Services whose routing may have changed.
+    pub(super) fn set_virtual_service(&mut self, key: &str, vs: Option<&VirtualService>) -> Vec<String> {
+        let entry = vs.and_then(|vs| {
+            let namespace = vs.metadata.namespace.as_deref()?;
+            let rank = rank(vs)?;
+            Some(match compile(&vs.spec, namespace) {
+                Ok(compiled) => {
+                    let routing = serde_json::to_string(&vs.spec).ok().map(|spec_json| pb::Routing {
+                        virtual_service: key.to_owned(),
+                        spec_json,
+                    });
+                    (rank, compiled.services, routing)
+                }
+                Err(_) => (rank, Vec::new(), None),
+            })
+        });
+        self.routes.set(key, entry)
+    }
+
+    /// Stores a DestinationRule (or removes the one keyed `key`); returns
+    /// the Services whose subsets may have changed.
+    pub(super) fn set_destination_rule(&mut self, key: &str, dr: Option<&DestinationRule>) -> Vec<String> {
+        let entry = dr.and_then(|dr| {
+            let namespace = dr.metadata.namespace.as_deref()?;
+            let rank = rank(dr)?;
+            Some(match compile_subsets(&dr.spec, namespace) {
+                Ok(s) => (rank, vec![s.service.clone()], Some(s)),
+                Err(_) => (rank, Vec::new(), None),
+            })
+        });
+        self.subsets.set(key, entry)
+    }
+
+    /// The routing of `service`, if a VirtualService routes it.
+    pub(super) fn routing(&self, service: &str) -> Option<&pb::Routing> {
+        self.routes.for_service(service)
+    }
+
+    /// The subsets of `service`, if a DestinationRule names them.
+    pub(super) fn subsets(&self, service: &str) -> Option<&Subsets> {
+        self.subsets.for_service(service)
+    }
+
+    pub(super) fn virtual_service_keys(&self) -> Vec<String> {
+        self.routes.keys()
+    }
+
+    pub(super) fn destination_rule_keys(&self) -> Vec<String> {
+        self.subsets.keys()
+    }
+}
