@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::identity::SdsSource;
 use crate::policy::{self, Policy};
+use mizzen_api::routing::RouteTable;
 
 /// One place a connection can go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,9 +48,73 @@ pub struct Backend {
 pub struct Target {
     /// `<namespace>/<name>` of the Service.
     pub service: String,
+    /// The Service port.
+    pub port: u16,
     pub backends: Vec<Backend>,
     /// What the port carries (appProtocol, port name, or to be sniffed).
     pub protocol: crate::protocol::PortProtocol,
+    /// The Service's HTTP routes, when a VirtualService routes it.
+    pub routes: Option<Arc<RouteTable>>,
+    /// The backends of each DestinationRule subset, by name (a subset no
+    /// endpoint is in is absent).
+    pub subsets: HashMap<String, Arc<Target>>,
+}
+
+/// A Service as the proxy holds it: the version the agent gave it, the
+/// resource, and its VirtualService compiled.
+#[derive(Debug, Clone)]
+pub struct HeldService {
+    pub version: String,
+    pub service: pb::Service,
+    pub routes: Option<Arc<RouteTable>>,
+}
+
+/// Why a Service's routing cannot be used (the response is refused).
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error("VirtualService {name:?} is not <namespace>/<name>")]
+    Name { name: String },
+    #[error("VirtualService {name}: its spec does not parse: {source}")]
+    Spec { name: String, source: serde_json::Error },
+    #[error("VirtualService {name}: {source}")]
+    Compile {
+        name: String,
+        source: mizzen_api::routing::RouteError,
+    },
+}
+
+/// Equal when the agent sent the same: the routes follow from it.
+impl PartialEq for HeldService {
+    fn eq(&self, other: &Self) -> bool {
+        self.version == other.version && self.service == other.service
+    }
+}
+
+impl HeldService {
+    /// `service` at `version`, its routing compiled.
+    pub fn new(version: String, service: pb::Service) -> Result<Self, RoutingError> {
+        let routes = match &service.routing {
+            None => None,
+            Some(r) => {
+                let name = r.virtual_service.clone();
+                let Some((namespace, _)) = name.split_once('/') else {
+                    return Err(RoutingError::Name { name });
+                };
+                let spec = serde_json::from_str(&r.spec_json).map_err(|source| RoutingError::Spec {
+                    name: name.clone(),
+                    source,
+                })?;
+                let compiled = mizzen_api::routing::compile(&spec, namespace)
+                    .map_err(|source| RoutingError::Compile { name, source })?;
+                Some(Arc::new(compiled.table))
+            }
+        };
+        Ok(Self {
+            version,
+            service,
+            routes,
+        })
+    }
 }
 
 /// What the proxy knows of a pod IP.
@@ -80,6 +145,9 @@ pub struct Routes {
     vips: std::collections::HashSet<IpAddr>,
     /// The Services (`<namespace>/<name>`) an endpoint address serves.
     serving: HashMap<SocketAddr, Vec<String>>,
+    /// Each Service's targets (every port and cluster IP), by
+    /// `<namespace>/<name>`: where routes send requests.
+    by_service: HashMap<String, Vec<(SocketAddr, Arc<Target>)>>,
     /// How many Services were indexed.
     count: usize,
 }
@@ -92,9 +160,10 @@ fn identity_of(ep: &pb::Endpoint) -> Option<Result<SpiffeId, String>> {
 
 impl Routes {
     /// Indexes `services`.
-    pub fn new<'a>(services: impl IntoIterator<Item = &'a pb::Service>) -> Self {
+    pub fn new<'a>(services: impl IntoIterator<Item = &'a HeldService>) -> Self {
         let mut routes = Routes::default();
-        for svc in services {
+        for held in services {
+            let svc = &held.service;
             routes.count += 1;
             routes
                 .vips
@@ -142,14 +211,21 @@ impl Routes {
                             names.push(name.clone());
                         }
                     }
-                    routes.services.insert(
-                        SocketAddr::new(vip, service_port),
-                        Arc::new(Target {
-                            service: name.clone(),
-                            backends,
-                            protocol,
-                        }),
-                    );
+                    let target = Arc::new(Target {
+                        service: name.clone(),
+                        port: service_port,
+                        subsets: subsets_of(&name, service_port, &svc.endpoints, &backends),
+                        backends,
+                        protocol,
+                        routes: held.routes.clone(),
+                    });
+                    let at = SocketAddr::new(vip, service_port);
+                    routes
+                        .by_service
+                        .entry(name.clone())
+                        .or_default()
+                        .push((at, target.clone()));
+                    routes.services.insert(at, target);
                 }
             }
         }
@@ -196,6 +272,27 @@ impl Routes {
         }
     }
 
+    /// Where a route sends a request that came for `dst`: the target of
+    /// `service` on `port`, or without one, on the port the request came
+    /// to (else the Service's only port); of `dst`'s address family.
+    pub fn target(&self, service: &str, port: Option<u16>, dst: SocketAddr) -> Option<&Arc<Target>> {
+        let targets = self.by_service.get(service)?;
+        let mut ports: Vec<u16> = targets.iter().map(|(at, _)| at.port()).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        let port = match (port, ports.as_slice()) {
+            (Some(p), _) => p,
+            (None, [only]) => *only,
+            (None, _) => dst.port(),
+        };
+        let on = |want_v4: Option<bool>| {
+            targets
+                .iter()
+                .find(|(at, _)| at.port() == port && want_v4.is_none_or(|v4| at.is_ipv4() == v4))
+        };
+        on(Some(dst.is_ipv4())).or_else(|| on(None)).map(|(_, t)| t)
+    }
+
     /// How many Services the routes cover.
     pub fn service_count(&self) -> usize {
         self.count
@@ -205,6 +302,39 @@ impl Routes {
     pub fn knows(&self, ip: IpAddr) -> bool {
         self.vips.contains(&ip) || self.pods.contains_key(&ip)
     }
+}
+
+/// Each subset's share of `backends` (one port's, in the order of
+/// `endpoints`' addresses of the port's family).
+fn subsets_of(
+    service: &str,
+    port: u16,
+    endpoints: &[pb::Endpoint],
+    backends: &[Backend],
+) -> HashMap<String, Arc<Target>> {
+    let mut by_name: HashMap<String, Vec<Backend>> = HashMap::new();
+    for ep in endpoints.iter().filter(|ep| !ep.subsets.is_empty()) {
+        let ips: Vec<IpAddr> = ep.addresses.iter().filter_map(|a| a.parse().ok()).collect();
+        for b in backends.iter().filter(|b| ips.contains(&b.addr.ip())) {
+            for name in &ep.subsets {
+                by_name.entry(name.clone()).or_default().push(b.clone());
+            }
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(name, backends)| {
+            let target = Target {
+                service: format!("{service} subset {name}"),
+                port,
+                backends,
+                protocol: crate::protocol::PortProtocol::Sniff,
+                routes: None,
+                subsets: HashMap::new(),
+            };
+            (name, Arc::new(target))
+        })
+        .collect()
 }
 
 /// The body of `r`, which must be a `type_url`.
@@ -223,14 +353,15 @@ fn body<'a>(
 }
 
 /// Applies one response of Services to `held`, all or nothing.
-pub fn apply(held: &mut BTreeMap<String, (String, pb::Service)>, resp: &DeltaDiscoveryResponse) -> Result<(), String> {
+pub fn apply(held: &mut BTreeMap<String, HeldService>, resp: &DeltaDiscoveryResponse) -> Result<(), String> {
     if resp.type_url != SERVICE_TYPE {
         return Err(format!("expected {SERVICE_TYPE}, got {:?}", resp.type_url));
     }
     let mut decoded = Vec::with_capacity(resp.resources.len());
     for r in &resp.resources {
         let svc = pb::Service::decode(body(r, SERVICE_TYPE)?).map_err(|e| format!("resource {:?}: {e}", r.name))?;
-        decoded.push((r.name.clone(), (r.version.clone(), svc)));
+        let svc = HeldService::new(r.version.clone(), svc).map_err(|e| format!("resource {:?}: {e}", r.name))?;
+        decoded.push((r.name.clone(), svc));
     }
     for name in &resp.removed_resources {
         held.remove(name);
@@ -416,8 +547,8 @@ fn request(
     }
 }
 
-fn publish(held: &BTreeMap<String, (String, pb::Service)>, tx: &watch::Sender<Option<Arc<Routes>>>) {
-    tx.send_replace(Some(Arc::new(Routes::new(held.values().map(|(_, s)| s)))));
+fn publish(held: &BTreeMap<String, HeldService>, tx: &watch::Sender<Option<Arc<Routes>>>) {
+    tx.send_replace(Some(Arc::new(Routes::new(held.values()))));
 }
 
 /// What the discovery stream keeps across reconnections: what it holds of
@@ -426,7 +557,7 @@ struct Following {
     scope: Scope,
     /// Addresses to fetch on demand, and where answers go.
     on_demand: Option<(Arc<OnDemand>, mpsc::UnboundedReceiver<IpAddr>)>,
-    held: BTreeMap<String, (String, pb::Service)>,
+    held: BTreeMap<String, HeldService>,
     tx: watch::Sender<Option<Arc<Routes>>>,
     policy: HeldPolicy,
     policy_tx: watch::Sender<Option<Arc<Policy>>>,
@@ -435,7 +566,7 @@ struct Following {
 impl Following {
     /// The first request of each type on a new stream.
     fn opening(&self) -> [DeltaDiscoveryRequest; 2] {
-        let services = self.held.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect();
+        let services = self.held.iter().map(|(k, h)| (k.clone(), h.version.clone())).collect();
         let policy = self
             .policy
             .current
@@ -585,6 +716,7 @@ mod tests {
                     meshed: true,
                     spiffe_id: "spiffe://cluster.local/ns/demo/sa/web".into(),
                     pod: "demo/web-1".into(),
+                    subsets: vec!["v1".into()],
                 },
                 pb::Endpoint {
                     addresses: vec!["10.200.0.3".into()],
@@ -592,6 +724,7 @@ mod tests {
                     meshed: false,
                     spiffe_id: String::new(),
                     pod: "demo/web-2".into(),
+                    subsets: vec!["v2".into()],
                 },
                 pb::Endpoint {
                     addresses: vec!["10.200.0.4".into()],
@@ -599,8 +732,10 @@ mod tests {
                     meshed: true,
                     spiffe_id: "not a spiffe id".into(),
                     pod: "demo/web-3".into(),
+                    subsets: vec!["v1".into()],
                 },
             ],
+            routing: None,
         }
     }
 
@@ -625,8 +760,49 @@ mod tests {
         }
     }
 
-    fn routes(held: &BTreeMap<String, (String, pb::Service)>) -> Routes {
-        Routes::new(held.values().map(|(_, s)| s))
+    fn routes(held: &BTreeMap<String, HeldService>) -> Routes {
+        Routes::new(held.values())
+    }
+
+    fn held(svc: pb::Service) -> HeldService {
+        HeldService::new("1".into(), svc).expect("compiles")
+    }
+
+    #[test]
+    fn a_subset_holds_the_backends_of_its_endpoints_on_each_port() {
+        let r = Routes::new([&held(web())]);
+        let dst: SocketAddr = "10.0.0.10:80".parse().expect("addr");
+        let t = r.target("demo/web", None, dst).expect("the only port");
+        let addrs =
+            |name: &str| -> Vec<String> { t.subsets[name].backends.iter().map(|b| b.addr.to_string()).collect() };
+        // web-3 is in v1 but has no `http` port.
+        assert_eq!(addrs("v1"), ["10.200.0.2:8080"]);
+        assert_eq!(addrs("v2"), ["10.200.0.3:8081"]);
+        assert!(r.target("demo/web", Some(81), dst).is_none(), "no such port");
+        assert!(r.target("demo/nothing", None, dst).is_none());
+    }
+
+    #[test]
+    fn a_service_whose_virtual_service_does_not_compile_is_refused_whole() {
+        let mut routed = web();
+        routed.routing = Some(pb::Routing {
+            virtual_service: "demo/web".into(),
+            spec_json: r#"{"hosts":["web"],"http":[{"route":[{"destination":{"host":"web"},"weight":60},{"destination":{"host":"web"},"weight":60}]}]}"#.into(),
+        });
+        let mut held = BTreeMap::new();
+        let err = apply(&mut held, &resp(&[routed.clone()], &[])).expect_err("refused");
+        assert!(err.contains("weights"), "{err}");
+        assert!(held.is_empty());
+        routed.routing = Some(pb::Routing {
+            virtual_service: "demo/web".into(),
+            spec_json: r#"{"hosts":["web"],"http":[{"route":[{"destination":{"host":"web","subset":"v2"}}]}]}"#.into(),
+        });
+        apply(&mut held, &resp(&[routed], &[])).expect("applies");
+        let dst: SocketAddr = "10.0.0.10:80".parse().expect("addr");
+        let Destination::Service(t) = routes(&held).resolve(dst) else {
+            panic!("a Service")
+        };
+        assert_eq!(t.routes.as_ref().map(|t| t.routes.len()), Some(1));
     }
 
     #[test]
@@ -635,7 +811,7 @@ mod tests {
         other.name = "web-canary".into();
         other.cluster_ips = vec!["10.0.0.11".into()];
         other.endpoints.truncate(1);
-        let r = Routes::new([&web(), &other]);
+        let r = Routes::new([&held(web()), &held(other)]);
         let shared: SocketAddr = "10.200.0.2:8080".parse().expect("addr");
         let only_web: SocketAddr = "10.200.0.3:8081".parse().expect("addr");
         let table: [(SocketAddr, Option<&str>, Option<&str>); 8] = [
@@ -776,7 +952,7 @@ mod tests {
             async move { od.fetch(vip, rx, long).await }
         });
         assert_eq!(asks.recv().await, Some(vip), "asked the agent");
-        tx.send_replace(Some(Arc::new(Routes::new([&web()]))));
+        tx.send_replace(Some(Arc::new(Routes::new([&held(web())]))));
         let started = Instant::now();
         waiting.await.expect("fetch");
         assert!(

@@ -54,6 +54,8 @@ pub struct Outbound {
     pub on_demand: Option<Arc<crate::discovery::OnDemand>>,
     /// This pod's workload, told to server proxies with each request.
     pub workload: Option<hyper::header::HeaderValue>,
+    /// Bounds the retries routes make.
+    pub(crate) retry_budget: crate::http::route::RetryBudget,
     base: Mutex<Option<Arc<ClientBase>>>,
 }
 
@@ -158,6 +160,7 @@ impl Outbound {
             tracing: None,
             on_demand: None,
             workload: None,
+            retry_budget: Default::default(),
             base: Mutex::new(None),
         }
     }

@@ -66,6 +66,8 @@ pub enum RouteError {
     SubsetName { field: String, name: String },
     #[error("{field}: subset {name:?} is defined twice")]
     DuplicateSubset { field: String, name: String },
+    #[error("{field}: not supported yet (Mizzen routes without it; remove it or route by headers)")]
+    Unsupported { field: String },
 }
 
 impl RouteError {
@@ -87,6 +89,7 @@ impl RouteError {
             RouteError::RetryOn { .. } => "retry_on",
             RouteError::SubsetName { .. } => "subset_name",
             RouteError::DuplicateSubset { .. } => "duplicate_subset",
+            RouteError::Unsupported { .. } => "unsupported",
         }
     }
 }
@@ -367,6 +370,12 @@ fn match_of(field: &str, m: &HttpMatchRequest) -> Result<Match, RouteError> {
         .map(|(k, v)| required(&format!("{field}.queryParams.{k}"), v).map(|m| (k.clone(), m)))
         .collect::<Result<Vec<_>, _>>()?;
     let port = m.port.map(|p| port(&format!("{field}.port"), p)).transpose()?;
+    if !m.source_labels.is_empty() {
+        // A proxy does not know its pod's labels yet.
+        return Err(RouteError::Unsupported {
+            field: format!("{field}.sourceLabels"),
+        });
+    }
     Ok(Match {
         uri,
         method,

@@ -32,6 +32,7 @@ pub mod headers;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
+pub mod route;
 pub mod trace;
 pub mod upgrade;
 
@@ -192,6 +193,16 @@ pub enum ResponseFlag {
     NotReady,
     /// An authorization policy denied the request.
     RbacDenied,
+    /// No route of the Service's VirtualService matches the request.
+    NoRoute,
+    /// A route's fault injection answered instead of the upstream.
+    FaultInjected,
+    /// A route's fault injection delayed the request.
+    DelayInjected,
+    /// The route's timeout (or a per-try timeout) passed.
+    UpstreamRequestTimeout,
+    /// The route's retries ran out on a retriable answer.
+    RetryLimitExceeded,
 }
 
 impl ResponseFlag {
@@ -204,6 +215,11 @@ impl ResponseFlag {
             ResponseFlag::LocalReset => "LR",
             ResponseFlag::NotReady => "NR",
             ResponseFlag::RbacDenied => "RBAC",
+            ResponseFlag::NoRoute => "NR",
+            ResponseFlag::FaultInjected => "FI",
+            ResponseFlag::DelayInjected => "DI",
+            ResponseFlag::UpstreamRequestTimeout => "UT",
+            ResponseFlag::RetryLimitExceeded => "URX",
         }
     }
 }
@@ -211,8 +227,14 @@ impl ResponseFlag {
 /// The proxy's own answer: 503 with the flag in a header and a short
 /// reason in the body.
 pub fn unavailable(flag: ResponseFlag, reason: &str) -> hyper::Response<Body> {
+    answer(hyper::StatusCode::SERVICE_UNAVAILABLE, flag, reason)
+}
+
+/// The proxy's own answer with `status`, the flag in a header and a short
+/// reason in the body.
+pub fn answer(status: hyper::StatusCode, flag: ResponseFlag, reason: &str) -> hyper::Response<Body> {
     let mut r = hyper::Response::new(full(format!("{reason}\n")));
-    *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+    *r.status_mut() = status;
     r.headers_mut().insert(
         headers::RESPONSE_FLAGS,
         hyper::header::HeaderValue::from_static(flag.as_str()),

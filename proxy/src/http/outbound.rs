@@ -81,19 +81,33 @@ where
     Ok(())
 }
 
-/// A request that got no response from upstream: the proxy answers.
+/// A request that got no response from upstream: the proxy answers
+/// `status` (503 but for routing's answers).
 #[derive(Debug)]
-struct Refusal {
-    flag: ResponseFlag,
-    error: String,
+pub(super) struct Refusal {
+    pub status: hyper::StatusCode,
+    pub flag: ResponseFlag,
+    pub error: String,
+}
+
+impl Refusal {
+    fn unavailable(flag: ResponseFlag, error: String) -> Self {
+        Self {
+            status: hyper::StatusCode::SERVICE_UNAVAILABLE,
+            flag,
+            error,
+        }
+    }
 }
 
 /// Where a request was sent and what came back.
-struct Forwarded {
-    response: Response<Incoming>,
-    backend: Backend,
+pub(super) struct Forwarded {
+    pub response: Response<Incoming>,
+    pub backend: Backend,
     /// The request counts as outstanding on its endpoint until dropped.
-    load: Load,
+    pub load: Load,
+    /// What routing did to it on the way (a delay, retries run out).
+    pub flag: Option<ResponseFlag>,
 }
 
 async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> Response<Body> {
@@ -113,19 +127,25 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
     let facts = &mut exchange.facts;
     // Resolved per request: discovery may have changed since the
     // connection opened.
-    let destination = match o.routes().await {
-        Ok(routes) => Some(routes.resolve(dst)),
-        Err(_) => None,
-    };
+    let routes = o.routes().await.ok();
+    let destination = routes.as_ref().map(|r| r.resolve(dst));
     if let Some(Destination::Service(t)) = &destination {
         facts.destination_service = Some(t.service.clone());
     }
-    let (response, load) = match forward(o, destination, version, takeover.as_ref(), req).await {
+    let forwarded = match (&routes, &destination) {
+        (Some(routes), Some(Destination::Service(t))) if let Some(table) = &t.routes => {
+            super::route::routed(o, routes, t, table, dst, version, takeover.as_ref(), req).await
+        }
+        _ => forward(o, destination, version, takeover.as_ref(), req, &[]).await,
+    };
+    let (response, load) = match forwarded {
         Ok(Forwarded {
             mut response,
             backend,
             load,
+            flag,
         }) => {
+            facts.flag = flag;
             facts.peer = backend.identity.and_then(Result::ok);
             facts.peer_pod = Some(backend.pod).filter(|p| !p.is_empty());
             headers::strip_hop_by_hop(response.headers_mut());
@@ -141,27 +161,27 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
             (response.map(super::boxed), Some(load))
         }
         Err(r) => {
-            debug!(%dst, flag = r.flag.as_str(), error = %r.error, "answering the app with 503");
+            debug!(%dst, status = r.status.as_u16(), flag = r.flag.as_str(), error = %r.error, "answering the app");
             facts.flag = Some(r.flag);
-            (super::unavailable(r.flag, &r.error), None)
+            (super::answer(r.status, r.flag, &r.error), None)
         }
     };
     super::recorded(response, exchange, o.metrics.clone(), load)
 }
 
 /// Sends `req` to one of `dst`'s endpoints, trying another while nothing
-/// was sent.
-async fn forward(
+/// was sent; endpoints in `avoid` (tried by earlier attempts) only when
+/// no other is left.
+pub(super) async fn forward(
     o: &Arc<Outbound>,
     destination: Option<Destination>,
     version: Version,
     takeover: Option<&Takeover>,
     req: Request<Body>,
+    avoid: &[SocketAddr],
 ) -> Result<Forwarded, Refusal> {
-    let destination = destination.ok_or_else(|| Refusal {
-        flag: ResponseFlag::NotReady,
-        error: OutboundError::NoRoutesYet.to_string(),
-    })?;
+    let destination = destination
+        .ok_or_else(|| Refusal::unavailable(ResponseFlag::NotReady, OutboundError::NoRoutesYet.to_string()))?;
     let single;
     let backends: &[Backend] = match &destination {
         Destination::Service(t) => &t.backends,
@@ -180,16 +200,25 @@ async fn forward(
             Destination::Service(t) => t.service.as_str(),
             _ => "the destination",
         };
-        return Err(Refusal {
-            flag: ResponseFlag::NoHealthyUpstream,
-            error: format!("no ready endpoint behind {service}"),
-        });
+        return Err(Refusal::unavailable(
+            ResponseFlag::NoHealthyUpstream,
+            format!("no ready endpoint behind {service}"),
+        ));
     }
     let mut req = req;
     let mut tried = Vec::with_capacity(ATTEMPTS);
     let mut last = String::new();
     while tried.len() < ATTEMPTS {
-        let Some(b) = o.balancer.pick(backends, &tried) else {
+        let picked = match avoid {
+            [] => o.balancer.pick(backends, &tried),
+            _ => {
+                let both: Vec<SocketAddr> = tried.iter().chain(avoid).copied().collect();
+                o.balancer
+                    .pick(backends, &both)
+                    .or_else(|| o.balancer.pick(backends, &tried))
+            }
+        };
+        let Some(b) = picked else {
             break;
         };
         tried.push(b.addr);
@@ -201,6 +230,7 @@ async fn forward(
                     response,
                     backend: b.clone(),
                     load,
+                    flag: None,
                 });
             }
             Err(Attempt::NotSent(back, e)) => {
@@ -211,17 +241,14 @@ async fn forward(
                 req = *back;
             }
             Err(Attempt::Failed(e)) => {
-                return Err(Refusal {
-                    flag: ResponseFlag::UpstreamReset,
-                    error: format!("{}: {e}", b.addr),
-                });
+                return Err(Refusal::unavailable(
+                    ResponseFlag::UpstreamReset,
+                    format!("{}: {e}", b.addr),
+                ));
             }
         }
     }
-    Err(Refusal {
-        flag: ResponseFlag::UpstreamConnectionFailure,
-        error: last,
-    })
+    Err(Refusal::unavailable(ResponseFlag::UpstreamConnectionFailure, last))
 }
 
 /// What became of one attempt.

@@ -59,6 +59,8 @@ pub struct ProxyMetrics {
     discovery_services: Gauge,
     /// Relayed connections that ended with an I/O error, by direction.
     relay_errors: Family<Labels, Counter>,
+    /// Retries of HTTP requests that a route's `retries` made.
+    retries: Counter,
     /// HTTP requests.
     requests: RequestMetrics,
     /// Authorization decisions.
@@ -116,6 +118,11 @@ impl ProxyMetrics {
             self.certificate_expiry.clone(),
         );
         r.register(
+            "retries",
+            "Retries of HTTP requests made under a VirtualService route's retries (each one a new attempt)",
+            self.retries.clone(),
+        );
+        r.register(
             "relay_errors",
             "Relayed connections that ended with an I/O error (a reset, a broken TLS stream), by direction",
             self.relay_errors.clone(),
@@ -166,6 +173,11 @@ impl ProxyMetrics {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         self.certificate_expiry.set(i64::try_from(secs).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a retry of an HTTP request.
+    pub fn retried(&self) {
+        self.retries.inc();
     }
 
     pub fn refused(&self, d: Direction, reason: &'static str) {
