@@ -29,7 +29,9 @@
 //!                                     status <code> for path /status/<code>;
 //!                                     CONNECT is answered 200 and the tunnel
 //!                                     served the same way; ECHO_DELAY_MS
-//!                                     delays every answer
+//!                                     delays every answer; /sleep/<ms> waits
+//!                                     that long; /fail/<percent> answers 500
+//!                                     to that share of requests, at random
 //! mizzen-testapp banner-server ADDR   a server-first protocol: greets each
 //!                                     connection with "banner <HOSTNAME>"
 //!                                     before reading anything
@@ -319,12 +321,22 @@ fn describe(req: &hyper::Request<hyper::body::Incoming>) -> hyper::Response<http
             String::from_utf8_lossy(value.as_bytes())
         ));
     }
+    let fails = || {
+        use std::hash::BuildHasher;
+        static DRAWN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let percent = req.uri().path().strip_prefix("/fail/")?.parse::<u64>().ok()?;
+        let n = DRAWN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A fresh random key per draw: uniform enough for a share.
+        (std::collections::hash_map::RandomState::new().hash_one(n) % 100 < percent)
+            .then_some(hyper::StatusCode::INTERNAL_SERVER_ERROR)
+    };
     let status = req
         .uri()
         .path()
         .strip_prefix("/status/")
         .and_then(|c| c.parse::<u16>().ok())
         .and_then(|c| hyper::StatusCode::from_u16(c).ok())
+        .or_else(fails)
         .unwrap_or(hyper::StatusCode::OK);
     let mut resp = hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(text)));
     *resp.status_mut() = status;
@@ -356,6 +368,9 @@ where
         }
         // A slow replica for balancing tests.
         if let Some(ms) = std::env::var("ECHO_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if let Some(ms) = req.uri().path().strip_prefix("/sleep/").and_then(|v| v.parse().ok()) {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         Ok(describe(&req))

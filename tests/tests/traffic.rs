@@ -1,0 +1,422 @@
+//! Traffic management end to end, on the real control plane: a
+//! `DestinationRule` names two subsets of Service `web` by pod label
+//! (`web-a` is `version: v1`, `web-b` is `version: v2`), a
+//! `VirtualService` routes it, both applied with the real kubectl in
+//! Istio's YAML (only the apiVersion changed), and the client app's
+//! requests are made with curl as the app's UID, so the client's proxy
+//! routes them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use mizzen_tests::daemon::proxy_metric;
+use mizzen_tests::http_mesh::{APP_UID, HttpMesh};
+use mizzen_tests::{Cluster, eventually_some};
+
+/// How long a rule may take to reach the client's proxy.
+const ROLLOUT: Duration = Duration::from_secs(30);
+
+/// The mesh with `web-a` labelled `version: v1` and `web-b` `v2`, and a
+/// DestinationRule naming both subsets.
+async fn versioned(node: &str) -> anyhow::Result<HttpMesh> {
+    let m = HttpMesh::start_with(node, true, |pod| {
+        let version = if pod["metadata"]["name"] == "web-a" { "v1" } else { "v2" };
+        pod["metadata"]["labels"]["version"] = version.into();
+    })
+    .await?;
+    apply(
+        &m,
+        r#"
+apiVersion: networking.mizzen.dev/v1
+kind: DestinationRule
+metadata:
+  name: web
+spec:
+  host: web
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+"#,
+    )
+    .await?;
+    Ok(m)
+}
+
+async fn apply(m: &HttpMesh, yaml: &str) -> anyhow::Result<()> {
+    Cluster::get().apply(&m.ns, yaml).await
+}
+
+/// One answer as the client app saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Answer {
+    status: u16,
+    /// `x-mizzen-response-flags`, empty when absent.
+    flags: String,
+    /// The pod that answered, when the echo app did.
+    pod: Option<String>,
+}
+
+/// `n` GETs of `path` with `headers`, on one keep-alive connection of the
+/// client app, as curl saw them.
+async fn get(m: &HttpMesh, path: &str, headers: &[&str], n: usize) -> anyhow::Result<Vec<Answer>> {
+    let url = m.url(path);
+    let mut cmd = m.mesh.node.command_as(&m.ns, "client", APP_UID, "curl")?;
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "60",
+        "-w",
+        "\nanswer %{http_code} flags=%header{x-mizzen-response-flags}\n",
+    ]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    cmd.args(std::iter::repeat_n(url.as_str(), n));
+    let out = cmd.output().await?;
+    if !out.status.success() {
+        bail!("curl: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut answers = Vec::with_capacity(n);
+    let mut pod = None;
+    for line in text.lines() {
+        if let Some(p) = line.strip_prefix("pod ") {
+            pod = Some(p.to_owned());
+        } else if let Some(rest) = line.strip_prefix("answer ") {
+            let (status, flags) = rest.split_once(" flags=").context("answer line")?;
+            answers.push(Answer {
+                status: status.parse()?,
+                flags: flags.to_owned(),
+                pod: pod.take(),
+            });
+        }
+    }
+    if answers.len() != n {
+        bail!("{} answers to {n} requests:\n{text}", answers.len());
+    }
+    Ok(answers)
+}
+
+/// How many answers came from each pod (`-` for the proxy's own).
+fn by_pod(answers: &[Answer]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for a in answers {
+        *counts.entry(a.pod.clone().unwrap_or_else(|| "-".into())).or_default() += 1;
+    }
+    counts
+}
+
+/// Waits until `ok` holds of 10 answers to `path` with `headers`: the
+/// rule has reached the client's proxy.
+async fn until(
+    m: &HttpMesh,
+    path: &str,
+    headers: &[&str],
+    what: &str,
+    ok: impl Fn(&[Answer]) -> bool,
+) -> anyhow::Result<Vec<Answer>> {
+    eventually_some(ROLLOUT, what, || async {
+        let answers = get(m, path, headers, 10).await?;
+        Ok(ok(&answers).then_some(answers))
+    })
+    .await
+}
+
+fn all_from(pod: &str) -> impl Fn(&[Answer]) -> bool + '_ {
+    move |answers| answers.iter().all(|a| a.status == 200 && a.pod.as_deref() == Some(pod))
+}
+
+#[tokio::test]
+async fn a_header_match_sends_jason_to_v2_and_everyone_else_to_v1() -> anyhow::Result<()> {
+    let m = versioned("traffic-ab").await?;
+    apply(
+        &m,
+        r#"
+apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata:
+  name: web
+spec:
+  hosts:
+  - web
+  http:
+  - match:
+    - headers:
+        end-user:
+          exact: jason
+    route:
+    - destination:
+        host: web
+        subset: v2
+  - route:
+    - destination:
+        host: web
+        subset: v1
+"#,
+    )
+    .await?;
+    until(&m, "/", &[], "everyone else on v1", all_from("web-a")).await?;
+    let jason = get(&m, "/", &["end-user: jason"], 20).await?;
+    assert_eq!(by_pod(&jason), BTreeMap::from([("web-b".into(), 20)]), "{jason:?}");
+    let others = get(&m, "/", &["end-user: someone"], 20).await?;
+    assert_eq!(by_pod(&others), BTreeMap::from([("web-a".into(), 20)]), "{others:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_request_no_route_matches_gets_404_with_flag_nr() -> anyhow::Result<()> {
+    let m = versioned("traffic-nr").await?;
+    apply(
+        &m,
+        r#"
+apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata:
+  name: web
+spec:
+  hosts: [web]
+  http:
+  - match:
+    - uri:
+        prefix: /api/
+    route:
+    - destination: {host: web}
+"#,
+    )
+    .await?;
+    let answers = until(&m, "/other", &[], "404 for an unrouted path", |a| {
+        a.iter().all(|a| a.status == 404)
+    })
+    .await?;
+    assert!(
+        answers.iter().all(|a| a.flags == "NR" && a.pod.is_none()),
+        "{answers:?}"
+    );
+    let routed = get(&m, "/api/x", &[], 5).await?;
+    assert!(routed.iter().all(|a| a.status == 200), "{routed:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_90_10_split_holds_over_2000_requests_within_3_percent() -> anyhow::Result<()> {
+    let m = versioned("traffic-split").await?;
+    let split = |v1: u32, v2: u32| {
+        format!(
+            r#"
+apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata:
+  name: web
+spec:
+  hosts: [web]
+  http:
+  - route:
+    - destination: {{host: web, subset: v1}}
+      weight: {v1}
+    - destination: {{host: web, subset: v2}}
+      weight: {v2}
+"#
+        )
+    };
+    // All on v1 first: once v2 answers again, the split is in place.
+    apply(&m, &split(100, 0)).await?;
+    until(&m, "/", &[], "all on v1", all_from("web-a")).await?;
+    apply(&m, &split(90, 10)).await?;
+    eventually_some(ROLLOUT, "v2 to get its share", || async {
+        let a = get(&m, "/", &[], 50).await?;
+        Ok(by_pod(&a).contains_key("web-b").then_some(()))
+    })
+    .await?;
+    let answers = get(&m, "/", &[], 2000).await?;
+    let counts = by_pod(&answers);
+    let v2 = counts.get("web-b").copied().unwrap_or(0) as f64 / 2000.0;
+    eprintln!("90/10 split over 2000 requests: {counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 2000);
+    assert!(
+        (v2 - 0.10).abs() <= 0.03,
+        "v2 took {:.1} % of 2000: {counts:?}",
+        v2 * 100.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_route_timeout_answers_504_ut_when_the_backend_is_slower() -> anyhow::Result<()> {
+    let m = versioned("traffic-timeout").await?;
+    apply(
+        &m,
+        r#"
+apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata:
+  name: web
+spec:
+  hosts: [web]
+  http:
+  - route:
+    - destination: {host: web}
+    timeout: 1s
+"#,
+    )
+    .await?;
+    let answers = until(&m, "/sleep/2000", &[], "504 for a 2 s answer", |a| {
+        a.iter().all(|a| a.status == 504)
+    })
+    .await?;
+    assert!(answers.iter().all(|a| a.flags == "UT"), "{answers:?}");
+    // Faster answers are not cut.
+    let quick = get(&m, "/sleep/100", &[], 5).await?;
+    assert!(quick.iter().all(|a| a.status == 200), "{quick:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_delay_fault_holds_every_request_for_its_fixed_delay() -> anyhow::Result<()> {
+    let m = versioned("traffic-delay").await?;
+    apply(
+        &m,
+        r#"
+apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata:
+  name: web
+spec:
+  hosts: [web]
+  http:
+  - fault:
+      delay:
+        fixedDelay: 1500ms
+        percentage: {value: 100}
+    route:
+    - destination: {host: web}
+"#,
+    )
+    .await?;
+    eventually_some(ROLLOUT, "the delay in place", || async {
+        let started = std::time::Instant::now();
+        let a = get(&m, "/", &[], 2).await?;
+        Ok((started.elapsed() >= Duration::from_secs(3) && a.iter().all(|a| a.status == 200)).then_some(()))
+    })
+    .await?;
+    let (_, text) = proxy_metric(&m.client_ip, "mizzen_requests_total").await?;
+    let flagged: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("mizzen_requests_total{") && l.contains("response_flags=\"DI\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(flagged >= 2.0, "requests flagged DI: {flagged}\n{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_abort_fault_of_half_answers_about_half_with_its_status() -> anyhow::Result<()> {
+    let m = versioned("traffic-abort").await?;
+    apply(
+        &m,
+        r#"
+apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata:
+  name: web
+spec:
+  hosts: [web]
+  http:
+  - fault:
+      abort:
+        httpStatus: 503
+        percentage: {value: 50}
+    route:
+    - destination: {host: web}
+"#,
+    )
+    .await?;
+    until(&m, "/", &[], "aborts", |a| a.iter().any(|a| a.flags == "FI")).await?;
+    let answers = get(&m, "/", &[], 400).await?;
+    let aborted: Vec<&Answer> = answers.iter().filter(|a| a.status == 503).collect();
+    assert!(
+        aborted.iter().all(|a| a.flags == "FI" && a.pod.is_none()),
+        "{aborted:?}"
+    );
+    let ok = answers.iter().filter(|a| a.status == 200).count();
+    eprintln!("abort 50 %: {} of 400 aborted", aborted.len());
+    assert_eq!(aborted.len() + ok, 400, "only 200s and aborts");
+    // 400 draws of a fair coin: within ±15 % of half with certainty in
+    // practice (more than 6 standard deviations).
+    assert!((140..=260).contains(&aborted.len()), "{} of 400 aborted", aborted.len());
+    Ok(())
+}
+
+#[tokio::test]
+async fn retries_turn_a_30_percent_failing_backend_into_99_percent_success() -> anyhow::Result<()> {
+    let m = versioned("traffic-retry").await?;
+    apply(
+        &m,
+        r#"
+apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata:
+  name: web
+spec:
+  hosts: [web]
+  http:
+  - route:
+    - destination: {host: web}
+    retries:
+      attempts: 5
+      perTryTimeout: 2s
+      retryOn: 5xx
+"#,
+    )
+    .await?;
+    eventually_some(ROLLOUT, "retries in place", || async {
+        let (retries, _) = proxy_metric(&m.client_ip, "mizzen_proxy_retries_total").await?;
+        if retries > 0.0 {
+            return Ok(Some(()));
+        }
+        get(&m, "/fail/30", &[], 20).await?;
+        Ok(None)
+    })
+    .await?;
+    let (before, _) = proxy_metric(&m.client_ip, "mizzen_proxy_retries_total").await?;
+    let answers = get(&m, "/fail/30", &[], 500).await?;
+    let ok = answers.iter().filter(|a| a.status == 200).count();
+    assert!(ok >= 495, "{ok} of 500 succeeded: {:?}", by_pod(&answers));
+    // About 0.43 retries per request (0.3 + 0.09 + …); never more than the
+    // requests themselves.
+    let (after, _) = proxy_metric(&m.client_ip, "mizzen_proxy_retries_total").await?;
+    let retries = after - before;
+    eprintln!("30 % failing backend: {ok} of 500 succeeded with {retries} retries");
+    assert!(retries > 50.0 && retries < 500.0, "{retries} retries for 500 requests");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_virtual_service_with_a_field_mizzen_lacks_is_refused_by_kubectl_naming_it() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let ns = cluster
+        .namespace(&cluster.client().await?, "traffic-refused", &[])
+        .await?;
+    mizzen_tests::mesh::install_manifests(cluster).await?;
+    let yaml = r#"
+apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata:
+  name: web
+spec:
+  hosts: [web]
+  http:
+  - route:
+    - destination: {host: web}
+    mirror:
+      host: web-shadow
+"#;
+    let err = cluster.apply(&ns, yaml).await.expect_err("refused");
+    let text = format!("{err:#}");
+    assert!(text.contains("unknown field \"spec.http[0].mirror\""), "{text}");
+    Ok(())
+}
