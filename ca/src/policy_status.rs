@@ -1,6 +1,7 @@
 //! Writes the `Accepted` condition into the status of every
-//! `AuthorizationPolicy` and `PeerAuthentication`, so that
-//! `kubectl get mzap` shows whether a policy is enforced as written.
+//! `AuthorizationPolicy`, `PeerAuthentication`, `VirtualService` and
+//! `DestinationRule`, so that `kubectl get mzap` (or `mzvs`) shows whether
+//! a policy or rule is applied as written.
 //!
 //! One writer for the cluster: agents (one per node) compile the same
 //! policies but do not write, which would cost one API write per node per
@@ -17,6 +18,8 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use mizzen_api::authz::status::{self, Verdict};
 use mizzen_api::policy::{AuthorizationPolicy, PeerAuthentication, PolicyStatus};
+use mizzen_api::routing::spec::{DestinationRule, VirtualService};
+use mizzen_api::routing::status as routing_status;
 use time::format_description::well_known::Rfc3339;
 use tracing::{debug, info, warn};
 
@@ -33,6 +36,26 @@ impl Judged for AuthorizationPolicy {
     const KIND: &'static str = "AuthorizationPolicy";
     fn verdict(&self) -> Verdict {
         status::of_authorization(self)
+    }
+    fn current(&self) -> Option<&PolicyStatus> {
+        self.status.as_ref()
+    }
+}
+
+impl Judged for VirtualService {
+    const KIND: &'static str = "VirtualService";
+    fn verdict(&self) -> Verdict {
+        routing_status::of_virtual_service(self)
+    }
+    fn current(&self) -> Option<&PolicyStatus> {
+        self.status.as_ref()
+    }
+}
+
+impl Judged for DestinationRule {
+    const KIND: &'static str = "DestinationRule";
+    fn verdict(&self) -> Verdict {
+        routing_status::of_destination_rule(self)
     }
     fn current(&self) -> Option<&PolicyStatus> {
         self.status.as_ref()
@@ -110,14 +133,16 @@ where
     }
 }
 
-/// Keeps the status of both policy kinds, in every namespace, up to date.
-/// Runs until the process ends; watch failures (the CRDs not installed
-/// yet, say) are retried with backoff.
+/// Keeps the status of both policy kinds and both traffic rule kinds, in
+/// every namespace, up to date. Runs until the process ends; watch
+/// failures (the CRDs not installed yet, say) are retried with backoff.
 pub async fn run(client: kube::Client, metrics: Arc<Metrics>) {
-    let both = stream::iter([
-        Box::pin(follow::<AuthorizationPolicy>(client.clone(), metrics.clone()))
-            as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-        Box::pin(follow::<PeerAuthentication>(client, metrics)),
-    ]);
-    both.for_each_concurrent(None, |f| f).await;
+    type Follow = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+    let all: [Follow; 4] = [
+        Box::pin(follow::<AuthorizationPolicy>(client.clone(), metrics.clone())),
+        Box::pin(follow::<PeerAuthentication>(client.clone(), metrics.clone())),
+        Box::pin(follow::<VirtualService>(client.clone(), metrics.clone())),
+        Box::pin(follow::<DestinationRule>(client, metrics)),
+    ];
+    stream::iter(all).for_each_concurrent(None, |f| f).await;
 }

@@ -182,3 +182,37 @@ spec:
     assert!(written >= 1.0, "no rejected write counted:\n{text}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_virtual_service_whose_weights_do_not_add_up_is_not_accepted_and_says_why() -> anyhow::Result<()> {
+    ca().await?;
+    let ns = namespace("status-route").await?;
+    let yaml = |v2: u32| {
+        format!(
+            "apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata: {{name: split, namespace: {ns}}}
+spec:
+  hosts: [web]
+  http:
+  - route:
+    - destination: {{host: web, subset: v1}}
+      weight: 90
+    - destination: {{host: web, subset: v2}}
+      weight: {v2}
+"
+        )
+    };
+    apply(&ns, &yaml(20)).await?;
+    let row = row_once("mzvs", &ns, "split", "False").await?;
+    assert!(row.contains(&"REASON=Weights".to_owned()), "{row:?}");
+    let message = condition("mzvs", &ns, "split", "message").await?;
+    assert!(
+        message.contains("http[0].route") && message.contains("110"),
+        "{message}"
+    );
+    // Fixed, it is accepted.
+    apply(&ns, &yaml(10)).await?;
+    row_once("mzvs", &ns, "split", "True").await?;
+    Ok(())
+}

@@ -40,7 +40,7 @@ impl Verdict {
 }
 
 /// `bad_ip_block` → `BadIpBlock`.
-fn camel(snake: &str) -> String {
+pub(crate) fn camel(snake: &str) -> String {
     snake
         .split('_')
         .map(|w| {

@@ -24,6 +24,8 @@ pub mod compile;
 pub mod decide;
 pub mod policy;
 pub mod spec;
+#[cfg(feature = "k8s")]
+pub mod status;
 pub mod subsets;
 #[cfg(test)]
 mod tests;
