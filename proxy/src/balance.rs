@@ -14,6 +14,10 @@
 //! faster taking every sequential request), while an endpoint twice as
 //! busy, or markedly slower, loses. Relayed TCP connections give no
 //! samples and compare on load alone.
+//!
+//! Under a DestinationRule's outlier detection, each endpoint's outcomes
+//! are counted ([`Balancer::outcome`]) and one that crosses a threshold is
+//! ejected: skipped like a failed one until its ejection ends.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,6 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+
+use mizzen_api::routing::traffic_policy::{Outcome, Outlier, Streak};
 
 use crate::discovery::Backend;
 
@@ -46,6 +52,17 @@ struct Entry {
     open: Arc<AtomicUsize>,
     failed_until: Option<Instant>,
     latency: Option<Ewma>,
+    /// Consecutive failures, for outlier detection.
+    streak: Streak,
+    /// Ejections so far (each lasts longer).
+    ejections: u32,
+    ejected_until: Option<Instant>,
+}
+
+impl Entry {
+    fn skipped(&self, now: Instant) -> bool {
+        self.failed_until.is_some_and(|t| now < t) || self.ejected_until.is_some_and(|t| now < t)
+    }
 }
 
 /// An exponentially weighted moving average of latency, and when it was
@@ -88,7 +105,7 @@ impl Balancer {
         if map.len() > 4096 {
             // Forget idle endpoints, which discovery may long have dropped.
             let now = Instant::now();
-            map.retain(|_, e| Arc::strong_count(&e.open) > 1 || e.failed_until.is_some_and(|t| now < t));
+            map.retain(|_, e| Arc::strong_count(&e.open) > 1 || e.skipped(now) || e.ejections > 0);
         }
         map
     }
@@ -99,7 +116,7 @@ impl Balancer {
     pub fn pick<'a>(&self, backends: &'a [Backend], tried: &[SocketAddr]) -> Option<&'a Backend> {
         let now = Instant::now();
         let map = self.entries();
-        let failed = |b: &Backend| map.get(&b.addr).and_then(|e| e.failed_until).is_some_and(|t| now < t);
+        let failed = |b: &Backend| map.get(&b.addr).is_some_and(|e| e.skipped(now));
         let latency = |b: &Backend| map.get(&b.addr).and_then(|e| e.latency).and_then(|l| l.current(now));
         let left: Vec<&Backend> = backends.iter().filter(|b| !tried.contains(&b.addr)).collect();
         let healthy: Vec<&Backend> = left.iter().copied().filter(|b| !failed(b)).collect();
@@ -155,6 +172,48 @@ impl Balancer {
     /// Skips `addr` for a while.
     pub fn mark_failed(&self, addr: SocketAddr) {
         self.entries().entry(addr).or_default().failed_until = Some(Instant::now() + FAILURE_HOLD);
+    }
+
+    /// Counts `outcome` of a request to `addr`, one of `backends`, under
+    /// `outlier`; ejects `addr` when its streak crosses a threshold and
+    /// fewer than the most `outlier` allows of `backends` are ejected.
+    /// Returns whether it ejected. An ejection lasts its time rounded up
+    /// to whole `interval`s, as Envoy's sweeps (every `interval`) end them.
+    pub fn outcome(&self, addr: SocketAddr, outcome: Outcome, outlier: &Outlier, backends: &[Backend]) -> bool {
+        let now = Instant::now();
+        let mut map = self.entries();
+        let crossed = {
+            let e = map.entry(addr).or_default();
+            outlier.observe(&mut e.streak, outcome) && e.ejected_until.is_none_or(|t| now >= t)
+        };
+        if !crossed {
+            return false;
+        }
+        let ejected = backends
+            .iter()
+            .filter(|b| map.get(&b.addr).and_then(|e| e.ejected_until).is_some_and(|t| now < t))
+            .count();
+        if ejected >= outlier.max_ejected(backends.len()) {
+            return false;
+        }
+        let e = map.entry(addr).or_default();
+        e.ejections += 1;
+        let time = outlier.ejection_time(e.ejections);
+        let ticks = time.as_nanos().div_ceil(outlier.interval.as_nanos().max(1));
+        let until = outlier
+            .interval
+            .saturating_mul(u32::try_from(ticks).unwrap_or(u32::MAX));
+        e.ejected_until = Some(now + until);
+        true
+    }
+
+    /// Whether `addr` is ejected now.
+    pub fn is_ejected(&self, addr: SocketAddr) -> bool {
+        let now = Instant::now();
+        self.entries()
+            .get(&addr)
+            .and_then(|e| e.ejected_until)
+            .is_some_and(|t| now < t)
     }
 
     /// Open connections to `addr` (for tests and metrics).
@@ -258,5 +317,42 @@ mod tests {
         let load = b.load(all[0].addr);
         drop(load);
         assert_eq!(b.open(all[0].addr), 0, "load released on drop");
+    }
+
+    #[test]
+    fn an_endpoint_failing_in_a_row_is_ejected_and_skipped_within_the_ejection_bound() {
+        let outlier = Outlier {
+            consecutive_5xx: 3,
+            consecutive_gateway: 0,
+            interval: Duration::from_secs(1),
+            base_ejection: Duration::from_millis(2500),
+            max_ejection_percent: 50,
+        };
+        let bal = Balancer::default();
+        let bs = backends(2);
+        let (a, b) = (bs[0].addr, bs[1].addr);
+        assert!(!bal.outcome(a, Outcome::Status(500), &outlier, &bs));
+        assert!(!bal.outcome(a, Outcome::Status(500), &outlier, &bs));
+        assert!(bal.outcome(a, Outcome::Status(500), &outlier, &bs), "the third ejects");
+        assert!(bal.is_ejected(a));
+        for _ in 0..20 {
+            assert_eq!(
+                bal.pick(&bs, &[]).map(|p| p.addr),
+                Some(b),
+                "the ejected one is skipped"
+            );
+        }
+        // Half of two is one: the other is not ejected as well.
+        for _ in 0..3 {
+            bal.outcome(b, Outcome::LocalFailure, &outlier, &bs);
+        }
+        assert!(!bal.is_ejected(b));
+        // 2.5 s rounded up to whole intervals.
+        let until = bal.entries()[&a].ejected_until.expect("ejected");
+        let left = until.saturating_duration_since(Instant::now());
+        assert!(
+            left > Duration::from_millis(2500) && left <= Duration::from_secs(3),
+            "{left:?}"
+        );
     }
 }

@@ -29,7 +29,8 @@ use tracing::{debug, info, warn};
 
 use crate::identity::SdsSource;
 use crate::policy::{self, Policy};
-use mizzen_api::routing::RouteTable;
+use mizzen_api::routing::traffic_policy::TrafficPolicy;
+use mizzen_api::routing::{RouteTable, Subsets};
 
 /// One place a connection can go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +59,8 @@ pub struct Target {
     /// The backends of each DestinationRule subset, by name (a subset no
     /// endpoint is in is absent).
     pub subsets: HashMap<String, Arc<Target>>,
+    /// The DestinationRule's traffic policy for these backends.
+    pub policy: TrafficPolicy,
 }
 
 /// A Service as the proxy holds it: the version the agent gave it, the
@@ -67,6 +70,8 @@ pub struct HeldService {
     pub version: String,
     pub service: pb::Service,
     pub routes: Option<Arc<RouteTable>>,
+    /// Its DestinationRule compiled.
+    pub destination: Option<Arc<Subsets>>,
 }
 
 /// Why a Service's routing cannot be used (the response is refused).
@@ -81,6 +86,33 @@ pub enum RoutingError {
         name: String,
         source: mizzen_api::routing::RouteError,
     },
+    #[error("DestinationRule {name:?} is not <namespace>/<name>")]
+    RuleName { name: String },
+    #[error("DestinationRule {name}: its spec does not parse: {source}")]
+    RuleSpec { name: String, source: serde_json::Error },
+    #[error("DestinationRule {name}: {source}")]
+    RuleCompile {
+        name: String,
+        source: mizzen_api::routing::RouteError,
+    },
+}
+
+/// `service`'s DestinationRule compiled.
+fn destination_of(service: &pb::Service) -> Result<Option<Arc<Subsets>>, RoutingError> {
+    let Some(d) = &service.destination_rule else {
+        return Ok(None);
+    };
+    let name = d.name.clone();
+    let Some((namespace, _)) = name.split_once('/') else {
+        return Err(RoutingError::RuleName { name });
+    };
+    let spec = serde_json::from_str(&d.spec_json).map_err(|source| RoutingError::RuleSpec {
+        name: name.clone(),
+        source,
+    })?;
+    let compiled = mizzen_api::routing::compile_subsets(&spec, namespace)
+        .map_err(|source| RoutingError::RuleCompile { name, source })?;
+    Ok(Some(Arc::new(compiled)))
 }
 
 /// Equal when the agent sent the same: the routes follow from it.
@@ -111,6 +143,7 @@ impl HeldService {
         };
         Ok(Self {
             version,
+            destination: destination_of(&service)?,
             service,
             routes,
         })
@@ -214,10 +247,17 @@ impl Routes {
                     let target = Arc::new(Target {
                         service: name.clone(),
                         port: service_port,
-                        subsets: subsets_of(&name, service_port, &svc.endpoints, &backends),
+                        subsets: subsets_of(
+                            &name,
+                            service_port,
+                            &svc.endpoints,
+                            &backends,
+                            held.destination.as_deref(),
+                        ),
                         backends,
                         protocol,
                         routes: held.routes.clone(),
+                        policy: held.destination.as_ref().map(|d| d.policy).unwrap_or_default(),
                     });
                     let at = SocketAddr::new(vip, service_port);
                     routes
@@ -311,6 +351,7 @@ fn subsets_of(
     port: u16,
     endpoints: &[pb::Endpoint],
     backends: &[Backend],
+    rule: Option<&Subsets>,
 ) -> HashMap<String, Arc<Target>> {
     let mut by_name: HashMap<String, Vec<Backend>> = HashMap::new();
     for ep in endpoints.iter().filter(|ep| !ep.subsets.is_empty()) {
@@ -331,6 +372,7 @@ fn subsets_of(
                 protocol: crate::protocol::PortProtocol::Sniff,
                 routes: None,
                 subsets: HashMap::new(),
+                policy: rule.map(|r| r.policy_for(Some(&name))).unwrap_or_default(),
             };
             (name, Arc::new(target))
         })
@@ -736,6 +778,7 @@ mod tests {
                 },
             ],
             routing: None,
+            destination_rule: None,
         }
     }
 

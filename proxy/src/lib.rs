@@ -13,7 +13,7 @@
 //! - [`inbound`]: mutual TLS termination for peers, forwarding to the app.
 //! - [`outbound`]: the app's connections, balanced over a Service's
 //!   endpoints ([`balance`]), with mutual TLS and secure naming to meshed
-//!   ones.
+//!   ones; [`breaker`] bounds the requests to a destination.
 //! - [`http`]: the per-request path for HTTP ports, both directions.
 //! - [`workload`]: workload names for request metrics.
 //! - [`probes`]: kubelet's rewritten app probes, run against the app.
@@ -23,6 +23,7 @@
 
 pub mod app;
 pub mod balance;
+pub mod breaker;
 pub mod coalesce;
 pub mod config;
 pub mod detect;

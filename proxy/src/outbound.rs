@@ -56,6 +56,8 @@ pub struct Outbound {
     pub workload: Option<hyper::header::HeaderValue>,
     /// Bounds the retries routes make.
     pub(crate) retry_budget: crate::http::route::RetryBudget,
+    /// DestinationRules' connection pool limits.
+    pub(crate) breakers: crate::breaker::Breakers,
     base: Mutex<Option<Arc<ClientBase>>>,
 }
 
@@ -161,6 +163,7 @@ impl Outbound {
             on_demand: None,
             workload: None,
             retry_budget: Default::default(),
+            breakers: Default::default(),
             base: Mutex::new(None),
         }
     }

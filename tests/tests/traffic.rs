@@ -52,13 +52,15 @@ async fn apply(m: &HttpMesh, yaml: &str) -> anyhow::Result<()> {
 }
 
 /// One answer as the client app saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 struct Answer {
     status: u16,
     /// `x-mizzen-response-flags`, empty when absent.
     flags: String,
     /// The pod that answered, when the echo app did.
     pod: Option<String>,
+    /// How long curl took, in seconds.
+    secs: f64,
 }
 
 /// `n` GETs of `path` with `headers`, on one keep-alive connection of the
@@ -71,7 +73,7 @@ async fn get(m: &HttpMesh, path: &str, headers: &[&str], n: usize) -> anyhow::Re
         "--max-time",
         "60",
         "-w",
-        "\nanswer %{http_code} flags=%header{x-mizzen-response-flags}\n",
+        "\nanswer %{http_code} %{time_total} flags=%header{x-mizzen-response-flags}\n",
     ]);
     for h in headers {
         cmd.args(["-H", h]);
@@ -88,11 +90,13 @@ async fn get(m: &HttpMesh, path: &str, headers: &[&str], n: usize) -> anyhow::Re
         if let Some(p) = line.strip_prefix("pod ") {
             pod = Some(p.to_owned());
         } else if let Some(rest) = line.strip_prefix("answer ") {
-            let (status, flags) = rest.split_once(" flags=").context("answer line")?;
+            let (head, flags) = rest.split_once(" flags=").context("answer line")?;
+            let (status, secs) = head.split_once(' ').context("answer line")?;
             answers.push(Answer {
                 status: status.parse()?,
                 flags: flags.to_owned(),
                 pod: pod.take(),
+                secs: secs.parse()?,
             });
         }
     }
@@ -418,5 +422,120 @@ spec:
     let err = cluster.apply(&ns, yaml).await.expect_err("refused");
     let text = format!("{err:#}");
     assert!(text.contains("unknown field \"spec.http[0].mirror\""), "{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_full_connection_pool_answers_503_uo_at_once() -> anyhow::Result<()> {
+    let m = versioned("traffic-pool").await?;
+    apply(
+        &m,
+        r#"
+apiVersion: networking.mizzen.dev/v1
+kind: DestinationRule
+metadata:
+  name: web
+spec:
+  host: web
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1}
+"#,
+    )
+    .await?;
+    // Two slow requests at once: once the limits are in place, the second
+    // waits for the first rather than going to the other replica.
+    eventually_some(ROLLOUT, "the pool limits in place", || async {
+        let both = futures::future::join_all((0..3).map(|_| get(&m, "/sleep/1000", &[], 1))).await;
+        let flags: Vec<String> = both.into_iter().flatten().flatten().map(|a| a.flags).collect();
+        Ok(flags.iter().any(|f| f == "UO").then_some(()))
+    })
+    .await?;
+    // 20 clients at once against answers that take 2 s.
+    let all = futures::future::join_all((0..20).map(|_| get(&m, "/sleep/2000", &[], 1))).await;
+    let answers: Vec<Answer> = all
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    let overflowed: Vec<&Answer> = answers.iter().filter(|a| a.flags == "UO").collect();
+    let served = answers.iter().filter(|a| a.status == 200).count();
+    eprintln!(
+        "pool of 1 + 1 pending, 20 clients: {served} served, {} overflowed",
+        overflowed.len()
+    );
+    assert!(served >= 1, "{answers:?}");
+    assert!(overflowed.len() >= 10, "{answers:?}");
+    assert_eq!(served + overflowed.len(), 20, "{answers:?}");
+    // At once: none of them waited for the 2 s answers.
+    assert!(
+        overflowed
+            .iter()
+            .all(|a| a.status == 503 && a.pod.is_none() && a.secs < 1.5),
+        "{overflowed:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failing_endpoint_is_ejected_and_comes_back_after_its_ejection_time() -> anyhow::Result<()> {
+    let m = HttpMesh::start_with("traffic-outlier", true, |pod| {
+        if pod["metadata"]["name"] == "web-b" {
+            pod["spec"]["containers"][0]["env"] = serde_json::json!([{"name": "ECHO_FAIL_PERCENT", "value": "100"}]);
+        }
+    })
+    .await?;
+    apply(
+        &m,
+        r#"
+apiVersion: networking.mizzen.dev/v1
+kind: DestinationRule
+metadata:
+  name: web
+spec:
+  host: web
+  trafficPolicy:
+    outlierDetection:
+      consecutive5xxErrors: 3
+      interval: 1s
+      baseEjectionTime: 4s
+      maxEjectionPercent: 100
+"#,
+    )
+    .await?;
+    let ejections = || async {
+        proxy_metric(&m.client_ip, "mizzen_proxy_outlier_ejections_total")
+            .await
+            .map(|(n, _)| n)
+    };
+    eventually_some(ROLLOUT, "web-b ejected", || async {
+        get(&m, "/", &[], 10).await?;
+        Ok((ejections().await? >= 1.0).then_some(()))
+    })
+    .await?;
+    let ejected_at = std::time::Instant::now();
+    // Everything goes to web-a while web-b is out.
+    let during = get(&m, "/", &[], 20).await?;
+    // It comes back once its 4 s are up: a request reaches it again.
+    let back = eventually_some(Duration::from_secs(20), "web-b back", || async {
+        let a = get(&m, "/", &[], 4).await?;
+        Ok(a.iter()
+            .any(|a| a.pod.as_deref() == Some("web-b"))
+            .then(|| ejected_at.elapsed()))
+    })
+    .await?;
+    eprintln!("outlier: web-b ejected, back after {back:?}");
+    assert!(
+        during
+            .iter()
+            .all(|a| a.status == 200 && a.pod.as_deref() == Some("web-a")),
+        "{during:?}"
+    );
+    assert!(
+        back >= Duration::from_secs(3),
+        "back after {back:?}, before its ejection time"
+    );
     Ok(())
 }

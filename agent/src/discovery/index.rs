@@ -338,6 +338,7 @@ impl Index {
                 let rules = ServiceRules {
                     routing: self.rules.routing(&key),
                     subsets: self.rules.subsets(&key),
+                    destination_rule: self.rules.destination_rule(&key),
                 };
                 build_one(svc, slices, |ip| self.owner(ip), rules, trust_domain)
             });

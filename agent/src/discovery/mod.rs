@@ -154,6 +154,7 @@ pub fn shape_of(svc: &Service) -> pb::Service {
             .collect(),
         endpoints: Vec::new(),
         routing: None,
+        destination_rule: None,
     }
 }
 
@@ -202,6 +203,8 @@ pub struct ServiceRules<'r> {
     pub routing: Option<&'r pb::Routing>,
     /// Its DestinationRule's subsets.
     pub subsets: Option<&'r mizzen_api::routing::Subsets>,
+    /// Its DestinationRule, as proxies get it.
+    pub destination_rule: Option<&'r pb::DestinationPolicy>,
 }
 
 /// One Service's discovery resource: `shape` ([`shape_of`]) with the ready
@@ -260,6 +263,7 @@ pub fn build_one<'a>(
     pb::Service {
         endpoints,
         routing: rules.routing.cloned(),
+        destination_rule: rules.destination_rule.cloned(),
         ..shape.clone()
     }
 }

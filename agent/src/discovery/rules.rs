@@ -88,11 +88,18 @@ fn rank(o: &impl kube::Resource) -> Option<Rank> {
     Some((created, key_of(o)?))
 }
 
+/// A DestinationRule compiled, and as proxies get it.
+#[derive(Debug)]
+struct Destination {
+    subsets: Subsets,
+    wire: pb::DestinationPolicy,
+}
+
 /// Every Service's traffic rules.
 #[derive(Debug, Default)]
 pub(super) struct Rules {
     routes: Kind<pb::Routing>,
-    subsets: Kind<Subsets>,
+    destinations: Kind<Destination>,
 }
 
 impl Rules {
@@ -122,12 +129,19 @@ impl Rules {
         let entry = dr.and_then(|dr| {
             let namespace = dr.metadata.namespace.as_deref()?;
             let rank = rank(dr)?;
-            Some(match compile_subsets(&dr.spec, namespace) {
-                Ok(s) => (rank, vec![s.service.clone()], Some(s)),
-                Err(_) => (rank, Vec::new(), None),
+            let compiled = compile_subsets(&dr.spec, namespace).ok().and_then(|subsets| {
+                let wire = pb::DestinationPolicy {
+                    name: key.to_owned(),
+                    spec_json: serde_json::to_string(&dr.spec).ok()?,
+                };
+                Some(Destination { subsets, wire })
+            });
+            Some(match compiled {
+                Some(d) => (rank, vec![d.subsets.service.clone()], Some(d)),
+                None => (rank, Vec::new(), None),
             })
         });
-        self.subsets.set(key, entry)
+        self.destinations.set(key, entry)
     }
 
     /// The routing of `service`, if a VirtualService routes it.
@@ -137,7 +151,12 @@ impl Rules {
 
     /// The subsets of `service`, if a DestinationRule names them.
     pub(super) fn subsets(&self, service: &str) -> Option<&Subsets> {
-        self.subsets.for_service(service)
+        self.destinations.for_service(service).map(|d| &d.subsets)
+    }
+
+    /// The DestinationRule of `service`, as proxies get it.
+    pub(super) fn destination_rule(&self, service: &str) -> Option<&pb::DestinationPolicy> {
+        self.destinations.for_service(service).map(|d| &d.wire)
     }
 
     pub(super) fn virtual_service_keys(&self) -> Vec<String> {
@@ -145,6 +164,6 @@ impl Rules {
     }
 
     pub(super) fn destination_rule_keys(&self) -> Vec<String> {
-        self.subsets.keys()
+        self.destinations.keys()
     }
 }

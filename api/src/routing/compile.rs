@@ -66,6 +66,8 @@ pub enum RouteError {
     SubsetName { field: String, name: String },
     #[error("{field}: subset {name:?} is defined twice")]
     DuplicateSubset { field: String, name: String },
+    #[error("{field}: {value} is not a count")]
+    Count { field: String, value: i64 },
     #[error("{field}: not supported yet (Mizzen routes without it; remove it or route by headers)")]
     Unsupported { field: String },
 }
@@ -90,6 +92,7 @@ impl RouteError {
             RouteError::SubsetName { .. } => "subset_name",
             RouteError::DuplicateSubset { .. } => "duplicate_subset",
             RouteError::Unsupported { .. } => "unsupported",
+            RouteError::Count { .. } => "count",
         }
     }
 }
@@ -298,7 +301,7 @@ fn port(field: &str, value: u32) -> Result<u16, RouteError> {
 }
 
 /// `10s`, `1.5s`, `500ms`, `1m30s` (Go's and protobuf's duration forms).
-fn duration(field: &str, value: &str) -> Result<Duration, RouteError> {
+pub(super) fn duration(field: &str, value: &str) -> Result<Duration, RouteError> {
     let bad = || RouteError::Duration {
         field: field.into(),
         value: value.into(),

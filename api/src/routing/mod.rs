@@ -14,6 +14,8 @@
 //!   request (delay, abort, whether a failed attempt may be retried).
 //! - [`subsets`]: a `DestinationRule`'s subsets (pods by labels), and the
 //!   subsets routes name that no rule defines.
+//! - [`traffic_policy`]: its `trafficPolicy`: circuit breaker limits and
+//!   outlier detection, and the decisions they make.
 //!
 //! Semantics follow Istio: routes are tried in order and the first match
 //! wins; within a match every condition must hold, and a route with several
@@ -29,6 +31,7 @@ pub mod status;
 pub mod subsets;
 #[cfg(test)]
 mod tests;
+pub mod traffic_policy;
 
 pub use compile::{Compiled, RouteError, compile};
 pub use decide::{Decision, NoRoute, RequestView, decide};

@@ -190,10 +190,12 @@ pub struct Percent {
     pub value: f64,
 }
 
-/// The part of Istio's `DestinationRule` that Mizzen implements: `host`
-/// and `subsets` by pod labels. `trafficPolicy` (load balancing,
-/// connection pools, outlier detection) is not implemented yet and is
-/// refused by name, like every other unknown field.
+/// The part of Istio's `DestinationRule` that Mizzen implements: `host`,
+/// `subsets` by pod labels, and of `trafficPolicy` the connection pool
+/// limits and outlier detection (at the top and per subset). Load
+/// balancer settings, TLS settings and port-level settings are not
+/// implemented yet and are refused by name, like every other unknown
+/// field.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "k8s", derive(schemars::JsonSchema, kube::CustomResource))]
 #[cfg_attr(
@@ -219,6 +221,9 @@ pub struct DestinationRuleSpec {
     pub host: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subsets: Vec<SubsetSpec>,
+    /// For every subset, unless the subset sets its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_policy: Option<TrafficPolicySpec>,
 }
 
 /// A named group of a Service's endpoints: the pods carrying all `labels`.
@@ -229,4 +234,79 @@ pub struct SubsetSpec {
     pub name: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Overrides the rule's `trafficPolicy`, field by field
+    /// (`connectionPool`, `outlierDetection`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_policy: Option<TrafficPolicySpec>,
+}
+
+/// Istio's `TrafficPolicy`: what Mizzen implements of it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficPolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPoolSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+}
+
+/// Limits on what one client proxy sends to the Service (a circuit
+/// breaker): past them a request gets 503 with flag `UO` at once.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionPoolSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpSettingsSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSettingsSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpSettingsSpec {
+    /// Requests sent at once (each would hold an HTTP/1.1 connection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpSettingsSpec {
+    /// Requests waiting for a place among those sent at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http1_max_pending_requests: Option<i64>,
+    /// Requests sent at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2_max_requests: Option<i64>,
+}
+
+/// Ejects an endpoint that keeps failing for a while, Istio's
+/// `OutlierDetection`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetectionSpec {
+    /// Consecutive 5xx answers (or failures to connect or resets) that
+    /// eject; 0 turns it off. Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_5xx_errors: Option<i64>,
+    /// Consecutive 502, 503 and 504 answers (and connect failures) that
+    /// eject. Off by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_gateway_errors: Option<i64>,
+    /// How often ejections are reconsidered. Default 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// An ejection lasts this long times the endpoint's ejections so far.
+    /// Default 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection_time: Option<String>,
+    /// At most this share of the endpoints is ejected at once (at least
+    /// one). Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<i64>,
 }

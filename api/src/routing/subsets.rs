@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use super::RouteTable;
 use super::compile::{RouteError, service_of};
 use super::spec::DestinationRuleSpec;
+use super::traffic_policy::{TrafficPolicy, compile_policy};
 
 /// A Service's subsets, compiled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,9 +15,22 @@ pub struct Subsets {
     pub service: String,
     /// Subset name to the labels its pods carry.
     pub by_name: BTreeMap<String, BTreeMap<String, String>>,
+    /// The rule's traffic policy.
+    pub policy: TrafficPolicy,
+    /// Each subset's, where it differs (the rule's with the subset's
+    /// fields in place).
+    pub subset_policies: BTreeMap<String, TrafficPolicy>,
 }
 
 impl Subsets {
+    /// The traffic policy of `subset` (the whole Service for `None`).
+    pub fn policy_for(&self, subset: Option<&str>) -> TrafficPolicy {
+        subset
+            .and_then(|s| self.subset_policies.get(s))
+            .copied()
+            .unwrap_or(self.policy)
+    }
+
     /// The subsets a pod with `labels` is in.
     pub fn containing<'s>(&'s self, labels: &'s BTreeMap<String, String>) -> impl Iterator<Item = &'s str> + 's {
         self.by_name
@@ -36,6 +50,13 @@ impl Subsets {
 /// Compiles `spec`, a DestinationRule of `namespace`.
 pub fn compile_subsets(spec: &DestinationRuleSpec, namespace: &str) -> Result<Subsets, RouteError> {
     let service = service_of("host", &spec.host, namespace)?;
+    let policy = spec
+        .traffic_policy
+        .as_ref()
+        .map(|p| compile_policy("trafficPolicy", p))
+        .transpose()?
+        .unwrap_or_default();
+    let mut subset_policies = BTreeMap::new();
     let mut by_name = BTreeMap::new();
     for (i, s) in spec.subsets.iter().enumerate() {
         if !crate::mesh::is_namespace_name(&s.name) {
@@ -50,8 +71,17 @@ pub fn compile_subsets(spec: &DestinationRuleSpec, namespace: &str) -> Result<Su
                 name: s.name.clone(),
             });
         }
+        if let Some(p) = &s.traffic_policy {
+            let own = compile_policy(&format!("subsets[{i}].trafficPolicy"), p)?;
+            subset_policies.insert(s.name.clone(), policy.overridden_by(own));
+        }
     }
-    Ok(Subsets { service, by_name })
+    Ok(Subsets {
+        service,
+        by_name,
+        policy,
+        subset_policies,
+    })
 }
 
 /// The subsets `table` routes to that `subsets` (the DestinationRules of

@@ -440,5 +440,5 @@ fn destination_rules_refuse_what_they_cannot_honour() {
         json!({"host": "reviews", "trafficPolicy": {"loadBalancer": {"simple": "RANDOM"}}}),
     )
     .expect_err("refused");
-    assert!(err.to_string().contains("unknown field `trafficPolicy`"), "{err}");
+    assert!(err.to_string().contains("unknown field `loadBalancer`"), "{err}");
 }

@@ -203,6 +203,8 @@ pub enum ResponseFlag {
     UpstreamRequestTimeout,
     /// The route's retries ran out on a retriable answer.
     RetryLimitExceeded,
+    /// The destination's circuit breaker is full (connection pool limits).
+    UpstreamOverflow,
 }
 
 impl ResponseFlag {
@@ -220,6 +222,7 @@ impl ResponseFlag {
             ResponseFlag::DelayInjected => "DI",
             ResponseFlag::UpstreamRequestTimeout => "UT",
             ResponseFlag::RetryLimitExceeded => "URX",
+            ResponseFlag::UpstreamOverflow => "UO",
         }
     }
 }

@@ -33,6 +33,7 @@ use super::pool::{H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h1
 use super::upgrade::{self, Takeover};
 use super::{Body, Exchange, Recording, ResponseFlag};
 use crate::balance::Load;
+use crate::breaker::Place;
 use crate::discovery::{Backend, Destination};
 use crate::drain::ConnGuard;
 use crate::metrics::Direction;
@@ -40,6 +41,7 @@ use crate::outbound::{ATTEMPTS, Outbound, OutboundError, expected_identity};
 use crate::tls::ALPN_HTTP;
 use hyper::client::conn::http2;
 use hyper::header::HeaderValue;
+use mizzen_api::routing::traffic_policy::Outcome;
 
 /// Connections to endpoints kept for reuse.
 #[derive(Debug, Default)]
@@ -108,6 +110,9 @@ pub(super) struct Forwarded {
     pub load: Load,
     /// What routing did to it on the way (a delay, retries run out).
     pub flag: Option<ResponseFlag>,
+    /// Its place under the destination's circuit breaker, held until the
+    /// response ends.
+    pub place: Option<Place>,
 }
 
 async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> Response<Body> {
@@ -144,6 +149,7 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
             backend,
             load,
             flag,
+            place,
         }) => {
             facts.flag = flag;
             facts.peer = backend.identity.and_then(Result::ok);
@@ -158,7 +164,7 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
                 upgrade::to_app_response(&mut response, t);
             }
             exchange.upstream(backend.addr);
-            (response.map(super::boxed), Some(load))
+            (response.map(super::boxed), Some((load, place)))
         }
         Err(r) => {
             debug!(%dst, status = r.status.as_u16(), flag = r.flag.as_str(), error = %r.error, "answering the app");
@@ -205,6 +211,28 @@ pub(super) async fn forward(
             format!("no ready endpoint behind {service}"),
         ));
     }
+    let policy = match &destination {
+        Destination::Service(t) => Some((t.service.as_str(), t.policy)),
+        _ => None,
+    };
+    let place = match policy.and_then(|(name, p)| Some((name, p.pool?))) {
+        Some((name, pool)) => Some(
+            o.breakers
+                .enter(name, pool)
+                .await
+                .map_err(|e| Refusal::unavailable(ResponseFlag::UpstreamOverflow, format!("{name}: {e}")))?,
+        ),
+        None => None,
+    };
+    let outlier = policy.and_then(|(_, p)| p.outlier);
+    let observe = |addr: SocketAddr, outcome: Outcome| {
+        if let Some(outlier) = &outlier
+            && o.balancer.outcome(addr, outcome, outlier, backends)
+        {
+            o.metrics.ejected();
+            debug!(endpoint = %addr, "ejected by outlier detection");
+        }
+    };
     let mut req = req;
     let mut tried = Vec::with_capacity(ATTEMPTS);
     let mut last = String::new();
@@ -226,21 +254,25 @@ pub(super) async fn forward(
         match send(o, b, version, takeover, req).await {
             Ok((response, latency)) => {
                 o.balancer.observe(b.addr, latency);
+                observe(b.addr, Outcome::Status(response.status().as_u16()));
                 return Ok(Forwarded {
                     response,
                     backend: b.clone(),
                     load,
                     flag: None,
+                    place,
                 });
             }
             Err(Attempt::NotSent(back, e)) => {
                 o.balancer.mark_failed(b.addr);
+                observe(b.addr, Outcome::LocalFailure);
                 o.metrics.refused(Direction::Outbound, e.reason());
                 debug!(endpoint = %b.addr, reason = e.reason(), error = %e, "endpoint failed; trying another");
                 last = e.to_string();
                 req = *back;
             }
             Err(Attempt::Failed(e)) => {
+                observe(b.addr, Outcome::LocalFailure);
                 return Err(Refusal::unavailable(
                     ResponseFlag::UpstreamReset,
                     format!("{}: {e}", b.addr),

@@ -61,6 +61,8 @@ pub struct ProxyMetrics {
     relay_errors: Family<Labels, Counter>,
     /// Retries of HTTP requests that a route's `retries` made.
     retries: Counter,
+    /// Endpoints ejected by a DestinationRule's outlier detection.
+    ejections: Counter,
     /// HTTP requests.
     requests: RequestMetrics,
     /// Authorization decisions.
@@ -123,6 +125,11 @@ impl ProxyMetrics {
             self.retries.clone(),
         );
         r.register(
+            "outlier_ejections",
+            "Endpoints ejected by a DestinationRule's outlier detection",
+            self.ejections.clone(),
+        );
+        r.register(
             "relay_errors",
             "Relayed connections that ended with an I/O error (a reset, a broken TLS stream), by direction",
             self.relay_errors.clone(),
@@ -173,6 +180,11 @@ impl ProxyMetrics {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         self.certificate_expiry.set(i64::try_from(secs).unwrap_or(i64::MAX));
+    }
+
+    /// Counts an endpoint ejected by outlier detection.
+    pub fn ejected(&self) {
+        self.ejections.inc();
     }
 
     /// Counts a retry of an HTTP request.

@@ -30,8 +30,10 @@
 //!                                     CONNECT is answered 200 and the tunnel
 //!                                     served the same way; ECHO_DELAY_MS
 //!                                     delays every answer; /sleep/<ms> waits
-//!                                     that long; /fail/<percent> answers 500
-//!                                     to that share of requests, at random
+//!                                     that long; /fail/<percent> (or
+//!                                     ECHO_FAIL_PERCENT for every path)
+//!                                     answers 500 to that share of
+//!                                     requests, at random
 //! mizzen-testapp banner-server ADDR   a server-first protocol: greets each
 //!                                     connection with "banner <HOSTNAME>"
 //!                                     before reading anything
@@ -324,7 +326,10 @@ fn describe(req: &hyper::Request<hyper::body::Incoming>) -> hyper::Response<http
     let fails = || {
         use std::hash::BuildHasher;
         static DRAWN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let percent = req.uri().path().strip_prefix("/fail/")?.parse::<u64>().ok()?;
+        let percent = match req.uri().path().strip_prefix("/fail/") {
+            Some(p) => p.parse::<u64>().ok()?,
+            None => std::env::var("ECHO_FAIL_PERCENT").ok()?.parse::<u64>().ok()?,
+        };
         let n = DRAWN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // A fresh random key per draw: uniform enough for a share.
         (std::collections::hash_map::RandomState::new().hash_one(n) % 100 < percent)

@@ -1,0 +1,302 @@
+//! A `DestinationRule`'s `trafficPolicy`, compiled: the circuit breaker's
+//! limits ([`Pool`]) and outlier detection ([`Outlier`]), with the pure
+//! decisions the proxy makes with them.
+//!
+//! Semantics follow Envoy's, as Istio configures it:
+//! - `tcp.maxConnections` and `http.http2MaxRequests` both bound the
+//!   requests one client proxy sends to the Service (or subset) at once
+//!   (mesh traffic shares one HTTP/2 connection per endpoint, and an
+//!   HTTP/1.1 request holds a connection of its own: either way, the bound
+//!   is on requests); `http.http1MaxPendingRequests` bounds those waiting
+//!   for a place. A request past both gets 503 with flag `UO` at once.
+//! - Outlier detection counts each endpoint's consecutive failures: 5xx
+//!   answers and local failures (no connection, a reset) for
+//!   `consecutive5xxErrors`; 502, 503, 504 and local failures for
+//!   `consecutiveGatewayErrors`. Crossing either ejects the endpoint at
+//!   once for `baseEjectionTime` times its ejections so far (at most
+//!   300 s, Envoy's `max_ejection_time`), unless `maxEjectionPercent` of
+//!   the endpoints (at least one, unless it is 0) are ejected already. An
+//!   ejected endpoint returns when its time is up, checked every
+//!   `interval`.
+
+use std::time::Duration;
+
+use super::compile::{RouteError, duration};
+use super::spec::{ConnectionPoolSpec, OutlierDetectionSpec, TrafficPolicySpec};
+
+/// Envoy's cap on one ejection.
+pub const MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
+
+/// Circuit breaker limits of one client proxy towards a Service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool {
+    /// Requests sent at once.
+    pub max_active: u32,
+    /// Requests waiting for a place.
+    pub max_pending: u32,
+}
+
+/// Outlier detection settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outlier {
+    /// Consecutive 5xx or local failures that eject; 0: never.
+    pub consecutive_5xx: u32,
+    /// Consecutive gateway errors or local failures that eject; 0: never.
+    pub consecutive_gateway: u32,
+    pub interval: Duration,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+}
+
+/// A traffic policy, compiled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrafficPolicy {
+    pub pool: Option<Pool>,
+    pub outlier: Option<Outlier>,
+}
+
+impl TrafficPolicy {
+    /// This policy with `subset`'s fields in place of its own.
+    pub fn overridden_by(self, subset: TrafficPolicy) -> TrafficPolicy {
+        TrafficPolicy {
+            pool: subset.pool.or(self.pool),
+            outlier: subset.outlier.or(self.outlier),
+        }
+    }
+}
+
+/// What came of one attempt, for outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Status(u16),
+    /// No connection, or a reset before the answer.
+    LocalFailure,
+}
+
+/// An endpoint's consecutive failures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Streak {
+    pub five_xx: u32,
+    pub gateway: u32,
+}
+
+impl Outlier {
+    /// Counts `outcome` into `streak`; whether the endpoint should now be
+    /// ejected (the streak then starts again).
+    pub fn observe(&self, streak: &mut Streak, outcome: Outcome) -> bool {
+        let (five_xx, gateway) = match outcome {
+            Outcome::LocalFailure => (true, true),
+            Outcome::Status(s) => (s >= 500, matches!(s, 502..=504)),
+        };
+        streak.five_xx = if five_xx { streak.five_xx + 1 } else { 0 };
+        streak.gateway = if gateway { streak.gateway + 1 } else { 0 };
+        let eject = (self.consecutive_5xx > 0 && streak.five_xx >= self.consecutive_5xx)
+            || (self.consecutive_gateway > 0 && streak.gateway >= self.consecutive_gateway);
+        if eject {
+            *streak = Streak::default();
+        }
+        eject
+    }
+
+    /// How long an endpoint's ejection number `ejections` (1 for its
+    /// first) lasts.
+    pub fn ejection_time(&self, ejections: u32) -> Duration {
+        self.base_ejection
+            .saturating_mul(ejections.max(1))
+            .min(MAX_EJECTION_TIME)
+    }
+
+    /// How many of `endpoints` may be ejected at once.
+    pub fn max_ejected(&self, endpoints: usize) -> usize {
+        match self.max_ejection_percent {
+            0 => 0,
+            p => (endpoints * p as usize / 100).max(1),
+        }
+    }
+}
+
+fn count(field: &str, value: Option<i64>, default: u32) -> Result<u32, RouteError> {
+    match value {
+        None => Ok(default),
+        Some(v) => u32::try_from(v).map_err(|_| RouteError::Count {
+            field: field.into(),
+            value: v,
+        }),
+    }
+}
+
+fn pool(field: &str, spec: &ConnectionPoolSpec) -> Result<Pool, RouteError> {
+    let max_connections = count(
+        &format!("{field}.tcp.maxConnections"),
+        spec.tcp.as_ref().and_then(|t| t.max_connections),
+        u32::MAX,
+    )?;
+    let http = spec.http.as_ref();
+    let max_requests = count(
+        &format!("{field}.http.http2MaxRequests"),
+        http.and_then(|h| h.http2_max_requests),
+        u32::MAX,
+    )?;
+    let max_pending = count(
+        &format!("{field}.http.http1MaxPendingRequests"),
+        http.and_then(|h| h.http1_max_pending_requests),
+        u32::MAX,
+    )?;
+    Ok(Pool {
+        // Istio's 0 means the default (unlimited).
+        max_active: [max_connections, max_requests]
+            .into_iter()
+            .filter(|n| *n > 0)
+            .min()
+            .unwrap_or(u32::MAX),
+        max_pending: if max_pending == 0 { u32::MAX } else { max_pending },
+    })
+}
+
+fn outlier(field: &str, spec: &OutlierDetectionSpec) -> Result<Outlier, RouteError> {
+    let time = |name: &str, value: &Option<String>, default: Duration| match value {
+        None => Ok(default),
+        Some(v) => duration(&format!("{field}.{name}"), v),
+    };
+    let percent = count(&format!("{field}.maxEjectionPercent"), spec.max_ejection_percent, 10)?;
+    if percent > 100 {
+        return Err(RouteError::Percent {
+            field: format!("{field}.maxEjectionPercent"),
+            value: f64::from(percent),
+        });
+    }
+    let interval = time("interval", &spec.interval, Duration::from_secs(10))?;
+    if interval.is_zero() {
+        return Err(RouteError::Duration {
+            field: format!("{field}.interval"),
+            value: "0s".into(),
+        });
+    }
+    Ok(Outlier {
+        consecutive_5xx: count(&format!("{field}.consecutive5xxErrors"), spec.consecutive_5xx_errors, 5)?,
+        consecutive_gateway: count(
+            &format!("{field}.consecutiveGatewayErrors"),
+            spec.consecutive_gateway_errors,
+            0,
+        )?,
+        interval,
+        base_ejection: time("baseEjectionTime", &spec.base_ejection_time, Duration::from_secs(30))?,
+        max_ejection_percent: percent,
+    })
+}
+
+/// Compiles `spec`, found at `field`.
+pub fn compile_policy(field: &str, spec: &TrafficPolicySpec) -> Result<TrafficPolicy, RouteError> {
+    Ok(TrafficPolicy {
+        pool: spec
+            .connection_pool
+            .as_ref()
+            .map(|p| pool(&format!("{field}.connectionPool"), p))
+            .transpose()?,
+        outlier: spec
+            .outlier_detection
+            .as_ref()
+            .map(|o| outlier(&format!("{field}.outlierDetection"), o))
+            .transpose()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(v: serde_json::Value) -> Result<TrafficPolicy, RouteError> {
+        compile_policy("trafficPolicy", &serde_json::from_value(v).expect("parses"))
+    }
+
+    #[test]
+    fn the_pool_bounds_requests_by_the_lower_of_its_limits() {
+        let p = policy(serde_json::json!({"connectionPool": {
+            "tcp": {"maxConnections": 1}, "http": {"http1MaxPendingRequests": 1, "http2MaxRequests": 10}}}))
+        .expect("compiles");
+        assert_eq!(
+            p.pool,
+            Some(Pool {
+                max_active: 1,
+                max_pending: 1
+            })
+        );
+        let unlimited =
+            policy(serde_json::json!({"connectionPool": {"http": {"http2MaxRequests": 0}}})).expect("compiles");
+        assert_eq!(
+            unlimited.pool.map(|p| (p.max_active, p.max_pending)),
+            Some((u32::MAX, u32::MAX))
+        );
+        let err = policy(serde_json::json!({"connectionPool": {"tcp": {"maxConnections": -1}}})).expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            "trafficPolicy.connectionPool.tcp.maxConnections: -1 is not a count"
+        );
+    }
+
+    #[test]
+    fn consecutive_failures_eject_and_a_success_resets_the_streak() {
+        let o = policy(serde_json::json!({"outlierDetection": {"consecutive5xxErrors": 3}}))
+            .expect("compiles")
+            .outlier
+            .expect("outlier");
+        assert_eq!(
+            (o.interval, o.base_ejection, o.max_ejection_percent),
+            (Duration::from_secs(10), Duration::from_secs(30), 10)
+        );
+        let mut s = Streak::default();
+        assert!(!o.observe(&mut s, Outcome::Status(500)));
+        assert!(!o.observe(&mut s, Outcome::LocalFailure));
+        assert!(!o.observe(&mut s, Outcome::Status(200)), "a success resets");
+        assert!(!o.observe(&mut s, Outcome::Status(503)));
+        assert!(!o.observe(&mut s, Outcome::Status(500)));
+        assert!(o.observe(&mut s, Outcome::Status(502)), "the third in a row ejects");
+        assert_eq!(s, Streak::default(), "and the streak starts again");
+        assert!(!o.observe(&mut s, Outcome::Status(404)));
+    }
+
+    #[test]
+    fn gateway_errors_count_only_502_to_504() {
+        let o =
+            policy(serde_json::json!({"outlierDetection": {"consecutive5xxErrors": 0, "consecutiveGatewayErrors": 2}}))
+                .expect("compiles")
+                .outlier
+                .expect("outlier");
+        let mut s = Streak::default();
+        assert!(!o.observe(&mut s, Outcome::Status(500)));
+        assert!(!o.observe(&mut s, Outcome::Status(500)), "500 is not a gateway error");
+        assert!(!o.observe(&mut s, Outcome::Status(503)));
+        assert!(o.observe(&mut s, Outcome::Status(504)));
+    }
+
+    #[test]
+    fn ejections_grow_with_their_number_and_are_capped() {
+        let o = policy(serde_json::json!({"outlierDetection": {"baseEjectionTime": "100s", "maxEjectionPercent": 50}}))
+            .expect("compiles")
+            .outlier
+            .expect("outlier");
+        assert_eq!(o.ejection_time(1), Duration::from_secs(100));
+        assert_eq!(o.ejection_time(2), Duration::from_secs(200));
+        assert_eq!(o.ejection_time(9), MAX_EJECTION_TIME);
+        assert_eq!(o.max_ejected(3), 1);
+        assert_eq!(o.max_ejected(10), 5);
+        let none = Outlier {
+            max_ejection_percent: 0,
+            ..o
+        };
+        assert_eq!(none.max_ejected(10), 0);
+        assert!(policy(serde_json::json!({"outlierDetection": {"maxEjectionPercent": 101}})).is_err());
+        assert!(policy(serde_json::json!({"outlierDetection": {"interval": "0s"}})).is_err());
+    }
+
+    #[test]
+    fn a_subset_policy_replaces_the_fields_it_sets() {
+        let top = policy(serde_json::json!({"connectionPool": {"tcp": {"maxConnections": 5}},
+                                             "outlierDetection": {"consecutive5xxErrors": 3}}))
+        .expect("compiles");
+        let subset = policy(serde_json::json!({"connectionPool": {"tcp": {"maxConnections": 1}}})).expect("compiles");
+        let merged = top.overridden_by(subset);
+        assert_eq!(merged.pool.map(|p| p.max_active), Some(1));
+        assert_eq!(merged.outlier, top.outlier);
+    }
+}
