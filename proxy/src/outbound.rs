@@ -58,6 +58,8 @@ pub struct Outbound {
     pub(crate) retry_budget: crate::http::route::RetryBudget,
     /// DestinationRules' connection pool limits.
     pub(crate) breakers: crate::breaker::Breakers,
+    /// Places for mirrored requests in flight.
+    pub(crate) mirrors: Arc<tokio::sync::Semaphore>,
     base: Mutex<Option<Arc<ClientBase>>>,
 }
 
@@ -164,6 +166,7 @@ impl Outbound {
             workload: None,
             retry_budget: Default::default(),
             breakers: Default::default(),
+            mirrors: Arc::new(tokio::sync::Semaphore::new(crate::http::route::MAX_MIRRORS)),
             base: Mutex::new(None),
         }
     }

@@ -416,12 +416,12 @@ spec:
   http:
   - route:
     - destination: {host: web}
-    mirror:
-      host: web-shadow
+    corsPolicy:
+      allowOrigins: [{exact: "https://example.com"}]
 "#;
     let err = cluster.apply(&ns, yaml).await.expect_err("refused");
     let text = format!("{err:#}");
-    assert!(text.contains("unknown field \"spec.http[0].mirror\""), "{text}");
+    assert!(text.contains("unknown field \"spec.http[0].corsPolicy\""), "{text}");
     Ok(())
 }
 
@@ -537,5 +537,128 @@ spec:
         back >= Duration::from_secs(3),
         "back after {back:?}, before its ejection time"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_mirror_gets_copies_whose_answers_are_discarded() -> anyhow::Result<()> {
+    let m = versioned("traffic-mirror").await?;
+    apply(
+        &m,
+        r#"
+apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata:
+  name: web
+spec:
+  hosts: [web]
+  http:
+  - route:
+    - destination: {host: web, subset: v1}
+    mirror: {host: web, subset: v2}
+    mirrorPercentage: {value: 100}
+"#,
+    )
+    .await?;
+    let mirrored = || async {
+        proxy_metric(&m.client_ip, "mizzen_proxy_mirrored_requests_total")
+            .await
+            .map(|(n, _)| n)
+    };
+    eventually_some(ROLLOUT, "the mirror in place", || async {
+        get(&m, "/", &[], 5).await?;
+        Ok((mirrored().await? > 0.0).then_some(()))
+    })
+    .await?;
+    let before = mirrored().await?;
+    let answers = get(&m, "/", &[], 50).await?;
+    assert_eq!(
+        by_pod(&answers),
+        BTreeMap::from([("web-a".into(), 50)]),
+        "only v1 answers"
+    );
+    // v2 received every copy (its own proxy counts them as served).
+    let copies = eventually_some(Duration::from_secs(10), "50 copies answered", || async {
+        let n = mirrored().await? - before;
+        Ok((n >= 50.0).then_some(n))
+    })
+    .await?;
+    let (_, served) = proxy_metric(&m.web_ips[1], "mizzen_requests_total").await?;
+    let at_v2 = mizzen_tests::daemon::metric_where(&served, "mizzen_requests_total{reporter=\"destination\"");
+    eprintln!("mirror: {copies} copies answered, v2 served {at_v2} in all");
+    assert!(at_v2 >= 50.0, "v2's proxy served {at_v2}:\n{served}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rewrite_and_header_operations_reach_the_app_and_the_answer() -> anyhow::Result<()> {
+    let m = versioned("traffic-rewrite").await?;
+    apply(
+        &m,
+        r#"
+apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata:
+  name: web
+spec:
+  hosts: [web]
+  http:
+  - match:
+    - uri: {prefix: /api/v1/}
+    rewrite: {uri: /v2/}
+    headers:
+      request:
+        set: {x-version: v2}
+        remove: [x-debug]
+      response:
+        add: {x-routed-by: api}
+    route:
+    - destination: {host: web}
+  - route:
+    - destination: {host: web}
+"#,
+    )
+    .await?;
+    let url = m.url("/api/v1/items?page=2");
+    let out = eventually_some(ROLLOUT, "the rewrite in place", || async {
+        let out = m.curl(&["-i", "-H", "x-debug: 1", &url]).await?;
+        Ok(out.contains("path /v2/items").then_some(out))
+    })
+    .await?;
+    assert!(out.contains("header x-version: v2"), "{out}");
+    assert!(!out.contains("header x-debug"), "{out}");
+    assert!(out.to_ascii_lowercase().contains("x-routed-by: api"), "{out}");
+    // Other paths are untouched.
+    let other = m.curl(&["-i", &m.url("/other")]).await?;
+    assert!(other.contains("path /other") && !other.contains("x-version"), "{other}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_redirect_route_answers_its_code_with_the_new_location() -> anyhow::Result<()> {
+    let m = versioned("traffic-redirect").await?;
+    apply(
+        &m,
+        r#"
+apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata:
+  name: web
+spec:
+  hosts: [web]
+  http:
+  - match:
+    - uri: {exact: /old}
+    redirect: {uri: /new, redirectCode: 308}
+  - route:
+    - destination: {host: web}
+"#,
+    )
+    .await?;
+    let answers = until(&m, "/old", &[], "the redirect", |a| a.iter().all(|a| a.status == 308)).await?;
+    assert!(answers.iter().all(|a| a.pod.is_none()), "{answers:?}");
+    let head = m.curl(&["-i", &m.url("/old")]).await?;
+    let want = format!("location: http://{}/new", m.vip);
+    assert!(head.to_ascii_lowercase().contains(&want), "{head}");
     Ok(())
 }

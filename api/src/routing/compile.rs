@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use crate::mesh::is_namespace_name;
 
-use super::spec::{HttpMatchRequest, HttpRoute, StringMatchSpec, VirtualServiceSpec};
-use super::{Destination, Fault, Match, Retries, Route, RouteTable, StringMatch};
+use super::spec::{
+    DestinationSpec, HeaderOperations, HttpMatchRequest, HttpRoute, StringMatchSpec, VirtualServiceSpec,
+};
+use super::{Destination, Fault, HeaderOps, Match, Mirror, Redirect, Retries, Rewrite, Route, RouteTable, StringMatch};
 
 /// Regexes are compiled to at most this many bytes each, so that a route
 /// cannot make a proxy build an automaton without bound.
@@ -66,6 +68,12 @@ pub enum RouteError {
     SubsetName { field: String, name: String },
     #[error("{field}: subset {name:?} is defined twice")]
     DuplicateSubset { field: String, name: String },
+    #[error("{field}: cannot be used with {with}")]
+    Conflict { field: String, with: &'static str },
+    #[error("{field}: {name:?} is not a header this route may change")]
+    Header { field: String, name: String },
+    #[error("{field}: {value:?} is not valid here")]
+    Value { field: String, value: String },
     #[error("{field}: {value} is not a count")]
     Count { field: String, value: i64 },
     #[error("{field}: not supported yet (Mizzen routes without it; remove it or route by headers)")]
@@ -93,6 +101,9 @@ impl RouteError {
             RouteError::DuplicateSubset { .. } => "duplicate_subset",
             RouteError::Unsupported { .. } => "unsupported",
             RouteError::Count { .. } => "count",
+            RouteError::Conflict { .. } => "conflict",
+            RouteError::Header { .. } => "header",
+            RouteError::Value { .. } => "value",
         }
     }
 }
@@ -154,6 +165,72 @@ pub fn service_of(field: &str, host: &str, namespace: &str) -> Result<String, Ro
 }
 
 fn route(field: &str, r: &HttpRoute, namespace: &str) -> Result<Route, RouteError> {
+    let redirect = redirect(field, r)?;
+    let (destinations, total_weight) = match &redirect {
+        Some(_) if !r.route.is_empty() => {
+            return Err(RouteError::Conflict {
+                field: format!("{field}.redirect"),
+                with: "route",
+            });
+        }
+        Some(_) => (Vec::new(), 0),
+        None => destinations(field, r, namespace)?,
+    };
+    let matches = r
+        .matches
+        .iter()
+        .enumerate()
+        .map(|(i, m)| match_of(&format!("{field}.match[{i}]"), m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let timeout = match &r.timeout {
+        None => None,
+        Some(t) => Some(duration(&format!("{field}.timeout"), t)?).filter(|d| !d.is_zero()),
+    };
+    let headers = r.headers.as_ref();
+    Ok(Route {
+        name: r.name.clone(),
+        matches,
+        destinations,
+        total_weight,
+        timeout,
+        retries: retries(field, r)?,
+        fault: fault(field, r)?,
+        mirror: mirror(field, r, namespace)?,
+        request_headers: header_ops(
+            &format!("{field}.headers.request"),
+            headers.and_then(|h| h.request.as_ref()),
+        )?,
+        response_headers: header_ops(
+            &format!("{field}.headers.response"),
+            headers.and_then(|h| h.response.as_ref()),
+        )?,
+        rewrite: rewrite(field, r)?,
+        redirect,
+    })
+}
+
+/// A destination spec at `field`.
+fn destination(field: &str, d: &DestinationSpec, weight: u32, namespace: &str) -> Result<Destination, RouteError> {
+    let port = match &d.port {
+        None => None,
+        Some(p) => Some(port(&format!("{field}.port.number"), p.number)?),
+    };
+    if let Some(s) = d.subset.as_deref().filter(|s| !is_namespace_name(s)) {
+        return Err(RouteError::SubsetName {
+            field: format!("{field}.subset"),
+            name: s.into(),
+        });
+    }
+    Ok(Destination {
+        service: service_of(&format!("{field}.host"), &d.host, namespace)?,
+        subset: d.subset.clone(),
+        port,
+        weight,
+    })
+}
+
+/// A route's weighted destinations and their total weight.
+fn destinations(field: &str, r: &HttpRoute, namespace: &str) -> Result<(Vec<Destination>, u32), RouteError> {
     if r.route.is_empty() {
         return Err(RouteError::NoDestination {
             field: format!("{field}.route"),
@@ -175,16 +252,13 @@ fn route(field: &str, r: &HttpRoute, namespace: &str) -> Result<Route, RouteErro
             }
         };
         sum += weight;
-        let port = match &d.destination.port {
-            None => None,
-            Some(p) => Some(port(&format!("{f}.destination.port.number"), p.number)?),
-        };
-        destinations.push(Destination {
-            service: service_of(&format!("{f}.destination.host"), &d.destination.host, namespace)?,
-            subset: d.destination.subset.clone(),
-            port,
-            weight: u32::try_from(weight).unwrap_or(0),
-        });
+        let weight = u32::try_from(weight).unwrap_or(0);
+        destinations.push(destination(
+            &format!("{f}.destination"),
+            &d.destination,
+            weight,
+            namespace,
+        )?);
     }
     if (!lone && sum != 100) || sum == 0 {
         return Err(RouteError::Weights {
@@ -192,25 +266,149 @@ fn route(field: &str, r: &HttpRoute, namespace: &str) -> Result<Route, RouteErro
             sum,
         });
     }
-    let matches = r
-        .matches
-        .iter()
-        .enumerate()
-        .map(|(i, m)| match_of(&format!("{field}.match[{i}]"), m))
-        .collect::<Result<Vec<_>, _>>()?;
-    let timeout = match &r.timeout {
-        None => None,
-        Some(t) => Some(duration(&format!("{field}.timeout"), t)?).filter(|d| !d.is_zero()),
+    Ok((destinations, u32::try_from(sum).unwrap_or(100)))
+}
+
+fn mirror(field: &str, r: &HttpRoute, namespace: &str) -> Result<Option<Mirror>, RouteError> {
+    let Some(d) = &r.mirror else {
+        if r.mirror_percentage.is_some() {
+            return Err(RouteError::Conflict {
+                field: format!("{field}.mirrorPercentage"),
+                with: "no mirror",
+            });
+        }
+        return Ok(None);
     };
-    Ok(Route {
-        name: r.name.clone(),
-        matches,
-        destinations,
-        total_weight: u32::try_from(sum).unwrap_or(100),
-        timeout,
-        retries: retries(field, r)?,
-        fault: fault(field, r)?,
+    Ok(Some(Mirror {
+        destination: destination(&format!("{field}.mirror"), d, 100, namespace)?,
+        share: millionths(
+            &format!("{field}.mirrorPercentage.value"),
+            r.mirror_percentage.as_ref().map(|p| p.value),
+        )?,
+    }))
+}
+
+/// Whether `name` is an HTTP field name (RFC 9110 token).
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Whether `value` is an HTTP field value (visible ASCII, spaces, tabs).
+fn is_header_value(value: &str) -> bool {
+    value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+}
+
+fn header_ops(field: &str, spec: Option<&HeaderOperations>) -> Result<HeaderOps, RouteError> {
+    let Some(spec) = spec else {
+        return Ok(HeaderOps::default());
+    };
+    let name = |f: &str, n: &str| -> Result<String, RouteError> {
+        // Pseudo-headers and the proxies' own are not the route's to change.
+        let lower = n.to_ascii_lowercase();
+        if !is_header_name(n) || lower.starts_with("x-mizzen-") || lower == "host" {
+            return Err(RouteError::Header {
+                field: format!("{field}.{f}"),
+                name: n.into(),
+            });
+        }
+        Ok(lower)
+    };
+    let pairs = |f: &str, m: &std::collections::BTreeMap<String, String>| {
+        m.iter()
+            .map(|(k, v)| {
+                let n = name(f, k)?;
+                if !is_header_value(v) {
+                    return Err(RouteError::Header {
+                        field: format!("{field}.{f}.{k}"),
+                        name: v.clone(),
+                    });
+                }
+                Ok((n, v.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(HeaderOps {
+        remove: spec
+            .remove
+            .iter()
+            .map(|n| name("remove", n))
+            .collect::<Result<_, _>>()?,
+        set: pairs("set", &spec.set)?,
+        add: pairs("add", &spec.add)?,
     })
+}
+
+/// Whether `path` can be a request's path (origin form, no query).
+fn is_path(path: &str) -> bool {
+    path.starts_with('/') && path.bytes().all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#')
+}
+
+/// Whether `authority` is a host name or address, with an optional port.
+fn is_authority(authority: &str) -> bool {
+    !authority.is_empty()
+        && authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+}
+
+fn rewrite(field: &str, r: &HttpRoute) -> Result<Option<Rewrite>, RouteError> {
+    let Some(spec) = &r.rewrite else { return Ok(None) };
+    if r.redirect.is_some() {
+        return Err(RouteError::Conflict {
+            field: format!("{field}.rewrite"),
+            with: "redirect",
+        });
+    }
+    check(&format!("{field}.rewrite.uri"), spec.uri.as_deref(), is_path)?;
+    check(
+        &format!("{field}.rewrite.authority"),
+        spec.authority.as_deref(),
+        is_authority,
+    )?;
+    Ok(Some(Rewrite {
+        uri: spec.uri.clone(),
+        authority: spec.authority.clone(),
+    }))
+}
+
+fn check(field: &str, value: Option<&str>, ok: fn(&str) -> bool) -> Result<(), RouteError> {
+    match value {
+        Some(v) if !ok(v) => Err(RouteError::Value {
+            field: field.into(),
+            value: v.into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn redirect(field: &str, r: &HttpRoute) -> Result<Option<Redirect>, RouteError> {
+    let Some(spec) = &r.redirect else { return Ok(None) };
+    let f = format!("{field}.redirect");
+    check(&format!("{f}.uri"), spec.uri.as_deref(), is_path)?;
+    check(&format!("{f}.authority"), spec.authority.as_deref(), is_authority)?;
+    check(&format!("{f}.scheme"), spec.scheme.as_deref(), |s| {
+        matches!(s, "http" | "https")
+    })?;
+    let code = match spec.redirect_code {
+        None => 301,
+        Some(c @ (301 | 302 | 303 | 307 | 308)) => c as u16,
+        Some(c) => {
+            return Err(RouteError::Status {
+                field: format!("{f}.redirectCode"),
+                value: c,
+            });
+        }
+    };
+    Ok(Some(Redirect {
+        uri: spec.uri.clone(),
+        authority: spec.authority.clone(),
+        port: spec.port.map(|p| port(&format!("{f}.port"), p)).transpose()?,
+        scheme: spec.scheme.clone(),
+        code,
+    }))
 }
 
 fn retries(field: &str, r: &HttpRoute) -> Result<Option<Retries>, RouteError> {

@@ -23,7 +23,10 @@ pub struct Decision<'t> {
     /// The route's index in its table (a metric label with the name).
     pub index: usize,
     pub route: &'t Route,
-    pub destination: &'t Destination,
+    /// `None` for a redirect.
+    pub destination: Option<&'t Destination>,
+    /// The route's match that held (`None` for a route without matches).
+    pub matched: Option<&'t Match>,
 }
 
 /// Why a request is not routed.
@@ -96,15 +99,38 @@ pub fn pick(route: &Route, roll: u32) -> Option<&Destination> {
 /// The first route of `table` whose match `req` satisfies (a route
 /// without matches takes every request), and its destination for `roll`.
 pub fn decide<'t>(table: &'t RouteTable, req: &impl RequestView, roll: u32) -> Result<Decision<'t>, NoRoute> {
-    let (index, route) = table
+    let (index, route, matched) = table
         .routes
         .iter()
         .enumerate()
-        .find(|(_, r)| r.matches.is_empty() || r.matches.iter().any(|m| holds(m, req)))
+        .find_map(|(i, r)| {
+            if r.matches.is_empty() {
+                return Some((i, r, None));
+            }
+            r.matches.iter().find(|m| holds(m, req)).map(|m| (i, r, Some(m)))
+        })
         .ok_or(NoRoute::NoMatch)?;
+    let destination = match route.redirect {
+        Some(_) => None,
+        None => Some(pick(route, roll).ok_or(NoRoute::NoDestination)?),
+    };
     Ok(Decision {
         index,
         route,
-        destination: pick(route, roll).ok_or(NoRoute::NoDestination)?,
+        destination,
+        matched,
     })
+}
+
+/// The path `rewrite` makes of `path`, which `matched` matched: the
+/// prefix a `uri.prefix` match matched is replaced, any other path
+/// whole (Istio's `rewrite.uri`).
+pub fn rewritten_path(rewrite: &str, matched: Option<&Match>, path: &str) -> String {
+    match matched.and_then(|m| m.uri.as_ref()) {
+        Some(super::StringMatch::Prefix(p)) => match path.strip_prefix(p.as_str()) {
+            Some(rest) => format!("{rewrite}{rest}"),
+            None => rewrite.to_owned(),
+        },
+        _ => rewrite.to_owned(),
+    }
 }

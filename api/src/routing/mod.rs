@@ -108,18 +108,67 @@ pub struct Fault {
     pub abort: Option<(u16, u32)>,
 }
 
+/// Header changes, applied in Istio's order: remove, set, add. Names are
+/// lower-case and valid; values are valid header values.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderOps {
+    pub remove: Vec<String>,
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+}
+
+/// Where a share of requests is copied to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mirror {
+    pub destination: Destination,
+    /// In millionths.
+    pub share: u32,
+}
+
+/// Istio's `HTTPRewrite`, checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rewrite {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+}
+
+/// Istio's `HTTPRedirect`, checked: what is absent comes from the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub port: Option<u16>,
+    pub scheme: Option<String>,
+    /// 301, 302, 303, 307 or 308.
+    pub code: u16,
+}
+
 /// One HTTP route.
 #[derive(Debug, Clone)]
 pub struct Route {
     pub name: Option<String>,
     /// Any one of these; none means every request.
     pub matches: Vec<Match>,
+    /// Empty only for a redirect.
     pub destinations: Vec<Destination>,
-    /// The sum of `destinations`' weights (more than 0).
+    /// The sum of `destinations`' weights (more than 0 but for a
+    /// redirect).
     pub total_weight: u32,
     pub timeout: Option<Duration>,
     pub retries: Option<Retries>,
     pub fault: Option<Fault>,
+    pub mirror: Option<Mirror>,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+    pub rewrite: Option<Rewrite>,
+    /// Answered instead of forwarding (then `destinations` is empty).
+    pub redirect: Option<Redirect>,
 }
 
 /// A Service's HTTP routes, in order.

@@ -1,10 +1,11 @@
 //! The part of Istio's `VirtualService` (`networking.istio.io/v1`) that
 //! Mizzen implements, field for field: `hosts` and `http` routes with
-//! `match`, `route`, `timeout`, `retries` and `fault`.
+//! `match`, `route`, `timeout`, `retries`, `fault`, `mirror`,
+//! `mirrorPercentage`, `headers`, `rewrite` and `redirect`.
 //!
 //! Every struct denies unknown fields: a field Istio has and Mizzen does
-//! not implement yet (`mirror`, `corsPolicy`, `rewrite`, `tcp`, the
-//! deprecated `percent`, …) is an error naming it, never ignored, so that
+//! not implement yet (`corsPolicy`, `tcp`, `tls`, `uriRegexRewrite`, the
+//! deprecated `mirrorPercent`, …) is an error naming it, never ignored, so that
 //! a route that would behave differently under Mizzen is refused.
 
 use std::collections::BTreeMap;
@@ -63,6 +64,80 @@ pub struct HttpRoute {
     pub retries: Option<HttpRetry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<HttpFaultInjection>,
+    /// A copy of each request (without a body) goes here too; its answer
+    /// is discarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<DestinationSpec>,
+    /// Of requests mirrored; all when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_percentage: Option<Percent>,
+    /// Header changes on the way to the destination and back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<HeadersSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<HttpRewrite>,
+    /// An answer sending the client elsewhere, instead of `route`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<HttpRedirect>,
+}
+
+/// Istio's `Headers`: changes to the request and to the response.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeadersSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<HeaderOperations>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<HeaderOperations>,
+}
+
+/// Set (replace), add (append) and remove headers, in Istio's order:
+/// remove, then set, then add.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderOperations {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+/// Istio's `HTTPRewrite`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRewrite {
+    /// Replaces the prefix a `uri.prefix` match matched, or else the
+    /// whole path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// Replaces the Host (`:authority`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+}
+
+/// Istio's `HTTPRedirect`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRedirect {
+    /// The new path (the request's when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
+    /// `http` or `https` (the request's when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    /// Default 301.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_code: Option<i64>,
 }
 
 /// Istio's `StringMatch`: exactly one of the three.

@@ -56,7 +56,9 @@ fn table(v: serde_json::Value) -> RouteTable {
 }
 
 fn subset_for(t: &RouteTable, req: &Req) -> Option<String> {
-    decide(t, req, 0).ok().and_then(|d| d.destination.subset.clone())
+    decide(t, req, 0)
+        .ok()
+        .and_then(|d| d.destination.and_then(|d| d.subset.clone()))
 }
 
 #[test]
@@ -77,7 +79,10 @@ fn the_workshop_header_route_sends_jason_to_v2_and_everyone_else_to_v1() {
     assert_eq!(subset_for(&t, &other).as_deref(), Some("v1"));
     assert_eq!(subset_for(&t, &get("/reviews/0")).as_deref(), Some("v1"));
     let d = decide(&t, &jason, 0).expect("routed");
-    assert_eq!((d.index, d.destination.service.as_str()), (0, "bookinfo/reviews"));
+    assert_eq!(
+        (d.index, d.destination.map(|d| d.service.as_str())),
+        (0, Some("bookinfo/reviews"))
+    );
 }
 
 #[test]
@@ -108,8 +113,7 @@ fn subset_for_roll(t: &RouteTable, roll: u32) -> String {
     decide(t, &get("/"), roll)
         .expect("routed")
         .destination
-        .subset
-        .clone()
+        .and_then(|d| d.subset.clone())
         .unwrap_or_default()
 }
 
@@ -341,10 +345,10 @@ fn what_cannot_be_honoured_is_refused_naming_the_field() {
 #[test]
 fn fields_mizzen_does_not_implement_are_refused_by_name() {
     for (field, value) in [
-        ("mirror", json!({"host": "reviews"})),
         ("corsPolicy", json!({})),
-        ("rewrite", json!({"uri": "/"})),
-        ("redirect", json!({"uri": "/"})),
+        ("mirrorPercent", json!(50)),
+        ("directResponse", json!({"status": 200})),
+        ("delegate", json!({"name": "other"})),
     ] {
         let mut route = json!({"route": [{"destination": {"host": "reviews"}}]});
         route[field] = value;
@@ -441,4 +445,86 @@ fn destination_rules_refuse_what_they_cannot_honour() {
     )
     .expect_err("refused");
     assert!(err.to_string().contains("unknown field `loadBalancer`"), "{err}");
+}
+
+#[test]
+fn a_redirect_route_has_no_destination_and_cannot_have_one() {
+    let t = table(json!({
+        "hosts": ["reviews"],
+        "http": [{"match": [{"uri": {"prefix": "/old"}}], "redirect": {"uri": "/new", "redirectCode": 308}},
+                 {"route": [{"destination": {"host": "reviews"}}]}]
+    }));
+    let d = decide(&t, &get("/old/x"), 0).expect("routed");
+    assert!(d.destination.is_none());
+    assert_eq!(d.route.redirect.as_ref().map(|r| r.code), Some(308));
+    let both = compile(
+        &spec(
+            json!({"hosts": ["r"], "http": [{"redirect": {"uri": "/x"}, "route": [{"destination": {"host": "r"}}]}]}),
+        ),
+        "ns",
+    )
+    .expect_err("refused");
+    assert_eq!(both.to_string(), "http[0].redirect: cannot be used with route");
+    let code = compile(
+        &spec(json!({"hosts": ["r"], "http": [{"redirect": {"redirectCode": 200}}]})),
+        "ns",
+    )
+    .expect_err("refused");
+    assert_eq!(code.reason(), "status");
+}
+
+#[test]
+fn a_prefix_rewrite_replaces_the_matched_prefix_and_any_other_the_whole_path() {
+    let t = table(json!({
+        "hosts": ["reviews"],
+        "http": [{"match": [{"uri": {"exact": "/exact"}}, {"uri": {"prefix": "/api/v1/"}}],
+                  "rewrite": {"uri": "/v2/"},
+                  "route": [{"destination": {"host": "reviews"}}]}]
+    }));
+    let rewritten = |path: &'static str| {
+        let d = decide(&t, &get(path), 0).expect("routed");
+        decide::rewritten_path("/v2/", d.matched, path)
+    };
+    assert_eq!(rewritten("/api/v1/items"), "/v2/items");
+    assert_eq!(rewritten("/exact"), "/v2/");
+}
+
+#[test]
+fn header_operations_name_valid_headers_only() {
+    let ok = table(
+        json!({"hosts": ["r"], "http": [{"route": [{"destination": {"host": "r"}}],
+        "headers": {"request": {"set": {"X-Version": "v2"}, "add": {"x-extra": "1"}, "remove": ["Cookie"]}}}]}),
+    );
+    let ops = &ok.routes[0].request_headers;
+    assert_eq!(ops.set, [("x-version".to_string(), "v2".to_string())]);
+    assert_eq!(ops.remove, ["cookie"]);
+    for bad in [
+        json!({"request": {"set": {"bad name": "x"}}}),
+        json!({"request": {"set": {"x-ok": "line\nbreak"}}}),
+        json!({"response": {"remove": ["x-mizzen-response-flags"]}}),
+        json!({"request": {"set": {"host": "elsewhere"}}}),
+    ] {
+        let err = compile(
+            &spec(json!({"hosts": ["r"], "http": [{"route": [{"destination": {"host": "r"}}], "headers": bad}]})),
+            "ns",
+        )
+        .expect_err("refused");
+        assert_eq!(err.reason(), "header", "{bad}: {err}");
+    }
+}
+
+#[test]
+fn a_mirror_is_a_destination_with_a_share() {
+    let t = table(
+        json!({"hosts": ["r"], "http": [{"route": [{"destination": {"host": "r", "subset": "v1"}}],
+        "mirror": {"host": "r", "subset": "v2"}, "mirrorPercentage": {"value": 25.0}}]}),
+    );
+    let m = t.routes[0].mirror.as_ref().expect("mirror");
+    assert_eq!((m.destination.subset.as_deref(), m.share), (Some("v2"), 250_000));
+    let err = compile(
+        &spec(json!({"hosts": ["r"], "http": [{"route": [{"destination": {"host": "r"}}], "mirrorPercentage": {"value": 5.0}}]})),
+        "ns",
+    )
+    .expect_err("refused");
+    assert_eq!(err.reason(), "conflict");
 }

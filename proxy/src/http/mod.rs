@@ -230,18 +230,20 @@ impl ResponseFlag {
 /// The proxy's own answer: 503 with the flag in a header and a short
 /// reason in the body.
 pub fn unavailable(flag: ResponseFlag, reason: &str) -> hyper::Response<Body> {
-    answer(hyper::StatusCode::SERVICE_UNAVAILABLE, flag, reason)
+    answer(hyper::StatusCode::SERVICE_UNAVAILABLE, Some(flag), reason)
 }
 
 /// The proxy's own answer with `status`, the flag in a header and a short
 /// reason in the body.
-pub fn answer(status: hyper::StatusCode, flag: ResponseFlag, reason: &str) -> hyper::Response<Body> {
+pub fn answer(status: hyper::StatusCode, flag: Option<ResponseFlag>, reason: &str) -> hyper::Response<Body> {
     let mut r = hyper::Response::new(full(format!("{reason}\n")));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        headers::RESPONSE_FLAGS,
-        hyper::header::HeaderValue::from_static(flag.as_str()),
-    );
+    if let Some(flag) = flag {
+        r.headers_mut().insert(
+            headers::RESPONSE_FLAGS,
+            hyper::header::HeaderValue::from_static(flag.as_str()),
+        );
+    }
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain"),

@@ -84,20 +84,24 @@ where
 }
 
 /// A request that got no response from upstream: the proxy answers
-/// `status` (503 but for routing's answers).
+/// `status` (503 but for routing's answers) with `error` as the body,
+/// and the flag (none for a route's redirect).
 #[derive(Debug)]
 pub(super) struct Refusal {
     pub status: hyper::StatusCode,
-    pub flag: ResponseFlag,
+    pub flag: Option<ResponseFlag>,
     pub error: String,
+    /// A redirect's `Location`.
+    pub location: Option<HeaderValue>,
 }
 
 impl Refusal {
     fn unavailable(flag: ResponseFlag, error: String) -> Self {
         Self {
             status: hyper::StatusCode::SERVICE_UNAVAILABLE,
-            flag,
+            flag: Some(flag),
             error,
+            location: None,
         }
     }
 }
@@ -167,9 +171,13 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
             (response.map(super::boxed), Some((load, place)))
         }
         Err(r) => {
-            debug!(%dst, status = r.status.as_u16(), flag = r.flag.as_str(), error = %r.error, "answering the app");
-            facts.flag = Some(r.flag);
-            (super::answer(r.status, r.flag, &r.error), None)
+            debug!(%dst, status = r.status.as_u16(), flag = r.flag.map(ResponseFlag::as_str), error = %r.error, "answering the app");
+            facts.flag = r.flag;
+            let mut answer = super::answer(r.status, r.flag, &r.error);
+            if let Some(location) = r.location {
+                answer.headers_mut().insert(hyper::header::LOCATION, location);
+            }
+            (answer, None)
         }
     };
     super::recorded(response, exchange, o.metrics.clone(), load)

@@ -4,7 +4,13 @@
 //! fault (delay, abort), timeout and retries around sending it
 //! ([`mizzen_api::routing`] decides; this module acts).
 //!
-//! - No route matches: 404 with flag `NR`, as Envoy answers.
+//! - No route matches: 404 with flag `NR`, as Envoy answers. A redirect
+//!   route answers its code with `Location`.
+//! - Header operations change the request on its way and the answer on
+//!   its way back; a rewrite changes the path (the matched prefix, or the
+//!   whole path) and the Host.
+//! - A mirror gets a copy of a share of the requests without a body,
+//!   whose answer is dropped (at most [`MAX_MIRRORS`] in flight).
 //! - A subset no endpoint is in, or a Service the proxy does not know:
 //!   503 `UH`.
 //! - An injected abort: its status with flag `FI`; an injected delay
@@ -25,11 +31,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use hyper::body::Body as _;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Request, StatusCode, Version};
-use mizzen_api::routing::policy::Failure;
-use mizzen_api::routing::{RequestView, Retries, Route, RouteTable, decide};
+use mizzen_api::routing::decide::rewritten_path;
+use mizzen_api::routing::policy::{Failure, applies};
+use mizzen_api::routing::{
+    Destination as RouteDestination, HeaderOps, Match, Mirror, NoRoute, Redirect, RequestView, Retries, Rewrite, Route,
+    RouteTable, decide,
+};
 
 use super::outbound::{Forwarded, Refusal, forward};
 use super::upgrade::Takeover;
@@ -76,6 +88,9 @@ const MIN_RETRY_CONCURRENCY: usize = 3;
 const BASE_BACKOFF: Duration = Duration::from_millis(25);
 const MAX_BACKOFF: Duration = Duration::from_millis(250);
 
+/// Mirrored requests in flight at most, per proxy.
+pub const MAX_MIRRORS: usize = 64;
+
 /// Bounds retries by the live requests that may retry, so that retries
 /// cannot multiply an outage.
 #[derive(Debug, Default)]
@@ -114,9 +129,141 @@ impl RetryBudget {
 fn refusal(status: StatusCode, flag: ResponseFlag, error: impl Into<String>) -> Refusal {
     Refusal {
         status,
-        flag,
+        flag: Some(flag),
         error: error.into(),
+        location: None,
     }
+}
+
+/// The target of `d`, a route's destination, for a request that came for
+/// `dst`: its Service's, or its subset's (an empty one when no endpoint
+/// is in it).
+fn target_of(routes: &Routes, d: &RouteDestination, dst: SocketAddr) -> Result<Arc<Target>, Refusal> {
+    let Some(service) = routes.target(&d.service, d.port, dst) else {
+        let port = d.port.map_or_else(|| "its port".to_owned(), |p| format!("port {p}"));
+        return Err(refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ResponseFlag::NoHealthyUpstream,
+            format!("the route's destination {} has no {port} this proxy knows", d.service),
+        ));
+    };
+    Ok(match &d.subset {
+        None => service.clone(),
+        Some(name) => service.subsets.get(name).cloned().unwrap_or_else(|| {
+            Arc::new(Target {
+                service: format!("{} subset {name}", d.service),
+                backends: Vec::new(),
+                ..(**service).clone()
+            })
+        }),
+    })
+}
+
+/// `authority` without its port, if it has one (`[::1]:80` → `[::1]`).
+fn without_port(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')) => h,
+        _ => authority,
+    }
+}
+
+/// The answer of a redirect route to the request `parts`.
+fn redirect(r: &Redirect, parts: &Parts) -> Refusal {
+    let scheme = r.scheme.as_deref().or(parts.uri.scheme_str()).unwrap_or("http");
+    let host = r
+        .authority
+        .as_deref()
+        .or_else(|| super::headers::authority(&parts.uri, &parts.headers))
+        .unwrap_or("");
+    let host = match r.port {
+        None => host.to_owned(),
+        Some(p) => format!("{}:{p}", without_port(host)),
+    };
+    let path = r.uri.as_deref().unwrap_or(parts.uri.path());
+    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let location = HeaderValue::from_str(&format!("{scheme}://{host}{path}{query}")).ok();
+    Refusal {
+        status: StatusCode::from_u16(r.code).unwrap_or(StatusCode::MOVED_PERMANENTLY),
+        flag: None,
+        error: String::new(),
+        location,
+    }
+}
+
+/// Applies `ops` to `headers`: remove, then set, then add.
+fn change_headers(ops: &HeaderOps, headers: &mut HeaderMap) {
+    for name in &ops.remove {
+        headers.remove(name.as_str());
+    }
+    let valid = |(n, v): &(String, String)| {
+        Some((
+            HeaderName::from_bytes(n.as_bytes()).ok()?,
+            HeaderValue::from_str(v).ok()?,
+        ))
+    };
+    for (name, value) in ops.set.iter().filter_map(valid) {
+        headers.insert(name, value);
+    }
+    for (name, value) in ops.add.iter().filter_map(valid) {
+        headers.append(name, value);
+    }
+}
+
+/// `parts` rewritten: the path (keeping the query) and the authority.
+fn rewrite(r: &Rewrite, matched: Option<&Match>, parts: &mut Parts) {
+    let mut uri = parts.uri.clone().into_parts();
+    if let Some(new) = &r.uri {
+        let path = rewritten_path(new, matched, parts.uri.path());
+        let target = match parts.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        uri.path_and_query = target.parse().ok().or(uri.path_and_query);
+    }
+    if let Some(authority) = &r.authority {
+        if uri.authority.is_some() {
+            uri.authority = authority.parse().ok().or(uri.authority);
+        }
+        if let Ok(v) = HeaderValue::from_str(authority) {
+            parts.headers.insert(hyper::header::HOST, v);
+        }
+    }
+    if let Ok(u) = hyper::Uri::from_parts(uri) {
+        parts.uri = u;
+    }
+}
+
+/// Copies the request `parts` (which has no body) to `m`'s destination,
+/// its Host suffixed `-shadow` as Envoy does, and drops the answer; at
+/// most [`MAX_MIRRORS`] at once, more are not copied.
+fn mirror(o: &Arc<Outbound>, routes: &Routes, m: &Mirror, dst: SocketAddr, parts: &Parts) {
+    let Ok(target) = target_of(routes, &m.destination, dst) else {
+        return;
+    };
+    let Ok(slot) = o.mirrors.clone().try_acquire_owned() else {
+        return;
+    };
+    let mut req = replay(parts);
+    if let Some(host) = super::headers::authority(&parts.uri, &parts.headers)
+        && let Ok(shadow) = HeaderValue::from_str(&format!("{host}-shadow"))
+    {
+        req.headers_mut().insert(hyper::header::HOST, shadow);
+        let mut uri = req.uri().clone().into_parts();
+        uri.authority = None;
+        uri.scheme = None;
+        if let Ok(u) = hyper::Uri::from_parts(uri) {
+            *req.uri_mut() = u;
+        }
+    }
+    let (o, version) = (o.clone(), parts.version);
+    tokio::spawn(async move {
+        let _slot = slot;
+        if let Ok(f) = forward(&o, Some(Destination::Service(target)), version, None, req, &[]).await {
+            o.metrics.mirrored();
+            let mut body = f.response.into_body();
+            while let Some(Ok(_)) = body.frame().await {}
+        }
+    });
 }
 
 /// Sends `req`, which came for `target` (a Service that `table` routes)
@@ -132,32 +279,19 @@ pub(super) async fn routed(
     takeover: Option<&Takeover>,
     req: Request<Body>,
 ) -> Result<Forwarded, Refusal> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let head = Head {
         parts: &parts,
         port: target.port,
     };
-    let decision = decide(table, &head, rand::random())
-        .map_err(|e| refusal(StatusCode::NOT_FOUND, ResponseFlag::NoRoute, e.to_string()))?;
-    let (route, d) = (decision.route, decision.destination);
-    let Some(service) = routes.target(&d.service, d.port, dst) else {
-        let port = d.port.map_or_else(|| "its port".to_owned(), |p| format!("port {p}"));
-        return Err(refusal(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ResponseFlag::NoHealthyUpstream,
-            format!("the route's destination {} has no {port} this proxy knows", d.service),
-        ));
-    };
-    let chosen = match &d.subset {
-        None => service.clone(),
-        Some(name) => service.subsets.get(name).cloned().unwrap_or_else(|| {
-            Arc::new(Target {
-                service: format!("{} subset {name}", d.service),
-                backends: Vec::new(),
-                ..(**service).clone()
-            })
-        }),
-    };
+    let no_route = |e: NoRoute| refusal(StatusCode::NOT_FOUND, ResponseFlag::NoRoute, e.to_string());
+    let decision = decide(table, &head, rand::random()).map_err(no_route)?;
+    let route = decision.route;
+    if let Some(r) = &route.redirect {
+        return Err(redirect(r, &parts));
+    }
+    let d = decision.destination.ok_or_else(|| no_route(NoRoute::NoDestination))?;
+    let chosen = target_of(routes, d, dst)?;
     let mut flag = None;
     if let Some(fault) = &route.fault {
         if let Some(delay) = fault.delay_for(rand::random()) {
@@ -168,6 +302,17 @@ pub(super) async fn routed(
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
             return Err(refusal(status, ResponseFlag::FaultInjected, "fault filter abort"));
         }
+    }
+    change_headers(&route.request_headers, &mut parts.headers);
+    if let Some(r) = &route.rewrite {
+        rewrite(r, decision.matched, &mut parts);
+    }
+    if let Some(m) = &route.mirror
+        && takeover.is_none()
+        && body.is_end_stream()
+        && applies(m.share, rand::random())
+    {
+        mirror(o, routes, m, dst, &parts);
     }
     let req = Request::from_parts(parts, body);
     let attempts = attempts(o, route, Destination::Service(chosen), version, takeover, req);
@@ -183,6 +328,7 @@ pub(super) async fn routed(
     };
     forwarded.map(|mut f| {
         f.flag = f.flag.or(flag);
+        change_headers(&route.response_headers, f.response.headers_mut());
         f
     })
 }
@@ -190,7 +336,7 @@ pub(super) async fn routed(
 /// The failure a refusal stands for, for retry conditions (`None`: not
 /// worth another attempt).
 fn failure_of(r: &Refusal) -> Option<Failure> {
-    match r.flag {
+    match r.flag? {
         ResponseFlag::UpstreamConnectionFailure => Some(Failure::Connect),
         ResponseFlag::UpstreamReset | ResponseFlag::UpstreamRequestTimeout => Some(Failure::Reset),
         _ => None,
@@ -312,6 +458,52 @@ mod tests {
         drop(live);
         let admitted: Vec<_> = (0..10).filter_map(|_| budget.admit()).collect();
         assert_eq!(admitted.len(), MIN_RETRY_CONCURRENCY);
+    }
+
+    #[test]
+    fn a_port_is_taken_off_an_authority_but_not_off_an_ipv6_address() {
+        assert_eq!(without_port("web:8080"), "web");
+        assert_eq!(without_port("web"), "web");
+        assert_eq!(without_port("[::1]:80"), "[::1]");
+        assert_eq!(without_port("::1"), "::1");
+    }
+
+    #[test]
+    fn header_operations_remove_then_set_then_add() {
+        let ops = HeaderOps {
+            remove: vec!["cookie".into()],
+            set: vec![("x-version".into(), "v2".into())],
+            add: vec![("x-version".into(), "extra".into())],
+        };
+        let mut h = HeaderMap::new();
+        h.insert("cookie", HeaderValue::from_static("a=1"));
+        h.insert("x-version", HeaderValue::from_static("v1"));
+        change_headers(&ops, &mut h);
+        assert!(h.get("cookie").is_none());
+        let versions: Vec<_> = h.get_all("x-version").iter().collect();
+        assert_eq!(versions, ["v2", "extra"]);
+    }
+
+    #[test]
+    fn a_redirect_keeps_what_it_does_not_change() {
+        let (parts, _) = Request::get("/old/x?q=1")
+            .header("host", "web.demo:8080")
+            .body(())
+            .expect("request")
+            .into_parts();
+        let r = Redirect {
+            uri: Some("/new".into()),
+            authority: None,
+            port: Some(9090),
+            scheme: Some("https".into()),
+            code: 308,
+        };
+        let answer = redirect(&r, &parts);
+        assert_eq!(answer.status, StatusCode::PERMANENT_REDIRECT);
+        assert_eq!(
+            answer.location.as_ref().and_then(|v| v.to_str().ok()),
+            Some("https://web.demo:9090/new?q=1")
+        );
     }
 
     #[test]

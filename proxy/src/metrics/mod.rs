@@ -63,6 +63,8 @@ pub struct ProxyMetrics {
     retries: Counter,
     /// Endpoints ejected by a DestinationRule's outlier detection.
     ejections: Counter,
+    /// Mirrored requests that were answered (the answers are dropped).
+    mirrored: Counter,
     /// HTTP requests.
     requests: RequestMetrics,
     /// Authorization decisions.
@@ -125,6 +127,11 @@ impl ProxyMetrics {
             self.retries.clone(),
         );
         r.register(
+            "mirrored_requests",
+            "Copies of requests sent to a VirtualService route's mirror and answered (the answers are dropped)",
+            self.mirrored.clone(),
+        );
+        r.register(
             "outlier_ejections",
             "Endpoints ejected by a DestinationRule's outlier detection",
             self.ejections.clone(),
@@ -180,6 +187,11 @@ impl ProxyMetrics {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         self.certificate_expiry.set(i64::try_from(secs).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a mirrored request that was answered.
+    pub fn mirrored(&self) {
+        self.mirrored.inc();
     }
 
     /// Counts an endpoint ejected by outlier detection.
