@@ -7,7 +7,10 @@
 //! path). Prints added latency (p50/p90/p99) at fixed 1,000 and 3,000
 //! requests/s, CPU seconds per 1,000 requests of each proxy (and L7/L4),
 //! throughput at maximum rate with one and two proxy workers, peak RSS
-//! and the memory of 1,000 idle connections. Figures are printed, not
+//! and the memory of 1,000 idle connections; and the latency a
+//! VirtualService with retries and a timeout adds to the L7 path (a
+//! Service routed by one, against the plain Service, at 1,000
+//! requests/s). Figures are printed, not
 //! asserted (the machine is shared); what is asserted is that every
 //! request succeeded and really crossed both proxies.
 //!
@@ -153,6 +156,28 @@ struct Targets {
     l7: String,
 }
 
+/// A VirtualService routing `host` (the HTTP server's second Service)
+/// with a timeout and retries: what the routed path costs. The load's
+/// requests are POSTs with bodies, which are never retried, so this
+/// measures deciding the route and arming its timers.
+fn routed_service(host: &str) -> String {
+    format!(
+        "apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata: {{name: {host}}}
+spec:
+  hosts: [{host}]
+  http:
+  - match:
+    - uri: {{prefix: /}}
+    route:
+    - destination: {{host: {host}}}
+    timeout: 5s
+    retries: {{attempts: 2, perTryTimeout: 2s, retryOn: \"5xx,connect-failure\"}}
+"
+    )
+}
+
 /// The benchmark's pods: in the mesh namespace a server, a gRPC server,
 /// `client` (one proxy worker) and `client2` (two); the same servers and
 /// a client without the mesh.
@@ -162,6 +187,8 @@ struct Bench {
     plain: String,
     http: Targets,
     grpc: Targets,
+    /// The HTTP server behind a Service a VirtualService routes.
+    routed: String,
 }
 
 impl Bench {
@@ -201,6 +228,8 @@ impl Bench {
             l4: service(&client, &mesh, "grpc-tcp", "grpc", "tcp-grpc").await?,
             l7: service(&client, &mesh, "grpc", "grpc", "grpc").await?,
         };
+        let routed = service(&client, &mesh, "server-routed", "server", "http").await?;
+        cluster.apply(&mesh, &routed_service("server-routed")).await?;
         for (ns, names) in [
             (&mesh, &["server", "grpc", "client", "client2"][..]),
             (&plain, &["server", "grpc", "client"][..]),
@@ -224,8 +253,10 @@ impl Bench {
             mesh_node,
             mesh,
             plain,
+            routed,
         };
         for (what, target) in [
+            (Load::Http, b.routed.clone()),
             (Load::Http, b.http.l7.clone()),
             (Load::Http, b.http.l4.clone()),
             (Load::Grpc, b.grpc.l7.clone()),
@@ -359,6 +390,16 @@ async fn proxied_against_direct_http_and_grpc() -> anyhow::Result<()> {
             });
         }
     }
+    // The routed Service against the plain one, back to back at one rate.
+    load(node, mesh, "client", Load::Http, &b.routed, "1000", "1").await?;
+    let plain_l7 = load(node, mesh, "client", Load::Http, &b.http.l7, "1000", SECS).await?;
+    let routed = measured(&b, Load::Http, &b.routed, "1000", "server").await?;
+    let routed_retries = metric(
+        &http_get(&format!("http://{}:15020/metrics", node.pod(mesh, "client")?.1))
+            .await?
+            .1,
+        "mizzen_proxy_retries_total",
+    );
     let direct_max = load(node, plain, "client", Load::Http, &b.http.direct, "0", SECS).await?;
     let one_worker = load(node, mesh, "client", Load::Http, &b.http.l7, "0", SECS).await?;
     let two_workers = load(node, mesh, "client2", Load::Http, &b.http.l7, "0", SECS).await?;
@@ -383,7 +424,13 @@ async fn proxied_against_direct_http_and_grpc() -> anyhow::Result<()> {
         .map(|r| r.l7.run.requests)
         .sum::<f64>()
         + one_worker.requests
-        + two_workers.requests;
+        + two_workers.requests
+        + plain_l7.requests
+        + routed.run.requests;
+    for (what, run) in [("plain L7", plain_l7), ("routed", routed.run)] {
+        assert_eq!(run.errors, 0.0, "{what}: {run:?}");
+    }
+    assert_eq!(routed_retries, 0.0, "nothing failed, so nothing was retried");
     eventually(
         TIMEOUT,
         "the server's proxy to have served every L7 request",
@@ -434,6 +481,19 @@ async fn proxied_against_direct_http_and_grpc() -> anyhow::Result<()> {
         one_worker.rps / direct_max.rps,
         two_workers.rps,
         two_workers.rps / one_worker.rps,
+    );
+    let ms = |us: f64| us / 1000.0;
+    eprintln!(
+        "VirtualService with a timeout and retries, HTTP/1.1 at 1000 req/s: p50/p90/p99 {:.3} / {:.3} / {:.3} ms against {:.3} / {:.3} / {:.3} ms for the plain Service: {:+.3} / {:+.3} / {:+.3} ms added",
+        ms(routed.run.p50),
+        ms(routed.run.p90),
+        ms(routed.run.p99),
+        ms(plain_l7.p50),
+        ms(plain_l7.p90),
+        ms(plain_l7.p99),
+        ms(routed.run.p50 - plain_l7.p50),
+        ms(routed.run.p90 - plain_l7.p90),
+        ms(routed.run.p99 - plain_l7.p99),
     );
     eprintln!(
         "peak RSS: client proxy {:.1} MiB, server proxy {:.1} MiB   (target < 15 MB)",
