@@ -48,6 +48,10 @@ pub struct PodEnv {
     pub app_probes: Option<String>,
     /// `MIZZEN_LOG_LEVEL` (default `info`; `RUST_LOG` wins).
     pub log_level: String,
+    /// `MIZZEN_POD_LABELS`: the pod's labels as it was admitted (JSON), for
+    /// routes' `sourceLabels`; empty when unset or not a JSON object of
+    /// strings.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl PodEnv {
@@ -61,6 +65,9 @@ impl PodEnv {
             instance_ip: var("INSTANCE_IP").and_then(|ip| ip.parse().ok()),
             app_probes: var("MIZZEN_APP_PROBES"),
             log_level: var("MIZZEN_LOG_LEVEL").unwrap_or_else(|| "info".into()),
+            labels: var("MIZZEN_POD_LABELS")
+                .and_then(|j| serde_json::from_str(&j).ok())
+                .unwrap_or_default(),
         }
     }
 

@@ -54,6 +54,8 @@ pub struct Outbound {
     pub on_demand: Option<Arc<crate::discovery::OnDemand>>,
     /// This pod's workload, told to server proxies with each request.
     pub workload: Option<hyper::header::HeaderValue>,
+    /// This pod's labels, for routes' `sourceLabels`.
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Bounds the retries routes make.
     pub(crate) retry_budget: crate::http::route::RetryBudget,
     /// DestinationRules' connection pool limits.
@@ -164,6 +166,7 @@ impl Outbound {
             tracing: None,
             on_demand: None,
             workload: None,
+            labels: Default::default(),
             retry_budget: Default::default(),
             breakers: Default::default(),
             mirrors: Arc::new(tokio::sync::Semaphore::new(crate::http::route::MAX_MIRRORS)),

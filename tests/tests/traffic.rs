@@ -662,3 +662,45 @@ spec:
     assert!(head.to_ascii_lowercase().contains(&want), "{head}");
     Ok(())
 }
+
+#[tokio::test]
+async fn source_labels_route_requests_by_the_clients_pod_labels() -> anyhow::Result<()> {
+    let m = versioned("traffic-source").await?;
+    // A second client, labelled as a tester.
+    let client = Cluster::get().client().await?;
+    let mut tester = mizzen_tests::mesh::echo_pod("tester", "traffic-source");
+    tester["metadata"]["labels"] = serde_json::json!({"role": "tester"});
+    mizzen_tests::node::create_pod(&client, &m.ns, tester).await?;
+    mizzen_tests::node::wait_ready(&client, &m.ns, "tester", mizzen_tests::http_mesh::TIMEOUT).await?;
+    apply(
+        &m,
+        r#"
+apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata:
+  name: web
+spec:
+  hosts: [web]
+  http:
+  - match:
+    - sourceLabels: {role: tester}
+    route:
+    - destination: {host: web, subset: v2}
+  - route:
+    - destination: {host: web, subset: v1}
+"#,
+    )
+    .await?;
+    until(&m, "/", &[], "the client on v1", all_from("web-a")).await?;
+    let pods = eventually_some(ROLLOUT, "the tester on v2", || async {
+        let mut pods = Vec::new();
+        for _ in 0..10 {
+            let out = mizzen_tests::http_mesh::curl_in(&m.mesh, &m.ns, "tester", &[&m.url("/")]).await?;
+            pods.extend(out.lines().filter_map(|l| l.strip_prefix("pod ")).map(str::to_owned));
+        }
+        Ok(pods.iter().all(|p| p == "web-b").then_some(pods))
+    })
+    .await?;
+    assert_eq!(pods.len(), 10);
+    Ok(())
+}

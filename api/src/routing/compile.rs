@@ -76,8 +76,6 @@ pub enum RouteError {
     Value { field: String, value: String },
     #[error("{field}: {value} is not a count")]
     Count { field: String, value: i64 },
-    #[error("{field}: not supported yet (Mizzen routes without it; remove it or route by headers)")]
-    Unsupported { field: String },
 }
 
 impl RouteError {
@@ -99,7 +97,6 @@ impl RouteError {
             RouteError::RetryOn { .. } => "retry_on",
             RouteError::SubsetName { .. } => "subset_name",
             RouteError::DuplicateSubset { .. } => "duplicate_subset",
-            RouteError::Unsupported { .. } => "unsupported",
             RouteError::Count { .. } => "count",
             RouteError::Conflict { .. } => "conflict",
             RouteError::Header { .. } => "header",
@@ -571,12 +568,6 @@ fn match_of(field: &str, m: &HttpMatchRequest) -> Result<Match, RouteError> {
         .map(|(k, v)| required(&format!("{field}.queryParams.{k}"), v).map(|m| (k.clone(), m)))
         .collect::<Result<Vec<_>, _>>()?;
     let port = m.port.map(|p| port(&format!("{field}.port"), p)).transpose()?;
-    if !m.source_labels.is_empty() {
-        // A proxy does not know its pod's labels yet.
-        return Err(RouteError::Unsupported {
-            field: format!("{field}.sourceLabels"),
-        });
-    }
     Ok(Match {
         uri,
         method,

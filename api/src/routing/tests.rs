@@ -128,6 +128,8 @@ fn each_condition_of_a_match_is_checked() {
         query: Some(q),
         ..get("/")
     };
+    let mut labelled = get("/");
+    labelled.labels.insert("app", "productpage");
     let table_cases: Vec<(serde_json::Value, Req, bool)> = vec![
         (json!({"uri": {"exact": "/ratings"}}), get("/ratings"), true),
         (json!({"uri": {"exact": "/ratings"}}), get("/ratings/1"), false),
@@ -158,6 +160,8 @@ fn each_condition_of_a_match_is_checked() {
         (json!({"queryParams": {"v": {"exact": "2"}}}), get("/"), false),
         (json!({"port": 9080}), get("/"), true),
         (json!({"port": 8080}), get("/"), false),
+        (json!({"sourceLabels": {"app": "productpage"}}), labelled, true),
+        (json!({"sourceLabels": {"app": "productpage"}}), get("/"), false),
         // Every condition of one match must hold.
         (
             json!({"uri": {"prefix": "/"}, "method": {"exact": "POST"}}),
@@ -172,23 +176,6 @@ fn each_condition_of_a_match_is_checked() {
         }));
         assert_eq!(decide(&t, &req, 0).is_ok(), want, "{m} for {} {}", req.method, req.path);
     }
-}
-
-/// Proxies do not know their pods' labels yet: a route that would match
-/// on them is refused, not taken as never matching.
-#[test]
-fn source_labels_are_refused_by_name() {
-    let err = compile(
-        &spec(json!({
-            "hosts": ["reviews"],
-            "http": [{"match": [{"sourceLabels": {"app": "productpage"}}],
-                      "route": [{"destination": {"host": "reviews"}}]}]
-        })),
-        "bookinfo",
-    )
-    .expect_err("refused");
-    assert_eq!(err.reason(), "unsupported");
-    assert!(err.to_string().starts_with("http[0].match[0].sourceLabels:"), "{err}");
 }
 
 #[test]

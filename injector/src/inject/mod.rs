@@ -34,6 +34,8 @@ pub const SOCKET_MOUNT: &str = "/var/run/mizzen";
 pub const TOKEN_MOUNT: &str = "/var/run/secrets/mizzen";
 /// Env var carrying the app's original probes, by rewritten path.
 pub const APP_PROBES_ENV: &str = "MIZZEN_APP_PROBES";
+/// The env var carrying the pod's labels (JSON) to its proxy.
+pub const POD_LABELS_ENV: &str = "MIZZEN_POD_LABELS";
 
 /// Namespaces never injected.
 pub const EXCLUDED_NAMESPACES: &[&str] = &["kube-system", "kube-public", "kube-node-lease", "mizzen-system"];
@@ -633,6 +635,11 @@ pub fn mutate(pod: &Pod, cfg: &InjectConfig, native: bool) -> Result<Pod, Inject
             "MIZZEN_TRACING_SAMPLING_PERCENT",
             cfg.tracing.sampling_percent.to_string(),
         ));
+    }
+    if let Some(labels) = pod.metadata.labels.as_ref().filter(|l| !l.is_empty()) {
+        // For routes' sourceLabels: the pod's labels as it was admitted.
+        let json = serde_json::to_string(labels).map_err(|e| InjectError::Serialize(e.to_string()))?;
+        env.push(literal(POD_LABELS_ENV, json));
     }
     if !probes.is_empty() {
         env.push(EnvVar {

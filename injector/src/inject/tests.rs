@@ -551,3 +551,26 @@ fn quantities() {
         assert!(!is_quantity(bad), "{bad}");
     }
 }
+
+/// For routes' sourceLabels, the proxy learns its pod's labels.
+#[test]
+fn the_proxy_is_told_the_pods_labels() {
+    let patched = mutate(&app(), &InjectConfig::default(), true).expect("injects");
+    let proxy = patched
+        .spec
+        .expect("spec")
+        .init_containers
+        .expect("init")
+        .into_iter()
+        .find(|c| c.name == "mizzen-proxy")
+        .expect("proxy");
+    let labels = proxy
+        .env
+        .into_iter()
+        .flatten()
+        .find(|e| e.name == POD_LABELS_ENV)
+        .and_then(|e| e.value)
+        .expect("labels env");
+    let labels: BTreeMap<String, String> = serde_json::from_str(&labels).expect("JSON");
+    assert_eq!(labels.get("app").map(String::as_str), Some("web"));
+}

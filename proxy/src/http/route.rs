@@ -54,6 +54,8 @@ use crate::outbound::Outbound;
 struct Head<'a> {
     parts: &'a Parts,
     port: u16,
+    /// The client pod's labels.
+    labels: &'a std::collections::BTreeMap<String, String>,
 }
 
 impl RequestView for Head<'_> {
@@ -72,9 +74,8 @@ impl RequestView for Head<'_> {
     fn port(&self) -> u16 {
         self.port
     }
-    fn source_label(&self, _key: &str) -> Option<&str> {
-        // Routes with `sourceLabels` are refused when compiled.
-        None
+    fn source_label(&self, key: &str) -> Option<&str> {
+        self.labels.get(key).map(String::as_str)
     }
 }
 
@@ -283,6 +284,7 @@ pub(super) async fn routed(
     let head = Head {
         parts: &parts,
         port: target.port,
+        labels: &o.labels,
     };
     let no_route = |e: NoRoute| refusal(StatusCode::NOT_FOUND, ResponseFlag::NoRoute, e.to_string());
     let decision = decide(table, &head, rand::random()).map_err(no_route)?;
