@@ -704,3 +704,161 @@ spec:
     assert_eq!(pods.len(), 10);
     Ok(())
 }
+
+/// Istio's sample app in the test app's HTTP modes: `productpage` calls
+/// `reviews`, whose v1 answers alone and whose v2 calls `ratings`; each
+/// answers with its pod name and nests what it called.
+struct Bookinfo {
+    mesh: mizzen_tests::mesh::MeshNode,
+    ns: String,
+    productpage: String,
+}
+
+impl Bookinfo {
+    async fn start(node: &str) -> anyhow::Result<Self> {
+        use mizzen_tests::http_mesh::{MESHED, TIMEOUT, service, web_pod};
+        let cluster = Cluster::get();
+        let client = cluster.client().await?;
+        let mesh =
+            mizzen_tests::mesh::MeshNode::start(cluster, node, &mizzen_tests::workspace_bin("mizzen-proxy"), &[])
+                .await?;
+        let ns = cluster.namespace(&client, "bookinfo", MESHED).await?;
+        let mut vips = BTreeMap::new();
+        for app in ["productpage", "reviews", "ratings"] {
+            vips.insert(app, service(&client, &ns, app, app, "http").await?);
+        }
+        let pods = [
+            ("productpage", "productpage", "v1", Some("reviews")),
+            ("reviews-v1", "reviews", "v1", None),
+            ("reviews-v2", "reviews", "v2", Some("ratings")),
+            ("ratings", "ratings", "v1", None),
+        ];
+        for (name, app, version, calls) in pods {
+            let mut pod = web_pod(name, node);
+            pod["metadata"]["labels"] = serde_json::json!({"app": app, "version": version});
+            if let Some(next) = calls {
+                pod["spec"]["containers"][0]["env"] =
+                    serde_json::json!([{"name": "ECHO_CALL", "value": format!("{}:80", vips[next])}]);
+            }
+            mizzen_tests::node::create_pod(&client, &ns, pod).await?;
+        }
+        mizzen_tests::node::create_pod(&client, &ns, mizzen_tests::mesh::echo_pod("client", node)).await?;
+        for (name, ..) in pods {
+            mizzen_tests::node::wait_ready(&client, &ns, name, TIMEOUT).await?;
+        }
+        mizzen_tests::node::wait_ready(&client, &ns, "client", TIMEOUT).await?;
+        Cluster::get()
+            .apply(
+                &ns,
+                r#"
+apiVersion: networking.mizzen.dev/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"#,
+            )
+            .await?;
+        Ok(Self {
+            mesh,
+            productpage: format!("http://{}/", vips["productpage"]),
+            ns,
+        })
+    }
+
+    /// The product page as the client app sees it, with `headers`.
+    async fn page(&self, headers: &[&str]) -> anyhow::Result<String> {
+        let mut args: Vec<&str> = Vec::new();
+        for h in headers {
+            args.extend(["-H", h]);
+        }
+        args.push(&self.productpage);
+        mizzen_tests::http_mesh::curl_in(&self.mesh, &self.ns, "client", &args).await
+    }
+}
+
+#[tokio::test]
+async fn jason_sees_reviews_v2_through_the_front_end_and_everyone_else_v1() -> anyhow::Result<()> {
+    let b = Bookinfo::start("bookinfo-ab").await?;
+    Cluster::get()
+        .apply(
+            &b.ns,
+            r#"
+apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - match:
+    - headers: {end-user: {exact: jason}}
+    route:
+    - destination: {host: reviews, subset: v2}
+  - route:
+    - destination: {host: reviews, subset: v1}
+"#,
+        )
+        .await?;
+    let jason = eventually_some(ROLLOUT, "jason on reviews v2", || async {
+        let page = b.page(&["end-user: jason"]).await?;
+        Ok(page.contains("  pod reviews-v2").then_some(page))
+    })
+    .await?;
+    // v2 called ratings, which answered.
+    assert!(jason.contains("    pod ratings"), "{jason}");
+    for _ in 0..5 {
+        let page = b.page(&["end-user: jason"]).await?;
+        assert!(page.contains("  pod reviews-v2"), "{page}");
+        let other = b.page(&["end-user: mallory"]).await?;
+        assert!(
+            other.contains("  pod reviews-v1") && !other.contains("ratings"),
+            "{other}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_2s_delay_on_ratings_meets_the_1s_reviews_timeout_and_the_front_end_gets_504() -> anyhow::Result<()> {
+    let b = Bookinfo::start("bookinfo-timeout").await?;
+    Cluster::get()
+        .apply(
+            &b.ns,
+            r#"
+apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v2}
+    timeout: 1s
+---
+apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata: {name: ratings}
+spec:
+  hosts: [ratings]
+  http:
+  - fault:
+      delay: {fixedDelay: 2s, percentage: {value: 100}}
+    route:
+    - destination: {host: ratings}
+"#,
+        )
+        .await?;
+    // The product page still answers; its call to reviews timed out in
+    // its own proxy, while reviews waited on the delayed ratings.
+    let page = eventually_some(ROLLOUT, "reviews to time out", || async {
+        let page = b.page(&[]).await?;
+        Ok(page.contains("upstream 504").then_some(page))
+    })
+    .await?;
+    assert!(page.starts_with("pod productpage"), "{page}");
+    assert!(page.contains("upstream request timeout"), "{page}");
+    Ok(())
+}

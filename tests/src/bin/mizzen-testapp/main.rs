@@ -33,7 +33,11 @@
 //!                                     that long; /fail/<percent> (or
 //!                                     ECHO_FAIL_PERCENT for every path)
 //!                                     answers 500 to that share of
-//!                                     requests, at random
+//!                                     requests, at random; with
+//!                                     ECHO_CALL=IP:PORT each answer also
+//!                                     holds "upstream <status>" and the
+//!                                     indented answer of a GET / there
+//!                                     (end-user carried along)
 //! mizzen-testapp banner-server ADDR   a server-first protocol: greets each
 //!                                     connection with "banner <HOSTNAME>"
 //!                                     before reading anything
@@ -361,6 +365,7 @@ async fn serve_echo_on<IO>(io: IO)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    use http_body_util::BodyExt;
     let svc = hyper::service::service_fn(|mut req: hyper::Request<hyper::body::Incoming>| async move {
         if req.method() == hyper::Method::CONNECT {
             let tunnel = hyper::upgrade::on(&mut req);
@@ -378,11 +383,61 @@ where
         if let Some(ms) = req.uri().path().strip_prefix("/sleep/").and_then(|v| v.parse().ok()) {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
-        Ok(describe(&req))
+        let mut resp = describe(&req);
+        // A service that calls the next one (reviews calling ratings).
+        if let Ok(next) = std::env::var("ECHO_CALL") {
+            let line = match call(&next, &req).await {
+                Ok((status, body)) => {
+                    let nested: String = body.lines().map(|l| format!("  {l}\n")).collect();
+                    format!("upstream {status}\n{nested}")
+                }
+                Err(e) => format!("upstream error {e}\n"),
+            };
+            let mut text = resp
+                .body()
+                .clone()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default()
+                .to_vec();
+            text.extend_from_slice(line.as_bytes());
+            *resp.body_mut() = http_body_util::Full::new(hyper::body::Bytes::from(text));
+        }
+        Ok(resp)
     });
     let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
         .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), svc)
         .await;
+}
+
+/// `GET /` at `addr` (an `IP:port`), carrying `end-user` from `req` as
+/// Istio's sample apps propagate it: the status and the body.
+async fn call(addr: &str, req: &hyper::Request<hyper::body::Incoming>) -> Result<(u16, String), String> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    let mut out = hyper::Request::get("/").header("host", addr);
+    if let Some(user) = req.headers().get("end-user") {
+        out = out.header("end-user", user);
+    }
+    let out = out
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(out).await.map_err(|e| format!("request: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 fn http_echo(addr: &str) -> Result<(), String> {
