@@ -24,6 +24,8 @@
 
 pub mod compile;
 pub mod decide;
+#[cfg(feature = "k8s")]
+pub mod gateway;
 pub mod policy;
 pub mod spec;
 #[cfg(feature = "k8s")]
