@@ -17,6 +17,9 @@
 #   scripts/kube.sh install-node build kubelet and kube-proxy (same version) and
 #                                CoreDNS, for a real node (scripts/node.sh)
 #   scripts/kube.sh node-bin     print the directory holding those
+#   scripts/kube.sh gateway-api  print the path of the Gateway API's standard
+#                                channel CRDs (the release's files, from the
+#                                sigs.k8s.io/gateway-api module), fetching them once
 #
 # Nothing is downloaded but Go modules through the Go module proxy.
 set -euo pipefail
@@ -36,6 +39,9 @@ NODE_CMDS=(kubelet kube-proxy)
 COREDNS_VERSION="${MIZZEN_COREDNS_VERSION:-v1.12.1}"
 COREDNS_DIR="$CACHE/coredns/$COREDNS_VERSION"
 NODE_BIN_DIR="$CACHE/bin/node-k8s-$K8S_VERSION-coredns-$COREDNS_VERSION"
+# Gateway API (HTTPRoute for meshes): the standard channel CRDs of a release.
+GATEWAY_API_VERSION="${MIZZEN_GATEWAY_API_VERSION:-v1.6.3}"
+GATEWAY_API_CRDS="$CACHE/gateway-api/$GATEWAY_API_VERSION/standard-install.yaml"
 
 log() { printf '[kube.sh] %s\n' "$*" >&2; }
 # shellcheck source=scripts/daemons.sh
@@ -147,7 +153,30 @@ cmd_install_node() {
   log "installed the node's binaries in $NODE_BIN_DIR in $((SECONDS - t0)) s"
 }
 
+# The release's standard channel CRDs, as its standard-install.yaml
+# bundles them: every file of config/crd/standard, in order.
+cmd_gateway_api() {
+  if [ ! -s "$GATEWAY_API_CRDS" ]; then
+    need go "install Go >= 1.24; the Go module proxy must be reachable"
+    local dir tmp
+    dir=$(cd "$(mktemp -d)" && GOFLAGS=-mod=mod go mod download -json "sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION" \
+      | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+    [ -d "$dir/config/crd/standard" ] || die "no config/crd/standard in sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION"
+    mkdir -p "$(dirname "$GATEWAY_API_CRDS")"
+    tmp="$GATEWAY_API_CRDS.tmp"
+    : > "$tmp"
+    for f in "$dir"/config/crd/standard/*.yaml; do
+      printf -- '---\n' >> "$tmp"
+      cat "$f" >> "$tmp"
+    done
+    mv "$tmp" "$GATEWAY_API_CRDS"
+    log "Gateway API $GATEWAY_API_VERSION standard CRDs in $GATEWAY_API_CRDS"
+  fi
+  echo "$GATEWAY_API_CRDS"
+}
+
 cmd_install() {
+  cmd_gateway_api > /dev/null
   if installed; then
     log "Kubernetes $K8S_VERSION and etcd $ETCD_VERSION already installed in $BIN_DIR"
     return 0
@@ -348,6 +377,7 @@ case "${1:-}" in
   client) shift; cmd_client "$@" ;;
   cert) shift; cmd_cert "$@" ;;
   node-bin) echo "$NODE_BIN_DIR" ;;
+  gateway-api) cmd_gateway_api ;;
   start) shift; cmd_start "$@" ;;
   start-once) shift; start_once "$@" ;;
   stop) shift; cmd_stop "$@" ;;

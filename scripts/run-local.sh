@@ -108,7 +108,7 @@ apply_and_roll() {
 # The mesh as users install it, on a real node of this machine.
 real_node_up() {
   mkdir -p "$DIR/logs"
-  local ip total=9
+  local ip total=10
   ip=$(scripts/node.sh ip)
   [ -n "$ip" ] || die "this machine has no IPv4 default route: a real node needs an address to advertise"
   [ "$(id -u)" = 0 ] || die "a real node needs root (kubelet, containerd, iptables)"
@@ -125,11 +125,13 @@ real_node_up() {
     env MIZZEN_API_ADVERTISE="$ip" scripts/kube.sh start "$DIR"
   step 6 $total "real node" "see $DIR/node/logs/ (kubelet.log, containerd.log); scripts/run-local.sh down cleans up" \
     scripts/node.sh up "$DIR"
-  step 7 $total "install.yaml" "kubectl -n mizzen-system get pods; kubectl -n mizzen-system logs <pod>" \
+  step 7 $total "Gateway API CRDs" "scripts/kube.sh gateway-api fetches them from the Go module proxy" \
+    $KUBECTL apply --server-side --force-conflicts -f "$(scripts/kube.sh gateway-api)"
+  step 8 $total "install.yaml" "kubectl -n mizzen-system get pods; kubectl -n mizzen-system logs <pod>" \
     apply_and_roll manifests/install.yaml mizzen-system deploy/mizzen-ca ds/mizzen-agent deploy/mizzen-injector
-  step 8 $total "sample app" "kubectl -n demo get pods; kubectl -n demo describe pod <pod> (is the webhook up?)" \
+  step 9 $total "sample app" "kubectl -n demo get pods; kubectl -n demo describe pod <pod> (is the webhook up?)" \
     apply_and_roll manifests/examples/demo.yaml demo deploy/echo deploy/client
-  step 9 $total "first request" "kubectl -n demo logs deploy/client -c mizzen-proxy" \
+  step 10 $total "first request" "kubectl -n demo logs deploy/client -c mizzen-proxy" \
     $KUBECTL -n demo exec deploy/client -c app -- mizzen-testapp get echo:8080 /hello
   cat >&2 <<TRY
 
@@ -165,10 +167,12 @@ case "${1:-up}" in
     scripts/kube.sh start "$DIR"
     KUBECTL="$(scripts/kube.sh bin)/kubectl --kubeconfig $DIR/kubeconfig"
     $KUBECTL apply -f manifests/crds.yaml -f manifests/namespace.yaml
+    $KUBECTL apply --server-side --force-conflicts -f "$(scripts/kube.sh gateway-api)"
     $KUBECTL apply -f manifests/ca.yaml -f manifests/agent.yaml
     $KUBECTL wait --for=condition=Established --timeout=30s \
       crd/authorizationpolicies.security.mizzen.dev crd/peerauthentications.security.mizzen.dev \
-      crd/virtualservices.networking.mizzen.dev crd/destinationrules.networking.mizzen.dev
+      crd/virtualservices.networking.mizzen.dev crd/destinationrules.networking.mizzen.dev \
+      crd/httproutes.gateway.networking.k8s.io
 
     # The components, as local processes with the manifests' ServiceAccounts and RBAC.
     stop_components

@@ -57,7 +57,9 @@ pub struct Config {
     pub trusted_agents: Vec<String>,
 
     /// Write the `Accepted` condition into the status of every
-    /// AuthorizationPolicy and PeerAuthentication (`kubectl get mzap`).
+    /// AuthorizationPolicy, PeerAuthentication, VirtualService and
+    /// DestinationRule (`kubectl get mzap`), and Mizzen's entries into the
+    /// status of HTTPRoutes bound to Services.
     #[arg(long, env = "MIZZEN_CA_POLICY_STATUS", default_value_t = true, action = clap::ArgAction::Set)]
     pub policy_status: bool,
 

@@ -17,6 +17,7 @@ pub mod config;
 pub mod csr;
 pub mod metrics;
 pub mod policy_status;
+pub mod route_status;
 pub mod service;
 pub mod serving;
 pub mod store;

@@ -12,7 +12,7 @@ use mizzen_ca::auth::{Authenticator, Policy};
 use mizzen_ca::config::Config;
 use mizzen_ca::metrics::Metrics;
 use mizzen_ca::service::{CaService, Ttls};
-use mizzen_ca::{policy_status, serving, store};
+use mizzen_ca::{policy_status, route_status, serving, store};
 use tracing::{error, info, warn};
 
 /// Largest CreateCertificate request accepted (a CSR is a few KiB).
@@ -64,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         .context("connect to the Kubernetes API (in-cluster or KUBECONFIG)")?;
     if config.policy_status {
         tokio::spawn(policy_status::run(client.clone(), metrics.clone()));
+        tokio::spawn(route_status::run(client.clone(), metrics.clone()));
     }
     let (authority, source) = store::load_bundle(
         &client,

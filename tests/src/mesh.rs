@@ -20,11 +20,32 @@ static INSTALLED: OnceCell<()> = OnceCell::const_new();
 /// so two tests applying the same object at once race to AlreadyExists.
 static APPLYING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Applies the policy CRDs with kubectl and waits until they are served;
-/// returns what kubectl apply said.
+/// The Gateway API release's standard CRDs (`scripts/kube.sh gateway-api`).
+pub fn gateway_api_crds() -> anyhow::Result<std::path::PathBuf> {
+    let out = std::process::Command::new(crate::cluster::kube_sh())
+        .arg("gateway-api")
+        .output()
+        .context("run scripts/kube.sh gateway-api")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "scripts/kube.sh gateway-api: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().into())
+}
+
+/// Applies Mizzen's CRDs and the Gateway API's standard ones (server-side,
+/// as the Gateway API's install instructions say: they are too large for
+/// kubectl's last-applied annotation) and waits until they are served;
+/// returns what kubectl apply said of Mizzen's.
 pub async fn apply_crds(cluster: &Cluster) -> anyhow::Result<String> {
     let crds = crate::cluster::repo_root().join("manifests/crds.yaml");
     let out = cluster.kubectl(["apply", "-f"]).arg(&crds).run().await?;
+    cluster
+        .kubectl(["apply", "--server-side", "--force-conflicts", "-f"])
+        .arg(gateway_api_crds()?)
+        .run()
+        .await?;
     cluster
         .kubectl([
             "wait",
@@ -34,6 +55,7 @@ pub async fn apply_crds(cluster: &Cluster) -> anyhow::Result<String> {
             "crd/peerauthentications.security.mizzen.dev",
             "crd/virtualservices.networking.mizzen.dev",
             "crd/destinationrules.networking.mizzen.dev",
+            "crd/httproutes.gateway.networking.k8s.io",
         ])
         .run()
         .await?;

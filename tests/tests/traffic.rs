@@ -862,3 +862,162 @@ spec:
     assert!(page.contains("upstream request timeout"), "{page}");
     Ok(())
 }
+
+/// Services `web-v1` and `web-v2` selecting each version's pod: the
+/// backends of Gateway API routes, which name Services, not subsets.
+async fn versioned_services(m: &HttpMesh) -> anyhow::Result<()> {
+    let client = Cluster::get().client().await?;
+    for v in ["v1", "v2"] {
+        let spec = serde_json::json!({
+            "metadata": {"name": format!("web-{v}")},
+            "spec": {"selector": {"app": "web", "version": v},
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+        });
+        mizzen_tests::k8s::create_service(&client, &m.ns, spec).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_http_route_sends_jason_to_v2_and_everyone_else_to_v1() -> anyhow::Result<()> {
+    let m = versioned("traffic-gamma-ab").await?;
+    versioned_services(&m).await?;
+    apply(
+        &m,
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: web
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: web
+    port: 80
+  rules:
+  - matches:
+    - headers:
+      - name: end-user
+        value: jason
+    backendRefs:
+    - name: web-v2
+      port: 80
+  - backendRefs:
+    - name: web-v1
+      port: 80
+"#,
+    )
+    .await?;
+    until(&m, "/", &[], "everyone else on v1", all_from("web-a")).await?;
+    let jason = get(&m, "/", &["end-user: jason"], 20).await?;
+    assert_eq!(by_pod(&jason), BTreeMap::from([("web-b".into(), 20)]), "{jason:?}");
+    // The mesh says it routes by the route, in the route's status.
+    let accepted = eventually_some(ROLLOUT, "the route's status", || async {
+        let out = Cluster::get()
+            .kubectl([
+                "get",
+                "httproute",
+                "-n",
+                &m.ns,
+                "web",
+                "-o",
+                "jsonpath={.status.parents[?(@.controllerName==\"mizzen.dev/mesh\")].conditions[?(@.type==\"Accepted\")].status}",
+            ])
+            .run()
+            .await?;
+        Ok((!out.trim().is_empty()).then(|| out.trim().to_owned()))
+    })
+    .await?;
+    assert_eq!(accepted, "True");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_http_route_splits_90_10_by_weight_over_2000_requests() -> anyhow::Result<()> {
+    let m = versioned("traffic-gamma-split").await?;
+    versioned_services(&m).await?;
+    let split = |v1: u32, v2: u32| {
+        format!(
+            r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: web
+spec:
+  parentRefs:
+  - {{group: "", kind: Service, name: web}}
+  rules:
+  - backendRefs:
+    - {{name: web-v1, port: 80, weight: {v1}}}
+    - {{name: web-v2, port: 80, weight: {v2}}}
+"#
+        )
+    };
+    apply(&m, &split(1, 0)).await?;
+    until(&m, "/", &[], "all on v1", all_from("web-a")).await?;
+    apply(&m, &split(9, 1)).await?;
+    eventually_some(ROLLOUT, "v2 to get its share", || async {
+        let a = get(&m, "/", &[], 50).await?;
+        Ok(by_pod(&a).contains_key("web-b").then_some(()))
+    })
+    .await?;
+    let answers = get(&m, "/", &[], 2000).await?;
+    let counts = by_pod(&answers);
+    eprintln!("HTTPRoute 9:1 split over 2000 requests: {counts:?}");
+    let v2 = counts.get("web-b").copied().unwrap_or(0) as f64 / 2000.0;
+    assert_eq!(counts.values().sum::<usize>(), 2000);
+    assert!(
+        (v2 - 0.10).abs() <= 0.03,
+        "v2 took {:.1} % of 2000: {counts:?}",
+        v2 * 100.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_http_route_the_mesh_cannot_apply_says_why_in_its_status() -> anyhow::Result<()> {
+    let m = versioned("traffic-gamma-bad").await?;
+    apply(
+        &m,
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: web
+spec:
+  parentRefs:
+  - {group: "", kind: Service, name: web}
+  hostnames: [web.example.com]
+  rules:
+  - backendRefs:
+    - {name: web, port: 80}
+"#,
+    )
+    .await?;
+    let path = "{.status.parents[?(@.controllerName==\"mizzen.dev/mesh\")].conditions[?(@.type==\"Accepted\")]}";
+    let condition = eventually_some(ROLLOUT, "the route's status", || async {
+        let out = Cluster::get()
+            .kubectl([
+                "get",
+                "httproute",
+                "-n",
+                &m.ns,
+                "web",
+                "-o",
+                &format!("jsonpath={path}"),
+            ])
+            .run()
+            .await?;
+        Ok((!out.trim().is_empty()).then(|| out.trim().to_owned()))
+    })
+    .await?;
+    let c: serde_json::Value = serde_json::from_str(&condition)?;
+    assert_eq!(c["status"], "False", "{c}");
+    assert_eq!(c["reason"], "UnsupportedValue", "{c}");
+    assert!(c["message"].as_str().unwrap_or("").contains("spec.hostnames"), "{c}");
+    // And the Service is still balanced over both replicas, as without it.
+    let answers = get(&m, "/", &[], 20).await?;
+    assert_eq!(by_pod(&answers).len(), 2, "{answers:?}");
+    Ok(())
+}

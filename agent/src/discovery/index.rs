@@ -29,6 +29,7 @@ use kube::runtime::watcher::Event;
 use mizzen_api::TrustDomain;
 use mizzen_api::proto::discovery as pb;
 
+use mizzen_api::routing::gateway::HTTPRoute;
 use mizzen_api::routing::spec::{DestinationRule, VirtualService};
 
 use super::rules::Rules;
@@ -59,6 +60,7 @@ struct Relists {
     pods: Option<HashSet<String>>,
     virtual_services: Option<HashSet<String>>,
     destination_rules: Option<HashSet<String>>,
+    http_routes: Option<HashSet<String>>,
 }
 
 /// Whether each watch has listed once.
@@ -69,11 +71,13 @@ pub struct Synced {
     pub pods: bool,
     pub virtual_services: bool,
     pub destination_rules: bool,
+    /// Also set when the Gateway API's CRDs are not installed.
+    pub http_routes: bool,
 }
 
 impl Synced {
     pub fn all(self) -> bool {
-        self.services && self.slices && self.pods && self.virtual_services && self.destination_rules
+        self.services && self.slices && self.pods && self.virtual_services && self.destination_rules && self.http_routes
     }
 }
 
@@ -268,6 +272,30 @@ impl Index {
         self.synced.destination_rules |= done;
     }
 
+    /// Applies an HTTPRoute event.
+    pub fn http_route_event(&mut self, event: Event<HTTPRoute>) {
+        let mut puts = Vec::new();
+        let mut deletes = Vec::new();
+        let done = relist(
+            &mut self.relists.http_routes,
+            || self.rules.http_route_keys(),
+            event,
+            |o| puts.push(o),
+            |k| deletes.push(k),
+        );
+        for route in puts {
+            if let Some(key) = key_of(&route) {
+                let touched = self.rules.set_http_route(&key, Some(&route));
+                self.dirty.extend(touched);
+            }
+        }
+        for key in deletes {
+            let touched = self.rules.set_http_route(&key, None);
+            self.dirty.extend(touched);
+        }
+        self.synced.http_routes |= done;
+    }
+
     fn set_pod(&mut self, key: String, entry: Option<PodEntry>) {
         let old = match &entry {
             Some(e) => self.pods.insert(key.clone(), e.clone()),
@@ -335,8 +363,9 @@ impl Index {
                     .into_iter()
                     .flatten()
                     .filter_map(|s| self.slices.get(s).map(|(_, slice)| slice));
+                let routing = self.rules.routing(&key);
                 let rules = ServiceRules {
-                    routing: self.rules.routing(&key),
+                    routing: routing.as_ref(),
                     subsets: self.rules.subsets(&key),
                     destination_rule: self.rules.destination_rule(&key),
                 };

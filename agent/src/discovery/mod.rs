@@ -21,6 +21,7 @@ use kube::api::Api;
 use kube::runtime::watcher;
 use mizzen_api::mesh::{PROXY_CONTAINER, TLS_MODE_LABEL, TLS_MODE_MIZZEN};
 use mizzen_api::proto::discovery::{self as pb, SERVICE_TYPE};
+use mizzen_api::routing::gateway::HTTPRoute;
 use mizzen_api::routing::spec::{DestinationRule, VirtualService};
 use mizzen_api::{SpiffeId, TrustDomain};
 use prometheus_client::metrics::counter::Counter;
@@ -283,11 +284,12 @@ fn feed<K: Send + 'static>(
     }
 }
 
-/// Watches Services, EndpointSlices, Pods, VirtualServices and
-/// DestinationRules cluster-wide into an
+/// Watches Services, EndpointSlices, Pods, VirtualServices,
+/// DestinationRules and (when the Gateway API is installed) HTTPRoutes
+/// cluster-wide into an
 /// [`Index`] and, after each burst of changes (gathered for `debounce`),
 /// rebuilds the Services the burst touched and publishes them on `tx`
-/// ([`crate::xds::publish_changes`]). Nothing is published until all five
+/// ([`crate::xds::publish_changes`]). Nothing is published until all
 /// watches have listed once, so proxies never see a partial cluster.
 pub async fn follow(
     client: kube::Client,
@@ -329,7 +331,7 @@ pub async fn follow(
         ),
     ));
     tokio::spawn(crate::watch::follow(
-        watcher(Api::<DestinationRule>::all(client), config()),
+        watcher(Api::<DestinationRule>::all(client.clone()), config()),
         "destinationrules",
         |_| {},
         feed(
@@ -339,6 +341,26 @@ pub async fn follow(
             Index::destination_rule_event,
         ),
     ));
+    let http_routes = Api::<HTTPRoute>::all(client);
+    match http_routes
+        .list_metadata(&kube::api::ListParams::default().limit(1))
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            info!(
+                "the Gateway API's CRDs are not installed: HTTPRoutes are not followed (restart the agent once they are)"
+            );
+            index.lock().unwrap_or_else(|e| e.into_inner()).synced.http_routes = true;
+        }
+        _ => {
+            tokio::spawn(crate::watch::follow(
+                watcher(http_routes, config()),
+                "httproutes",
+                |_| {},
+                feed(&index, &changed, &metrics.discovery_events, Index::http_route_event),
+            ));
+        }
+    }
     let mut synced = false;
     let mut addresses = Addresses::default();
     loop {

@@ -8,10 +8,17 @@
 //! several rules of a kind name the same Service, the oldest applies
 //! (creation time, then `<namespace>/<name>`), as Istio settles conflicts
 //! between sidecar rules; the others apply to nothing until it goes.
+//!
+//! Gateway API `HTTPRoute`s bound to a Service all apply together,
+//! translated into one VirtualService spec
+//! ([`mizzen_api::routing::gateway::translate`]); a Service with any
+//! HTTPRoute is routed by its HTTPRoutes, and a VirtualService naming it
+//! is not used for it.
 
 use std::collections::{BTreeSet, HashMap};
 
 use mizzen_api::proto::discovery as pb;
+use mizzen_api::routing::gateway::{self, Bound, HTTPRoute, HTTPRouteSpec};
 use mizzen_api::routing::spec::{DestinationRule, VirtualService};
 use mizzen_api::routing::{Subsets, compile, compile_subsets};
 
@@ -72,6 +79,15 @@ impl<T> Kind<T> {
         self.rules.get(key)?.2.as_ref()
     }
 
+    /// Every rule naming `service`, oldest first, with its rank.
+    fn all_for_service<'s>(&'s self, service: &str) -> impl Iterator<Item = (&'s Rank, &'s T)> + 's {
+        self.naming
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|rank| Some((rank, self.rules.get(&rank.1)?.2.as_ref()?)))
+    }
+
     fn keys(&self) -> Vec<String> {
         self.rules.keys().cloned().collect()
     }
@@ -95,11 +111,20 @@ struct Destination {
     wire: pb::DestinationPolicy,
 }
 
+/// An HTTPRoute as the agent keeps it: its spec and the port each
+/// Service it is bound to is narrowed to.
+#[derive(Debug)]
+struct HttpRouteEntry {
+    spec: HTTPRouteSpec,
+    ports: Vec<(String, Option<u16>)>,
+}
+
 /// Every Service's traffic rules.
 #[derive(Debug, Default)]
 pub(super) struct Rules {
     routes: Kind<pb::Routing>,
     destinations: Kind<Destination>,
+    http_routes: Kind<HttpRouteEntry>,
 }
 
 impl Rules {
@@ -144,9 +169,56 @@ impl Rules {
         self.destinations.set(key, entry)
     }
 
-    /// The routing of `service`, if a VirtualService routes it.
-    pub(super) fn routing(&self, service: &str) -> Option<&pb::Routing> {
-        self.routes.for_service(service)
+    /// Stores an HTTPRoute (or removes the one keyed `key`); returns the
+    /// Services whose routing may have changed. A route that Mizzen cannot
+    /// apply as written is bound to nothing.
+    pub(super) fn set_http_route(&mut self, key: &str, route: Option<&HTTPRoute>) -> Vec<String> {
+        let entry = route.and_then(|r| {
+            let namespace = r.metadata.namespace.as_deref()?;
+            let rank = rank(r)?;
+            Some(match gateway::check(&r.spec, namespace) {
+                Ok(()) => {
+                    let ports = gateway::parents(&r.spec, namespace);
+                    let services = ports.iter().map(|(s, _)| s.clone()).collect();
+                    let entry = HttpRouteEntry {
+                        spec: r.spec.clone(),
+                        ports,
+                    };
+                    (rank, services, Some(entry))
+                }
+                Err(_) => (rank, Vec::new(), None),
+            })
+        });
+        self.http_routes.set(key, entry)
+    }
+
+    /// The routing of `service`: its HTTPRoutes translated, else the
+    /// VirtualService that routes it.
+    pub(super) fn routing(&self, service: &str) -> Option<pb::Routing> {
+        let bound: Vec<Bound<'_>> = self
+            .http_routes
+            .all_for_service(service)
+            .map(|((created, key), e)| Bound {
+                key,
+                created,
+                spec: &e.spec,
+                port: e.ports.iter().find(|(s, _)| s == service).and_then(|(_, p)| *p),
+            })
+            .collect();
+        if bound.is_empty() {
+            return self.routes.for_service(service).cloned();
+        }
+        let spec = gateway::translate(service, &bound);
+        let namespace = service.split_once('/').map_or("", |(ns, _)| ns);
+        let names: Vec<&str> = bound.iter().map(|b| b.key).collect();
+        Some(pb::Routing {
+            virtual_service: format!("{namespace}/httproutes({})", names.join(",")),
+            spec_json: serde_json::to_string(&spec).ok()?,
+        })
+    }
+
+    pub(super) fn http_route_keys(&self) -> Vec<String> {
+        self.http_routes.keys()
     }
 
     /// The subsets of `service`, if a DestinationRule names them.

@@ -282,12 +282,16 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
-    /// The `Accepted` condition's reason (the specification's names).
+    /// The `Accepted` condition's reason (the specification's name): a
+    /// route the mesh cannot apply as written applies to nothing.
     pub fn reason(&self) -> &'static str {
-        match self {
-            GatewayError::Unsupported { .. } | GatewayError::Invalid { .. } => "UnsupportedValue",
-            GatewayError::Backend { .. } => "RefNotPermitted",
-        }
+        "UnsupportedValue"
+    }
+
+    /// The `ResolvedRefs` condition's reason, when a backend is the
+    /// problem.
+    pub fn unresolved(&self) -> Option<&'static str> {
+        matches!(self, GatewayError::Backend { .. }).then_some("RefNotPermitted")
     }
 }
 
@@ -719,5 +723,6 @@ pub fn translate(service: &str, routes: &[Bound<'_>]) -> VirtualServiceSpec {
     }
 }
 
+pub mod status;
 #[cfg(test)]
 mod tests;

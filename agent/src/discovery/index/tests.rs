@@ -32,6 +32,8 @@ fn listed(services: &[Arc<Service>], slices: &[Arc<EndpointSlice>], pods: &[Pod]
     index.virtual_service_event(Event::InitDone);
     index.destination_rule_event(Event::Init);
     index.destination_rule_event(Event::InitDone);
+    index.http_route_event(Event::Init);
+    index.http_route_event(Event::InitDone);
     assert!(index.synced.all());
     index.rebuild(&td());
     index
@@ -330,4 +332,42 @@ fn endpoints_carry_the_subsets_their_pods_labels_select() {
     // Relabelled, the pod moves to the other subset.
     index.pod_event(Event::Apply(labelled("v2")));
     assert_eq!(subsets(&mut index), vec![vec!["all".to_string(), "v2".to_string()]]);
+}
+
+fn http_route(name: &str, parent: &str) -> HTTPRoute {
+    serde_json::from_value(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"namespace": "demo", "name": name, "creationTimestamp": "2026-03-01T00:00:00Z"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent}],
+                 "rules": [{"backendRefs": [{"name": "api", "port": 80}]}]},
+    }))
+    .expect("http route")
+}
+
+#[test]
+fn http_routes_bound_to_a_service_take_precedence_over_its_virtual_service() {
+    let mut index = listed(
+        &[service("demo", "web", "10.0.0.10"), service("demo", "api", "10.0.0.11")],
+        &[],
+        &[],
+    );
+    index.virtual_service_event(Event::Apply(virtual_service(
+        "vs",
+        "2026-01-01T00:00:00Z",
+        to_web("web"),
+    )));
+    assert_eq!(routing(&mut index)["demo/web"].as_deref(), Some("demo/vs"));
+    let route = http_route("r", "web");
+    index.http_route_event(Event::Apply(route.clone()));
+    assert_eq!(
+        routing(&mut index),
+        BTreeMap::from([("demo/web".to_string(), Some("demo/httproutes(demo/r)".to_string()))])
+    );
+    index.http_route_event(Event::Delete(route));
+    assert_eq!(routing(&mut index)["demo/web"].as_deref(), Some("demo/vs"));
+    // One the mesh cannot apply as written binds nothing.
+    let mut unsupported = http_route("bad", "web");
+    unsupported.spec.hostnames = vec!["web.example.com".into()];
+    index.http_route_event(Event::Apply(unsupported));
+    assert!(routing(&mut index).is_empty());
 }
