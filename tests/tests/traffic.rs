@@ -1021,3 +1021,48 @@ spec:
     assert_eq!(by_pod(&answers).len(), 2, "{answers:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn an_http_route_timeout_answers_504_ut_and_its_mirror_gets_copies() -> anyhow::Result<()> {
+    let m = versioned("traffic-gamma-timeout").await?;
+    versioned_services(&m).await?;
+    apply(
+        &m,
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: web
+spec:
+  parentRefs:
+  - {group: "", kind: Service, name: web}
+  rules:
+  - filters:
+    - type: RequestMirror
+      requestMirror:
+        backendRef: {name: web-v2, port: 80}
+    backendRefs:
+    - {name: web-v1, port: 80}
+    timeouts: {request: 1s}
+"#,
+    )
+    .await?;
+    let answers = until(&m, "/sleep/2000", &[], "504 for a 2 s answer", |a| {
+        a.iter().all(|a| a.status == 504)
+    })
+    .await?;
+    assert!(answers.iter().all(|a| a.flags == "UT"), "{answers:?}");
+    let quick = get(&m, "/", &[], 20).await?;
+    assert_eq!(
+        by_pod(&quick),
+        BTreeMap::from([("web-a".into(), 20)]),
+        "only v1 answers"
+    );
+    // Copies travel on their own: wait for them to be answered.
+    eventually_some(Duration::from_secs(10), "20 copies answered", || async {
+        let (mirrored, _) = proxy_metric(&m.client_ip, "mizzen_proxy_mirrored_requests_total").await?;
+        Ok((mirrored >= 20.0).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
