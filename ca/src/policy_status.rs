@@ -72,7 +72,8 @@ impl Judged for PeerAuthentication {
     }
 }
 
-fn now() -> String {
+/// Now, in RFC 3339 to the second: a condition's transition time.
+pub(crate) fn now() -> String {
     time::OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .ok()

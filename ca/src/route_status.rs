@@ -11,20 +11,12 @@ use futures::StreamExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use mizzen_api::routing::gateway::{HTTPRoute, status};
-use time::format_description::well_known::Rfc3339;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
+use crate::policy_status::now;
 
 const KIND: &str = "HTTPRoute";
-
-fn now() -> String {
-    time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default()
-}
 
 async fn reconcile(client: &kube::Client, route: &HTTPRoute, metrics: &Metrics) {
     let (Some(ns), Some(name)) = (route.metadata.namespace.as_deref(), route.metadata.name.as_deref()) else {

@@ -224,76 +224,68 @@ impl Index {
         self.synced.pods |= done;
     }
 
-    /// Applies a VirtualService event.
-    pub fn virtual_service_event(&mut self, event: Event<VirtualService>) {
+    /// Applies an event of a kind of traffic rule: `listing` is its
+    /// relist, `keys` lists its rules, `set` stores or removes one and
+    /// says which Services it touched (marked). Returns whether a relist
+    /// ended.
+    fn rule_event<K: kube::Resource>(
+        &mut self,
+        event: Event<K>,
+        listing: fn(&mut Relists) -> &mut Option<HashSet<String>>,
+        keys: fn(&Rules) -> Vec<String>,
+        set: fn(&mut Rules, &str, Option<&K>) -> Vec<String>,
+    ) -> bool {
         let mut puts = Vec::new();
         let mut deletes = Vec::new();
+        let rules = &self.rules;
         let done = relist(
-            &mut self.relists.virtual_services,
-            || self.rules.virtual_service_keys(),
+            listing(&mut self.relists),
+            || keys(rules),
             event,
             |o| puts.push(o),
             |k| deletes.push(k),
         );
-        for vs in puts {
-            if let Some(key) = key_of(&vs) {
-                let touched = self.rules.set_virtual_service(&key, Some(&vs));
+        for o in puts {
+            if let Some(key) = key_of(&o) {
+                let touched = set(&mut self.rules, &key, Some(&o));
                 self.dirty.extend(touched);
             }
         }
         for key in deletes {
-            let touched = self.rules.set_virtual_service(&key, None);
+            let touched = set(&mut self.rules, &key, None);
             self.dirty.extend(touched);
         }
-        self.synced.virtual_services |= done;
+        done
+    }
+
+    /// Applies a VirtualService event.
+    pub fn virtual_service_event(&mut self, event: Event<VirtualService>) {
+        self.synced.virtual_services |= self.rule_event(
+            event,
+            |r| &mut r.virtual_services,
+            Rules::virtual_service_keys,
+            Rules::set_virtual_service,
+        );
     }
 
     /// Applies a DestinationRule event.
     pub fn destination_rule_event(&mut self, event: Event<DestinationRule>) {
-        let mut puts = Vec::new();
-        let mut deletes = Vec::new();
-        let done = relist(
-            &mut self.relists.destination_rules,
-            || self.rules.destination_rule_keys(),
+        self.synced.destination_rules |= self.rule_event(
             event,
-            |o| puts.push(o),
-            |k| deletes.push(k),
+            |r| &mut r.destination_rules,
+            Rules::destination_rule_keys,
+            Rules::set_destination_rule,
         );
-        for dr in puts {
-            if let Some(key) = key_of(&dr) {
-                let touched = self.rules.set_destination_rule(&key, Some(&dr));
-                self.dirty.extend(touched);
-            }
-        }
-        for key in deletes {
-            let touched = self.rules.set_destination_rule(&key, None);
-            self.dirty.extend(touched);
-        }
-        self.synced.destination_rules |= done;
     }
 
     /// Applies an HTTPRoute event.
     pub fn http_route_event(&mut self, event: Event<HTTPRoute>) {
-        let mut puts = Vec::new();
-        let mut deletes = Vec::new();
-        let done = relist(
-            &mut self.relists.http_routes,
-            || self.rules.http_route_keys(),
+        self.synced.http_routes |= self.rule_event(
             event,
-            |o| puts.push(o),
-            |k| deletes.push(k),
+            |r| &mut r.http_routes,
+            Rules::http_route_keys,
+            Rules::set_http_route,
         );
-        for route in puts {
-            if let Some(key) = key_of(&route) {
-                let touched = self.rules.set_http_route(&key, Some(&route));
-                self.dirty.extend(touched);
-            }
-        }
-        for key in deletes {
-            let touched = self.rules.set_http_route(&key, None);
-            self.dirty.extend(touched);
-        }
-        self.synced.http_routes |= done;
     }
 
     fn set_pod(&mut self, key: String, entry: Option<PodEntry>) {
