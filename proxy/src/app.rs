@@ -294,6 +294,7 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<()> {
     let mut outbound = Outbound::new(routes.clone(), certs.clone(), metrics.clone(), timeouts);
     outbound.workload = HeaderValue::from_str(&workload_name).ok();
     outbound.labels = pod.labels.clone();
+    outbound.instance_ip = pod.instance_ip;
     outbound.access_log = a.access_log;
     outbound.on_demand = on_demand;
     outbound.tracing = tracing.clone();

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use mizzen_api::routing::traffic_policy::{Outcome, Outlier, Streak};
+use mizzen_api::routing::traffic_policy::{Outcome, Outlier, Streak, rendezvous};
 
 use crate::discovery::Backend;
 
@@ -88,6 +88,18 @@ impl Ewma {
     }
 }
 
+/// How [`Balancer::pick_by`] chooses (a DestinationRule's load balancer).
+#[derive(Debug, Clone, Copy)]
+pub enum Choice<'a> {
+    /// Power of two choices on cost (the default).
+    LeastRequest,
+    Random,
+    /// The next of the endpoints left, by this counter.
+    RoundRobin(&'a AtomicUsize),
+    /// Rendezvous hashing of this key over the endpoints left.
+    Hash(&'a [u8]),
+}
+
 /// Counts one open connection or outstanding request to an endpoint
 /// until dropped.
 #[derive(Debug)]
@@ -114,6 +126,12 @@ impl Balancer {
     /// costs less; endpoints that failed recently only when nothing else is
     /// left.
     pub fn pick<'a>(&self, backends: &'a [Backend], tried: &[SocketAddr]) -> Option<&'a Backend> {
+        self.pick_by(backends, tried, Choice::LeastRequest)
+    }
+
+    /// Picks among `backends` not in `tried` as `how` says; endpoints that
+    /// failed recently or are ejected only when nothing else is left.
+    pub fn pick_by<'a>(&self, backends: &'a [Backend], tried: &[SocketAddr], how: Choice<'_>) -> Option<&'a Backend> {
         let now = Instant::now();
         let map = self.entries();
         let failed = |b: &Backend| map.get(&b.addr).is_some_and(|e| e.skipped(now));
@@ -121,6 +139,18 @@ impl Balancer {
         let left: Vec<&Backend> = backends.iter().filter(|b| !tried.contains(&b.addr)).collect();
         let healthy: Vec<&Backend> = left.iter().copied().filter(|b| !failed(b)).collect();
         let pool = if healthy.is_empty() { left } else { healthy };
+        match how {
+            Choice::LeastRequest => {}
+            Choice::Random if !pool.is_empty() => return Some(pool[rand::rng().random_range(0..pool.len())]),
+            Choice::RoundRobin(next) if !pool.is_empty() => {
+                return Some(pool[next.fetch_add(1, Ordering::Relaxed) % pool.len()]);
+            }
+            Choice::Hash(key) => {
+                let names: Vec<String> = pool.iter().map(|b| b.addr.to_string()).collect();
+                return rendezvous(key, names.iter().map(String::as_bytes)).map(|i| pool[i]);
+            }
+            _ => return None,
+        }
         match pool.len() {
             0 => None,
             1 => Some(pool[0]),
@@ -354,5 +384,27 @@ mod tests {
             left > Duration::from_millis(2500) && left <= Duration::from_secs(3),
             "{left:?}"
         );
+    }
+
+    #[test]
+    fn round_robin_takes_each_endpoint_in_turn_and_a_hash_always_the_same() {
+        let bal = Balancer::default();
+        let bs = backends(3);
+        let next = AtomicUsize::new(0);
+        let turns: Vec<SocketAddr> = (0..6)
+            .filter_map(|_| bal.pick_by(&bs, &[], Choice::RoundRobin(&next)).map(|b| b.addr))
+            .collect();
+        assert_eq!(turns[..3], turns[3..], "{turns:?}");
+        let distinct: std::collections::HashSet<_> = turns.iter().collect();
+        assert_eq!(distinct.len(), 3);
+        let one = bal.pick_by(&bs, &[], Choice::Hash(b"alice")).map(|b| b.addr);
+        for _ in 0..20 {
+            assert_eq!(bal.pick_by(&bs, &[], Choice::Hash(b"alice")).map(|b| b.addr), one);
+        }
+        // A tried endpoint is left out, even for its own key.
+        let other = bal
+            .pick_by(&bs, &[one.expect("picked")], Choice::Hash(b"alice"))
+            .map(|b| b.addr);
+        assert!(other.is_some() && other != one);
     }
 }

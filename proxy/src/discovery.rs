@@ -61,6 +61,8 @@ pub struct Target {
     pub subsets: HashMap<String, Arc<Target>>,
     /// The DestinationRule's traffic policy for these backends.
     pub policy: TrafficPolicy,
+    /// Where `ROUND_ROBIN` goes next.
+    pub round_robin: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A Service as the proxy holds it: the version the agent gave it, the
@@ -257,7 +259,8 @@ impl Routes {
                         backends,
                         protocol,
                         routes: held.routes.clone(),
-                        policy: held.destination.as_ref().map(|d| d.policy).unwrap_or_default(),
+                        policy: held.destination.as_ref().map(|d| d.policy.clone()).unwrap_or_default(),
+                        round_robin: Default::default(),
                     });
                     let at = SocketAddr::new(vip, service_port);
                     routes
@@ -373,6 +376,7 @@ fn subsets_of(
                 routes: None,
                 subsets: HashMap::new(),
                 policy: rule.map(|r| r.policy_for(Some(&name))).unwrap_or_default(),
+                round_robin: Default::default(),
             };
             (name, Arc::new(target))
         })

@@ -56,6 +56,8 @@ pub struct Outbound {
     pub workload: Option<hyper::header::HeaderValue>,
     /// This pod's labels, for routes' `sourceLabels`.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// This pod's address, for consistent hashing by source IP.
+    pub instance_ip: Option<std::net::IpAddr>,
     /// Bounds the retries routes make.
     pub(crate) retry_budget: crate::http::route::RetryBudget,
     /// DestinationRules' connection pool limits.
@@ -167,6 +169,7 @@ impl Outbound {
             on_demand: None,
             workload: None,
             labels: Default::default(),
+            instance_ip: None,
             retry_budget: Default::default(),
             breakers: Default::default(),
             mirrors: Arc::new(tokio::sync::Semaphore::new(crate::http::route::MAX_MIRRORS)),

@@ -1066,3 +1066,43 @@ spec:
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_consistent_hash_on_a_header_keeps_each_user_on_one_pod() -> anyhow::Result<()> {
+    let m = versioned("traffic-hash").await?;
+    apply(
+        &m,
+        r#"
+apiVersion: networking.mizzen.dev/v1
+kind: DestinationRule
+metadata:
+  name: web
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {httpHeaderName: x-user}
+"#,
+    )
+    .await?;
+    // Once the rule is in place, each user's requests all land on one pod.
+    let users: Vec<String> = (0..16).map(|i| format!("x-user: user-{i}")).collect();
+    let pods = eventually_some(ROLLOUT, "each user on one pod", || async {
+        let mut pods = BTreeMap::new();
+        for u in &users {
+            let answers = get(&m, "/", &[u], 10).await?;
+            let seen = by_pod(&answers);
+            if seen.len() != 1 {
+                return Ok(None);
+            }
+            pods.insert(u.clone(), seen.into_keys().next().unwrap_or_default());
+        }
+        Ok(Some(pods))
+    })
+    .await?;
+    eprintln!("consistent hash: {pods:?}");
+    // Sixteen users do not all hash to one of two pods (1 in 32,768 would).
+    let distinct: std::collections::BTreeSet<&String> = pods.values().collect();
+    assert_eq!(distinct.len(), 2, "{pods:?}");
+    Ok(())
+}

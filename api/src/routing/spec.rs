@@ -321,9 +321,45 @@ pub struct SubsetSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<ConnectionPoolSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetectionSpec>,
+}
+
+/// How a client proxy picks among the endpoints: `simple` or
+/// `consistentHash`, one of the two.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancerSpec {
+    /// `LEAST_REQUEST` (the default: two random choices, the less busy),
+    /// `ROUND_ROBIN` or `RANDOM`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simple: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_hash: Option<ConsistentHashSpec>,
+}
+
+/// Requests with the same key go to the same endpoint while it is there
+/// (rendezvous hashing: when endpoints come and go, only the keys of those
+/// move).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsistentHashSpec {
+    /// The key is this header's value (requests without it are balanced
+    /// as by `LEAST_REQUEST`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_header_name: Option<String>,
+    /// The key is this query parameter's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_query_parameter_name: Option<String>,
+    /// The key is the client pod's address: each client sticks to one
+    /// endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_source_ip: Option<bool>,
 }
 
 /// Limits on what one client proxy sends to the Service (a circuit

@@ -27,8 +27,8 @@ impl Subsets {
     pub fn policy_for(&self, subset: Option<&str>) -> TrafficPolicy {
         subset
             .and_then(|s| self.subset_policies.get(s))
-            .copied()
-            .unwrap_or(self.policy)
+            .unwrap_or(&self.policy)
+            .clone()
     }
 
     /// The subsets a pod with `labels` is in.
@@ -73,7 +73,7 @@ pub fn compile_subsets(spec: &DestinationRuleSpec, namespace: &str) -> Result<Su
         }
         if let Some(p) = &s.traffic_policy {
             let own = compile_policy(&format!("subsets[{i}].trafficPolicy"), p)?;
-            subset_policies.insert(s.name.clone(), policy.overridden_by(own));
+            subset_policies.insert(s.name.clone(), policy.clone().overridden_by(own));
         }
     }
     Ok(Subsets {

@@ -1,6 +1,7 @@
-//! A `DestinationRule`'s `trafficPolicy`, compiled: the circuit breaker's
-//! limits ([`Pool`]) and outlier detection ([`Outlier`]), with the pure
-//! decisions the proxy makes with them.
+//! A `DestinationRule`'s `trafficPolicy`, compiled: how endpoints are
+//! picked ([`LoadBalancer`]), the circuit breaker's limits ([`Pool`]) and
+//! outlier detection ([`Outlier`]), with the pure decisions the proxy
+//! makes with them.
 //!
 //! Semantics follow Envoy's, as Istio configures it:
 //! - `tcp.maxConnections` and `http.http2MaxRequests` both bound the
@@ -22,7 +23,7 @@
 use std::time::Duration;
 
 use super::compile::{RouteError, duration};
-use super::spec::{ConnectionPoolSpec, OutlierDetectionSpec, TrafficPolicySpec};
+use super::spec::{ConnectionPoolSpec, LoadBalancerSpec, OutlierDetectionSpec, TrafficPolicySpec};
 
 /// Envoy's cap on one ejection.
 pub const MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
@@ -48,9 +49,34 @@ pub struct Outlier {
     pub max_ejection_percent: u32,
 }
 
+/// What a consistent hash hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// A request header's value (lower-case name).
+    Header(String),
+    QueryParameter(String),
+    /// The client pod's address.
+    SourceIp,
+}
+
+/// How a client proxy picks among a destination's endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum LoadBalancer {
+    /// Two random choices, the one with fewer requests in flight (weighted
+    /// by latency): Mizzen's default.
+    #[default]
+    LeastRequest,
+    RoundRobin,
+    Random,
+    /// Rendezvous hashing of the key; requests without one are balanced as
+    /// by `LeastRequest`.
+    ConsistentHash(HashKey),
+}
+
 /// A traffic policy, compiled.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TrafficPolicy {
+    pub load_balancer: Option<LoadBalancer>,
     pub pool: Option<Pool>,
     pub outlier: Option<Outlier>,
 }
@@ -59,8 +85,72 @@ impl TrafficPolicy {
     /// This policy with `subset`'s fields in place of its own.
     pub fn overridden_by(self, subset: TrafficPolicy) -> TrafficPolicy {
         TrafficPolicy {
+            load_balancer: subset.load_balancer.or(self.load_balancer),
             pool: subset.pool.or(self.pool),
             outlier: subset.outlier.or(self.outlier),
+        }
+    }
+}
+
+/// 64-bit FNV-1a, then a finaliser (splitmix64) so that nearby inputs
+/// land far apart: stable across processes and versions, unlike std's
+/// randomly keyed hasher, so every client proxy agrees.
+fn hash(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in *part {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// The index of the endpoint (by its name, e.g. `ip:port`) that `key`
+/// goes to by rendezvous hashing: the highest hash of key and endpoint.
+/// Removing an endpoint moves only the keys that went to it.
+pub fn rendezvous<'a>(key: &[u8], endpoints: impl IntoIterator<Item = &'a [u8]>) -> Option<usize> {
+    endpoints
+        .into_iter()
+        .enumerate()
+        .max_by_key(|(_, e)| hash(&[key, e]))
+        .map(|(i, _)| i)
+}
+
+fn load_balancer(field: &str, spec: &LoadBalancerSpec) -> Result<LoadBalancer, RouteError> {
+    match (&spec.simple, &spec.consistent_hash) {
+        (Some(_), Some(_)) | (None, None) => Err(RouteError::Conflict {
+            field: field.into(),
+            with: "set exactly one of simple and consistentHash",
+        }),
+        (Some(simple), None) => match simple.as_str() {
+            "LEAST_REQUEST" | "LEAST_CONN" | "UNSPECIFIED" => Ok(LoadBalancer::LeastRequest),
+            "ROUND_ROBIN" => Ok(LoadBalancer::RoundRobin),
+            "RANDOM" => Ok(LoadBalancer::Random),
+            other => Err(RouteError::Value {
+                field: format!("{field}.simple"),
+                value: other.into(),
+            }),
+        },
+        (None, Some(h)) => {
+            let key = match (&h.http_header_name, &h.http_query_parameter_name, h.use_source_ip) {
+                (Some(name), None, None | Some(false)) => HashKey::Header(name.to_ascii_lowercase()),
+                (None, Some(name), None | Some(false)) => HashKey::QueryParameter(name.clone()),
+                (None, None, Some(true)) => HashKey::SourceIp,
+                _ => {
+                    return Err(RouteError::Conflict {
+                        field: format!("{field}.consistentHash"),
+                        with: "set exactly one of httpHeaderName, httpQueryParameterName and useSourceIp",
+                    });
+                }
+            };
+            Ok(LoadBalancer::ConsistentHash(key))
         }
     }
 }
@@ -188,6 +278,11 @@ fn outlier(field: &str, spec: &OutlierDetectionSpec) -> Result<Outlier, RouteErr
 /// Compiles `spec`, found at `field`.
 pub fn compile_policy(field: &str, spec: &TrafficPolicySpec) -> Result<TrafficPolicy, RouteError> {
     Ok(TrafficPolicy {
+        load_balancer: spec
+            .load_balancer
+            .as_ref()
+            .map(|l| load_balancer(&format!("{field}.loadBalancer"), l))
+            .transpose()?,
         pool: spec
             .connection_pool
             .as_ref()
@@ -290,12 +385,62 @@ mod tests {
     }
 
     #[test]
+    fn load_balancers_read_as_istio_writes_them() {
+        let lb = |v: serde_json::Value| policy(serde_json::json!({"loadBalancer": v})).map(|p| p.load_balancer);
+        assert_eq!(
+            lb(serde_json::json!({"simple": "ROUND_ROBIN"})),
+            Ok(Some(LoadBalancer::RoundRobin))
+        );
+        assert_eq!(
+            lb(serde_json::json!({"simple": "RANDOM"})),
+            Ok(Some(LoadBalancer::Random))
+        );
+        assert_eq!(
+            lb(serde_json::json!({"consistentHash": {"httpHeaderName": "X-User"}})),
+            Ok(Some(LoadBalancer::ConsistentHash(HashKey::Header("x-user".into()))))
+        );
+        assert_eq!(
+            lb(serde_json::json!({"consistentHash": {"useSourceIp": true}})),
+            Ok(Some(LoadBalancer::ConsistentHash(HashKey::SourceIp)))
+        );
+        for bad in [
+            serde_json::json!({"simple": "MAGLEV"}),
+            serde_json::json!({}),
+            serde_json::json!({"consistentHash": {"httpHeaderName": "a", "useSourceIp": true}}),
+        ] {
+            assert!(lb(bad.clone()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rendezvous_hashing_moves_only_the_keys_of_a_removed_endpoint() {
+        let endpoints: Vec<String> = (1..=5).map(|i| format!("10.0.0.{i}:80")).collect();
+        let pick = |eps: &[String], key: &str| {
+            rendezvous(key.as_bytes(), eps.iter().map(|e| e.as_bytes())).map(|i| eps[i].clone())
+        };
+        let keys: Vec<String> = (0..1000).map(|k| format!("user-{k}")).collect();
+        let before: Vec<String> = keys.iter().filter_map(|k| pick(&endpoints, k)).collect();
+        // Spread: every endpoint gets a fair share of 1000 keys.
+        for e in &endpoints {
+            let n = before.iter().filter(|b| *b == e).count();
+            assert!((120..=280).contains(&n), "{e}: {n}");
+        }
+        let fewer: Vec<String> = endpoints.iter().filter(|e| *e != "10.0.0.3:80").cloned().collect();
+        for (k, was) in keys.iter().zip(&before) {
+            let now = pick(&fewer, k).expect("an endpoint");
+            if was != "10.0.0.3:80" {
+                assert_eq!(&now, was, "{k} moved though its endpoint stayed");
+            }
+        }
+    }
+
+    #[test]
     fn a_subset_policy_replaces_the_fields_it_sets() {
         let top = policy(serde_json::json!({"connectionPool": {"tcp": {"maxConnections": 5}},
                                              "outlierDetection": {"consecutive5xxErrors": 3}}))
         .expect("compiles");
         let subset = policy(serde_json::json!({"connectionPool": {"tcp": {"maxConnections": 1}}})).expect("compiles");
-        let merged = top.overridden_by(subset);
+        let merged = top.clone().overridden_by(subset);
         assert_eq!(merged.pool.map(|p| p.max_active), Some(1));
         assert_eq!(merged.outlier, top.outlier);
     }

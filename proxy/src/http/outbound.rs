@@ -32,16 +32,16 @@ use super::headers::{self, APP_PROTOCOL};
 use super::pool::{H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h1, send_h2};
 use super::upgrade::{self, Takeover};
 use super::{Body, Exchange, Recording, ResponseFlag};
-use crate::balance::Load;
+use crate::balance::{Choice, Load};
 use crate::breaker::Place;
-use crate::discovery::{Backend, Destination};
+use crate::discovery::{Backend, Destination, Target};
 use crate::drain::ConnGuard;
 use crate::metrics::Direction;
 use crate::outbound::{ATTEMPTS, Outbound, OutboundError, expected_identity};
 use crate::tls::ALPN_HTTP;
 use hyper::client::conn::http2;
 use hyper::header::HeaderValue;
-use mizzen_api::routing::traffic_policy::Outcome;
+use mizzen_api::routing::traffic_policy::{HashKey, LoadBalancer, Outcome};
 
 /// Connections to endpoints kept for reuse.
 #[derive(Debug, Default)]
@@ -219,11 +219,11 @@ pub(super) async fn forward(
             format!("no ready endpoint behind {service}"),
         ));
     }
-    let policy = match &destination {
-        Destination::Service(t) => Some((t.service.as_str(), t.policy)),
+    let target = match &destination {
+        Destination::Service(t) => Some(&**t),
         _ => None,
     };
-    let place = match policy.and_then(|(name, p)| Some((name, p.pool?))) {
+    let place = match target.and_then(|t| Some((t.service.as_str(), t.policy.pool?))) {
         Some((name, pool)) => Some(
             o.breakers
                 .enter(name, pool)
@@ -232,7 +232,14 @@ pub(super) async fn forward(
         ),
         None => None,
     };
-    let outlier = policy.and_then(|(_, p)| p.outlier);
+    let outlier = target.and_then(|t| t.policy.outlier);
+    let key = target.and_then(|t| hash_key(o, t, &req));
+    let choice = match target.and_then(|t| t.policy.load_balancer.as_ref().map(|lb| (t, lb))) {
+        None | Some((_, LoadBalancer::LeastRequest)) => Choice::LeastRequest,
+        Some((_, LoadBalancer::Random)) => Choice::Random,
+        Some((t, LoadBalancer::RoundRobin)) => Choice::RoundRobin(&t.round_robin),
+        Some((_, LoadBalancer::ConsistentHash(_))) => key.as_deref().map_or(Choice::LeastRequest, Choice::Hash),
+    };
     let observe = |addr: SocketAddr, outcome: Outcome| {
         if let Some(outlier) = &outlier
             && o.balancer.outcome(addr, outcome, outlier, backends)
@@ -246,12 +253,12 @@ pub(super) async fn forward(
     let mut last = String::new();
     while tried.len() < ATTEMPTS {
         let picked = match avoid {
-            [] => o.balancer.pick(backends, &tried),
+            [] => o.balancer.pick_by(backends, &tried, choice),
             _ => {
                 let both: Vec<SocketAddr> = tried.iter().chain(avoid).copied().collect();
                 o.balancer
-                    .pick(backends, &both)
-                    .or_else(|| o.balancer.pick(backends, &tried))
+                    .pick_by(backends, &both, choice)
+                    .or_else(|| o.balancer.pick_by(backends, &tried, choice))
             }
         };
         let Some(b) = picked else {
@@ -289,6 +296,22 @@ pub(super) async fn forward(
         }
     }
     Err(Refusal::unavailable(ResponseFlag::UpstreamConnectionFailure, last))
+}
+
+/// The consistent hash key of `req` under `t`'s load balancer, if it
+/// hashes one and the request has it.
+fn hash_key(o: &Outbound, t: &Target, req: &Request<Body>) -> Option<Vec<u8>> {
+    let Some(LoadBalancer::ConsistentHash(key)) = &t.policy.load_balancer else {
+        return None;
+    };
+    match key {
+        HashKey::Header(name) => req.headers().get(name.as_str()).map(|v| v.as_bytes().to_vec()),
+        HashKey::QueryParameter(name) => req.uri().query()?.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then(|| v.as_bytes().to_vec())
+        }),
+        HashKey::SourceIp => o.instance_ip.map(|ip| ip.to_string().into_bytes()),
+    }
 }
 
 /// What became of one attempt.
