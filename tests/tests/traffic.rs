@@ -706,8 +706,8 @@ spec:
 }
 
 /// Istio's sample app in the test app's HTTP modes: `productpage` calls
-/// `reviews`, whose v1 answers alone and whose v2 calls `ratings`; each
-/// answers with its pod name and nests what it called.
+/// `reviews`, whose v1 answers alone and whose v2 and v3 call `ratings`;
+/// each answers with its pod name and nests what it called.
 struct Bookinfo {
     mesh: mizzen_tests::mesh::MeshNode,
     ns: String,
@@ -731,6 +731,7 @@ impl Bookinfo {
             ("productpage", "productpage", "v1", Some("reviews")),
             ("reviews-v1", "reviews", "v1", None),
             ("reviews-v2", "reviews", "v2", Some("ratings")),
+            ("reviews-v3", "reviews", "v3", Some("ratings")),
             ("ratings", "ratings", "v1", None),
         ];
         for (name, app, version, calls) in pods {
@@ -759,6 +760,7 @@ spec:
   subsets:
   - {name: v1, labels: {version: v1}}
   - {name: v2, labels: {version: v2}}
+  - {name: v3, labels: {version: v3}}
 "#,
             )
             .await?;
@@ -781,7 +783,7 @@ spec:
 }
 
 #[tokio::test]
-async fn jason_sees_reviews_v2_through_the_front_end_and_everyone_else_v1() -> anyhow::Result<()> {
+async fn jason_sees_reviews_v2_mallory_v3_and_everyone_else_v1_through_the_front_end() -> anyhow::Result<()> {
     let b = Bookinfo::start("bookinfo-ab").await?;
     Cluster::get()
         .apply(
@@ -797,6 +799,10 @@ spec:
     - headers: {end-user: {exact: jason}}
     route:
     - destination: {host: reviews, subset: v2}
+  - match:
+    - headers: {end-user: {exact: mallory}}
+    route:
+    - destination: {host: reviews, subset: v3}
   - route:
     - destination: {host: reviews, subset: v1}
 "#,
@@ -812,7 +818,12 @@ spec:
     for _ in 0..5 {
         let page = b.page(&["end-user: jason"]).await?;
         assert!(page.contains("  pod reviews-v2"), "{page}");
-        let other = b.page(&["end-user: mallory"]).await?;
+        let mallory = b.page(&["end-user: mallory"]).await?;
+        assert!(
+            mallory.contains("  pod reviews-v3") && mallory.contains("    pod ratings"),
+            "{mallory}"
+        );
+        let other = b.page(&["end-user: someone"]).await?;
         assert!(
             other.contains("  pod reviews-v1") && !other.contains("ratings"),
             "{other}"
