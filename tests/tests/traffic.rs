@@ -1117,3 +1117,39 @@ spec:
     assert_eq!(distinct.len(), 2, "{pods:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_route_change_applies_to_new_requests_and_in_flight_ones_finish() -> anyhow::Result<()> {
+    let m = versioned("traffic-change").await?;
+    let to = |subset: &str| {
+        format!(
+            "apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata: {{name: web}}
+spec:
+  hosts: [web]
+  http:
+  - route:
+    - destination: {{host: web, subset: {subset}}}
+"
+        )
+    };
+    apply(&m, &to("v1")).await?;
+    until(&m, "/", &[], "all on v1", all_from("web-a")).await?;
+    // A slow request in flight while the route moves to v2: curl sends it
+    // long before kubectl's change can travel through the agent to the
+    // client's proxy, so it is routed under v1.
+    let (in_flight, moved) = tokio::join!(get(&m, "/sleep/4000", &[], 1), async {
+        apply(&m, &to("v2")).await?;
+        until(&m, "/", &[], "all on v2", all_from("web-b")).await
+    });
+    moved?;
+    let in_flight = in_flight?;
+    assert_eq!(in_flight[0].status, 200, "{in_flight:?}");
+    assert_eq!(
+        in_flight[0].pod.as_deref(),
+        Some("web-a"),
+        "it finished where it was sent"
+    );
+    Ok(())
+}
