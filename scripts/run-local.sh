@@ -203,12 +203,13 @@ NODE_AND_POD
     log "mizzen-agent is serving SDS on $DIR/run/agent.sock (metrics: http://127.0.0.1:$AGENT_ADMIN_PORT/metrics)"
 
     # The injector: every document of its manifest but the webhook
-    # configuration, which points at the local process instead of the
-    # Service (nothing routes Service IPs here). The injector fills in caBundle.
-    awk 'BEGIN{RS="\n---\n"; ORS="\n---\n"} !/kind: MutatingWebhookConfiguration/' manifests/injector.yaml \
+    # configurations (injection; validation of traffic rules), which point
+    # at the local process instead of the Service (nothing routes Service
+    # IPs here). The injector fills in their caBundle.
+    awk 'BEGIN{RS="\n---\n"; ORS="\n---\n"} !/kind: (Mutating|Validating)WebhookConfiguration/' manifests/injector.yaml \
       | $KUBECTL apply -f -
-    sed -e "s#service: {name: mizzen-injector, namespace: mizzen-system, path: /inject, port: 443}#url: https://127.0.0.1:$INJECTOR_PORT/inject#" \
-      manifests/injector.yaml | awk 'BEGIN{RS="\n---\n"} /kind: MutatingWebhookConfiguration/' | $KUBECTL apply -f -
+    sed -e "s#service: {name: mizzen-injector, namespace: mizzen-system, path: \(/[a-z]*\), port: 443}#url: https://127.0.0.1:$INJECTOR_PORT\1#" \
+      manifests/injector.yaml | awk 'BEGIN{RS="\n---\n"; ORS="\n---\n"} /kind: (Mutating|Validating)WebhookConfiguration/' | $KUBECTL apply -f -
     start mizzen-injector "$INJECTOR_ADMIN_PORT" "$(sa_kubeconfig mizzen-injector)" serve \
       --addr "127.0.0.1:$INJECTOR_PORT" --serving-ip 127.0.0.1 --config "$DIR/injector-config.yaml"
     log "mizzen-injector is serving the webhook on 127.0.0.1:$INJECTOR_PORT; label a namespace with mizzen.dev/inject=enabled"

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
+use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::Api;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -90,6 +91,10 @@ struct ServeArgs {
     /// MutatingWebhookConfiguration whose caBundle the injector keeps current.
     #[arg(long, default_value = "mizzen-injector")]
     webhook_config: String,
+    /// ValidatingWebhookConfiguration (traffic rules, POST /validate) whose
+    /// caBundle the injector keeps current.
+    #[arg(long, default_value = "mizzen-validation")]
+    validating_webhook_config: String,
     /// DNS names in the serving certificate.
     #[arg(
         long = "serving-dns",
@@ -200,12 +205,15 @@ fn shed(app: &App, result: &'static str, code: StatusCode, why: &str) -> Respons
     (code, format!("{why}\n")).into_response()
 }
 
-async fn inject_handler(State(app): State<App>, body: axum::body::Body) -> Response {
+/// The body within the size limit and the deadline (a client sending
+/// slowly holds a connection, not the injector), and a place among the
+/// reviews in flight; or the answer that refuses the request.
+async fn admitted(
+    app: &App,
+    body: axum::body::Body,
+    deadline: tokio::time::Instant,
+) -> Result<(axum::body::Bytes, tokio::sync::SemaphorePermit<'_>), Response> {
     use http_body_util::BodyExt;
-    let start = Instant::now();
-    let deadline = tokio::time::Instant::now() + app.request_timeout;
-    // The body within the size limit and the deadline: a client sending
-    // slowly holds a connection, not the injector.
     let body = match tokio::time::timeout_at(
         deadline,
         http_body_util::Limited::new(body, webhook::MAX_BODY).collect(),
@@ -214,33 +222,61 @@ async fn inject_handler(State(app): State<App>, body: axum::body::Body) -> Respo
     {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(e)) => {
-            return shed(
-                &app,
+            return Err(shed(
+                app,
                 "body_refused",
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("request body: {e}"),
-            );
+            ));
         }
         Err(_) => {
-            return shed(
-                &app,
+            return Err(shed(
+                app,
                 "body_timeout",
                 StatusCode::REQUEST_TIMEOUT,
                 "request body too slow",
-            );
+            ));
         }
     };
-    let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, app.reviews.acquire()).await else {
-        return shed(
-            &app,
+    let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, app.reviews.acquire()).await else {
+        return Err(shed(
+            app,
             "overloaded",
             StatusCode::SERVICE_UNAVAILABLE,
             "too many reviews in flight",
-        );
+        ));
+    };
+    Ok((body, permit))
+}
+
+async fn inject_handler(State(app): State<App>, body: axum::body::Body) -> Response {
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::now() + app.request_timeout;
+    let (body, _permit) = match admitted(&app, body, deadline).await {
+        Ok(b) => b,
+        Err(refused) => return refused,
     };
     let cfg = app.config.get();
     let result = webhook::review(&body, &app.namespaces, &cfg, app.native).await;
     app.metrics.latency.observe(start.elapsed().as_secs_f64());
+    answered(&app, result)
+}
+
+/// Traffic rules: refused when they would not compile.
+async fn validate_handler(State(app): State<App>, body: axum::body::Body) -> Response {
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::now() + app.request_timeout;
+    let (body, _permit) = match admitted(&app, body, deadline).await {
+        Ok(b) => b,
+        Err(refused) => return refused,
+    };
+    let result = webhook::validate(&body);
+    app.metrics.latency.observe(start.elapsed().as_secs_f64());
+    answered(&app, result)
+}
+
+/// The HTTP answer of a review, counted and logged.
+fn answered(app: &App, result: Result<(Vec<u8>, Verdict), webhook::Unanswerable>) -> Response {
     match result {
         Ok((out, verdict)) => {
             app.metrics
@@ -312,9 +348,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let resolver = mizzen_api::tls::ReloadingResolver::new(ca.serving(&names.dns, &names.ips, names.ttl)?);
     tokio::spawn(tls::renew_forever(ca.clone(), names, resolver.clone()));
-    tokio::spawn(tls::keep_ca_bundle(
+    tokio::spawn(tls::keep_ca_bundle::<MutatingWebhookConfiguration>(
         client.clone(),
         args.webhook_config.clone(),
+        ca.cert_pem.clone(),
+    ));
+    tokio::spawn(tls::keep_ca_bundle::<ValidatingWebhookConfiguration>(
+        client.clone(),
+        args.validating_webhook_config.clone(),
         ca.cert_pem.clone(),
     ));
     let tls_config = Arc::new(mizzen_api::tls::server_config(resolver, &[b"http/1.1"])?);
@@ -331,6 +372,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let router = Router::new()
         .route("/inject", post(inject_handler))
+        .route("/validate", post(validate_handler))
         .layer(DefaultBodyLimit::max(webhook::MAX_BODY))
         .with_state(app);
     let connections = Arc::new(tokio::sync::Semaphore::new(args.max_connections.max(1)));

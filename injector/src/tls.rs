@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -138,36 +138,72 @@ pub async fn renew_forever(ca: Arc<WebhookCa>, names: ServingNames, resolver: Ar
     }
 }
 
-/// JSON-patch operations that set every webhook's caBundle to `ca_pem`
-/// (empty when all are current).
-pub fn ca_bundle_patch(config: &MutatingWebhookConfiguration, ca_pem: &str) -> Vec<serde_json::Value> {
+/// A webhook configuration whose webhooks' caBundle the injector keeps
+/// current: the mutating one (injection) and the validating one (traffic
+/// rules).
+pub trait WebhookConfiguration:
+    kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    /// Each webhook's caBundle, in order.
+    fn bundles(&self) -> Vec<Option<&ByteString>>;
+}
+
+impl WebhookConfiguration for MutatingWebhookConfiguration {
+    fn bundles(&self) -> Vec<Option<&ByteString>> {
+        self.webhooks
+            .iter()
+            .flatten()
+            .map(|w| w.client_config.ca_bundle.as_ref())
+            .collect()
+    }
+}
+
+impl WebhookConfiguration for ValidatingWebhookConfiguration {
+    fn bundles(&self) -> Vec<Option<&ByteString>> {
+        self.webhooks
+            .iter()
+            .flatten()
+            .map(|w| w.client_config.ca_bundle.as_ref())
+            .collect()
+    }
+}
+
+/// JSON patch operations setting every webhook's caBundle of `config` to
+/// `ca_pem` (none when all are set already).
+pub fn ca_bundle_patch(config: &impl WebhookConfiguration, ca_pem: &str) -> Vec<serde_json::Value> {
     let want = ByteString(ca_pem.as_bytes().to_vec());
     config
-        .webhooks
-        .iter()
-        .flatten()
+        .bundles()
+        .into_iter()
         .enumerate()
-        .filter(|(_, w)| w.client_config.ca_bundle.as_ref() != Some(&want))
+        .filter(|(_, b)| *b != Some(&want))
         .map(|(i, _)| {
             serde_json::json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": want})
         })
         .collect()
 }
 
-/// Keeps the caBundle of MutatingWebhookConfiguration `name` current.
-pub async fn keep_ca_bundle(client: kube::Client, name: String, ca_pem: String) {
-    let api = Api::<MutatingWebhookConfiguration>::all(client);
+/// Keeps the caBundle of webhook configuration `name` (of kind `K`)
+/// current.
+pub async fn keep_ca_bundle<K: WebhookConfiguration>(client: kube::Client, name: String, ca_pem: String) {
+    let api = Api::<K>::all(client);
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut events = watcher(api.clone(), config).default_backoff().applied_objects().boxed();
     while let Some(ev) = events.next().await {
-        let mwc = match ev {
+        let current = match ev {
             Ok(m) => m,
             Err(e) => {
                 warn!(error = %e, "webhook configuration watch failed; retrying");
                 continue;
             }
         };
-        let ops = ca_bundle_patch(&mwc, &ca_pem);
+        let ops = ca_bundle_patch(&current, &ca_pem);
         if ops.is_empty() {
             continue;
         }

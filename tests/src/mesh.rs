@@ -251,8 +251,9 @@ impl Injector {
     }
 }
 
-/// Installs manifests/injector.yaml, with the webhook pointed at
-/// `https://127.0.0.1:port/inject` (no Service routing without kube-proxy).
+/// Installs manifests/injector.yaml, with its webhooks (injection, and
+/// validation of traffic rules) pointed at `https://127.0.0.1:port` and
+/// their path (no Service routing without kube-proxy).
 async fn install_injector(cluster: &Cluster, port: u16) -> anyhow::Result<()> {
     let _applying = APPLYING.lock().await;
     let root = crate::cluster::repo_root();
@@ -263,26 +264,35 @@ async fn install_injector(cluster: &Cluster, port: u16) -> anyhow::Result<()> {
         .await?;
     let text = std::fs::read_to_string(root.join("manifests/injector.yaml"))?;
     let mut rest = String::new();
-    let mut webhook = None;
+    let mut webhooks = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(&text) {
         let v = serde_json::Value::deserialize(doc)?;
-        if v["kind"] == "MutatingWebhookConfiguration" {
-            webhook = Some(v);
+        if v["kind"] == "MutatingWebhookConfiguration" || v["kind"] == "ValidatingWebhookConfiguration" {
+            webhooks.push(v);
         } else if !v.is_null() {
             rest.push_str("---\n");
             rest.push_str(&serde_yaml::to_string(&v)?);
         }
     }
     cluster.kubectl(["apply", "-f", "-"]).stdin(rest).run().await?;
-    let mut webhook = webhook.context("the manifest has a MutatingWebhookConfiguration")?;
-    for hook in webhook["webhooks"].as_array_mut().context("webhooks")? {
-        hook["clientConfig"] = serde_json::json!({"url": format!("https://127.0.0.1:{port}/inject")});
+    anyhow::ensure!(
+        webhooks.iter().any(|w| w["kind"] == "MutatingWebhookConfiguration"),
+        "the manifest has a MutatingWebhookConfiguration"
+    );
+    for mut config in webhooks {
+        for hook in config["webhooks"].as_array_mut().context("webhooks")? {
+            let path = hook["clientConfig"]["service"]["path"]
+                .as_str()
+                .unwrap_or("/inject")
+                .to_owned();
+            hook["clientConfig"] = serde_json::json!({"url": format!("https://127.0.0.1:{port}{path}")});
+        }
+        cluster
+            .kubectl(["apply", "-f", "-"])
+            .stdin(serde_json::to_string(&config)?)
+            .run()
+            .await?;
     }
-    cluster
-        .kubectl(["apply", "-f", "-"])
-        .stdin(serde_json::to_string(&webhook)?)
-        .run()
-        .await?;
     Ok(())
 }
 

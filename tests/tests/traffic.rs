@@ -1153,3 +1153,48 @@ spec:
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_virtual_service_whose_weights_do_not_add_up_is_refused_by_kubectl_naming_the_field() -> anyhow::Result<()> {
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    mizzen_tests::mesh::install_manifests(cluster).await?;
+    mizzen_tests::mesh::Injector::shared(cluster).await?;
+    let ns = cluster.namespace(&client, "traffic-validate", &[]).await?;
+    let validations =
+        kube::Api::<k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration>::all(client);
+    eventually_some(ROLLOUT, "the validating webhook's caBundle", || async {
+        let v = validations.get("mizzen-validation").await?;
+        let set = v
+            .webhooks
+            .iter()
+            .flatten()
+            .all(|w| w.client_config.ca_bundle.as_ref().is_some_and(|b| !b.0.is_empty()));
+        Ok(set.then_some(()))
+    })
+    .await?;
+    let yaml = |v2: u32| {
+        format!(
+            "apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata: {{name: web}}
+spec:
+  hosts: [web]
+  http:
+  - route:
+    - destination: {{host: web, subset: v1}}
+      weight: 90
+    - destination: {{host: web, subset: v2}}
+      weight: {v2}
+"
+        )
+    };
+    let err = cluster.apply(&ns, &yaml(20)).await.expect_err("refused");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("spec.http[0].route: weights must be given for every destination and add up to 100, not 110"),
+        "{text}"
+    );
+    cluster.apply(&ns, &yaml(10)).await?;
+    Ok(())
+}

@@ -22,6 +22,8 @@
 //! matches applies when any holds; a route without matches matches every
 //! request; a request no route matches is not routed (Istio answers 404).
 
+#[cfg(feature = "k8s")]
+pub mod admission;
 pub mod compile;
 pub mod decide;
 #[cfg(feature = "k8s")]

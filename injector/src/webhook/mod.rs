@@ -21,6 +21,8 @@ pub const MAX_BODY: usize = 2 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Injected,
+    /// A traffic rule that compiles (the validating endpoint).
+    Valid,
     Skipped(&'static str),
     Denied(String),
     Ignored,
@@ -31,6 +33,7 @@ impl Verdict {
     pub fn label(&self) -> &'static str {
         match self {
             Verdict::Injected => "injected",
+            Verdict::Valid => "valid",
             Verdict::Skipped(_) => "skipped",
             Verdict::Denied(_) => "denied",
             Verdict::Ignored => "ignored",
@@ -189,6 +192,9 @@ pub async fn review(
         }
     }
 }
+
+mod validate;
+pub use validate::validate;
 
 #[cfg(test)]
 mod tests;
