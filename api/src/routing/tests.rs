@@ -428,10 +428,10 @@ fn destination_rules_refuse_what_they_cannot_honour() {
         assert_eq!(err.reason(), reason, "{v}: {err}");
     }
     let err = serde_json::from_value::<spec::DestinationRuleSpec>(
-        json!({"host": "reviews", "trafficPolicy": {"loadBalancer": {"simple": "RANDOM"}}}),
+        json!({"host": "reviews", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}),
     )
     .expect_err("refused");
-    assert!(err.to_string().contains("unknown field `loadBalancer`"), "{err}");
+    assert!(err.to_string().contains("unknown field `tls`"), "{err}");
 }
 
 #[test]
