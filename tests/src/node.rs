@@ -798,24 +798,6 @@ struct PodRun<'a> {
     group: Option<i64>,
 }
 
-/// A mount point the test node is about to create on the host's file
-/// system (the private mount namespace shares it: `mkdir -p` of
-/// `/var/run/mizzen` for the proxy's socket mount leaves that directory on
-/// the host) is removed when the test binary exits, if still empty. Test
-/// binaries run one after another, so no other binary's pod is using it
-/// then; a real node (`scripts/node.sh`) then finds the host as it was.
-fn forget_created_mount_point(path: &str) {
-    static CREATED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    if std::path::Path::new(path).exists() {
-        return;
-    }
-    let mut created = CREATED.lock().unwrap_or_else(|p| p.into_inner());
-    if !created.iter().any(|p| p == path) {
-        created.push(path.to_owned());
-        crate::reaper::at_exit(&format!("rmdir {} 2>/dev/null", shell_quote(path)));
-    }
-}
-
 /// `argv` run in the pod's network namespace, in a private mount namespace
 /// with the container's volumes mounted, as the container's user.
 fn exec_in(
@@ -839,7 +821,6 @@ fn exec_in(
                 c.name
             );
         }
-        forget_created_mount_point(&m.mount_path);
         let target = shell_quote(&m.mount_path);
         script.push_str(&format!(
             "mkdir -p {target}\nmount --bind {} {target}\n",
