@@ -164,12 +164,25 @@ spec:
 "#,
     )
     .await?;
-    until(&m, "/", &[], "everyone else on v1", all_from("web-a")).await?;
+    // The route is in place once both hold at once (the balancer alone
+    // may send a run of requests to one replica, never jason's to one and
+    // the others' to the other).
+    routed_ab(&m).await?;
     let jason = get(&m, "/", &["end-user: jason"], 20).await?;
     assert_eq!(by_pod(&jason), BTreeMap::from([("web-b".into(), 20)]), "{jason:?}");
     let others = get(&m, "/", &["end-user: someone"], 20).await?;
     assert_eq!(by_pod(&others), BTreeMap::from([("web-a".into(), 20)]), "{others:?}");
     Ok(())
+}
+
+/// Waits until jason's requests all reach web-b and the others' web-a.
+async fn routed_ab(m: &HttpMesh) -> anyhow::Result<()> {
+    eventually_some(ROLLOUT, "jason on v2 and the others on v1", || async {
+        let jason = get(m, "/", &["end-user: jason"], 10).await?;
+        let others = get(m, "/", &[], 10).await?;
+        Ok((all_from("web-b")(&jason) && all_from("web-a")(&others)).then_some(()))
+    })
+    .await
 }
 
 #[tokio::test]
@@ -920,7 +933,7 @@ spec:
 "#,
     )
     .await?;
-    until(&m, "/", &[], "everyone else on v1", all_from("web-a")).await?;
+    routed_ab(&m).await?;
     let jason = get(&m, "/", &["end-user: jason"], 20).await?;
     assert_eq!(by_pod(&jason), BTreeMap::from([("web-b".into(), 20)]), "{jason:?}");
     // The mesh says it routes by the route, in the route's status.
