@@ -50,7 +50,8 @@ impl NoRoute {
     }
 }
 
-fn query_value<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
+/// The value of query parameter `key` (the first), `""` when it has none.
+pub fn query_value<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (k == key).then_some(v)

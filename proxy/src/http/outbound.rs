@@ -306,10 +306,9 @@ fn hash_key(o: &Outbound, t: &Target, req: &Request<Body>) -> Option<Vec<u8>> {
     };
     match key {
         HashKey::Header(name) => req.headers().get(name.as_str()).map(|v| v.as_bytes().to_vec()),
-        HashKey::QueryParameter(name) => req.uri().query()?.split('&').find_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (k == name).then(|| v.as_bytes().to_vec())
-        }),
+        HashKey::QueryParameter(name) => {
+            mizzen_api::routing::decide::query_value(req.uri().query(), name).map(|v| v.as_bytes().to_vec())
+        }
         HashKey::SourceIp => o.instance_ip.map(|ip| ip.to_string().into_bytes()),
     }
 }
