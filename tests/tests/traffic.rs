@@ -59,6 +59,9 @@ struct Answer {
     flags: String,
     /// The pod that answered, when the echo app did.
     pod: Option<String>,
+    /// The test's `x-test-rule` response header: which version of a rule
+    /// routed the request, for rules that set it.
+    rule: Option<String>,
     /// How long curl took, in seconds.
     secs: f64,
 }
@@ -73,7 +76,7 @@ async fn get(m: &HttpMesh, path: &str, headers: &[&str], n: usize) -> anyhow::Re
         "--max-time",
         "60",
         "-w",
-        "\nanswer %{http_code} %{time_total} flags=%header{x-mizzen-response-flags}\n",
+        "\nanswer %{http_code} %{time_total} rule=%header{x-test-rule} flags=%header{x-mizzen-response-flags}\n",
     ]);
     for h in headers {
         cmd.args(["-H", h]);
@@ -91,11 +94,13 @@ async fn get(m: &HttpMesh, path: &str, headers: &[&str], n: usize) -> anyhow::Re
             pod = Some(p.to_owned());
         } else if let Some(rest) = line.strip_prefix("answer ") {
             let (head, flags) = rest.split_once(" flags=").context("answer line")?;
+            let (head, rule) = head.split_once(" rule=").context("answer line")?;
             let (status, secs) = head.split_once(' ').context("answer line")?;
             answers.push(Answer {
                 status: status.parse()?,
                 flags: flags.to_owned(),
                 pod: pod.take(),
+                rule: (!rule.is_empty()).then(|| rule.to_owned()),
                 secs: secs.parse()?,
             });
         }
@@ -133,6 +138,16 @@ async fn until(
 
 fn all_from(pod: &str) -> impl Fn(&[Answer]) -> bool + '_ {
     move |answers| answers.iter().all(|a| a.status == 200 && a.pod.as_deref() == Some(pod))
+}
+
+/// Whether all answers were routed by the rule that marks them `rule`
+/// (which the balancer alone can never fake, unlike a run on one pod).
+fn all_under(rule: &str) -> impl Fn(&[Answer]) -> bool + '_ {
+    move |answers| {
+        answers
+            .iter()
+            .all(|a| a.status == 200 && a.rule.as_deref() == Some(rule))
+    }
 }
 
 #[tokio::test]
@@ -232,7 +247,8 @@ metadata:
 spec:
   hosts: [web]
   http:
-  - route:
+  - headers: {{response: {{set: {{x-test-rule: split-{v1}-{v2}}}}}}}
+    route:
     - destination: {{host: web, subset: v1}}
       weight: {v1}
     - destination: {{host: web, subset: v2}}
@@ -240,15 +256,8 @@ spec:
 "#
         )
     };
-    // All on v1 first: once v2 answers again, the split is in place.
-    apply(&m, &split(100, 0)).await?;
-    until(&m, "/", &[], "all on v1", all_from("web-a")).await?;
     apply(&m, &split(90, 10)).await?;
-    eventually_some(ROLLOUT, "v2 to get its share", || async {
-        let a = get(&m, "/", &[], 50).await?;
-        Ok(by_pod(&a).contains_key("web-b").then_some(()))
-    })
-    .await?;
+    until(&m, "/", &[], "the split in place", all_under("split-90-10")).await?;
     let answers = get(&m, "/", &[], 2000).await?;
     let counts = by_pod(&answers);
     let v2 = counts.get("web-b").copied().unwrap_or(0) as f64 / 2000.0;
@@ -704,17 +713,28 @@ spec:
 "#,
     )
     .await?;
-    until(&m, "/", &[], "the client on v1", all_from("web-a")).await?;
-    let pods = eventually_some(ROLLOUT, "the tester on v2", || async {
+    // The tester's requests, each on a new connection, by the pod that
+    // answered.
+    let tester_pods = || async {
         let mut pods = Vec::new();
         for _ in 0..10 {
             let out = mizzen_tests::http_mesh::curl_in(&m.mesh, &m.ns, "tester", &[&m.url("/")]).await?;
             pods.extend(out.lines().filter_map(|l| l.strip_prefix("pod ")).map(str::to_owned));
         }
-        Ok(pods.iter().all(|p| p == "web-b").then_some(pods))
+        anyhow::Ok(pods)
+    };
+    // In place once both hold in one poll (either alone can be the
+    // balancer's choice before the rule arrives).
+    eventually_some(ROLLOUT, "the client on v1 and the tester on v2", || async {
+        let client = get(&m, "/", &[], 10).await?;
+        let tester = tester_pods().await?;
+        Ok((all_from("web-a")(&client) && tester.iter().all(|p| p == "web-b")).then_some(()))
     })
     .await?;
-    assert_eq!(pods.len(), 10);
+    let client = get(&m, "/", &[], 20).await?;
+    assert_eq!(by_pod(&client), BTreeMap::from([("web-a".into(), 20)]), "{client:?}");
+    let tester = tester_pods().await?;
+    assert_eq!(tester, vec!["web-b".to_owned(); 10]);
     Ok(())
 }
 
@@ -821,9 +841,16 @@ spec:
 "#,
         )
         .await?;
-    let jason = eventually_some(ROLLOUT, "jason on reviews v2", || async {
+    // In place once all three hold in one poll: before the rule arrives,
+    // any one of them can hold by the balancer's choice alone.
+    let jason = eventually_some(ROLLOUT, "jason on v2, mallory on v3, the others on v1", || async {
         let page = b.page(&["end-user: jason"]).await?;
-        Ok(page.contains("  pod reviews-v2").then_some(page))
+        let mallory = b.page(&["end-user: mallory"]).await?;
+        let other = b.page(&["end-user: someone"]).await?;
+        let routed = page.contains("  pod reviews-v2")
+            && mallory.contains("  pod reviews-v3")
+            && other.contains("  pod reviews-v1");
+        Ok(routed.then_some(page))
     })
     .await?;
     // v2 called ratings, which answered.
@@ -972,20 +999,18 @@ spec:
   parentRefs:
   - {{group: "", kind: Service, name: web}}
   rules:
-  - backendRefs:
+  - filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        set: [{{name: x-test-rule, value: split-{v1}-{v2}}}]
+    backendRefs:
     - {{name: web-v1, port: 80, weight: {v1}}}
     - {{name: web-v2, port: 80, weight: {v2}}}
 "#
         )
     };
-    apply(&m, &split(1, 0)).await?;
-    until(&m, "/", &[], "all on v1", all_from("web-a")).await?;
     apply(&m, &split(9, 1)).await?;
-    eventually_some(ROLLOUT, "v2 to get its share", || async {
-        let a = get(&m, "/", &[], 50).await?;
-        Ok(by_pod(&a).contains_key("web-b").then_some(()))
-    })
-    .await?;
+    until(&m, "/", &[], "the split in place", all_under("split-9-1")).await?;
     let answers = get(&m, "/", &[], 2000).await?;
     let counts = by_pod(&answers);
     eprintln!("HTTPRoute 9:1 split over 2000 requests: {counts:?}");
@@ -1040,9 +1065,18 @@ spec:
     assert_eq!(c["status"], "False", "{c}");
     assert_eq!(c["reason"], "UnsupportedValue", "{c}");
     assert!(c["message"].as_str().unwrap_or("").contains("spec.hostnames"), "{c}");
-    // And the Service is still balanced over both replicas, as without it.
-    let answers = get(&m, "/", &[], 20).await?;
-    assert_eq!(by_pod(&answers).len(), 2, "{answers:?}");
+    // And the Service answers from both replicas, as without it (the
+    // client's proxy may learn of the second replica after the status is
+    // written, so this waits for both).
+    let answers = eventually_some(ROLLOUT, "both replicas answering", || async {
+        let answers = get(&m, "/", &[], 20).await?;
+        Ok((by_pod(&answers).len() == 2).then_some(answers))
+    })
+    .await?;
+    assert!(
+        answers.iter().all(|a| a.status == 200 && a.flags.is_empty()),
+        "{answers:?}"
+    );
     Ok(())
 }
 
@@ -1142,19 +1176,26 @@ metadata: {{name: web}}
 spec:
   hosts: [web]
   http:
-  - route:
+  - headers: {{response: {{set: {{x-test-rule: {subset}}}}}}}
+    route:
     - destination: {{host: web, subset: {subset}}}
 "
         )
     };
     apply(&m, &to("v1")).await?;
-    until(&m, "/", &[], "all on v1", all_from("web-a")).await?;
+    until(&m, "/", &[], "all on v1", |a| {
+        all_under("v1")(a) && all_from("web-a")(a)
+    })
+    .await?;
     // A slow request in flight while the route moves to v2: curl sends it
     // long before kubectl's change can travel through the agent to the
     // client's proxy, so it is routed under v1.
     let (in_flight, moved) = tokio::join!(get(&m, "/sleep/4000", &[], 1), async {
         apply(&m, &to("v2")).await?;
-        until(&m, "/", &[], "all on v2", all_from("web-b")).await
+        until(&m, "/", &[], "all on v2", |a| {
+            all_under("v2")(a) && all_from("web-b")(a)
+        })
+        .await
     });
     moved?;
     let in_flight = in_flight?;
