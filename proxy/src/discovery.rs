@@ -259,7 +259,11 @@ impl Routes {
                         backends,
                         protocol,
                         routes: held.routes.clone(),
-                        policy: held.destination.as_ref().map(|d| d.policy.clone()).unwrap_or_default(),
+                        policy: held
+                            .destination
+                            .as_ref()
+                            .map(|d| d.policy_for(None, service_port))
+                            .unwrap_or_default(),
                         round_robin: Default::default(),
                     });
                     let at = SocketAddr::new(vip, service_port);
@@ -375,7 +379,7 @@ fn subsets_of(
                 protocol: crate::protocol::PortProtocol::Sniff,
                 routes: None,
                 subsets: HashMap::new(),
-                policy: rule.map(|r| r.policy_for(Some(&name))).unwrap_or_default(),
+                policy: rule.map(|r| r.policy_for(Some(&name), port)).unwrap_or_default(),
                 round_robin: Default::default(),
             };
             (name, Arc::new(target))

@@ -62,6 +62,8 @@ struct Answer {
     /// The test's `x-test-rule` response header: which version of a rule
     /// routed the request, for rules that set it.
     rule: Option<String>,
+    /// The answer's `Set-Cookie`.
+    set_cookie: Option<String>,
     /// How long curl took, in seconds.
     secs: f64,
 }
@@ -76,7 +78,7 @@ async fn get(m: &HttpMesh, path: &str, headers: &[&str], n: usize) -> anyhow::Re
         "--max-time",
         "60",
         "-w",
-        "\nanswer %{http_code} %{time_total} rule=%header{x-test-rule} flags=%header{x-mizzen-response-flags}\n",
+        "\nanswer %{http_code} %{time_total} rule=%header{x-test-rule} cookie=%header{set-cookie} flags=%header{x-mizzen-response-flags}\n",
     ]);
     for h in headers {
         cmd.args(["-H", h]);
@@ -94,6 +96,7 @@ async fn get(m: &HttpMesh, path: &str, headers: &[&str], n: usize) -> anyhow::Re
             pod = Some(p.to_owned());
         } else if let Some(rest) = line.strip_prefix("answer ") {
             let (head, flags) = rest.split_once(" flags=").context("answer line")?;
+            let (head, set_cookie) = head.split_once(" cookie=").context("answer line")?;
             let (head, rule) = head.split_once(" rule=").context("answer line")?;
             let (status, secs) = head.split_once(' ').context("answer line")?;
             answers.push(Answer {
@@ -101,6 +104,7 @@ async fn get(m: &HttpMesh, path: &str, headers: &[&str], n: usize) -> anyhow::Re
                 flags: flags.to_owned(),
                 pod: pod.take(),
                 rule: (!rule.is_empty()).then(|| rule.to_owned()),
+                set_cookie: (!set_cookie.is_empty()).then(|| set_cookie.to_owned()),
                 secs: secs.parse()?,
             });
         }
@@ -1155,13 +1159,114 @@ spec:
             }
             pods.insert(u.clone(), seen.into_keys().next().unwrap_or_default());
         }
-        Ok(Some(pods))
+        // Sixteen users do not all hash to one of two pods (1 in 32,768
+        // would).
+        let distinct: std::collections::BTreeSet<&String> = pods.values().collect();
+        Ok((distinct.len() == 2).then_some(pods))
     })
     .await?;
     eprintln!("consistent hash: {pods:?}");
-    // Sixteen users do not all hash to one of two pods (1 in 32,768 would).
-    let distinct: std::collections::BTreeSet<&String> = pods.values().collect();
-    assert_eq!(distinct.len(), 2, "{pods:?}");
+    // And each stays there.
+    for (u, pod) in &pods {
+        let answers = get(&m, "/", &[u], 10).await?;
+        assert_eq!(by_pod(&answers), BTreeMap::from([(pod.clone(), 10)]), "{u}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_consistent_hash_cookie_is_set_by_the_proxy_and_keeps_the_client_on_its_pod() -> anyhow::Result<()> {
+    let m = versioned("traffic-cookie").await?;
+    apply(
+        &m,
+        r#"
+apiVersion: networking.mizzen.dev/v1
+kind: DestinationRule
+metadata:
+  name: web
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpCookie: {name: session, path: /, ttl: 3600s}
+"#,
+    )
+    .await?;
+    // A client without the cookie is given one with its first answer.
+    let first = eventually_some(ROLLOUT, "the proxy setting the cookie", || async {
+        let a = get(&m, "/", &[], 20).await?;
+        Ok(a.iter().all(|a| a.status == 200 && a.set_cookie.is_some()).then_some(a))
+    })
+    .await?;
+    for a in &first {
+        let cookie = a.set_cookie.as_deref().unwrap_or_default();
+        assert!(cookie.starts_with("session="), "{cookie}");
+        assert!(cookie.contains("; Max-Age=3600; Path=/; HttpOnly"), "{cookie}");
+    }
+    // Sent back, it keeps the client on the pod that answered that first
+    // request, and the proxy sets no other.
+    for a in &first {
+        let set = a.set_cookie.as_deref().unwrap_or_default();
+        let pair = set.split(';').next().unwrap_or_default();
+        let header = format!("Cookie: theme=dark; {pair}");
+        let again = get(&m, "/", &[&header], 10).await?;
+        assert!(again.iter().all(|b| b.set_cookie.is_none()), "{again:?}");
+        assert_eq!(
+            by_pod(&again),
+            BTreeMap::from([(a.pod.clone().unwrap_or_default(), 10)]),
+            "{header}"
+        );
+    }
+    // Twenty first answers (cookies drawn at random) do not all come from
+    // one of two pods (1 in 2^19 would).
+    let firsts: std::collections::BTreeSet<Option<String>> = first.iter().map(|a| a.pod.clone()).collect();
+    assert_eq!(firsts.len(), 2, "{first:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_port_level_policy_replaces_the_rules_policy_on_its_port() -> anyhow::Result<()> {
+    let m = versioned("traffic-port-policy").await?;
+    apply(
+        &m,
+        r#"
+apiVersion: networking.mizzen.dev/v1
+kind: DestinationRule
+metadata:
+  name: web
+spec:
+  host: web
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1}
+    portLevelSettings:
+    - port: {number: 80}
+      loadBalancer: {simple: ROUND_ROBIN}
+"#,
+    )
+    .await?;
+    // Port 80's policy is in place once sequential requests take the two
+    // pods in turn (the default balancer would not, 20 times in a row).
+    eventually_some(ROLLOUT, "round robin on port 80", || async {
+        let a = get(&m, "/", &[], 20).await?;
+        let turns = a.iter().all(|a| a.status == 200) && a.windows(2).all(|w| w[0].pod != w[1].pod);
+        Ok(turns.then_some(()))
+    })
+    .await?;
+    // It replaced the rule's policy whole: no pool limits on port 80.
+    let all = futures::future::join_all((0..6).map(|_| get(&m, "/sleep/500", &[], 1))).await;
+    let answers: Vec<Answer> = all
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(
+        answers.iter().all(|a| a.status == 200 && a.flags.is_empty()),
+        "{answers:?}"
+    );
     Ok(())
 }
 

@@ -68,6 +68,8 @@ pub enum RouteError {
     SubsetName { field: String, name: String },
     #[error("{field}: subset {name:?} is defined twice")]
     DuplicateSubset { field: String, name: String },
+    #[error("{field}: port {port} has a policy already")]
+    DuplicatePort { field: String, port: u16 },
     #[error("{field}: cannot be used with {with}")]
     Conflict { field: String, with: &'static str },
     #[error("{field}: {name:?} is not a header this route may change")]
@@ -97,6 +99,7 @@ impl RouteError {
             RouteError::RetryOn { .. } => "retry_on",
             RouteError::SubsetName { .. } => "subset_name",
             RouteError::DuplicateSubset { .. } => "duplicate_subset",
+            RouteError::DuplicatePort { .. } => "duplicate_port",
             RouteError::Count { .. } => "count",
             RouteError::Conflict { .. } => "conflict",
             RouteError::Header { .. } => "header",
@@ -485,7 +488,7 @@ fn millionths(field: &str, percent: Option<f64>) -> Result<u32, RouteError> {
     Ok((value * 10_000.0).round() as u32)
 }
 
-fn port(field: &str, value: u32) -> Result<u16, RouteError> {
+pub(super) fn port(field: &str, value: u32) -> Result<u16, RouteError> {
     u16::try_from(value)
         .ok()
         .filter(|p| *p > 0)

@@ -326,6 +326,26 @@ pub struct TrafficPolicySpec {
     pub connection_pool: Option<ConnectionPoolSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetectionSpec>,
+    /// Policies for single Service ports. One replaces the whole policy
+    /// above on its port (fields it leaves out take their defaults, not
+    /// the values above), as in Istio.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_level_settings: Vec<PortTrafficPolicySpec>,
+}
+
+/// Istio's `PortTrafficPolicy`: a traffic policy for one Service port.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortTrafficPolicySpec {
+    /// The Service port (not the pods' target port).
+    pub port: PortSelector,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPoolSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
 }
 
 /// How a client proxy picks among the endpoints: `simple` or
@@ -360,6 +380,26 @@ pub struct ConsistentHashSpec {
     /// endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_source_ip: Option<bool>,
+    /// The key is this cookie's value; with a `ttl`, a request without the
+    /// cookie gets one (in `Set-Cookie` on its answer), so that the
+    /// client's next requests stick to the same endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_cookie: Option<HttpCookieSpec>,
+}
+
+/// Istio's `HTTPCookie`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpCookieSpec {
+    pub name: String,
+    /// The path of a cookie the proxy sets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The lifetime of a cookie the proxy sets (`0s`: a session cookie);
+    /// without it, the proxy sets none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
 }
 
 /// Limits on what one client proxy sends to the Service (a circuit

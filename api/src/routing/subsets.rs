@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use super::RouteTable;
 use super::compile::{RouteError, service_of};
 use super::spec::DestinationRuleSpec;
-use super::traffic_policy::{TrafficPolicy, compile_policy};
+use super::traffic_policy::{PolicyLevels, TrafficPolicy, compile_policy};
 
 /// A Service's subsets, compiled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,19 +16,19 @@ pub struct Subsets {
     /// Subset name to the labels its pods carry.
     pub by_name: BTreeMap<String, BTreeMap<String, String>>,
     /// The rule's traffic policy.
-    pub policy: TrafficPolicy,
-    /// Each subset's, where it differs (the rule's with the subset's
-    /// fields in place).
-    pub subset_policies: BTreeMap<String, TrafficPolicy>,
+    pub policy: PolicyLevels,
+    /// The subsets' own, for those that have one.
+    pub subset_policies: BTreeMap<String, PolicyLevels>,
 }
 
 impl Subsets {
-    /// The traffic policy of `subset` (the whole Service for `None`).
-    pub fn policy_for(&self, subset: Option<&str>) -> TrafficPolicy {
-        subset
-            .and_then(|s| self.subset_policies.get(s))
-            .unwrap_or(&self.policy)
-            .clone()
+    /// The traffic policy of `subset` (the whole Service for `None`) on
+    /// Service port `port`.
+    pub fn policy_for(&self, subset: Option<&str>, port: u16) -> TrafficPolicy {
+        match subset.and_then(|s| self.subset_policies.get(s)) {
+            Some(own) => own.under(&self.policy, port),
+            None => self.policy.at_port(port).clone(),
+        }
     }
 
     /// The subsets a pod with `labels` is in.
@@ -73,7 +73,7 @@ pub fn compile_subsets(spec: &DestinationRuleSpec, namespace: &str) -> Result<Su
         }
         if let Some(p) = &s.traffic_policy {
             let own = compile_policy(&format!("subsets[{i}].trafficPolicy"), p)?;
-            subset_policies.insert(s.name.clone(), policy.clone().overridden_by(own));
+            subset_policies.insert(s.name.clone(), own);
         }
     }
     Ok(Subsets {

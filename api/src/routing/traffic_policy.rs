@@ -20,10 +20,11 @@
 //!   ejected endpoint returns when its time is up, checked every
 //!   `interval`.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::compile::{RouteError, duration};
-use super::spec::{ConnectionPoolSpec, LoadBalancerSpec, OutlierDetectionSpec, TrafficPolicySpec};
+use super::compile::{RouteError, duration, port};
+use super::spec::{ConnectionPoolSpec, HttpCookieSpec, LoadBalancerSpec, OutlierDetectionSpec, TrafficPolicySpec};
 
 /// Envoy's cap on one ejection.
 pub const MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
@@ -57,6 +58,44 @@ pub enum HashKey {
     QueryParameter(String),
     /// The client pod's address.
     SourceIp,
+    Cookie(Cookie),
+}
+
+/// A consistent hash's cookie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cookie {
+    pub name: String,
+    pub path: Option<String>,
+    /// How long a cookie the proxy sets lives (zero: the browser session);
+    /// `None`: the proxy sets none.
+    pub ttl: Option<Duration>,
+}
+
+impl Cookie {
+    /// This cookie's value in the `Cookie` header values `headers`.
+    pub fn find<'h>(&self, headers: impl IntoIterator<Item = &'h str>) -> Option<&'h str> {
+        headers
+            .into_iter()
+            .flat_map(|h| h.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(name, _)| *name == self.name)
+            .map(|(_, value)| value.trim_matches('"'))
+    }
+
+    /// The `Set-Cookie` value giving a client this cookie with `value`,
+    /// if the proxy sets it.
+    pub fn set(&self, value: &str) -> Option<String> {
+        let ttl = self.ttl?;
+        let mut header = format!("{}={value}", self.name);
+        if !ttl.is_zero() {
+            header.push_str(&format!("; Max-Age={}", ttl.as_secs().max(1)));
+        }
+        if let Some(path) = &self.path {
+            header.push_str(&format!("; Path={path}"));
+        }
+        header.push_str("; HttpOnly");
+        Some(header)
+    }
 }
 
 /// How a client proxy picks among a destination's endpoints.
@@ -88,6 +127,33 @@ impl TrafficPolicy {
             load_balancer: subset.load_balancer.or(self.load_balancer),
             pool: subset.pool.or(self.pool),
             outlier: subset.outlier.or(self.outlier),
+        }
+    }
+}
+
+/// A `trafficPolicy` as written, compiled: its own fields and its
+/// `portLevelSettings`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyLevels {
+    pub all_ports: TrafficPolicy,
+    /// By Service port; each replaces `all_ports` whole on its port.
+    pub ports: BTreeMap<u16, TrafficPolicy>,
+}
+
+impl PolicyLevels {
+    /// The policy on Service port `port`.
+    pub fn at_port(&self, port: u16) -> &TrafficPolicy {
+        self.ports.get(&port).unwrap_or(&self.all_ports)
+    }
+
+    /// The policy of a subset with these (its own) levels on `port`, under
+    /// the rule's `top` levels, as Istio merges them: the rule's policy on
+    /// the port, with the fields the subset sets in place; or the subset's
+    /// own port-level policy, whole, if it has one for the port.
+    pub fn under(&self, top: &PolicyLevels, port: u16) -> TrafficPolicy {
+        match self.ports.get(&port) {
+            Some(own) => own.clone(),
+            None => top.at_port(port).clone().overridden_by(self.all_ports.clone()),
         }
     }
 }
@@ -139,20 +205,58 @@ fn load_balancer(field: &str, spec: &LoadBalancerSpec) -> Result<LoadBalancer, R
             }),
         },
         (None, Some(h)) => {
-            let key = match (&h.http_header_name, &h.http_query_parameter_name, h.use_source_ip) {
-                (Some(name), None, None | Some(false)) => HashKey::Header(name.to_ascii_lowercase()),
-                (None, Some(name), None | Some(false)) => HashKey::QueryParameter(name.clone()),
-                (None, None, Some(true)) => HashKey::SourceIp,
+            let source_ip = h.use_source_ip == Some(true);
+            let key = match (
+                &h.http_header_name,
+                &h.http_query_parameter_name,
+                source_ip,
+                &h.http_cookie,
+            ) {
+                (Some(name), None, false, None) => HashKey::Header(name.to_ascii_lowercase()),
+                (None, Some(name), false, None) => HashKey::QueryParameter(name.clone()),
+                (None, None, true, None) => HashKey::SourceIp,
+                (None, None, false, Some(c)) => {
+                    HashKey::Cookie(cookie(&format!("{field}.consistentHash.httpCookie"), c)?)
+                }
                 _ => {
                     return Err(RouteError::Conflict {
                         field: format!("{field}.consistentHash"),
-                        with: "set exactly one of httpHeaderName, httpQueryParameterName and useSourceIp",
+                        with: "set exactly one of httpHeaderName, httpQueryParameterName, useSourceIp and httpCookie",
                     });
                 }
             };
             Ok(LoadBalancer::ConsistentHash(key))
         }
     }
+}
+
+/// A cookie name is an HTTP token (RFC 6265); its path is what a
+/// `Set-Cookie` attribute may hold.
+fn cookie(field: &str, spec: &HttpCookieSpec) -> Result<Cookie, RouteError> {
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if spec.name.is_empty() || !spec.name.chars().all(token) {
+        return Err(RouteError::Value {
+            field: format!("{field}.name"),
+            value: spec.name.clone(),
+        });
+    }
+    if let Some(path) = &spec.path
+        && !(path.starts_with('/') && path.chars().all(|c| c.is_ascii_graphic() && c != ';'))
+    {
+        return Err(RouteError::Value {
+            field: format!("{field}.path"),
+            value: path.clone(),
+        });
+    }
+    Ok(Cookie {
+        name: spec.name.clone(),
+        path: spec.path.clone(),
+        ttl: spec
+            .ttl
+            .as_deref()
+            .map(|t| duration(&format!("{field}.ttl"), t))
+            .transpose()?,
+    })
 }
 
 /// What came of one attempt, for outlier detection.
@@ -276,21 +380,48 @@ fn outlier(field: &str, spec: &OutlierDetectionSpec) -> Result<Outlier, RouteErr
 }
 
 /// Compiles `spec`, found at `field`.
-pub fn compile_policy(field: &str, spec: &TrafficPolicySpec) -> Result<TrafficPolicy, RouteError> {
+pub fn compile_policy(field: &str, spec: &TrafficPolicySpec) -> Result<PolicyLevels, RouteError> {
+    let all_ports = fields(
+        field,
+        spec.load_balancer.as_ref(),
+        spec.connection_pool.as_ref(),
+        spec.outlier_detection.as_ref(),
+    )?;
+    let mut ports = BTreeMap::new();
+    for (i, p) in spec.port_level_settings.iter().enumerate() {
+        let field = format!("{field}.portLevelSettings[{i}]");
+        let number = port(&format!("{field}.port.number"), p.port.number)?;
+        let policy = fields(
+            &field,
+            p.load_balancer.as_ref(),
+            p.connection_pool.as_ref(),
+            p.outlier_detection.as_ref(),
+        )?;
+        if ports.insert(number, policy).is_some() {
+            return Err(RouteError::DuplicatePort {
+                field: format!("{field}.port.number"),
+                port: number,
+            });
+        }
+    }
+    Ok(PolicyLevels { all_ports, ports })
+}
+
+/// The three fields a policy and a port-level policy share, compiled.
+fn fields(
+    field: &str,
+    load: Option<&LoadBalancerSpec>,
+    connections: Option<&ConnectionPoolSpec>,
+    outliers: Option<&OutlierDetectionSpec>,
+) -> Result<TrafficPolicy, RouteError> {
     Ok(TrafficPolicy {
-        load_balancer: spec
-            .load_balancer
-            .as_ref()
+        load_balancer: load
             .map(|l| load_balancer(&format!("{field}.loadBalancer"), l))
             .transpose()?,
-        pool: spec
-            .connection_pool
-            .as_ref()
+        pool: connections
             .map(|p| pool(&format!("{field}.connectionPool"), p))
             .transpose()?,
-        outlier: spec
-            .outlier_detection
-            .as_ref()
+        outlier: outliers
             .map(|o| outlier(&format!("{field}.outlierDetection"), o))
             .transpose()?,
     })
@@ -301,6 +432,10 @@ mod tests {
     use super::*;
 
     fn policy(v: serde_json::Value) -> Result<TrafficPolicy, RouteError> {
+        levels(v).map(|l| l.all_ports)
+    }
+
+    fn levels(v: serde_json::Value) -> Result<PolicyLevels, RouteError> {
         compile_policy("trafficPolicy", &serde_json::from_value(v).expect("parses"))
     }
 
@@ -403,10 +538,22 @@ mod tests {
             lb(serde_json::json!({"consistentHash": {"useSourceIp": true}})),
             Ok(Some(LoadBalancer::ConsistentHash(HashKey::SourceIp)))
         );
+        assert_eq!(
+            lb(serde_json::json!({"consistentHash": {"httpCookie": {"name": "user", "ttl": "0s"}}})),
+            Ok(Some(LoadBalancer::ConsistentHash(HashKey::Cookie(Cookie {
+                name: "user".into(),
+                path: None,
+                ttl: Some(Duration::ZERO),
+            }))))
+        );
         for bad in [
             serde_json::json!({"simple": "MAGLEV"}),
             serde_json::json!({}),
             serde_json::json!({"consistentHash": {"httpHeaderName": "a", "useSourceIp": true}}),
+            serde_json::json!({"consistentHash": {"httpHeaderName": "a", "httpCookie": {"name": "b"}}}),
+            serde_json::json!({"consistentHash": {"httpCookie": {"name": "a b"}}}),
+            serde_json::json!({"consistentHash": {"httpCookie": {"name": "a", "path": "/x;Domain=evil"}}}),
+            serde_json::json!({"consistentHash": {"httpCookie": {"name": "a", "ttl": "soon"}}}),
         ] {
             assert!(lb(bad.clone()).is_err(), "{bad}");
         }
@@ -443,5 +590,90 @@ mod tests {
         let merged = top.clone().overridden_by(subset);
         assert_eq!(merged.pool.map(|p| p.max_active), Some(1));
         assert_eq!(merged.outlier, top.outlier);
+    }
+
+    #[test]
+    fn a_port_level_policy_replaces_the_whole_policy_on_its_port() {
+        let top = levels(serde_json::json!({
+            "connectionPool": {"tcp": {"maxConnections": 5}},
+            "outlierDetection": {"consecutive5xxErrors": 3},
+            "portLevelSettings": [{"port": {"number": 8080}, "loadBalancer": {"simple": "RANDOM"}}]}))
+        .expect("compiles");
+        assert_eq!(top.at_port(80).pool.map(|p| p.max_active), Some(5));
+        let on_8080 = top.at_port(8080);
+        assert_eq!(on_8080.load_balancer, Some(LoadBalancer::Random));
+        // Not inherited: the defaults, as Istio documents.
+        assert_eq!((on_8080.pool, on_8080.outlier), (None, None));
+    }
+
+    #[test]
+    fn a_subset_merges_over_the_rules_policy_on_the_port_unless_it_has_its_own_for_it() {
+        let top = levels(serde_json::json!({
+            "loadBalancer": {"simple": "ROUND_ROBIN"},
+            "portLevelSettings": [{"port": {"number": 8080}, "connectionPool": {"tcp": {"maxConnections": 2}}}]}))
+        .expect("compiles");
+        let subset = levels(serde_json::json!({
+            "outlierDetection": {"consecutive5xxErrors": 1},
+            "portLevelSettings": [{"port": {"number": 9090}, "loadBalancer": {"simple": "RANDOM"}}]}))
+        .expect("compiles");
+        let on_80 = subset.under(&top, 80);
+        assert_eq!(on_80.load_balancer, Some(LoadBalancer::RoundRobin));
+        assert_eq!(on_80.outlier.map(|o| o.consecutive_5xx), Some(1));
+        let on_8080 = subset.under(&top, 8080);
+        assert_eq!(on_8080.pool.map(|p| p.max_active), Some(2));
+        assert_eq!(on_8080.load_balancer, None, "the rule's port policy replaced its own");
+        assert_eq!(on_8080.outlier.map(|o| o.consecutive_5xx), Some(1));
+        let on_9090 = subset.under(&top, 9090);
+        assert_eq!(
+            on_9090,
+            TrafficPolicy {
+                load_balancer: Some(LoadBalancer::Random),
+                ..TrafficPolicy::default()
+            }
+        );
+    }
+
+    #[test]
+    fn port_level_settings_name_a_port_once_and_a_real_one() {
+        let twice = levels(serde_json::json!({"portLevelSettings": [
+            {"port": {"number": 80}, "loadBalancer": {"simple": "RANDOM"}},
+            {"port": {"number": 80}, "loadBalancer": {"simple": "ROUND_ROBIN"}}]}))
+        .expect_err("refused");
+        assert_eq!(
+            twice.to_string(),
+            "trafficPolicy.portLevelSettings[1].port.number: port 80 has a policy already"
+        );
+        let zero = levels(serde_json::json!({"portLevelSettings": [{"port": {"number": 0}}]})).expect_err("refused");
+        assert_eq!(zero.reason(), "port");
+        let bad = levels(serde_json::json!({"portLevelSettings": [
+            {"port": {"number": 80}, "loadBalancer": {"simple": "MAGLEV"}}]}))
+        .expect_err("refused");
+        assert_eq!(
+            bad.to_string(),
+            "trafficPolicy.portLevelSettings[0].loadBalancer.simple: \"MAGLEV\" is not valid here"
+        );
+    }
+
+    #[test]
+    fn a_hash_cookie_is_read_among_others_and_set_only_with_a_ttl() {
+        let cookie = |ttl: Option<Duration>, path: Option<&str>| Cookie {
+            name: "user".into(),
+            path: path.map(str::to_owned),
+            ttl,
+        };
+        let c = cookie(Some(Duration::from_secs(3600)), Some("/"));
+        assert_eq!(c.find(["a=1; user=\"abc\"", "b=2"]), Some("abc"));
+        assert_eq!(c.find(["a=1", "user=xyz; b=2"]), Some("xyz"));
+        assert_eq!(c.find(["users=1; a=user"]), None);
+        assert_eq!(
+            c.set("abc").as_deref(),
+            Some("user=abc; Max-Age=3600; Path=/; HttpOnly")
+        );
+        assert_eq!(
+            cookie(Some(Duration::ZERO), None).set("abc").as_deref(),
+            Some("user=abc; HttpOnly"),
+            "a session cookie"
+        );
+        assert_eq!(cookie(None, None).set("abc"), None);
     }
 }

@@ -233,7 +233,8 @@ pub(super) async fn forward(
         None => None,
     };
     let outlier = target.and_then(|t| t.policy.outlier);
-    let key = target.and_then(|t| hash_key(o, t, &req));
+    let (key, set_cookie) = target.and_then(|t| hash_key(o, t, &req)).unzip();
+    let set_cookie = set_cookie.flatten();
     let choice = match target.and_then(|t| t.policy.load_balancer.as_ref().map(|lb| (t, lb))) {
         None | Some((_, LoadBalancer::LeastRequest)) => Choice::LeastRequest,
         Some((_, LoadBalancer::Random)) => Choice::Random,
@@ -267,9 +268,12 @@ pub(super) async fn forward(
         tried.push(b.addr);
         let load = o.balancer.load(b.addr);
         match send(o, b, version, takeover, req).await {
-            Ok((response, latency)) => {
+            Ok((mut response, latency)) => {
                 o.balancer.observe(b.addr, latency);
                 observe(b.addr, Outcome::Status(response.status().as_u16()));
+                if let Some(cookie) = &set_cookie {
+                    response.headers_mut().append(hyper::header::SET_COOKIE, cookie.clone());
+                }
                 return Ok(Forwarded {
                     response,
                     backend: b.clone(),
@@ -299,17 +303,32 @@ pub(super) async fn forward(
 }
 
 /// The consistent hash key of `req` under `t`'s load balancer, if it
-/// hashes one and the request has it.
-fn hash_key(o: &Outbound, t: &Target, req: &Request<Body>) -> Option<Vec<u8>> {
+/// hashes one and the request has it (or, for a cookie the proxy sets, a
+/// new one, with the `Set-Cookie` that gives it to the client).
+fn hash_key(o: &Outbound, t: &Target, req: &Request<Body>) -> Option<(Vec<u8>, Option<HeaderValue>)> {
     let Some(LoadBalancer::ConsistentHash(key)) = &t.policy.load_balancer else {
         return None;
     };
+    let found = |v: &[u8]| Some((v.to_vec(), None));
     match key {
-        HashKey::Header(name) => req.headers().get(name.as_str()).map(|v| v.as_bytes().to_vec()),
+        HashKey::Header(name) => req.headers().get(name.as_str()).and_then(|v| found(v.as_bytes())),
         HashKey::QueryParameter(name) => {
-            mizzen_api::routing::decide::query_value(req.uri().query(), name).map(|v| v.as_bytes().to_vec())
+            mizzen_api::routing::decide::query_value(req.uri().query(), name).and_then(|v| found(v.as_bytes()))
         }
-        HashKey::SourceIp => o.instance_ip.map(|ip| ip.to_string().into_bytes()),
+        HashKey::SourceIp => o.instance_ip.and_then(|ip| found(ip.to_string().as_bytes())),
+        HashKey::Cookie(cookie) => {
+            let sent = req
+                .headers()
+                .get_all(hyper::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok());
+            if let Some(value) = cookie.find(sent) {
+                return found(value.as_bytes());
+            }
+            let value = format!("{:016x}", rand::random::<u64>());
+            let header = HeaderValue::try_from(cookie.set(&value)?).ok()?;
+            Some((value.into_bytes(), Some(header)))
+        }
     }
 }
 
