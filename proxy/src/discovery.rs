@@ -340,6 +340,24 @@ impl Routes {
         on(Some(dst.is_ipv4())).or_else(|| on(None)).map(|(_, t)| t)
     }
 
+    /// The target of `d`, a route's destination, for traffic that came
+    /// for `dst`: its Service's, or its subset's (an empty one when no
+    /// endpoint is in it); `None` when this proxy knows no such Service
+    /// port.
+    pub fn routed_target(&self, d: &mizzen_api::routing::Destination, dst: SocketAddr) -> Option<Arc<Target>> {
+        let service = self.target(&d.service, d.port, dst)?;
+        Some(match &d.subset {
+            None => service.clone(),
+            Some(name) => service.subsets.get(name).cloned().unwrap_or_else(|| {
+                Arc::new(Target {
+                    service: format!("{} subset {name}", d.service),
+                    backends: Vec::new(),
+                    ..(**service).clone()
+                })
+            }),
+        })
+    }
+
     /// How many Services the routes cover.
     pub fn service_count(&self) -> usize {
         self.count

@@ -285,20 +285,52 @@ impl Outbound {
             _ => PortProtocol::Tcp,
         };
         match protocol {
-            PortProtocol::Tcp => self.relay(conn, peer, dst, destination).await,
+            PortProtocol::Tcp => {
+                let destination = self.tcp_routed(&routes, destination, dst)?;
+                self.relay(conn, peer, dst, destination).await
+            }
             PortProtocol::Http => crate::http::outbound::serve(self.clone(), conn, dst, guard).await,
             PortProtocol::Sniff => {
                 let (sniffed, conn) = crate::protocol::sniff(conn, self.timeouts.sniff)
                     .await
                     .map_err(OutboundError::Sniff)?;
                 match sniffed {
-                    Sniffed::Other => self.relay(conn, peer, dst, destination).await,
+                    Sniffed::Other => {
+                        let destination = self.tcp_routed(&routes, destination, dst)?;
+                        self.relay(conn, peer, dst, destination).await
+                    }
                     Sniffed::Http1 | Sniffed::Http2 => {
                         crate::http::outbound::serve(self.clone(), conn, dst, guard).await
                     }
                 }
             }
         }
+    }
+
+    /// Where the TCP routes of `destination`'s VirtualService send a
+    /// connection that came for `dst`: the first matching route's
+    /// destination (by weight), or `destination` itself when no TCP route
+    /// matches.
+    fn tcp_routed(
+        &self,
+        routes: &Routes,
+        destination: Destination,
+        dst: SocketAddr,
+    ) -> Result<Destination, OutboundError> {
+        let Destination::Service(t) = &destination else {
+            return Ok(destination);
+        };
+        let Some(table) = t.routes.as_deref().filter(|table| !table.tcp.is_empty()) else {
+            return Ok(destination);
+        };
+        let Some(d) = mizzen_api::routing::decide::decide_tcp(table, t.port, &self.labels, rand::random()) else {
+            return Ok(destination);
+        };
+        debug!(service = %t.service, to = %d.service, subset = ?d.subset, "tcp route");
+        routes
+            .routed_target(d, dst)
+            .map(Destination::Service)
+            .ok_or_else(|| OutboundError::NoEndpoints(d.service.clone()))
     }
 
     /// Relays the app's connection as bytes to one endpoint.

@@ -1357,3 +1357,115 @@ spec:
     cluster.apply(&ns, &yaml(10)).await?;
     Ok(())
 }
+
+/// Greetings of `n` connections in turn from the client app to `target`
+/// (a server-first TCP app), by the pod that greeted.
+async fn greetings(
+    mesh: &mizzen_tests::mesh::MeshNode,
+    ns: &str,
+    target: &str,
+    n: usize,
+) -> anyhow::Result<Vec<String>> {
+    let out = mesh
+        .node
+        .command_as(ns, "client", APP_UID, mizzen_tests::workspace_bin("mizzen-testapp"))?
+        .args(["banner-client", target, &n.to_string()])
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!("banner-client: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let pods: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("banner "))
+        .map(str::to_owned)
+        .collect();
+    if pods.len() != n {
+        bail!("{} greetings from {n} connections", pods.len());
+    }
+    Ok(pods)
+}
+
+#[tokio::test]
+async fn tcp_routes_shift_20_percent_of_connections_to_v2() -> anyhow::Result<()> {
+    use mizzen_tests::http_mesh::{MESHED, TIMEOUT};
+    use mizzen_tests::node::{create_pod, wait_ready};
+    let cluster = Cluster::get();
+    let client = cluster.client().await?;
+    let node = "traffic-tcp";
+    let mesh =
+        mizzen_tests::mesh::MeshNode::start(cluster, node, &mizzen_tests::workspace_bin("mizzen-proxy"), &[]).await?;
+    let ns = cluster.namespace(&client, "traffic-tcp", MESHED).await?;
+    // Istio's TCP traffic shifting task: a server-first app on a port
+    // named tcp-, so that it is relayed as TCP.
+    let spec = serde_json::json!({
+        "metadata": {"name": "tcp-echo"},
+        "spec": {"selector": {"app": "tcp-echo"}, "ports": [{"name": "tcp-echo", "port": 80, "targetPort": 8080}]},
+    });
+    let vip = mizzen_tests::k8s::create_service(&client, &ns, spec).await?;
+    for version in ["v1", "v2"] {
+        let name = format!("tcp-echo-{version}");
+        let mut pod = mizzen_tests::mesh::echo_pod(&name, node);
+        pod["metadata"]["labels"] = serde_json::json!({"app": "tcp-echo", "version": version});
+        pod["spec"]["containers"][0]["args"] = serde_json::json!(["banner-server", "0.0.0.0:8080"]);
+        create_pod(&client, &ns, pod).await?;
+    }
+    create_pod(&client, &ns, mizzen_tests::mesh::echo_pod("client", node)).await?;
+    for name in ["tcp-echo-v1", "tcp-echo-v2", "client"] {
+        wait_ready(&client, &ns, name, TIMEOUT).await?;
+    }
+    let shift = |v1: u32, v2: u32| {
+        format!(
+            r#"
+apiVersion: networking.mizzen.dev/v1
+kind: DestinationRule
+metadata: {{name: tcp-echo}}
+spec:
+  host: tcp-echo
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata: {{name: tcp-echo}}
+spec:
+  hosts: [tcp-echo]
+  tcp:
+  - match:
+    - port: 80
+    route:
+    - destination: {{host: tcp-echo, subset: v1}}
+      weight: {v1}
+    - destination: {{host: tcp-echo, subset: v2}}
+      weight: {v2}
+"#
+        )
+    };
+    let target = format!("{vip}:80");
+    // All to v1 first (20 connections in a row on v1: 1 in 2^20 without
+    // the rule).
+    cluster.apply(&ns, &shift(100, 0)).await?;
+    eventually_some(ROLLOUT, "all connections on v1", || async {
+        let pods = greetings(&mesh, &ns, &target, 20).await?;
+        Ok(pods.iter().all(|p| p == "tcp-echo-v1").then_some(()))
+    })
+    .await?;
+    // Then 80/20: in place once v2 greets again.
+    cluster.apply(&ns, &shift(80, 20)).await?;
+    eventually_some(ROLLOUT, "v2 to get its share", || async {
+        let pods = greetings(&mesh, &ns, &target, 20).await?;
+        Ok(pods.iter().any(|p| p == "tcp-echo-v2").then_some(()))
+    })
+    .await?;
+    let pods = greetings(&mesh, &ns, &target, 500).await?;
+    let v2 = pods.iter().filter(|p| *p == "tcp-echo-v2").count();
+    eprintln!("80/20 TCP shift over 500 connections: {v2} to v2");
+    assert!(
+        pods.iter().all(|p| p == "tcp-echo-v1" || p == "tcp-echo-v2"),
+        "{pods:?}"
+    );
+    // 20 % ± 6 (over three standard deviations of 500 draws).
+    assert!((70..=130).contains(&v2), "{v2} of 500 to v2");
+    Ok(())
+}

@@ -7,9 +7,13 @@ use std::time::Duration;
 use crate::mesh::is_namespace_name;
 
 use super::spec::{
-    DestinationSpec, HeaderOperations, HttpMatchRequest, HttpRoute, StringMatchSpec, VirtualServiceSpec,
+    DestinationSpec, HeaderOperations, HttpMatchRequest, HttpRoute, HttpRouteDestination, L4MatchAttributes,
+    StringMatchSpec, TcpRouteSpec, VirtualServiceSpec,
 };
-use super::{Destination, Fault, HeaderOps, Match, Mirror, Redirect, Retries, Rewrite, Route, RouteTable, StringMatch};
+use super::{
+    Destination, Fault, HeaderOps, L4Match, Match, Mirror, Redirect, Retries, Rewrite, Route, RouteTable, StringMatch,
+    TcpRoute,
+};
 
 /// Regexes are compiled to at most this many bytes each, so that a route
 /// cannot make a proxy build an automaton without bound.
@@ -133,9 +137,37 @@ pub fn compile(spec: &VirtualServiceSpec, namespace: &str) -> Result<Compiled, R
         .enumerate()
         .map(|(i, r)| route(&format!("http[{i}]"), r, namespace))
         .collect::<Result<Vec<_>, _>>()?;
+    let tcp = spec
+        .tcp
+        .iter()
+        .enumerate()
+        .map(|(i, r)| tcp_route(&format!("tcp[{i}]"), r, namespace))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Compiled {
         services,
-        table: RouteTable { routes },
+        table: RouteTable { routes, tcp },
+    })
+}
+
+fn tcp_route(field: &str, r: &TcpRouteSpec, namespace: &str) -> Result<TcpRoute, RouteError> {
+    let (destinations, total_weight) = destinations(field, &r.route, namespace)?;
+    let matches = r
+        .matches
+        .iter()
+        .enumerate()
+        .map(|(i, m)| l4_match(&format!("{field}.match[{i}]"), m))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(TcpRoute {
+        matches,
+        destinations,
+        total_weight,
+    })
+}
+
+fn l4_match(field: &str, m: &L4MatchAttributes) -> Result<L4Match, RouteError> {
+    Ok(L4Match {
+        port: m.port.map(|p| port(&format!("{field}.port"), p)).transpose()?,
+        source_labels: m.source_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     })
 }
 
@@ -174,7 +206,7 @@ fn route(field: &str, r: &HttpRoute, namespace: &str) -> Result<Route, RouteErro
             });
         }
         Some(_) => (Vec::new(), 0),
-        None => destinations(field, r, namespace)?,
+        None => destinations(field, &r.route, namespace)?,
     };
     let matches = r
         .matches
@@ -229,17 +261,22 @@ fn destination(field: &str, d: &DestinationSpec, weight: u32, namespace: &str) -
     })
 }
 
-/// A route's weighted destinations and their total weight.
-fn destinations(field: &str, r: &HttpRoute, namespace: &str) -> Result<(Vec<Destination>, u32), RouteError> {
-    if r.route.is_empty() {
+/// A route's weighted destinations (`route`, at `field.route`) and
+/// their total weight.
+fn destinations(
+    field: &str,
+    route: &[HttpRouteDestination],
+    namespace: &str,
+) -> Result<(Vec<Destination>, u32), RouteError> {
+    if route.is_empty() {
         return Err(RouteError::NoDestination {
             field: format!("{field}.route"),
         });
     }
-    let lone = r.route.len() == 1;
-    let mut destinations = Vec::with_capacity(r.route.len());
+    let lone = route.len() == 1;
+    let mut destinations = Vec::with_capacity(route.len());
     let mut sum: i64 = 0;
-    for (i, d) in r.route.iter().enumerate() {
+    for (i, d) in route.iter().enumerate() {
         let f = format!("{field}.route[{i}]");
         let weight = match d.weight {
             None if lone => 100,
@@ -247,7 +284,7 @@ fn destinations(field: &str, r: &HttpRoute, namespace: &str) -> Result<(Vec<Dest
             _ => {
                 return Err(RouteError::Weights {
                     field: format!("{field}.route"),
-                    sum: r.route.iter().filter_map(|d| d.weight).sum(),
+                    sum: route.iter().filter_map(|d| d.weight).sum(),
                 });
             }
         };

@@ -1,6 +1,6 @@
 //! Which route a request takes, and which of its destinations.
 
-use super::{Destination, Match, Route, RouteTable};
+use super::{Destination, L4Match, Match, Route, RouteTable};
 
 /// What routing reads of a request.
 pub trait RequestView {
@@ -84,9 +84,15 @@ pub fn holds(m: &Match, req: &impl RequestView) -> bool {
 /// weight; `None` only for a route without destinations (which
 /// [`compile`](super::compile()) never makes).
 pub fn pick(route: &Route, roll: u32) -> Option<&Destination> {
+    weighted(&route.destinations, route.total_weight, roll)
+}
+
+/// The one of `destinations` (weights adding up to `total`) that `roll`
+/// picks.
+fn weighted(destinations: &[Destination], total: u32, roll: u32) -> Option<&Destination> {
     // Scaled, not a remainder, so that every roll maps evenly.
-    let mut point = (u64::from(roll) * u64::from(route.total_weight)) >> 32;
-    for d in &route.destinations {
+    let mut point = (u64::from(roll) * u64::from(total)) >> 32;
+    for d in destinations {
         let w = u64::from(d.weight);
         if point < w {
             return Some(d);
@@ -94,7 +100,26 @@ pub fn pick(route: &Route, roll: u32) -> Option<&Destination> {
         point -= w;
     }
     // Only when the weights add up to less than the total.
-    route.destinations.last()
+    destinations.last()
+}
+
+/// Where the first of `table`'s TCP routes whose match a connection to
+/// Service port `port` from a pod labelled `labels` satisfies sends it,
+/// for `roll`; `None` when no TCP route matches (the connection goes to
+/// the Service as without routes).
+pub fn decide_tcp<'t>(
+    table: &'t RouteTable,
+    port: u16,
+    labels: &std::collections::BTreeMap<String, String>,
+    roll: u32,
+) -> Option<&'t Destination> {
+    let holds =
+        |m: &L4Match| m.port.is_none_or(|p| p == port) && m.source_labels.iter().all(|(k, v)| labels.get(k) == Some(v));
+    let route = table
+        .tcp
+        .iter()
+        .find(|r| r.matches.is_empty() || r.matches.iter().any(holds))?;
+    weighted(&route.destinations, route.total_weight, roll)
 }
 
 /// The first route of `table` whose match `req` satisfies (a route

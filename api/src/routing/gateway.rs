@@ -720,6 +720,7 @@ pub fn translate(service: &str, routes: &[Bound<'_>]) -> VirtualServiceSpec {
     VirtualServiceSpec {
         hosts: vec![format!("{name}.{namespace}")],
         http: ranked.into_iter().map(|r| r.4).collect(),
+        tcp: Vec::new(),
     }
 }
 

@@ -154,6 +154,21 @@ pub struct Redirect {
 }
 
 /// One HTTP route.
+/// What a TCP route's match asks of a connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct L4Match {
+    pub port: Option<u16>,
+    pub source_labels: Vec<(String, String)>,
+}
+
+/// A TCP route, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpRoute {
+    pub matches: Vec<L4Match>,
+    pub destinations: Vec<Destination>,
+    pub total_weight: u32,
+}
+
 #[derive(Debug, Clone)]
 pub struct Route {
     pub name: Option<String>,
@@ -179,4 +194,6 @@ pub struct Route {
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     pub routes: Vec<Route>,
+    /// Routes for connections to TCP ports.
+    pub tcp: Vec<TcpRoute>,
 }

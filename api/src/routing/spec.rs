@@ -1,10 +1,11 @@
 //! The part of Istio's `VirtualService` (`networking.istio.io/v1`) that
 //! Mizzen implements, field for field: `hosts` and `http` routes with
 //! `match`, `route`, `timeout`, `retries`, `fault`, `mirror`,
-//! `mirrorPercentage`, `headers`, `rewrite` and `redirect`.
+//! `mirrorPercentage`, `headers`, `rewrite` and `redirect`; `tcp` routes
+//! with `match` (`port`, `sourceLabels`) and `route`.
 //!
 //! Every struct denies unknown fields: a field Istio has and Mizzen does
-//! not implement yet (`corsPolicy`, `tcp`, `tls`, `uriRegexRewrite`, the
+//! not implement yet (`corsPolicy`, `tls`, `uriRegexRewrite`, the
 //! deprecated `mirrorPercent`, …) is an error naming it, never ignored, so that
 //! a route that would behave differently under Mizzen is refused.
 
@@ -43,6 +44,35 @@ pub struct VirtualServiceSpec {
     pub hosts: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub http: Vec<HttpRoute>,
+    /// Routes for connections to the Services' TCP ports (not HTTP ones).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp: Vec<TcpRouteSpec>,
+}
+
+/// Istio's `TCPRoute`: the first whose `match` a connection satisfies
+/// sends it to one of its weighted destinations.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpRouteSpec {
+    /// Any one of these; none matches every connection.
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<L4MatchAttributes>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route: Vec<HttpRouteDestination>,
+}
+
+/// Istio's `L4MatchAttributes`: what Mizzen implements of it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L4MatchAttributes {
+    /// The Service port the connection is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
+    /// Labels the client's pod carries.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_labels: BTreeMap<String, String>,
 }
 
 /// One HTTP route: the first whose `match` a request satisfies applies.

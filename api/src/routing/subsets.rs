@@ -89,7 +89,9 @@ pub fn compile_subsets(spec: &DestinationRuleSpec, namespace: &str) -> Result<Su
 /// VirtualService's status reports, since those requests get 503.
 pub fn undefined_subsets<'t>(table: &'t RouteTable, subsets: &[Subsets]) -> Vec<(&'t str, &'t str)> {
     let mut missing = Vec::new();
-    for d in table.routes.iter().flat_map(|r| &r.destinations) {
+    let http = table.routes.iter().flat_map(|r| &r.destinations);
+    let tcp = table.tcp.iter().flat_map(|r| &r.destinations);
+    for d in http.chain(tcp) {
         let Some(name) = d.subset.as_deref() else { continue };
         let defined = subsets
             .iter()

@@ -344,8 +344,52 @@ fn fields_mizzen_does_not_implement_are_refused_by_name() {
         assert!(err.to_string().contains(&format!("unknown field `{field}`")), "{err}");
     }
     let err =
-        serde_json::from_value::<VirtualServiceSpec>(json!({"hosts": ["reviews"], "tcp": []})).expect_err("refused");
-    assert!(err.to_string().contains("unknown field `tcp`"), "{err}");
+        serde_json::from_value::<VirtualServiceSpec>(json!({"hosts": ["reviews"], "tls": []})).expect_err("refused");
+    assert!(err.to_string().contains("unknown field `tls`"), "{err}");
+    let err = serde_json::from_value::<VirtualServiceSpec>(json!({"hosts": ["reviews"], "tcp": [
+        {"match": [{"destinationSubnets": ["10.0.0.0/8"]}], "route": [{"destination": {"host": "reviews"}}]}]}))
+    .expect_err("refused");
+    assert!(err.to_string().contains("unknown field `destinationSubnets`"), "{err}");
+}
+
+#[test]
+fn the_workshop_tcp_shift_sends_connections_by_port_and_weight() {
+    let t = table(json!({
+        "hosts": ["tcp-echo"],
+        "tcp": [
+            {"match": [{"port": 31400}],
+             "route": [{"destination": {"host": "tcp-echo", "subset": "v1"}, "weight": 80},
+                       {"destination": {"host": "tcp-echo", "subset": "v2"}, "weight": 20}]},
+            {"match": [{"sourceLabels": {"role": "tester"}}],
+             "route": [{"destination": {"host": "tcp-echo", "subset": "v2"}}]},
+        ],
+    }));
+    let labels = std::collections::BTreeMap::new();
+    let subset = |port: u16, labels: &std::collections::BTreeMap<String, String>, roll: u32| {
+        super::decide::decide_tcp(&t, port, labels, roll).and_then(|d| d.subset.clone())
+    };
+    assert_eq!(subset(31400, &labels, 0).as_deref(), Some("v1"));
+    assert_eq!(subset(31400, &labels, u32::MAX).as_deref(), Some("v2"));
+    // 80 % of the rolls, spread evenly (the middle of each thousandth), go
+    // to v1.
+    let v1 = (0..1000u32)
+        .filter(|i| subset(31400, &labels, i * (u32::MAX / 1000) + u32::MAX / 2000).as_deref() == Some("v1"))
+        .count();
+    assert_eq!(v1, 800);
+    assert_eq!(subset(9000, &labels, 0), None, "no route: as without the rule");
+    let tester = std::collections::BTreeMap::from([("role".to_owned(), "tester".to_owned())]);
+    assert_eq!(subset(9000, &tester, 0).as_deref(), Some("v2"));
+    let bad = compile(
+        &spec(json!({"hosts": ["tcp-echo"], "tcp": [{"route": [
+            {"destination": {"host": "tcp-echo", "subset": "v1"}, "weight": 80},
+            {"destination": {"host": "tcp-echo", "subset": "v2"}, "weight": 30}]}]})),
+        "bookinfo",
+    )
+    .expect_err("refused");
+    assert_eq!(
+        bad.to_string(),
+        "tcp[0].route: weights must be given for every destination and add up to 100, not 110"
+    );
 }
 
 #[test]

@@ -142,7 +142,10 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
         facts.destination_service = Some(t.service.clone());
     }
     let forwarded = match (&routes, &destination) {
-        (Some(routes), Some(Destination::Service(t))) if let Some(table) = &t.routes => {
+        // A VirtualService with TCP routes only leaves HTTP alone.
+        (Some(routes), Some(Destination::Service(t)))
+            if let Some(table) = t.routes.as_ref().filter(|table| !table.routes.is_empty()) =>
+        {
             super::route::routed(o, routes, t, table, dst, version, takeover.as_ref(), req).await
         }
         _ => forward(o, destination, version, takeover.as_ref(), req, &[]).await,

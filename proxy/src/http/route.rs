@@ -137,26 +137,15 @@ fn refusal(status: StatusCode, flag: ResponseFlag, error: impl Into<String>) -> 
 }
 
 /// The target of `d`, a route's destination, for a request that came for
-/// `dst`: its Service's, or its subset's (an empty one when no endpoint
-/// is in it).
+/// `dst` ([`Routes::routed_target`]).
 fn target_of(routes: &Routes, d: &RouteDestination, dst: SocketAddr) -> Result<Arc<Target>, Refusal> {
-    let Some(service) = routes.target(&d.service, d.port, dst) else {
+    routes.routed_target(d, dst).ok_or_else(|| {
         let port = d.port.map_or_else(|| "its port".to_owned(), |p| format!("port {p}"));
-        return Err(refusal(
+        refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             ResponseFlag::NoHealthyUpstream,
             format!("the route's destination {} has no {port} this proxy knows", d.service),
-        ));
-    };
-    Ok(match &d.subset {
-        None => service.clone(),
-        Some(name) => service.subsets.get(name).cloned().unwrap_or_else(|| {
-            Arc::new(Target {
-                service: format!("{} subset {name}", d.service),
-                backends: Vec::new(),
-                ..(**service).clone()
-            })
-        }),
+        )
     })
 }
 

@@ -41,8 +41,9 @@
 //! mizzen-testapp banner-server ADDR   a server-first protocol: greets each
 //!                                     connection with "banner <HOSTNAME>"
 //!                                     before reading anything
-//! mizzen-testapp banner-client ADDR   connects, sends nothing, prints the
-//!                                     greeting
+//! mizzen-testapp banner-client ADDR [N]
+//!                                     connects, sends nothing, prints the
+//!                                     greeting; N times in turn
 //! mizzen-testapp http-keepalive ADDR SECS
 //!                                     one HTTP/1.1 connection, a GET every
 //!                                     100 ms, until the server closes it:
@@ -168,14 +169,17 @@ fn banner_server(addr: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn banner_client(addr: &str) -> Result<(), String> {
-    let mut conn = open(addr)?;
-    let mut greeting = String::new();
-    conn.read_line(&mut greeting).map_err(|e| format!("read: {e}"))?;
-    if greeting.is_empty() {
-        return Err(format!("{addr} closed the connection without a greeting"));
+fn banner_client(addr: &str, times: &str) -> Result<(), String> {
+    let times: u32 = times.parse().map_err(|_| format!("not a count: {times}"))?;
+    for _ in 0..times {
+        let mut conn = open(addr)?;
+        let mut greeting = String::new();
+        conn.read_line(&mut greeting).map_err(|e| format!("read: {e}"))?;
+        if greeting.is_empty() {
+            return Err(format!("{addr} closed the connection without a greeting"));
+        }
+        print!("{greeting}");
     }
-    print!("{greeting}");
     Ok(())
 }
 
@@ -638,7 +642,8 @@ fn main() -> ExitCode {
         ["http-keepalive", addr, secs] => http_keepalive(addr, secs),
         ["grpc-server", addr] => grpc::server(addr),
         ["grpc-load", addr, rate, secs, conns] => grpc::load(addr, rate, secs, conns),
-        ["banner-client", addr] => banner_client(addr),
+        ["banner-client", addr] => banner_client(addr, "1"),
+        ["banner-client", addr, times] => banner_client(addr, times),
         ["http-load", addr, rate, secs, conns] => http_load(addr, rate, secs, conns),
         ["hold", addr, n, secs] => hold(addr, n, secs, ""),
         ["hold", addr, n, secs, first] => hold(addr, n, secs, first),
@@ -655,7 +660,7 @@ fn main() -> ExitCode {
             println!("uid={uid} gid={gid}");
             Ok(())
         }
-        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami | load ADDR SECS MS | http-server ADDR | http-echo ADDR | banner-server ADDR | banner-client ADDR | http-keepalive ADDR SECS | grpc-server ADDR | grpc-load ADDR RATE SECS CONNS | http-load ADDR RATE SECS CONNS | hold ADDR N SECS [HEX-BYTES] | get ADDR PATH | idle | --version".into()),
+        _ => Err("usage: mizzen-testapp echo-server ADDR | connect ADDR TEXT | whoami | load ADDR SECS MS | http-server ADDR | http-echo ADDR | banner-server ADDR | banner-client ADDR [N] | http-keepalive ADDR SECS | grpc-server ADDR | grpc-load ADDR RATE SECS CONNS | http-load ADDR RATE SECS CONNS | hold ADDR N SECS [HEX-BYTES] | get ADDR PATH | idle | --version".into()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
