@@ -172,7 +172,7 @@ case "${1:-up}" in
     $KUBECTL wait --for=condition=Established --timeout=30s \
       crd/authorizationpolicies.security.mizzen.dev crd/peerauthentications.security.mizzen.dev \
       crd/virtualservices.networking.mizzen.dev crd/destinationrules.networking.mizzen.dev \
-      crd/httproutes.gateway.networking.k8s.io
+      crd/httproutes.gateway.networking.k8s.io crd/grpcroutes.gateway.networking.k8s.io
 
     # The components, as local processes with the manifests' ServiceAccounts and RBAC.
     stop_components

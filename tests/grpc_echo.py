@@ -6,7 +6,9 @@ bytes.
                                  Echo/Chat answers each message of a
                                  bidirectional stream as it arrives;
                                  Echo/Fail aborts with NOT_FOUND "no such thing"
-  grpc_echo.py unary ADDR TEXT   prints the answer
+  grpc_echo.py unary ADDR TEXT [N [KEY=VALUE]]
+                                 prints the answer (of N calls in turn on
+                                 one channel, each with metadata KEY=VALUE)
   grpc_echo.py chat ADDR N       sends N messages one at a time, each only
                                  after the previous answer came back (so the
                                  stream is bidirectional in flight); prints
@@ -63,7 +65,10 @@ def main():
     channel = grpc.insecure_channel(addr)
     if mode == "unary":
         call = channel.unary_unary(f"/{SERVICE}/Unary")
-        print(call(sys.argv[3].encode(), timeout=10).decode())
+        n = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+        metadata = [tuple(sys.argv[5].split("=", 1))] if len(sys.argv) > 5 else None
+        for _ in range(n):
+            print(call(sys.argv[3].encode(), timeout=10, metadata=metadata).decode(), flush=True)
     elif mode == "chat":
         n = int(sys.argv[3])
         outgoing = queue.Queue()

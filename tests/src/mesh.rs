@@ -56,6 +56,7 @@ pub async fn apply_crds(cluster: &Cluster) -> anyhow::Result<String> {
             "crd/virtualservices.networking.mizzen.dev",
             "crd/destinationrules.networking.mizzen.dev",
             "crd/httproutes.gateway.networking.k8s.io",
+            "crd/grpcroutes.gateway.networking.k8s.io",
         ])
         .run()
         .await?;

@@ -30,6 +30,7 @@ use mizzen_api::TrustDomain;
 use mizzen_api::proto::discovery as pb;
 
 use mizzen_api::routing::gateway::HTTPRoute;
+use mizzen_api::routing::gateway::grpc::GRPCRoute;
 use mizzen_api::routing::spec::{DestinationRule, VirtualService};
 
 use super::rules::Rules;
@@ -61,6 +62,7 @@ struct Relists {
     virtual_services: Option<HashSet<String>>,
     destination_rules: Option<HashSet<String>>,
     http_routes: Option<HashSet<String>>,
+    grpc_routes: Option<HashSet<String>>,
 }
 
 /// Whether each watch has listed once.
@@ -73,11 +75,19 @@ pub struct Synced {
     pub destination_rules: bool,
     /// Also set when the Gateway API's CRDs are not installed.
     pub http_routes: bool,
+    /// Likewise.
+    pub grpc_routes: bool,
 }
 
 impl Synced {
     pub fn all(self) -> bool {
-        self.services && self.slices && self.pods && self.virtual_services && self.destination_rules && self.http_routes
+        self.services
+            && self.slices
+            && self.pods
+            && self.virtual_services
+            && self.destination_rules
+            && self.http_routes
+            && self.grpc_routes
     }
 }
 
@@ -285,6 +295,16 @@ impl Index {
             |r| &mut r.http_routes,
             Rules::http_route_keys,
             Rules::set_http_route,
+        );
+    }
+
+    /// Applies a GRPCRoute event.
+    pub fn grpc_route_event(&mut self, event: Event<GRPCRoute>) {
+        self.synced.grpc_routes |= self.rule_event(
+            event,
+            |r| &mut r.grpc_routes,
+            Rules::grpc_route_keys,
+            Rules::set_grpc_route,
         );
     }
 

@@ -22,6 +22,7 @@ use kube::runtime::watcher;
 use mizzen_api::mesh::{PROXY_CONTAINER, TLS_MODE_LABEL, TLS_MODE_MIZZEN};
 use mizzen_api::proto::discovery::{self as pb, SERVICE_TYPE};
 use mizzen_api::routing::gateway::HTTPRoute;
+use mizzen_api::routing::gateway::grpc::GRPCRoute;
 use mizzen_api::routing::spec::{DestinationRule, VirtualService};
 use mizzen_api::{SpiffeId, TrustDomain};
 use prometheus_client::metrics::counter::Counter;
@@ -286,6 +287,7 @@ fn feed<K: Send + 'static>(
 
 /// Watches Services, EndpointSlices, Pods, VirtualServices,
 /// DestinationRules and (when the Gateway API is installed) HTTPRoutes
+/// and GRPCRoutes
 /// cluster-wide into an
 /// [`Index`] and, after each burst of changes (gathered for `debounce`),
 /// rebuilds the Services the burst touched and publishes them on `tx`
@@ -341,25 +343,27 @@ pub async fn follow(
             Index::destination_rule_event,
         ),
     ));
-    let http_routes = Api::<HTTPRoute>::all(client);
-    match http_routes
-        .list_metadata(&kube::api::ListParams::default().limit(1))
-        .await
-    {
-        Err(kube::Error::Api(e)) if e.code == 404 => {
-            info!(
-                "the Gateway API's CRDs are not installed: HTTPRoutes are not followed (restart the agent once they are)"
-            );
-            index.lock().unwrap_or_else(|e| e.into_inner()).synced.http_routes = true;
-        }
-        _ => {
-            tokio::spawn(crate::watch::follow(
-                watcher(http_routes, config()),
-                "httproutes",
-                |_| {},
-                feed(&index, &changed, &metrics.discovery_events, Index::http_route_event),
-            ));
-        }
+    let http_routes = Api::<HTTPRoute>::all(client.clone());
+    if installed(&http_routes).await {
+        tokio::spawn(crate::watch::follow(
+            watcher(http_routes, config()),
+            "httproutes",
+            |_| {},
+            feed(&index, &changed, &metrics.discovery_events, Index::http_route_event),
+        ));
+    } else {
+        index.lock().unwrap_or_else(|e| e.into_inner()).synced.http_routes = true;
+    }
+    let grpc_routes = Api::<GRPCRoute>::all(client);
+    if installed(&grpc_routes).await {
+        tokio::spawn(crate::watch::follow(
+            watcher(grpc_routes, config()),
+            "grpcroutes",
+            |_| {},
+            feed(&index, &changed, &metrics.discovery_events, Index::grpc_route_event),
+        ));
+    } else {
+        index.lock().unwrap_or_else(|e| e.into_inner()).synced.grpc_routes = true;
     }
     let mut synced = false;
     let mut addresses = Addresses::default();
@@ -397,3 +401,21 @@ pub async fn follow(
 
 #[cfg(test)]
 mod tests;
+
+/// Whether the API server serves `api`'s kind (the Gateway API's CRDs
+/// are optional); checked once, at start.
+async fn installed<K>(api: &Api<K>) -> bool
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.list_metadata(&kube::api::ListParams::default().limit(1)).await {
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            info!(
+                kind = std::any::type_name::<K>().rsplit("::").next().unwrap_or("?"),
+                "the Gateway API's CRDs are not installed: these routes are not followed (restart the agent once they are)"
+            );
+            false
+        }
+        _ => true,
+    }
+}

@@ -9,16 +9,17 @@
 //! (creation time, then `<namespace>/<name>`), as Istio settles conflicts
 //! between sidecar rules; the others apply to nothing until it goes.
 //!
-//! Gateway API `HTTPRoute`s bound to a Service all apply together,
-//! translated into one VirtualService spec
-//! ([`mizzen_api::routing::gateway::translate`]); a Service with any
-//! HTTPRoute is routed by its HTTPRoutes, and a VirtualService naming it
-//! is not used for it.
+//! Gateway API `HTTPRoute`s and `GRPCRoute`s bound to a Service all apply
+//! together, translated into one VirtualService spec
+//! ([`mizzen_api::routing::gateway::translate`]); a Service with any such
+//! route is routed by its routes, and a VirtualService naming it is not
+//! used for it.
 
 use std::collections::{BTreeSet, HashMap};
 
 use mizzen_api::proto::discovery as pb;
-use mizzen_api::routing::gateway::{self, Bound, HTTPRoute, HTTPRouteSpec};
+use mizzen_api::routing::gateway::grpc::GRPCRoute;
+use mizzen_api::routing::gateway::{self, Bound, GammaRoute, HTTPRoute, HTTPRouteSpec};
 use mizzen_api::routing::spec::{DestinationRule, VirtualService};
 use mizzen_api::routing::{Subsets, compile, compile_subsets};
 
@@ -111,8 +112,8 @@ struct Destination {
     wire: pb::DestinationPolicy,
 }
 
-/// An HTTPRoute as the agent keeps it: its spec and the port each
-/// Service it is bound to is narrowed to.
+/// An HTTPRoute (or a GRPCRoute as its HTTPRoute) as the agent keeps it:
+/// its spec and the port each Service it is bound to is narrowed to.
 #[derive(Debug)]
 struct HttpRouteEntry {
     spec: HTTPRouteSpec,
@@ -125,6 +126,7 @@ pub(super) struct Rules {
     routes: Kind<pb::Routing>,
     destinations: Kind<Destination>,
     http_routes: Kind<HttpRouteEntry>,
+    grpc_routes: Kind<HttpRouteEntry>,
 }
 
 impl Rules {
@@ -170,34 +172,24 @@ impl Rules {
     }
 
     /// Stores an HTTPRoute (or removes the one keyed `key`); returns the
-    /// Services whose routing may have changed. A route that Mizzen cannot
-    /// apply as written is bound to nothing.
+    /// Services whose routing may have changed.
     pub(super) fn set_http_route(&mut self, key: &str, route: Option<&HTTPRoute>) -> Vec<String> {
-        let entry = route.and_then(|r| {
-            let namespace = r.metadata.namespace.as_deref()?;
-            let rank = rank(r)?;
-            Some(match gateway::check(&r.spec, namespace) {
-                Ok(()) => {
-                    let ports = gateway::parents(&r.spec, namespace);
-                    let services = ports.iter().map(|(s, _)| s.clone()).collect();
-                    let entry = HttpRouteEntry {
-                        spec: r.spec.clone(),
-                        ports,
-                    };
-                    (rank, services, Some(entry))
-                }
-                Err(_) => (rank, Vec::new(), None),
-            })
-        });
-        self.http_routes.set(key, entry)
+        self.http_routes.set(key, route.and_then(gamma_entry))
+    }
+
+    /// Stores a GRPCRoute (or removes the one keyed `key`); returns the
+    /// Services whose routing may have changed.
+    pub(super) fn set_grpc_route(&mut self, key: &str, route: Option<&GRPCRoute>) -> Vec<String> {
+        self.grpc_routes.set(key, route.and_then(gamma_entry))
     }
 
     /// The routing of `service`: its HTTPRoutes translated, else the
     /// VirtualService that routes it.
     pub(super) fn routing(&self, service: &str) -> Option<pb::Routing> {
-        let bound: Vec<Bound<'_>> = self
+        let mut bound: Vec<Bound<'_>> = self
             .http_routes
             .all_for_service(service)
+            .chain(self.grpc_routes.all_for_service(service))
             .map(|((created, key), e)| Bound {
                 key,
                 created,
@@ -208,17 +200,23 @@ impl Rules {
         if bound.is_empty() {
             return self.routes.for_service(service).cloned();
         }
+        // Oldest first, whatever the kind.
+        bound.sort_by_key(|b| (b.created, b.key));
         let spec = gateway::translate(service, &bound);
         let namespace = service.split_once('/').map_or("", |(ns, _)| ns);
         let names: Vec<&str> = bound.iter().map(|b| b.key).collect();
         Some(pb::Routing {
-            virtual_service: format!("{namespace}/httproutes({})", names.join(",")),
+            virtual_service: format!("{namespace}/routes({})", names.join(",")),
             spec_json: serde_json::to_string(&spec).ok()?,
         })
     }
 
     pub(super) fn http_route_keys(&self) -> Vec<String> {
         self.http_routes.keys()
+    }
+
+    pub(super) fn grpc_route_keys(&self) -> Vec<String> {
+        self.grpc_routes.keys()
     }
 
     /// The subsets of `service`, if a DestinationRule names them.
@@ -238,4 +236,25 @@ impl Rules {
     pub(super) fn destination_rule_keys(&self) -> Vec<String> {
         self.destinations.keys()
     }
+}
+
+/// A Gateway API route as the agent keeps it, with its rank and the
+/// Services it is bound to; one that Mizzen cannot apply as written is
+/// bound to nothing.
+fn gamma_entry(r: &impl GammaRoute) -> Option<(Rank, Vec<String>, Option<HttpRouteEntry>)> {
+    let namespace = r.meta().namespace.as_deref()?;
+    let rank = rank(r)?;
+    let http = r.as_http().ok().filter(|h| gateway::check(h, namespace).is_ok());
+    Some(match http {
+        Some(spec) => {
+            let ports = gateway::parents(&spec, namespace);
+            let services = ports.iter().map(|(s, _)| s.clone()).collect();
+            let entry = HttpRouteEntry {
+                spec: spec.into_owned(),
+                ports,
+            };
+            (rank, services, Some(entry))
+        }
+        None => (rank, Vec::new(), None),
+    })
 }

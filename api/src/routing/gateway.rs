@@ -1,8 +1,9 @@
-//! Gateway API for meshes (GAMMA): `HTTPRoute`s whose `parentRefs` name a
-//! Service (`gateway.networking.k8s.io/v1`, the published standard
-//! channel CRDs), translated into the VirtualService spec the mesh already
-//! routes by ([`translate`]), so that both APIs share one route table and
-//! one data path.
+//! Gateway API for meshes (GAMMA): `HTTPRoute`s and `GRPCRoute`s
+//! ([`grpc`], read as the HTTPRoutes they are equivalent to) whose
+//! `parentRefs` name a Service (`gateway.networking.k8s.io/v1`, the
+//! published standard channel CRDs), translated into the VirtualService
+//! spec the mesh already routes by ([`translate`]), so that both APIs
+//! share one route table and one data path.
 //!
 //! Only what Mizzen implements is read; the API server has already
 //! checked the rest against the published schema, so a field present
@@ -67,6 +68,42 @@ pub struct HTTPRouteSpec {
     pub rules: Vec<RouteRule>,
 }
 
+/// A Gateway API route kind the mesh applies, read as an HTTPRoute spec.
+pub trait GammaRoute: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope> {
+    /// The kind, for logs and metric labels.
+    const KIND: &'static str;
+    fn parent_refs(&self) -> &[ParentRef];
+    fn route_status(&self) -> Option<&RouteStatus>;
+    /// The HTTPRoute spec the route is (errors name the route's fields).
+    fn as_http(&self) -> Result<std::borrow::Cow<'_, HTTPRouteSpec>, GatewayError>;
+}
+
+impl GammaRoute for HTTPRoute {
+    const KIND: &'static str = "HTTPRoute";
+    fn parent_refs(&self) -> &[ParentRef] {
+        &self.spec.parent_refs
+    }
+    fn route_status(&self) -> Option<&RouteStatus> {
+        self.status.as_ref()
+    }
+    fn as_http(&self) -> Result<std::borrow::Cow<'_, HTTPRouteSpec>, GatewayError> {
+        Ok(std::borrow::Cow::Borrowed(&self.spec))
+    }
+}
+
+impl GammaRoute for grpc::GRPCRoute {
+    const KIND: &'static str = "GRPCRoute";
+    fn parent_refs(&self) -> &[ParentRef] {
+        &self.spec.parent_refs
+    }
+    fn route_status(&self) -> Option<&RouteStatus> {
+        self.status.as_ref()
+    }
+    fn as_http(&self) -> Result<std::borrow::Cow<'_, HTTPRouteSpec>, GatewayError> {
+        self.spec.as_http().map(std::borrow::Cow::Owned)
+    }
+}
+
 /// What a route attaches to.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -119,6 +156,10 @@ pub struct RouteMatch {
     pub query_params: Vec<NameMatch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
+    /// For a GRPCRoute's match read as this one: the characters of its
+    /// service and of its method, which rank it instead of the path.
+    #[serde(skip)]
+    pub grpc_precedence: Option<(usize, usize)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -338,15 +379,21 @@ pub fn check(route: &HTTPRouteSpec, namespace: &str) -> Result<(), GatewayError>
     Ok(())
 }
 
+/// How a match ranks, most specific first: path kind (exact, prefix,
+/// regex), path length (for a GRPCRoute: service characters, then method
+/// characters), no method, header matches, query parameter matches.
+type Rank = (
+    u8,
+    std::cmp::Reverse<usize>,
+    std::cmp::Reverse<usize>,
+    bool,
+    std::cmp::Reverse<usize>,
+    std::cmp::Reverse<usize>,
+);
+
 /// One translated (rule, match): its VirtualService route and its rank.
 struct Ranked {
-    rank: (
-        u8,
-        std::cmp::Reverse<usize>,
-        bool,
-        std::cmp::Reverse<usize>,
-        std::cmp::Reverse<usize>,
-    ),
+    rank: Rank,
     route: VsRoute,
 }
 
@@ -397,13 +444,25 @@ fn translate_rule(field: &str, rule: &RouteRule, namespace: &str) -> Result<Vec<
             {
                 uri.push('/');
             }
-            let rank = (
-                kind,
-                std::cmp::Reverse(len),
-                m.method.is_none(),
-                std::cmp::Reverse(m.headers.len()),
-                std::cmp::Reverse(m.query_params.len()),
-            );
+            use std::cmp::Reverse;
+            let rank = match m.grpc_precedence {
+                Some((service, method)) => (
+                    1,
+                    Reverse(service),
+                    Reverse(method),
+                    false,
+                    Reverse(m.headers.len()),
+                    Reverse(0),
+                ),
+                None => (
+                    kind,
+                    Reverse(len),
+                    Reverse(0),
+                    m.method.is_none(),
+                    Reverse(m.headers.len()),
+                    Reverse(m.query_params.len()),
+                ),
+            };
             route.matches = vec![vs_match];
             out.push(Ranked { rank, route });
         }
@@ -724,6 +783,7 @@ pub fn translate(service: &str, routes: &[Bound<'_>]) -> VirtualServiceSpec {
     }
 }
 
+pub mod grpc;
 pub mod status;
 #[cfg(test)]
 mod tests;

@@ -34,6 +34,8 @@ fn listed(services: &[Arc<Service>], slices: &[Arc<EndpointSlice>], pods: &[Pod]
     index.destination_rule_event(Event::InitDone);
     index.http_route_event(Event::Init);
     index.http_route_event(Event::InitDone);
+    index.grpc_route_event(Event::Init);
+    index.grpc_route_event(Event::InitDone);
     assert!(index.synced.all());
     index.rebuild(&td());
     index
@@ -361,7 +363,7 @@ fn http_routes_bound_to_a_service_take_precedence_over_its_virtual_service() {
     index.http_route_event(Event::Apply(route.clone()));
     assert_eq!(
         routing(&mut index),
-        BTreeMap::from([("demo/web".to_string(), Some("demo/httproutes(demo/r)".to_string()))])
+        BTreeMap::from([("demo/web".to_string(), Some("demo/routes(demo/r)".to_string()))])
     );
     index.http_route_event(Event::Delete(route));
     assert_eq!(routing(&mut index)["demo/web"].as_deref(), Some("demo/vs"));
@@ -370,4 +372,36 @@ fn http_routes_bound_to_a_service_take_precedence_over_its_virtual_service() {
     unsupported.spec.hostnames = vec!["web.example.com".into()];
     index.http_route_event(Event::Apply(unsupported));
     assert!(routing(&mut index).is_empty());
+}
+
+#[test]
+fn grpc_routes_bind_like_http_routes_and_a_relist_of_one_kind_keeps_the_other() {
+    let mut index = listed(
+        &[service("demo", "web", "10.0.0.10"), service("demo", "api", "10.0.0.11")],
+        &[],
+        &[],
+    );
+    let grpc: GRPCRoute = serde_json::from_value(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+        "metadata": {"namespace": "demo", "name": "g", "creationTimestamp": "2026-02-01T00:00:00Z"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+                 "rules": [{"matches": [{"method": {"service": "demo.Echo"}}],
+                            "backendRefs": [{"name": "api", "port": 80}]}]},
+    }))
+    .expect("grpc route");
+    index.grpc_route_event(Event::Apply(grpc.clone()));
+    index.http_route_event(Event::Apply(http_route("r", "web")));
+    assert_eq!(
+        routing(&mut index),
+        BTreeMap::from([("demo/web".to_string(), Some("demo/routes(demo/g,demo/r)".to_string()))])
+    );
+    // HTTPRoutes relisted without any: the GRPCRoute stays.
+    index.http_route_event(Event::Init);
+    index.http_route_event(Event::InitDone);
+    assert_eq!(
+        routing(&mut index),
+        BTreeMap::from([("demo/web".to_string(), Some("demo/routes(demo/g)".to_string()))])
+    );
+    index.grpc_route_event(Event::Delete(grpc));
+    assert_eq!(routing(&mut index), BTreeMap::from([("demo/web".to_string(), None)]));
 }

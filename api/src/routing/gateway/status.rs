@@ -5,7 +5,7 @@
 //! it may send to). Entries of other controllers are kept. Pure: the CA
 //! writes the result only when it differs from what is stored.
 
-use super::{CONTROLLER_NAME, HTTPRoute, RouteParentStatus, RouteStatus, check};
+use super::{CONTROLLER_NAME, GammaRoute, RouteParentStatus, RouteStatus, check};
 use crate::policy::StatusCondition;
 
 fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>) -> StatusCondition {
@@ -20,10 +20,10 @@ fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: O
 }
 
 /// What Mizzen says of `route` for each Service it names.
-fn ours(route: &HTTPRoute) -> Vec<RouteParentStatus> {
-    let namespace = route.metadata.namespace.as_deref().unwrap_or("default");
-    let generation = route.metadata.generation;
-    let verdict = check(&route.spec, namespace);
+fn ours(route: &impl GammaRoute) -> Vec<RouteParentStatus> {
+    let namespace = route.meta().namespace.as_deref().unwrap_or("default");
+    let generation = route.meta().generation;
+    let verdict = route.as_http().and_then(|http| check(&http, namespace));
     let (accepted, resolved) = match &verdict {
         Ok(()) => (
             condition(
@@ -56,8 +56,7 @@ fn ours(route: &HTTPRoute) -> Vec<RouteParentStatus> {
         ),
     };
     route
-        .spec
-        .parent_refs
+        .parent_refs()
         .iter()
         .filter(|p| p.is_service())
         .map(|p| RouteParentStatus {
@@ -83,8 +82,8 @@ fn stamped(cond: &StatusCondition, before: Option<&RouteParentStatus>, now: &str
 }
 
 /// The status `route` should carry, or `None` when it already does.
-pub fn next(route: &HTTPRoute, now: &str) -> Option<RouteStatus> {
-    let current = route.status.clone().unwrap_or_default();
+pub fn next(route: &impl GammaRoute, now: &str) -> Option<RouteStatus> {
+    let current = route.route_status().cloned().unwrap_or_default();
     let mine = |p: &RouteParentStatus| p.controller_name == CONTROLLER_NAME;
     let wanted: Vec<RouteParentStatus> = ours(route)
         .into_iter()
@@ -106,6 +105,7 @@ pub fn next(route: &HTTPRoute, now: &str) -> Option<RouteStatus> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::gateway::HTTPRoute;
 
     fn route(spec: serde_json::Value, status: Option<serde_json::Value>) -> HTTPRoute {
         let mut v = serde_json::json!({
