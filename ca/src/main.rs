@@ -63,8 +63,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("connect to the Kubernetes API (in-cluster or KUBECONFIG)")?;
     if config.policy_status {
-        tokio::spawn(policy_status::run(client.clone(), metrics.clone()));
-        tokio::spawn(route_status::run(client.clone(), metrics.clone()));
+        let claims = route_status::Claims::new();
+        tokio::spawn(policy_status::run(client.clone(), metrics.clone(), claims.clone()));
+        tokio::spawn(route_status::run(client.clone(), metrics.clone(), claims));
     }
     let (authority, source) = store::load_bundle(
         &client,

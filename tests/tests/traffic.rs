@@ -1469,3 +1469,93 @@ spec:
     assert!((70..=130).contains(&v2), "{v2} of 500 to v2");
     Ok(())
 }
+
+/// The `Accepted` condition of VirtualService `name`, once it has one
+/// whose status is `status`.
+async fn vs_accepted(m: &HttpMesh, name: &str, status: &str) -> anyhow::Result<serde_json::Value> {
+    eventually_some(ROLLOUT, &format!("VirtualService {name} Accepted={status}"), || async {
+        let out = Cluster::get()
+            .kubectl([
+                "get",
+                "virtualservices.networking.mizzen.dev",
+                "-n",
+                &m.ns,
+                name,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Accepted\")]}",
+            ])
+            .run()
+            .await?;
+        let condition: Option<serde_json::Value> = serde_json::from_str(out.trim()).ok();
+        Ok(condition.filter(|c| c["status"] == status))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_http_route_overrides_a_virtual_service_which_says_so_until_the_route_goes() -> anyhow::Result<()> {
+    let m = versioned("traffic-gamma-wins").await?;
+    versioned_services(&m).await?;
+    apply(
+        &m,
+        r#"
+apiVersion: networking.mizzen.dev/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: [web]
+  http:
+  - headers: {response: {set: {x-test-rule: virtual-service}}}
+    route:
+    - destination: {host: web, subset: v2}
+"#,
+    )
+    .await?;
+    until(
+        &m,
+        "/",
+        &[],
+        "the VirtualService in place",
+        all_under("virtual-service"),
+    )
+    .await?;
+    vs_accepted(&m, "web", "True").await?;
+    apply(
+        &m,
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web}
+spec:
+  parentRefs:
+  - {group: "", kind: Service, name: web}
+  rules:
+  - filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        set: [{name: x-test-rule, value: http-route}]
+    backendRefs:
+    - {name: web-v1, port: 80}
+"#,
+    )
+    .await?;
+    let answers = until(&m, "/", &[], "the HTTPRoute in place", all_under("http-route")).await?;
+    assert!(answers.iter().all(|a| a.pod.as_deref() == Some("web-a")), "{answers:?}");
+    // The VirtualService's status says which rule won.
+    let c = vs_accepted(&m, "web", "False").await?;
+    assert_eq!(c["reason"], "Overridden", "{c}");
+    let message = c["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("{ns}/web (HTTPRoute {ns}/web)", ns = m.ns)),
+        "{message}"
+    );
+    // Once the route is gone, the VirtualService routes its Service again
+    // and is accepted.
+    Cluster::get()
+        .kubectl(["delete", "httproute", "-n", &m.ns, "web"])
+        .run()
+        .await?;
+    until(&m, "/", &[], "the VirtualService back", all_under("virtual-service")).await?;
+    vs_accepted(&m, "web", "True").await?;
+    Ok(())
+}
