@@ -20,6 +20,7 @@ pub mod netns;
 pub mod node;
 pub mod reaper;
 pub mod sds;
+pub mod status;
 pub mod tls;
 pub mod wait;
 

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use mizzen_tests::http_mesh::{MESHED, TIMEOUT};
 use mizzen_tests::mesh::MeshNode;
 use mizzen_tests::node::{create_pod, wait_ready};
@@ -143,21 +143,8 @@ spec:
     assert_eq!(m.unary(20, Some("end-user=jason")).await?, vec!["echo-v2"; 20]);
     assert_eq!(m.unary(20, Some("end-user=mallory")).await?, vec!["echo-v1"; 20]);
     // The route's status says the mesh routes by it.
-    let path = "{.status.parents[?(@.controllerName==\"mizzen.dev/mesh\")].conditions[?(@.type==\"Accepted\")].status}";
-    let accepted = Cluster::get()
-        .kubectl([
-            "get",
-            "grpcroute",
-            "-n",
-            &m.ns,
-            "echo",
-            "-o",
-            &format!("jsonpath={path}"),
-        ])
-        .run()
-        .await
-        .context("the route's status")?;
-    assert_eq!(accepted.trim(), "True");
+    let c = mizzen_tests::status::accepted("grpcroute", &m.ns, "echo", |_| true).await?;
+    assert_eq!(c["status"], "True", "{c}");
     Ok(())
 }
 
@@ -181,24 +168,7 @@ spec:
 "#,
         )
         .await?;
-    let path = "{.status.parents[?(@.controllerName==\"mizzen.dev/mesh\")].conditions[?(@.type==\"Accepted\")]}";
-    let condition = eventually_some(ROLLOUT, "the route's status", || async {
-        let out = Cluster::get()
-            .kubectl([
-                "get",
-                "grpcroute",
-                "-n",
-                &m.ns,
-                "echo",
-                "-o",
-                &format!("jsonpath={path}"),
-            ])
-            .run()
-            .await?;
-        Ok((!out.trim().is_empty()).then(|| out.trim().to_owned()))
-    })
-    .await?;
-    let c: serde_json::Value = serde_json::from_str(&condition)?;
+    let c = mizzen_tests::status::accepted("grpcroute", &m.ns, "echo", |_| true).await?;
     assert_eq!(
         (c["status"].as_str(), c["reason"].as_str()),
         (Some("False"), Some("UnsupportedValue")),

@@ -140,6 +140,12 @@ async fn until(
     .await
 }
 
+/// `n` GETs of `path` at once, each from its own curl.
+async fn at_once(m: &HttpMesh, path: &str, n: usize) -> anyhow::Result<Vec<Answer>> {
+    let all = futures::future::join_all((0..n).map(|_| get(m, path, &[], 1))).await;
+    Ok(all.into_iter().collect::<anyhow::Result<Vec<_>>>()?.concat())
+}
+
 fn all_from(pod: &str) -> impl Fn(&[Answer]) -> bool + '_ {
     move |answers| answers.iter().all(|a| a.status == 200 && a.pod.as_deref() == Some(pod))
 }
@@ -473,19 +479,16 @@ spec:
     // Two slow requests at once: once the limits are in place, the second
     // waits for the first rather than going to the other replica.
     eventually_some(ROLLOUT, "the pool limits in place", || async {
-        let both = futures::future::join_all((0..3).map(|_| get(&m, "/sleep/1000", &[], 1))).await;
-        let flags: Vec<String> = both.into_iter().flatten().flatten().map(|a| a.flags).collect();
+        let flags: Vec<String> = at_once(&m, "/sleep/1000", 3)
+            .await?
+            .into_iter()
+            .map(|a| a.flags)
+            .collect();
         Ok(flags.iter().any(|f| f == "UO").then_some(()))
     })
     .await?;
     // 20 clients at once against answers that take 2 s.
-    let all = futures::future::join_all((0..20).map(|_| get(&m, "/sleep/2000", &[], 1))).await;
-    let answers: Vec<Answer> = all
-        .into_iter()
-        .collect::<anyhow::Result<Vec<_>>>()?
-        .into_iter()
-        .flatten()
-        .collect();
+    let answers = at_once(&m, "/sleep/2000", 20).await?;
     let overflowed: Vec<&Answer> = answers.iter().filter(|a| a.flags == "UO").collect();
     let served = answers.iter().filter(|a| a.status == 200).count();
     eprintln!(
@@ -968,23 +971,8 @@ spec:
     let jason = get(&m, "/", &["end-user: jason"], 20).await?;
     assert_eq!(by_pod(&jason), BTreeMap::from([("web-b".into(), 20)]), "{jason:?}");
     // The mesh says it routes by the route, in the route's status.
-    let accepted = eventually_some(ROLLOUT, "the route's status", || async {
-        let out = Cluster::get()
-            .kubectl([
-                "get",
-                "httproute",
-                "-n",
-                &m.ns,
-                "web",
-                "-o",
-                "jsonpath={.status.parents[?(@.controllerName==\"mizzen.dev/mesh\")].conditions[?(@.type==\"Accepted\")].status}",
-            ])
-            .run()
-            .await?;
-        Ok((!out.trim().is_empty()).then(|| out.trim().to_owned()))
-    })
-    .await?;
-    assert_eq!(accepted, "True");
+    let c = mizzen_tests::status::accepted("httproute", &m.ns, "web", |_| true).await?;
+    assert_eq!(c["status"], "True", "{c}");
     Ok(())
 }
 
@@ -1048,24 +1036,7 @@ spec:
 "#,
     )
     .await?;
-    let path = "{.status.parents[?(@.controllerName==\"mizzen.dev/mesh\")].conditions[?(@.type==\"Accepted\")]}";
-    let condition = eventually_some(ROLLOUT, "the route's status", || async {
-        let out = Cluster::get()
-            .kubectl([
-                "get",
-                "httproute",
-                "-n",
-                &m.ns,
-                "web",
-                "-o",
-                &format!("jsonpath={path}"),
-            ])
-            .run()
-            .await?;
-        Ok((!out.trim().is_empty()).then(|| out.trim().to_owned()))
-    })
-    .await?;
-    let c: serde_json::Value = serde_json::from_str(&condition)?;
+    let c = mizzen_tests::status::accepted("httproute", &m.ns, "web", |_| true).await?;
     assert_eq!(c["status"], "False", "{c}");
     assert_eq!(c["reason"], "UnsupportedValue", "{c}");
     assert!(c["message"].as_str().unwrap_or("").contains("spec.hostnames"), "{c}");
@@ -1256,13 +1227,7 @@ spec:
     })
     .await?;
     // It replaced the rule's policy whole: no pool limits on port 80.
-    let all = futures::future::join_all((0..6).map(|_| get(&m, "/sleep/500", &[], 1))).await;
-    let answers: Vec<Answer> = all
-        .into_iter()
-        .collect::<anyhow::Result<Vec<_>>>()?
-        .into_iter()
-        .flatten()
-        .collect();
+    let answers = at_once(&m, "/sleep/500", 6).await?;
     assert!(
         answers.iter().all(|a| a.status == 200 && a.flags.is_empty()),
         "{answers:?}"
@@ -1470,26 +1435,11 @@ spec:
     Ok(())
 }
 
-/// The `Accepted` condition of VirtualService `name`, once it has one
-/// whose status is `status`.
+/// The `Accepted` condition of VirtualService `name`, once its status is
+/// `status`.
 async fn vs_accepted(m: &HttpMesh, name: &str, status: &str) -> anyhow::Result<serde_json::Value> {
-    eventually_some(ROLLOUT, &format!("VirtualService {name} Accepted={status}"), || async {
-        let out = Cluster::get()
-            .kubectl([
-                "get",
-                "virtualservices.networking.mizzen.dev",
-                "-n",
-                &m.ns,
-                name,
-                "-o",
-                "jsonpath={.status.conditions[?(@.type==\"Accepted\")]}",
-            ])
-            .run()
-            .await?;
-        let condition: Option<serde_json::Value> = serde_json::from_str(out.trim()).ok();
-        Ok(condition.filter(|c| c["status"] == status))
-    })
-    .await
+    let kind = "virtualservices.networking.mizzen.dev";
+    mizzen_tests::status::accepted(kind, &m.ns, name, |c| c["status"] == status).await
 }
 
 #[tokio::test]

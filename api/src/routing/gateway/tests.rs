@@ -1,5 +1,6 @@
 use serde_json::json;
 
+use super::grpc::GRPCRouteSpec;
 use super::*;
 use crate::routing::decide::rewritten_path;
 use crate::routing::{RequestView, compile, decide};
@@ -225,4 +226,82 @@ fn filters_and_timeouts_carry_over() {
 fn route_redirect() -> HTTPRouteSpec {
     route(json!({"parentRefs": reviews_parent(), "rules": [{
         "filters": [{"type": "RequestRedirect", "requestRedirect": {"path": {"type": "ReplaceFullPath", "replaceFullPath": "/moved"}}}]}]}))
+}
+
+// GRPCRoutes, read as HTTPRoutes.
+
+fn grpc_route(v: serde_json::Value) -> GRPCRouteSpec {
+    serde_json::from_value(v).expect("route")
+}
+
+/// The backend Service a call to `path` with `headers` reaches.
+fn grpc_backend(
+    spec: &GRPCRouteSpec,
+    path: &'static str,
+    headers: Vec<(&'static str, &'static str)>,
+) -> Option<String> {
+    let http = spec.as_http().expect("translates");
+    check(&http, "demo").expect("applies");
+    let bound = [Bound {
+        key: "demo/r",
+        created: "2026-01-01T00:00:00Z",
+        spec: &http,
+        port: None,
+    }];
+    let vs = translate("demo/echo", &bound);
+    let table = compile(&vs, "demo").expect("compiles").table;
+    decide(&table, &Req { path, headers }, 0)
+        .ok()
+        .and_then(|d| d.destination.map(|d| d.service.clone()))
+}
+
+#[test]
+fn method_matches_route_by_service_and_method_most_specific_first() {
+    let spec = grpc_route(serde_json::json!({
+    "parentRefs": [{"group": "", "kind": "Service", "name": "echo"}],
+    "rules": [
+        {"matches": [{"method": {"service": "demo.Echo"}}], "backendRefs": [{"name": "echo-service", "port": 80}]},
+        {"matches": [{"method": {"method": "Health"}}], "backendRefs": [{"name": "echo-health", "port": 80}]},
+        {"matches": [{"method": {"service": "demo.Echo", "method": "Unary"},
+                      "headers": [{"name": "end-user", "value": "jason"}]}],
+         "backendRefs": [{"name": "echo-jason", "port": 80}]},
+        {"matches": [{"method": {"type": "RegularExpression", "service": "demo\\.v[0-9]+\\.Echo"}}],
+         "backendRefs": [{"name": "echo-versioned", "port": 80}]},
+        {"backendRefs": [{"name": "echo", "port": 80}]},
+    ]}));
+    let at = |path, headers| grpc_backend(&spec, path, headers);
+    assert_eq!(
+        at("/demo.Echo/Unary", vec![("end-user", "jason")]).as_deref(),
+        Some("demo/echo-jason")
+    );
+    assert_eq!(at("/demo.Echo/Unary", vec![]).as_deref(), Some("demo/echo-service"));
+    assert_eq!(at("/demo.Echo/Chat", vec![]).as_deref(), Some("demo/echo-service"));
+    assert_eq!(
+        at("/demo.EchoX/Chat", vec![]).as_deref(),
+        Some("demo/echo"),
+        "whole service names"
+    );
+    assert_eq!(at("/other.Svc/Health", vec![]).as_deref(), Some("demo/echo-health"));
+    assert_eq!(at("/demo.v2.Echo/Chat", vec![]).as_deref(), Some("demo/echo-versioned"));
+    assert_eq!(at("/other.Svc/Call", vec![]).as_deref(), Some("demo/echo"));
+}
+
+#[test]
+fn what_mizzen_lacks_is_refused_by_the_grpc_routes_field() {
+    let spec = grpc_route(serde_json::json!({
+        "parentRefs": [{"group": "", "kind": "Service", "name": "echo"}],
+        "rules": [{"sessionPersistence": {"sessionName": "s"}, "backendRefs": [{"name": "echo"}]}]}));
+    let err = check(&spec.as_http().expect("translates"), "demo").expect_err("refused");
+    assert_eq!(
+        err.to_string(),
+        "spec.rules[0].sessionPersistence: not implemented by Mizzen; the route applies to nothing until it is removed"
+    );
+    let spec = grpc_route(serde_json::json!({
+        "parentRefs": [{"group": "", "kind": "Service", "name": "echo"}],
+        "rules": [{"matches": [{"method": {"type": "Prefix", "service": "a"}}], "backendRefs": [{"name": "echo"}]}]}));
+    let err = spec.as_http().expect_err("refused");
+    assert_eq!(
+        err.to_string(),
+        "spec.rules[0].matches[0].method.type: \"Prefix\" is not valid here"
+    );
 }
