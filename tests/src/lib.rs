@@ -22,6 +22,7 @@ pub mod reaper;
 pub mod sds;
 pub mod status;
 pub mod tls;
+pub mod traffic;
 pub mod wait;
 
 pub use cluster::{Cluster, Kubectl};
