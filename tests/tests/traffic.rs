@@ -783,10 +783,21 @@ spec:
   trafficPolicy:
     loadBalancer:
       consistentHash: {httpHeaderName: x-user}
+    # Only to see when the rule is in place (the users' requests come one
+    # at a time): the balancer alone can keep a user's ten requests on one
+    # pod too.
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1}
 "#,
     )
     .await?;
-    // Once the rule is in place, each user's requests all land on one pod.
+    eventually_some(ROLLOUT, "the rule in place", || async {
+        let answers = at_once(&m, "/sleep/1000", 3).await?;
+        Ok(answers.iter().any(|a| a.flags == "UO").then_some(()))
+    })
+    .await?;
+    // Each user's requests all land on one pod.
     let users: Vec<String> = (0..16).map(|i| format!("x-user: user-{i}")).collect();
     let pods = eventually_some(ROLLOUT, "each user on one pod", || async {
         let mut pods = BTreeMap::new();
