@@ -299,15 +299,21 @@ async fn install_injector(cluster: &Cluster, port: u16) -> anyhow::Result<()> {
 
 /// Waits until every webhook of `mizzen-injector` has a caBundle.
 pub async fn ca_bundle_set(mwcs: &Api<MutatingWebhookConfiguration>, what: &str) -> anyhow::Result<()> {
-    eventually(Duration::from_secs(60), what, || {
-        let mwcs = mwcs.clone();
-        async move {
-            let m = mwcs.get("mizzen-injector").await?;
-            Ok(m.webhooks
-                .iter()
-                .flatten()
-                .all(|w| w.client_config.ca_bundle.as_ref().is_some_and(|b| !b.0.is_empty())))
-        }
+    ca_bundles_set(mwcs, "mizzen-injector", Duration::from_secs(60), what).await
+}
+
+/// Waits (at most `within`) until every webhook of the webhook
+/// configuration `name` (mutating or validating) has a caBundle.
+pub async fn ca_bundles_set<K>(api: &Api<K>, name: &str, within: Duration, what: &str) -> anyhow::Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    eventually(within, what, || async {
+        let config = serde_json::to_value(api.get(name).await?)?;
+        let hooks = config["webhooks"].as_array().cloned().unwrap_or_default();
+        Ok(hooks
+            .iter()
+            .all(|w| w["clientConfig"]["caBundle"].as_str().is_some_and(|b| !b.is_empty())))
     })
     .await
 }

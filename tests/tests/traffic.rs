@@ -966,15 +966,12 @@ async fn a_virtual_service_whose_weights_do_not_add_up_is_refused_by_kubectl_nam
     let ns = cluster.namespace(&client, "traffic-validate", &[]).await?;
     let validations =
         kube::Api::<k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration>::all(client);
-    eventually_some(ROLLOUT, "the validating webhook's caBundle", || async {
-        let v = validations.get("mizzen-validation").await?;
-        let set = v
-            .webhooks
-            .iter()
-            .flatten()
-            .all(|w| w.client_config.ca_bundle.as_ref().is_some_and(|b| !b.0.is_empty()));
-        Ok(set.then_some(()))
-    })
+    mizzen_tests::mesh::ca_bundles_set(
+        &validations,
+        "mizzen-validation",
+        ROLLOUT,
+        "the validating webhook's caBundle",
+    )
     .await?;
     let yaml = |v2: u32| {
         format!(
