@@ -88,9 +88,10 @@ impl Claims {
 
     /// Forgets the routes of `kind` not in `listed` (a relist's result).
     fn keep(&self, kind: &str, listed: &BTreeSet<String>) {
+        let prefix = format!("{kind} ");
         self.by_route.send_if_modified(|m| {
             let before = m.len();
-            m.retain(|route, _| !route.starts_with(&format!("{kind} ")) || listed.contains(route));
+            m.retain(|route, _| !route.starts_with(&prefix) || listed.contains(route));
             m.len() != before
         });
     }

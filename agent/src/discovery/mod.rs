@@ -287,8 +287,7 @@ fn feed<K: Send + 'static>(
 
 /// Watches Services, EndpointSlices, Pods, VirtualServices,
 /// DestinationRules and (when the Gateway API is installed) HTTPRoutes
-/// and GRPCRoutes
-/// cluster-wide into an
+/// and GRPCRoutes cluster-wide into an
 /// [`Index`] and, after each burst of changes (gathered for `debounce`),
 /// rebuilds the Services the burst touched and publishes them on `tx`
 /// ([`crate::xds::publish_changes`]). Nothing is published until all
@@ -406,12 +405,12 @@ mod tests;
 /// are optional); checked once, at start.
 async fn installed<K>(api: &Api<K>) -> bool
 where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     match api.list_metadata(&kube::api::ListParams::default().limit(1)).await {
         Err(kube::Error::Api(e)) if e.code == 404 => {
             info!(
-                kind = std::any::type_name::<K>().rsplit("::").next().unwrap_or("?"),
+                kind = %K::kind(&()),
                 "the Gateway API's CRDs are not installed: these routes are not followed (restart the agent once they are)"
             );
             false
