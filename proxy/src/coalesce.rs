@@ -7,8 +7,13 @@
 //! writing: whatever the next turn adds goes out in the same write. A
 //! batch is never held longer than that one turn, nor beyond [`MAX_BUF`].
 //!
-//! Every HTTP connection the proxy serves or opens is wrapped: in
-//! `http::pool`'s handshakes and in `http::{inbound, outbound}::serve`.
+//! Wrapped where hyper's HTTP/2 queues a message's parts in different
+//! turns: the connections `http::inbound::serve` serves (a response's
+//! DATA follows its HEADERS once the app's body has been read) and
+//! `http::pool::handshake_h2`'s (hyper's HTTP/2 client). Not where the
+//! parts are queued together (the app's connections the outbound side
+//! serves, HTTP/1.1 client connections, and `http::mesh`'s connections
+//! to peer proxies), where waiting a turn would only cost a poll.
 
 use std::io;
 use std::pin::Pin;

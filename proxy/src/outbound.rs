@@ -107,7 +107,10 @@ pub enum OutboundError {
     #[error("reading the app's first bytes: {0}")]
     Sniff(std::io::Error),
     #[error("HTTP with {addr}: {source}")]
-    HttpHandshake { addr: SocketAddr, source: hyper::Error },
+    HttpHandshake {
+        addr: SocketAddr,
+        source: crate::http::pool::ConnError,
+    },
 }
 
 impl OutboundError {

@@ -74,7 +74,7 @@ enum AppError {
     #[error("connect to the app: {0}")]
     Connect(std::io::Error),
     #[error("HTTP with the app: {0}")]
-    Http(hyper::Error),
+    Http(#[from] super::pool::ConnError),
 }
 
 /// Serves requests on `conn` for the app at `dst`; `client` is the peer
@@ -214,7 +214,7 @@ async fn request(inbound: &Inbound, on: Connection<'_>, req: Request<Incoming>) 
                     None => upgrade::to_app_response(&mut r, t),
                 }
             }
-            r.map(super::boxed)
+            r
         }
         Err(e) => {
             debug!(%dst, error = %e, "the app did not answer");
@@ -271,7 +271,7 @@ async fn to_app(
     version: Version,
     takeover: bool,
     req: Request<Body>,
-) -> Result<Response<Incoming>, AppError> {
+) -> Result<Response<Body>, AppError> {
     let timeout = inbound.timeouts.app_connect;
     let mut req = req;
     let mut attempts = 0;
@@ -281,14 +281,16 @@ async fn to_app(
             // A connection of its own: the app's protocol takes it over.
             let mut conn = handshake_h1(app_tcp(dst, timeout).await?)
                 .await
-                .map_err(AppError::Http)?;
+                .map_err(|e| AppError::Http(e.into()))?;
             send_h1(&mut conn, req).await
         } else if version == Version::HTTP_2 {
             let conn = inbound
                 .app
                 .h2
                 .get(&dst, || async {
-                    handshake_h2(app_tcp(dst, timeout).await?).await.map_err(AppError::Http)
+                    handshake_h2(app_tcp(dst, timeout).await?)
+                        .await
+                        .map_err(|e| AppError::Http(e.into()))
                 })
                 .await?;
             send_h2(conn, req).await
@@ -297,7 +299,9 @@ async fn to_app(
                 .app
                 .h1
                 .get(&dst, || async {
-                    handshake_h1(app_tcp(dst, timeout).await?).await.map_err(AppError::Http)
+                    handshake_h1(app_tcp(dst, timeout).await?)
+                        .await
+                        .map_err(|e| AppError::Http(e.into()))
                 })
                 .await?;
             inbound.app.h1.send(dst, conn, req).await

@@ -30,6 +30,7 @@ pub mod access;
 pub mod body;
 pub mod headers;
 pub mod inbound;
+pub mod mesh;
 pub mod outbound;
 pub mod pool;
 pub mod route;

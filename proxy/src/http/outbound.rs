@@ -29,7 +29,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use super::headers::{self, APP_PROTOCOL};
-use super::pool::{H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h1, send_h2};
+use super::mesh::MeshConn;
+use super::pool::{ConnError, H1Pool, H2Pool, SendError, handshake_h1, handshake_h2, send_h1, send_h2};
 use super::upgrade::{self, Takeover};
 use super::{Body, Exchange, Recording, ResponseFlag};
 use crate::balance::{Choice, Load};
@@ -39,7 +40,6 @@ use crate::drain::ConnGuard;
 use crate::metrics::Direction;
 use crate::outbound::{ATTEMPTS, Outbound, OutboundError, expected_identity};
 use crate::tls::ALPN_HTTP;
-use hyper::client::conn::http2;
 use hyper::header::HeaderValue;
 use mizzen_api::routing::traffic_policy::{HashKey, LoadBalancer, Outcome};
 
@@ -47,7 +47,7 @@ use mizzen_api::routing::traffic_policy::{HashKey, LoadBalancer, Outcome};
 #[derive(Debug, Default)]
 pub struct Pools {
     /// One HTTP/2 mTLS connection per meshed endpoint and identity.
-    mesh: H2Pool<(SocketAddr, SpiffeId)>,
+    mesh: H2Pool<(SocketAddr, SpiffeId), MeshConn>,
     /// Unmeshed endpoints, for apps speaking HTTP/2.
     plain_h2: H2Pool<SocketAddr>,
     /// Unmeshed endpoints, for apps speaking HTTP/1.x.
@@ -74,7 +74,7 @@ where
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let served = until_drained!(
-        builder.serve_connection_with_upgrades(TokioIo::new(crate::coalesce::Coalesce::new(conn)), svc),
+        builder.serve_connection_with_upgrades(TokioIo::new(conn), svc),
         guard.draining()
     );
     if let Err(e) = served {
@@ -108,7 +108,7 @@ impl Refusal {
 
 /// Where a request was sent and what came back.
 pub(super) struct Forwarded {
-    pub response: Response<Incoming>,
+    pub response: Response<Body>,
     pub backend: Backend,
     /// The request counts as outstanding on its endpoint until dropped.
     pub load: Load,
@@ -171,7 +171,7 @@ async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> 
                 upgrade::to_app_response(&mut response, t);
             }
             exchange.upstream(backend.addr);
-            (response.map(super::boxed), Some((load, place)))
+            (response, Some((load, place)))
         }
         Err(r) => {
             debug!(%dst, status = r.status.as_u16(), flag = r.flag.map(ResponseFlag::as_str), error = %r.error, "answering the app");
@@ -340,7 +340,7 @@ enum Attempt {
     /// Nothing was sent; the request comes back with why.
     NotSent(Box<Request<Body>>, AttemptError),
     /// The request may have reached the endpoint.
-    Failed(hyper::Error),
+    Failed(ConnError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -348,7 +348,7 @@ enum AttemptError {
     #[error(transparent)]
     Connect(#[from] OutboundError),
     #[error("the connection closed before the request left: {0}")]
-    Closed(hyper::Error),
+    Closed(ConnError),
 }
 
 impl AttemptError {
@@ -387,15 +387,18 @@ async fn plain_tcp(o: &Outbound, b: &Backend) -> Result<tokio::net::TcpStream, O
 }
 
 /// The pooled HTTP/2 mTLS connection's start: the endpoint must be `id`.
-async fn mesh_h2(o: &Outbound, b: &Backend, id: &SpiffeId) -> Result<http2::SendRequest<Body>, OutboundError> {
+async fn mesh_h2(o: &Outbound, b: &Backend, id: &SpiffeId) -> Result<MeshConn, OutboundError> {
     let tcp = o.connect_tcp(b.addr).await?;
     let tls = o.mesh_tls(tcp, b.addr, id.clone(), ALPN_HTTP).await?;
     let _ = o.metrics.connection(Direction::Outbound, Some(id));
-    handshake_h2(tls).await.map_err(http_error(b))
+    super::mesh::handshake(tls).await.map_err(http_error(b))
 }
 
-fn http_error(b: &Backend) -> impl FnOnce(hyper::Error) -> OutboundError + '_ {
-    move |source| OutboundError::HttpHandshake { addr: b.addr, source }
+fn http_error<E: Into<ConnError>>(b: &Backend) -> impl FnOnce(E) -> OutboundError + '_ {
+    move |source| OutboundError::HttpHandshake {
+        addr: b.addr,
+        source: source.into(),
+    }
 }
 
 /// Sends `req` to `b`; with the response, how long the endpoint took to
@@ -407,7 +410,7 @@ async fn send(
     version: Version,
     takeover: Option<&Takeover>,
     req: Request<Body>,
-) -> Result<(Response<Incoming>, std::time::Duration), Attempt> {
+) -> Result<(Response<Body>, std::time::Duration), Attempt> {
     let mut req = req;
     let expected = connected!(req, expected_identity(b));
     let sent = match (expected, takeover) {
@@ -422,7 +425,10 @@ async fn send(
             if let Some(t) = takeover {
                 upgrade::into_connect_stream(&mut req, t);
             }
-            timed(send_h2(conn, req)).await
+            return match timed(conn.send(req)).await {
+                (Ok(response), took) => Ok((response, took)),
+                (Err(e), _) => Err(e.into()),
+            };
         }
         (None, Some(t)) => {
             // A connection of its own: the app's protocol takes it over.

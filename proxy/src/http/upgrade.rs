@@ -12,9 +12,12 @@
 //! answer is passed back as an ordinary response.
 
 use hyper::header::{CONNECTION, HeaderValue, UPGRADE};
-use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper::upgrade::OnUpgrade;
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::mesh::Tunnel;
 
 /// What a request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,31 +109,34 @@ pub fn to_peer_response<B>(resp: &mut Response<B>) {
 }
 
 /// Once `upstream`'s connection and then `downstream`'s have switched,
-/// carries bytes both ways between them.
+/// carries bytes both ways between them. A peer proxy's accepted CONNECT
+/// stream ([`Tunnel`]) has switched already.
 pub fn bridge_when_switched<B>(downstream: OnUpgrade, upstream: &mut Response<B>) {
+    if let Some(tunnel) = upstream.extensions_mut().remove::<Tunnel>().and_then(|t| t.take()) {
+        tokio::spawn(bridge(downstream, tunnel));
+        return;
+    }
     let upstream = hyper::upgrade::on(upstream);
     tokio::spawn(async move {
         match upstream.await {
-            Ok(u) => bridge(downstream, u).await,
+            Ok(u) => bridge(downstream, TokioIo::new(u)).await,
             Err(e) => tracing::debug!(error = %e, "the upstream did not switch protocols"),
         }
     });
 }
 
 /// Carries bytes both ways between the two sides once both have switched.
-async fn bridge(downstream: OnUpgrade, upstream: Upgraded) {
-    {
-        let down = match downstream.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(error = %e, "the client side did not switch protocols");
-                return;
-            }
-        };
-        let (mut a, mut b) = (TokioIo::new(down), TokioIo::new(upstream));
-        if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
-            tracing::debug!(error = %e, "upgraded connection ended with an error");
+async fn bridge<U: AsyncRead + AsyncWrite + Unpin>(downstream: OnUpgrade, mut upstream: U) {
+    let down = match downstream.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "the client side did not switch protocols");
+            return;
         }
+    };
+    let mut down = TokioIo::new(down);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut upstream).await {
+        tracing::debug!(error = %e, "upgraded connection ended with an error");
     }
 }
 
