@@ -99,8 +99,9 @@ where
             Ok::<_, Infallible>(request(&inbound, on, req).await)
         }
     });
-    let io = TokioIo::new(Coalesce::new(conn));
+    // Writes coalesced for plaintext clients only (see `crate::coalesce`).
     let served = if from_mesh {
+        let io = TokioIo::new(conn);
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         // PINGs notice a client proxy that vanished without closing.
         builder
@@ -110,6 +111,7 @@ where
             .keep_alive_timeout(super::pool::H2_KEEPALIVE);
         until_drained!(builder.serve_connection(io, svc), guard.draining()).map_err(|e| e.to_string())
     } else {
+        let io = TokioIo::new(Coalesce::new(conn));
         let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         until_drained!(builder.serve_connection_with_upgrades(io, svc), guard.draining()).map_err(|e| e.to_string())
     };

@@ -2,7 +2,8 @@
 //!
 //! - [`outbound`]: the app's HTTP connections are served by the proxy;
 //!   each request picks its own endpoint and travels to a meshed one over
-//!   that endpoint's single pooled HTTP/2 mTLS connection ([`pool`]).
+//!   that endpoint's single pooled HTTP/2 mTLS connection ([`pool`],
+//!   driven with the `h2` crate in [`mesh`]).
 //! - [`inbound`]: requests from peer proxies (and plaintext HTTP from
 //!   outside the mesh, in PERMISSIVE mode) are handed to the app in the
 //!   protocol the client app spoke, with the client's identity in
