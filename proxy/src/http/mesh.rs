@@ -27,7 +27,7 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
 use http_body_util::BodyExt;
-use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::{Body as HttpBody, Frame};
 use hyper::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -252,6 +252,15 @@ async fn has_capacity(stream: &mut SendStream<Bytes>) -> bool {
     }
 }
 
+/// The stream's next data chunk, its bytes' window given back to the peer.
+fn poll_released(recv: &mut RecvStream, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, h2::Error>>> {
+    let data = std::task::ready!(recv.poll_data(cx));
+    if let Some(Ok(d)) = &data {
+        let _ = recv.flow_control().release_capacity(d.len());
+    }
+    Poll::Ready(data)
+}
+
 /// A response body read from its HTTP/2 stream: window given back as
 /// data is taken, trailers after the data.
 #[derive(Debug)]
@@ -272,11 +281,8 @@ impl HttpBody for H2Body {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         if !self.data_done {
-            match std::task::ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
+            match std::task::ready!(poll_released(&mut self.recv, cx)) {
+                Some(Ok(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                 Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
                 None => self.data_done = true,
             }
@@ -291,25 +297,13 @@ impl HttpBody for H2Body {
     fn is_end_stream(&self) -> bool {
         self.recv.is_end_stream()
     }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
 }
 
 /// An accepted CONNECT stream to a peer proxy, as a byte stream: what an
 /// upgraded connection or a tunnel is carried on.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Tunnel {
     inner: Arc<std::sync::Mutex<Option<TunnelIo>>>,
-}
-
-impl Clone for Tunnel {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-        }
-    }
 }
 
 impl Tunnel {
@@ -350,11 +344,8 @@ fn io_error(e: h2::Error) -> std::io::Error {
 impl AsyncRead for TunnelIo {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         if self.unread.is_empty() {
-            match std::task::ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    self.unread = data;
-                }
+            match std::task::ready!(poll_released(&mut self.recv, cx)) {
+                Some(Ok(data)) => self.unread = data,
                 Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => return Poll::Ready(Ok(())),
                 Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
                 None => return Poll::Ready(Ok(())),
