@@ -207,12 +207,15 @@ fn watch_certificates(mut certs: Certificates, metrics: ProxyMetrics) {
     });
 }
 
-/// Records how many Services the routes cover.
+/// Records how many Services and endpoints the routes cover.
 fn watch_routes(mut routes: watch::Receiver<Option<Arc<Routes>>>, metrics: ProxyMetrics) {
     tokio::spawn(async move {
         loop {
-            let n = routes.borrow_and_update().as_ref().map_or(0, |r| r.service_count());
-            metrics.discovery_services(n);
+            let (services, endpoints) = routes
+                .borrow_and_update()
+                .as_ref()
+                .map_or((0, 0), |r| (r.service_count(), r.endpoint_count()));
+            metrics.discovery(services, endpoints);
             if routes.changed().await.is_err() {
                 return;
             }

@@ -363,6 +363,11 @@ impl Routes {
         self.count
     }
 
+    /// How many endpoint addresses (pod IPs) the routes know.
+    pub fn endpoint_count(&self) -> usize {
+        self.pods.len()
+    }
+
     /// Whether `ip` is a Service's cluster IP or a known endpoint's.
     pub fn knows(&self, ip: IpAddr) -> bool {
         self.vips.contains(&ip) || self.pods.contains_key(&ip)
@@ -971,6 +976,7 @@ mod tests {
         following.apply(&resp(&[other], &[])).expect("applies");
         let routes = rx.borrow().clone().expect("routes once the push is whole");
         assert_eq!(routes.service_count(), 2);
+        assert_eq!(routes.endpoint_count(), 3, "the two Services share their three pods");
     }
 
     #[test]

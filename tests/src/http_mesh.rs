@@ -27,6 +27,8 @@ pub struct HttpMesh {
     /// Pod IPs of the replicas and of the client.
     pub web_ips: Vec<String>,
     pub client_ip: String,
+    /// Whether the pods are injected (the client has a proxy).
+    pub meshed: bool,
 }
 
 pub fn web_pod(name: &str, node: &str) -> serde_json::Value {
@@ -104,12 +106,25 @@ impl HttpMesh {
             vip,
             web_ips: ips,
             client_ip,
+            meshed: meshed_ns,
         })
     }
 
-    /// Waits for the Service to answer: it reaches the client's proxy a
-    /// moment after the pods are ready.
+    /// Waits for the client's proxy to know both replicas' endpoints
+    /// (discovery may bring them one at a time: a test balancing over them
+    /// would see one) and for the Service to answer.
     pub async fn wait_answering(&self) -> anyhow::Result<()> {
+        if self.meshed {
+            eventually_some(
+                Duration::from_secs(30),
+                "the client's proxy to know both replicas",
+                || async {
+                    let known = crate::daemon::proxy_metric(&self.client_ip, "mizzen_proxy_discovery_endpoints").await;
+                    Ok(known.is_ok_and(|(n, _)| n >= self.web_ips.len() as f64).then_some(()))
+                },
+            )
+            .await?;
+        }
         eventually_some(Duration::from_secs(30), "the Service to answer", || async {
             Ok(self.curl(&[&self.url("/")]).await.ok())
         })

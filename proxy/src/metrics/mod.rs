@@ -57,6 +57,7 @@ pub struct ProxyMetrics {
     trust_bundle_changes: Counter,
     /// Services the proxy has routes for.
     discovery_services: Gauge,
+    discovery_endpoints: Gauge,
     /// Relayed connections that ended with an I/O error, by direction.
     relay_errors: Family<Labels, Counter>,
     /// Retries of HTTP requests that a route's `retries` made.
@@ -147,6 +148,11 @@ impl ProxyMetrics {
             self.discovery_services.clone(),
         );
         r.register(
+            "discovery_endpoints",
+            "Endpoint addresses (pod IPs) of those Services the proxy knows",
+            self.discovery_endpoints.clone(),
+        );
+        r.register(
             "trust_bundle_changes",
             "Changes of the trust bundle the agent sent, after the first (CA rotations; anything else is suspect)",
             self.trust_bundle_changes.clone(),
@@ -174,9 +180,12 @@ impl ProxyMetrics {
         self.trust_bundle_changes.inc();
     }
 
-    /// Records how many Services the proxy has routes for.
-    pub fn discovery_services(&self, n: usize) {
-        self.discovery_services.set(i64::try_from(n).unwrap_or(i64::MAX));
+    /// Records how many Services and endpoint addresses the proxy has
+    /// routes for.
+    pub fn discovery(&self, services: usize, endpoints: usize) {
+        self.discovery_services.set(i64::try_from(services).unwrap_or(i64::MAX));
+        self.discovery_endpoints
+            .set(i64::try_from(endpoints).unwrap_or(i64::MAX));
     }
 
     /// Records a new certificate for `id` that expires at `not_after`.
