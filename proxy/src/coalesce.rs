@@ -11,12 +11,11 @@
 //! `http::pool::handshake_h2`'s connections (hyper's HTTP/2 client, as
 //! above) and the plaintext connections `http::inbound::serve` serves
 //! (from outside the mesh, either HTTP version). Not where the parts are
-//! queued together, where waiting a turn would only cost a poll:
-//! `http::mesh`'s connections to peer proxies, the mesh connections
-//! `http::inbound::serve` serves (a response's HEADERS and DATA go in one
-//! turn of its stream's task, as the app's body arrives with its head),
-//! the app's connections the outbound side serves, and HTTP/1.1 client
-//! connections. Counted on the benchmark: the same writes per request
+//! queued together, where waiting a turn would only cost a poll: both
+//! ends of `http::mesh`'s connections between proxies (a request's
+//! HEADERS and first DATA, a response's HEADERS and DATA, are queued in
+//! one turn), the app's connections the outbound side serves, and
+//! HTTP/1.1 client connections. Counted on the benchmark: the same writes per request
 //! either way, one task poll fewer without.
 
 use std::io;

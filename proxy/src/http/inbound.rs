@@ -85,32 +85,36 @@ where
 {
     guard.serving_http();
     let from_mesh = client.is_some();
-    let inbound = inbound.clone();
-    let registry = guard.registry();
     let dst = at.dst;
-    let svc = hyper::service::service_fn(move |req| {
-        let (inbound, client, registry) = (inbound.clone(), client.clone(), registry.clone());
-        async move {
+    let served = if from_mesh {
+        // Each stream handled in the connection's task (`mesh::server`).
+        let registry = guard.registry();
+        let handle = |req: Request<Body>| {
             let on = Connection {
                 at,
                 client: client.as_ref(),
                 registry: &registry,
             };
-            Ok::<_, Infallible>(request(&inbound, on, req).await)
-        }
-    });
-    // Writes coalesced for plaintext clients only (see `crate::coalesce`).
-    let served = if from_mesh {
-        let io = TokioIo::new(conn);
-        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        // PINGs notice a client proxy that vanished without closing.
-        builder
-            .enable_connect_protocol()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(super::pool::H2_KEEPALIVE)
-            .keep_alive_timeout(super::pool::H2_KEEPALIVE);
-        until_drained!(builder.serve_connection(io, svc), guard.draining()).map_err(|e| e.to_string())
+            request(inbound, on, req)
+        };
+        super::mesh::server::serve(conn, handle, guard.draining())
+            .await
+            .map_err(|e| e.to_string())
     } else {
+        let inbound = inbound.clone();
+        let registry = guard.registry();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (inbound, registry) = (inbound.clone(), registry.clone());
+            async move {
+                let on = Connection {
+                    at,
+                    client: None,
+                    registry: &registry,
+                };
+                Ok::<_, Infallible>(request(&inbound, on, req).await)
+            }
+        });
+        // Writes coalesced for plaintext clients (see `crate::coalesce`).
         let io = TokioIo::new(Coalesce::new(conn));
         let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         until_drained!(builder.serve_connection_with_upgrades(io, svc), guard.draining()).map_err(|e| e.to_string())
@@ -136,7 +140,11 @@ struct Connection<'a> {
     registry: &'a crate::drain::Connections,
 }
 
-async fn request(inbound: &Inbound, on: Connection<'_>, req: Request<Incoming>) -> Response<Body> {
+async fn request<B>(inbound: &Inbound, on: Connection<'_>, req: Request<B>) -> Response<Body>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin + Send + Sync + 'static,
+    B::Error: Into<super::BodyError>,
+{
     let Connection { at, client, registry } = on;
     let dst = at.dst;
     let mut req = req;
@@ -144,7 +152,7 @@ async fn request(inbound: &Inbound, on: Connection<'_>, req: Request<Incoming>) 
         Some(_) => upgrade::from_peer(&req),
         None => upgrade::requested(&req),
     };
-    let client_side = takeover.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let client_side = takeover.as_ref().map(|_| upgrade::Downstream::of(&mut req));
     let (mut parts, body) = req.into_parts();
     // Decided on the request as it arrived, before anything is changed.
     let (facts, allowed) = authorize(inbound, at, client, &parts);

@@ -54,11 +54,15 @@ pub fn boxed(b: hyper::body::Incoming) -> Body {
 }
 
 /// `body`, its data bytes counted into the returned counter.
-pub fn counted(body: hyper::body::Incoming) -> (Body, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+pub fn counted<B>(body: B) -> (Body, std::sync::Arc<std::sync::atomic::AtomicU64>)
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin + Send + Sync + 'static,
+    B::Error: Into<BodyError>,
+{
     let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     (
         body::Observed::new(body, count.clone(), None)
-            .map_err(BodyError::from)
+            .map_err(Into::into)
             .boxed(),
         count,
     )
@@ -105,12 +109,16 @@ impl Exchange {
     /// will be forwarded): its span (which rewrites `traceparent`), its
     /// access log entry, and a count of its body's bytes. Returns the body
     /// to forward.
-    pub fn begin(
+    pub fn begin<B>(
         r: Recording<'_>,
         parts: &mut hyper::http::request::Parts,
         version: hyper::Version,
-        body: hyper::body::Incoming,
-    ) -> (Self, Body) {
+        body: B,
+    ) -> (Self, Body)
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin + Send + Sync + 'static,
+        B::Error: Into<BodyError>,
+    {
         let facts = crate::metrics::RequestFacts::new(r.direction, is_grpc(&parts.headers));
         let span = r.tracing.map(|t| t.start(r.direction, parts));
         let access = r.access_log.then(|| access::AccessEntry::new(parts, version));

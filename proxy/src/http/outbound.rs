@@ -122,7 +122,7 @@ pub(super) struct Forwarded {
 async fn request(o: &Arc<Outbound>, dst: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let mut req = req;
     let takeover = upgrade::requested(&req);
-    let app_side = takeover.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let app_side = takeover.as_ref().map(|_| upgrade::Downstream::of(&mut req));
     let (mut parts, body) = req.into_parts();
     let version = parts.version;
     headers::forwarded_request(&mut parts.headers);

@@ -17,7 +17,8 @@ use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::mesh::Tunnel;
+use super::mesh::server::PendingTunnel;
+use super::mesh::{Tunnel, TunnelIo};
 
 /// What a request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,10 +109,29 @@ pub fn to_peer_response<B>(resp: &mut Response<B>) {
     *resp.status_mut() = StatusCode::OK;
 }
 
+/// The side of a takeover that asked for it: an HTTP/1.1 connection
+/// hyper hands over once it has sent the answer, or a peer proxy's
+/// CONNECT stream that the mesh server sends once it has.
+#[derive(Debug)]
+pub enum Downstream {
+    Http1(OnUpgrade),
+    Stream(tokio::sync::oneshot::Receiver<TunnelIo>),
+}
+
+impl Downstream {
+    /// Where `req`'s side of the takeover will come from.
+    pub fn of<B>(req: &mut Request<B>) -> Self {
+        match req.extensions_mut().remove::<PendingTunnel>().and_then(|p| p.take()) {
+            Some(stream) => Self::Stream(stream),
+            None => Self::Http1(hyper::upgrade::on(req)),
+        }
+    }
+}
+
 /// Once `upstream`'s connection and then `downstream`'s have switched,
 /// carries bytes both ways between them. A peer proxy's accepted CONNECT
 /// stream ([`Tunnel`]) has switched already.
-pub fn bridge_when_switched<B>(downstream: OnUpgrade, upstream: &mut Response<B>) {
+pub fn bridge_when_switched<B>(downstream: Downstream, upstream: &mut Response<B>) {
     if let Some(tunnel) = upstream.extensions_mut().remove::<Tunnel>().and_then(|t| t.take()) {
         tokio::spawn(bridge(downstream, tunnel));
         return;
@@ -126,16 +146,25 @@ pub fn bridge_when_switched<B>(downstream: OnUpgrade, upstream: &mut Response<B>
 }
 
 /// Carries bytes both ways between the two sides once both have switched.
-async fn bridge<U: AsyncRead + AsyncWrite + Unpin>(downstream: OnUpgrade, mut upstream: U) {
-    let down = match downstream.await {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::debug!(error = %e, "the client side did not switch protocols");
-            return;
-        }
-    };
-    let mut down = TokioIo::new(down);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut upstream).await {
+async fn bridge<U: AsyncRead + AsyncWrite + Unpin>(downstream: Downstream, upstream: U) {
+    match downstream {
+        Downstream::Http1(on) => match on.await {
+            Ok(down) => carry(TokioIo::new(down), upstream).await,
+            Err(e) => tracing::debug!(error = %e, "the client side did not switch protocols"),
+        },
+        Downstream::Stream(stream) => match stream.await {
+            Ok(down) => carry(down, upstream).await,
+            Err(_) => tracing::debug!("the client's CONNECT stream was not answered"),
+        },
+    }
+}
+
+async fn carry<D, U>(mut down: D, mut up: U)
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
         tracing::debug!(error = %e, "upgraded connection ended with an error");
     }
 }

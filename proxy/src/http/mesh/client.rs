@@ -1,7 +1,6 @@
-//! The client side of the pooled HTTP/2 mTLS connection between proxies,
-//! on the `h2` crate itself rather than hyper's HTTP/2 client.
+//! The client side of the pooled HTTP/2 mTLS connection between proxies.
 //!
-//! Why: hyper's client hands each request to the connection's task over a
+//! hyper's client hands each request to the connection's task over a
 //! channel and then spawns two tasks per request (one awaits the response
 //! for the caller, one pipes the body), and a new stream's DATA waits for
 //! a turn of the connection task after its HEADERS. Measured on the proxy
@@ -16,23 +15,25 @@
 //! upload) moves to a task of its own, with flow control as hyper has it.
 //!
 //! The connection's task also sends PINGs: an answer must come within
-//! [`H2_KEEPALIVE`], or the connection is closed, so a vanished peer is
-//! noticed in seconds.
+//! [`super::super::pool::H2_KEEPALIVE`], or the connection is closed, so a
+//! vanished peer is noticed in seconds.
 
-use std::pin::{Pin, pin};
+use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::task::Poll;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use http_body_util::BodyExt;
-use hyper::body::{Body as HttpBody, Frame};
+use hyper::body::Body as HttpBody;
 use hyper::{Request, Response};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::pool::{H2_KEEPALIVE, SendError};
-use super::{Body, BodyError};
+use super::super::Body;
+use super::super::pool::SendError;
+use super::{DriveError, H2Body, Keepalive, Tunnel, TunnelIo, pipe};
 
 /// Flow-control windows as hyper's client sets them: a stream may have
 /// 2 MiB in flight, the connection 5 MiB.
@@ -40,10 +41,6 @@ const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONN_WINDOW: u32 = 5 * 1024 * 1024;
 /// Bytes h2 may buffer per stream before a writer waits.
 const SEND_BUFFER: usize = 1024 * 1024;
-/// A request body's first bytes queued without waiting for the stream's
-/// window (h2 sends them as the window allows): beyond this the body
-/// waits for capacity like any stream.
-const EAGER: usize = 64 * 1024;
 
 /// One HTTP/2 connection to a peer proxy; clones share it.
 #[derive(Debug, Clone)]
@@ -79,39 +76,23 @@ where
     Ok(MeshConn { send, closed })
 }
 
-/// Why a connection's driver stopped.
-#[derive(Debug, thiserror::Error)]
-enum DriveError {
-    #[error(transparent)]
-    H2(#[from] h2::Error),
-    #[error("no PING answer within {0:?}")]
-    PingTimeout(std::time::Duration),
-}
-
-/// Runs the connection until it ends; every [`H2_KEEPALIVE`] a PING whose
-/// answer must come within as long.
+/// Runs the connection until it ends, or until a PING goes unanswered.
 async fn drive<T>(conn: h2::client::Connection<T, Bytes>, pings: Option<h2::PingPong>) -> Result<(), DriveError>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let mut conn = pin!(conn);
-    let Some(mut pings) = pings else {
+    let Some(pings) = pings else {
         return Ok(conn.await?);
     };
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => return Ok(r?),
-            () = tokio::time::sleep(H2_KEEPALIVE) => {}
+    let mut keepalive = Keepalive::new(pings);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            return Poll::Ready(r.map_err(DriveError::from));
         }
-        let answered = tokio::time::timeout(H2_KEEPALIVE, pings.ping(h2::Ping::opaque()));
-        tokio::select! {
-            r = conn.as_mut() => return Ok(r?),
-            r = answered => match r {
-                Ok(pong) => { pong?; }
-                Err(_) => return Err(DriveError::PingTimeout(H2_KEEPALIVE)),
-            },
-        }
-    }
+        keepalive.poll(cx).map(Err)
+    })
+    .await
 }
 
 impl MeshConn {
@@ -154,9 +135,11 @@ impl MeshConn {
         if connect {
             let response = response.await.map_err(|e| SendError::Failed(e.into()))?;
             let (parts, recv) = response.into_parts();
-            let mut response = Response::from_parts(parts, super::full(""));
+            let mut response = Response::from_parts(parts, crate::http::full(""));
             if response.status().is_success() {
-                response.extensions_mut().insert(Tunnel::new(stream, recv));
+                response
+                    .extensions_mut()
+                    .insert(Tunnel::new(TunnelIo::new(stream, recv)));
             }
             return Ok(response);
         }
@@ -200,201 +183,11 @@ async fn send_body_while_waiting(
     }
 }
 
-/// Carries `body` onto `stream`: its first [`EAGER`] bytes at once, the
-/// rest as the stream's window allows; trailers at the end. A body that
-/// fails resets the stream.
-async fn pipe(mut body: Body, mut stream: SendStream<Bytes>) {
-    let mut eager = 0usize;
-    loop {
-        let frame = match body.frame().await {
-            None => {
-                let _ = stream.send_data(Bytes::new(), true);
-                return;
-            }
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "request body failed; resetting its stream");
-                stream.send_reset(h2::Reason::CANCEL);
-                return;
-            }
-            Some(Ok(f)) => f,
-        };
-        let data = match frame.into_data() {
-            Ok(d) => d,
-            Err(frame) => {
-                if let Ok(trailers) = frame.into_trailers() {
-                    let _ = stream.send_trailers(trailers);
-                }
-                return;
-            }
-        };
-        eager += data.len();
-        if eager > EAGER && !has_capacity(&mut stream).await {
-            return;
-        }
-        if stream.send_data(data, body.is_end_stream()).is_err() || body.is_end_stream() {
-            return;
-        }
-    }
-}
-
-/// Waits until `stream` may send more (hyper's rule: at least one byte of
-/// window); false once the stream is gone.
-async fn has_capacity(stream: &mut SendStream<Bytes>) -> bool {
-    stream.reserve_capacity(1);
-    loop {
-        if stream.capacity() > 0 {
-            return true;
-        }
-        match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
-            Some(Ok(_)) => continue,
-            _ => return false,
-        }
-    }
-}
-
-/// The stream's next data chunk, its bytes' window given back to the peer.
-fn poll_released(recv: &mut RecvStream, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, h2::Error>>> {
-    let data = std::task::ready!(recv.poll_data(cx));
-    if let Some(Ok(d)) = &data {
-        let _ = recv.flow_control().release_capacity(d.len());
-    }
-    Poll::Ready(data)
-}
-
-/// A response body read from its HTTP/2 stream: window given back as
-/// data is taken, trailers after the data.
-#[derive(Debug)]
-pub struct H2Body {
-    recv: RecvStream,
-    data_done: bool,
-}
-
-impl H2Body {
-    fn new(recv: RecvStream) -> Self {
-        Self { recv, data_done: false }
-    }
-}
-
-impl HttpBody for H2Body {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        if !self.data_done {
-            match std::task::ready!(poll_released(&mut self.recv, cx)) {
-                Some(Ok(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                None => self.data_done = true,
-            }
-        }
-        match std::task::ready!(self.recv.poll_trailers(cx)) {
-            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e.into()))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-}
-
-/// An accepted CONNECT stream to a peer proxy, as a byte stream: what an
-/// upgraded connection or a tunnel is carried on.
-#[derive(Debug, Clone)]
-pub struct Tunnel {
-    inner: Arc<std::sync::Mutex<Option<TunnelIo>>>,
-}
-
-impl Tunnel {
-    fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
-        Self {
-            inner: Arc::new(std::sync::Mutex::new(Some(TunnelIo {
-                send,
-                recv,
-                unread: Bytes::new(),
-            }))),
-        }
-    }
-
-    /// The stream's I/O, once (a response's extensions hold the tunnel
-    /// for whoever bridges it).
-    pub fn take(&self) -> Option<TunnelIo> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-}
-
-/// Reads and writes of a CONNECT stream.
-#[derive(Debug)]
-pub struct TunnelIo {
-    send: SendStream<Bytes>,
-    recv: RecvStream,
-    /// Received bytes not read yet.
-    unread: Bytes,
-}
-
-fn io_error(e: h2::Error) -> std::io::Error {
-    if e.is_io() {
-        e.into_io().unwrap_or_else(|| std::io::ErrorKind::BrokenPipe.into())
-    } else {
-        std::io::Error::new(std::io::ErrorKind::BrokenPipe, e)
-    }
-}
-
-impl AsyncRead for TunnelIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        if self.unread.is_empty() {
-            match std::task::ready!(poll_released(&mut self.recv, cx)) {
-                Some(Ok(data)) => self.unread = data,
-                Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => return Poll::Ready(Ok(())),
-                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
-                None => return Poll::Ready(Ok(())),
-            }
-        }
-        let n = self.unread.len().min(buf.remaining());
-        buf.put_slice(&self.unread[..n]);
-        self.unread.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for TunnelIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
-        if data.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        self.send.reserve_capacity(data.len());
-        let n = loop {
-            let available = self.send.capacity();
-            if available > 0 {
-                break available.min(data.len());
-            }
-            match std::task::ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
-                None => return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
-            }
-        };
-        self.send
-            .send_data(Bytes::copy_from_slice(&data[..n]), false)
-            .map_err(io_error)?;
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        // The stream's end; a stream already reset has nothing to end.
-        let _ = self.send.send_data(Bytes::new(), true);
-        Poll::Ready(Ok(()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::BodyError;
+    use hyper::body::Frame;
     use hyper::body::Incoming;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -440,10 +233,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_crosses_and_the_response_keeps_its_trailers() {
         let conn = connection(echo).await;
-        let response = conn
-            .send(post(super::super::full("hello over h2")))
-            .await
-            .expect("sent");
+        let response = conn.send(post(crate::http::full("hello over h2"))).await.expect("sent");
         let collected = response.into_body().collect().await.expect("body");
         assert_eq!(collected.trailers().expect("trailers")["grpc-status"], "0");
         assert_eq!(collected.to_bytes(), "hello over h2");
@@ -454,7 +244,7 @@ mod tests {
         // The server answers at once and echoes what streams in (as a
         // bidirectional gRPC call does).
         let conn =
-            connection(|req: Request<Incoming>| async move { Response::new(super::super::boxed(req.into_body())) })
+            connection(|req: Request<Incoming>| async move { Response::new(crate::http::boxed(req.into_body())) })
                 .await;
         let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, BodyError>>();
         tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"one "))))
@@ -493,10 +283,10 @@ mod tests {
                     }
                 }
             });
-            Response::new(super::super::full(""))
+            Response::new(crate::http::full(""))
         })
         .await;
-        let mut req = Request::new(super::super::full(""));
+        let mut req = Request::new(crate::http::full(""));
         *req.method_mut() = hyper::Method::CONNECT;
         *req.uri_mut() = "echo.test:443".parse().expect("uri");
         let mut response = conn.send(req).await.expect("sent");
@@ -530,7 +320,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert!(conn.is_closed(), "the connection ended");
-        match conn.send(post(super::super::full("kept"))).await {
+        match conn.send(post(crate::http::full("kept"))).await {
             Err(SendError::NotSent(back, _)) => {
                 let body = back.into_body().collect().await.expect("body").to_bytes();
                 assert_eq!(body, "kept", "the request comes back whole");
