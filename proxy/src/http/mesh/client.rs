@@ -190,7 +190,6 @@ mod tests {
     use hyper::body::Frame;
     use hyper::body::Incoming;
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// An HTTP/2 server (hyper's, as the peer proxy runs) on one end of an
     /// in-memory pipe serving `svc`; the client connection on the other.
@@ -275,12 +274,7 @@ mod tests {
             let upgrade = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
                 if let Ok(u) = upgrade.await {
-                    let mut io = TokioIo::new(u);
-                    let mut buf = [0u8; 4];
-                    if io.read_exact(&mut buf).await.is_ok() {
-                        let _ = io.write_all(&buf).await;
-                        let _ = io.shutdown().await;
-                    }
+                    super::super::tunnel_test::echo_four(TokioIo::new(u)).await;
                 }
             });
             Response::new(crate::http::full(""))
@@ -291,14 +285,12 @@ mod tests {
         *req.uri_mut() = "echo.test:443".parse().expect("uri");
         let mut response = conn.send(req).await.expect("sent");
         assert_eq!(response.status(), hyper::StatusCode::OK);
-        let mut io = response
+        let io = response
             .extensions_mut()
             .remove::<Tunnel>()
             .and_then(|t| t.take())
             .expect("the accepted stream's tunnel");
-        io.write_all(b"ping").await.expect("write");
-        let mut back = Vec::new();
-        io.read_to_end(&mut back).await.expect("read");
+        let back = super::super::tunnel_test::round_trip(io).await;
         assert_eq!(back, b"ping");
     }
 

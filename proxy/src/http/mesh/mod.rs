@@ -315,3 +315,26 @@ impl AsyncWrite for TunnelIo {
         Poll::Ready(Ok(()))
     }
 }
+
+/// What the CONNECT tests of both ends run over a tunnel.
+#[cfg(test)]
+mod tunnel_test {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    /// The far side: echoes four bytes, then ends the stream.
+    pub(super) async fn echo_four(mut io: impl AsyncRead + AsyncWrite + Unpin) {
+        let mut buf = [0u8; 4];
+        if io.read_exact(&mut buf).await.is_ok() {
+            let _ = io.write_all(&buf).await;
+            let _ = io.shutdown().await;
+        }
+    }
+
+    /// The near side: what comes back for `ping`.
+    pub(super) async fn round_trip(mut io: impl AsyncRead + AsyncWrite + Unpin) -> Vec<u8> {
+        io.write_all(b"ping").await.expect("write");
+        let mut back = Vec::new();
+        io.read_to_end(&mut back).await.expect("read");
+        back
+    }
+}

@@ -176,7 +176,6 @@ mod tests {
     use hyper::body::Frame;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use std::sync::atomic::{AtomicBool, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// hyper's HTTP/2 client (an independent implementation) on one end
     /// of an in-memory pipe, this server with `handle` on the other;
@@ -300,11 +299,8 @@ mod tests {
                 .and_then(|p| p.take())
                 .expect("a pending tunnel");
             tokio::spawn(async move {
-                let Ok(mut io) = pending.await else { return };
-                let mut buf = [0u8; 4];
-                if io.read_exact(&mut buf).await.is_ok() {
-                    let _ = io.write_all(&buf).await;
-                    let _ = io.shutdown().await;
+                if let Ok(io) = pending.await {
+                    super::super::tunnel_test::echo_four(io).await;
                 }
             });
             Response::new(crate::http::full(""))
@@ -316,10 +312,7 @@ mod tests {
         let mut response = send.send_request(req).await.expect("response");
         assert_eq!(response.status(), hyper::StatusCode::OK);
         let upgraded = hyper::upgrade::on(&mut response).await.expect("upgraded");
-        let mut io = TokioIo::new(upgraded);
-        io.write_all(b"ping").await.expect("write");
-        let mut back = Vec::new();
-        io.read_to_end(&mut back).await.expect("read");
+        let back = super::super::tunnel_test::round_trip(TokioIo::new(upgraded)).await;
         assert_eq!(back, b"ping");
     }
 
