@@ -160,6 +160,15 @@ where
         }
         _ => {
             let eos = body.is_end_stream();
+            // A body of known length says so, as hyper's server did: the
+            // client proxy answers HTTP/1.1 apps with it rather than with
+            // chunks (the proxy's own answers, 403 and 503, are such bodies).
+            if !eos
+                && let Some(n) = body.size_hint().exact()
+                && !head.headers.contains_key(CONTENT_LENGTH)
+            {
+                head.headers.insert(CONTENT_LENGTH, n.into());
+            }
             match respond.send_response(Response::from_parts(head, ()), eos) {
                 Ok(send) if !eos => pipe(body, send).await,
                 Ok(_) => {}
@@ -241,6 +250,16 @@ mod tests {
         assert_eq!(trailers["grpc-status"], "0");
         assert_eq!(trailers["x-sum"], "42", "the request's trailers reached the handler");
         assert_eq!(collected.to_bytes(), "hello over h2");
+    }
+
+    #[tokio::test]
+    async fn a_body_of_known_length_is_answered_with_its_content_length() {
+        let (mut send, _drain, _served) = connection(|_req| async { crate::http::denied(false) }).await;
+        let response = send.send_request(post(crate::http::full(""))).await.expect("response");
+        assert_eq!(response.status(), hyper::StatusCode::FORBIDDEN);
+        assert_eq!(response.headers()[CONTENT_LENGTH], "19", "RBAC: access denied");
+        let body = response.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body, "RBAC: access denied");
     }
 
     #[tokio::test]
