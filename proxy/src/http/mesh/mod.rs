@@ -217,26 +217,32 @@ impl HttpBody for H2Body {
     }
 }
 
+/// A value a request's or response's extensions carry for whoever takes
+/// it first (extensions must be `Clone`; the value is taken once).
+#[derive(Debug)]
+pub struct TakeOnce<T>(Arc<std::sync::Mutex<Option<T>>>);
+
+impl<T> Clone for TakeOnce<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> TakeOnce<T> {
+    pub(super) fn new(value: T) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Some(value))))
+    }
+
+    /// The value, once.
+    pub fn take(&self) -> Option<T> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
 /// An accepted CONNECT stream to a peer proxy, as a byte stream: what an
-/// upgraded connection or a tunnel is carried on.
-#[derive(Debug, Clone)]
-pub struct Tunnel {
-    inner: Arc<std::sync::Mutex<Option<TunnelIo>>>,
-}
-
-impl Tunnel {
-    pub(super) fn new(io: TunnelIo) -> Self {
-        Self {
-            inner: Arc::new(std::sync::Mutex::new(Some(io))),
-        }
-    }
-
-    /// The stream's I/O, once (a response's extensions hold the tunnel
-    /// for whoever bridges it).
-    pub fn take(&self) -> Option<TunnelIo> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-}
+/// upgraded connection or a tunnel is carried on (a response's extensions
+/// hold it for whoever bridges it).
+pub type Tunnel = TakeOnce<TunnelIo>;
 
 /// Reads and writes of a CONNECT stream.
 #[derive(Debug)]

@@ -19,7 +19,6 @@
 
 use std::future::Future;
 use std::pin::pin;
-use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -35,7 +34,7 @@ use tokio::sync::oneshot;
 use tracing::debug;
 
 use super::super::Body;
-use super::{DriveError, H2Body, Keepalive, TunnelIo, pipe};
+use super::{DriveError, H2Body, Keepalive, TakeOnce, TunnelIo, pipe};
 
 const MAX_STREAMS: u32 = 200;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
@@ -44,17 +43,7 @@ const SEND_BUFFER: usize = 400 * 1024;
 
 /// A CONNECT stream's byte stream, sent once the handler has answered it
 /// with success (a request's extensions hold it).
-#[derive(Debug, Clone)]
-pub struct PendingTunnel {
-    inner: Arc<Mutex<Option<oneshot::Receiver<TunnelIo>>>>,
-}
-
-impl PendingTunnel {
-    /// The receiving end, once.
-    pub fn take(&self) -> Option<oneshot::Receiver<TunnelIo>> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-}
+pub type PendingTunnel = TakeOnce<oneshot::Receiver<TunnelIo>>;
 
 /// Serves the peer proxy's requests on `io` with `handle` until the
 /// connection ends: closed by the peer, failed, an unanswered PING, or
@@ -127,9 +116,7 @@ where
     }
     let (body, tunnel) = if parts.method == Method::CONNECT {
         let (tx, rx) = oneshot::channel();
-        parts.extensions.insert(PendingTunnel {
-            inner: Arc::new(Mutex::new(Some(rx))),
-        });
+        parts.extensions.insert(PendingTunnel::new(rx));
         (crate::http::full(""), Some((tx, recv)))
     } else {
         (H2Body::new(recv).boxed(), None)
@@ -185,6 +172,7 @@ mod tests {
     use hyper::body::Frame;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
 
     /// hyper's HTTP/2 client (an independent implementation) on one end
     /// of an in-memory pipe, this server with `handle` on the other;
